@@ -1,0 +1,131 @@
+"""Site configuration: etc/hpcc.toml, validated against etc/hpcc.schema.json.
+
+Lookup order: the explicit path given by the caller, $HPCC_CONFIG, /etc/hpcc/hpcc.toml; a
+missing default file means "all defaults". Validation needs jsonschema, which is slow to
+import (about 100 ms), so `load_config(validate=False)` exists for the launch path, which
+relies on a validation done earlier by an admin command (`gateway`, `hpcc config check`).
+"""
+import copy
+import json
+import os
+import tomllib
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_PATH = "/etc/hpcc/hpcc.toml"
+
+DEFAULTS = {
+    "store": {
+        "path": "/var/lib/hpcc/images",
+        "user_path": "$XDG_DATA_HOME/hpcc/images",
+        "blob_cache": "",
+    },
+    "gateway": {
+        "compressor": "zstd",
+        "level": 0,
+        "block_size": 131072,
+        "workers": 0,
+        "concurrent_downloads": 4,
+        "retries": 5,
+        "strip_setuid": True,
+        "strip_sticky": False,
+        "keep_user_xattrs": True,
+        "platform": "",
+    },
+    "registries": {},
+    "launcher": {
+        "binds": [],
+        "mount_home": True,
+        "mount_cwd": True,
+        "devices": [],
+        "env_passthrough": ["TERM", "LANG", "LC_ALL", "TZ"],
+        "hooks_dir": "/etc/hpcc/hooks.d",
+    },
+    "mpi": {"libraries": [], "extra_files": [], "devices": []},
+    "gpu": {"library_paths": []},
+}
+
+
+def _schema_path():
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "data" / "hpcc.schema.json", here.parent / "etc" / "hpcc.schema.json"):
+        if candidate.exists():
+            return candidate
+    raise ConfigError("hpcc's config schema is missing from the installation; reinstall hpcc")
+
+
+def _key_path(error):
+    """'gateway.level' for a jsonschema error, naming an unknown key where there is one."""
+    parts = [str(p) for p in error.absolute_path]
+    if error.validator == "additionalProperties":
+        # The message names the unexpected key(s); point at the first one.
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        if extra:
+            parts.append(extra[0])
+            return ".".join(parts), "unknown key"
+    return ".".join(parts) or "(top level)", error.message
+
+
+def validate(data, source="config"):
+    import jsonschema  # slow import: only when validating
+
+    schema = json.loads(_schema_path().read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        key, why = _key_path(errors[0])
+        raise ConfigError(f"{source}: bad value for '{key}': {why}",
+                          hint="see etc/hpcc.toml in the hpcc sources for every key")
+
+
+def _merge(base, override):
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "registries":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_path(explicit=None):
+    if explicit:
+        return explicit, True
+    env = os.environ.get("HPCC_CONFIG")
+    if env:
+        return env, True
+    return DEFAULT_PATH, False
+
+
+def load_config(path=None, *, validate_schema=True):
+    """Return the merged configuration (defaults + file) as nested dicts."""
+    path, required = config_path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist",
+                              hint="fix HPCC_CONFIG or create the file") from None
+        return copy.deepcopy(DEFAULTS)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    if validate_schema:
+        validate(data, source=str(path))
+    return _merge(DEFAULTS, data)
+
+
+def expand_path(value):
+    """Expand ~ and $VARS, with XDG_DATA_HOME defaulting to ~/.local/share."""
+    env = dict(os.environ)
+    env.setdefault("XDG_DATA_HOME", os.path.join(os.path.expanduser("~"), ".local", "share"))
+    env.setdefault("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    out = os.path.expanduser(value)
+    for k in sorted(env, key=len, reverse=True):
+        out = out.replace("${" + k + "}", env[k]).replace("$" + k, env[k])
+    return out

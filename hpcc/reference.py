@@ -1,0 +1,115 @@
+"""Image references, parsed and normalised the way Docker does.
+
+    ubuntu                      -> docker.io/library/ubuntu:latest
+    ghcr.io/org/app:1.2         -> ghcr.io/org/app:1.2
+    127.0.0.1:5000/ns/app@sha256:<64 hex>
+
+Used by the registry client (where to fetch) and the store (the ref index path).
+"""
+import re
+from dataclasses import dataclass
+
+from .errors import ReferenceError_
+
+DEFAULT_DOMAIN = "docker.io"
+DEFAULT_TAG = "latest"
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_PATH_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+_DOMAIN_RE = re.compile(
+    r"^(?:localhost|(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?$")
+_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+
+
+@dataclass(frozen=True)
+class Reference:
+    domain: str          # docker.io, 127.0.0.1:5000, ...
+    path: str            # library/ubuntu
+    tag: str | None      # None when only a digest was given
+    digest: str | None   # sha256:...
+
+    @property
+    def repository(self):
+        return f"{self.domain}/{self.path}"
+
+    @property
+    def api_host(self):
+        """Host[:port] that serves the registry API for this domain."""
+        return "registry-1.docker.io" if self.domain == DEFAULT_DOMAIN else self.domain
+
+    def __str__(self):
+        s = self.repository
+        if self.tag:
+            s += ":" + self.tag
+        if self.digest:
+            s += "@" + self.digest
+        return s
+
+    @property
+    def familiar(self):
+        """Short form a user would type: 'ubuntu:22.04' for docker.io/library/ubuntu:22.04."""
+        name = self.repository
+        if self.domain == DEFAULT_DOMAIN:
+            name = self.path[len("library/"):] if self.path.startswith("library/") else self.path
+        if self.tag:
+            name += ":" + self.tag
+        if self.digest:
+            name += "@" + self.digest
+        return name
+
+    def with_digest(self, digest):
+        return Reference(self.domain, self.path, self.tag, digest)
+
+
+def _bad(ref, why):
+    return ReferenceError_(f"invalid image reference '{ref}': {why}",
+                           hint="expected [REGISTRY[:PORT]/]NAME[:TAG][@sha256:DIGEST]")
+
+
+def parse_reference(ref):
+    """Parse and normalise an image reference; raise ReferenceError_ with a clear message."""
+    if not isinstance(ref, str) or not ref or len(ref) > 1024:
+        raise _bad(ref, "empty or too long")
+    if any(c.isspace() for c in ref):
+        raise _bad(ref, "contains white space")
+    rest = ref
+    digest = None
+    if "@" in rest:
+        rest, digest = rest.split("@", 1)
+        if not DIGEST_RE.match(digest):
+            raise _bad(ref, "the digest must be sha256: followed by 64 lower-case hex digits")
+    tag = None
+    slash = rest.rfind("/")
+    colon = rest.rfind(":")
+    if colon > slash:
+        rest, tag = rest[:colon], rest[colon + 1:]
+        if not _TAG_RE.match(tag):
+            raise _bad(ref, f"bad tag '{tag}'")
+    if not rest:
+        raise _bad(ref, "no image name")
+    first, sep, remainder = rest.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
+        domain, path = first, remainder
+        if not _DOMAIN_RE.match(domain):
+            raise _bad(ref, f"bad registry host '{domain}'")
+    else:
+        domain, path = DEFAULT_DOMAIN, rest
+    if domain == "index.docker.io":
+        domain = DEFAULT_DOMAIN
+    if domain == DEFAULT_DOMAIN and "/" not in path:
+        path = "library/" + path
+    if not _PATH_RE.match(path):
+        if path.lower() != path:
+            raise _bad(ref, "repository names must be lower-case")
+        raise _bad(ref, f"bad repository name '{path}'")
+    if len(domain) + 1 + len(path) > 255:
+        raise _bad(ref, "name longer than 255 characters")
+    if tag is None and digest is None:
+        tag = DEFAULT_TAG
+    return Reference(domain, path, tag, digest)
+
+
+def is_digest(s):
+    return bool(DIGEST_RE.match(s))

@@ -1,0 +1,56 @@
+"""Root test configuration.
+
+The tests run against the *installed* package (make test installs it into the venv whose
+python runs pytest), so the console scripts sit next to sys.executable. Fixtures that start
+real services live in tests/fixtures/*.py and are loaded as plugins below.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+
+pytest_plugins = [
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="needs root (kernel mounts, useradd, services)")
+        for item in items:
+            if "root" in item.keywords or "slurm" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fuse_device_mode():
+    """This machine's /dev/fuse is 0600; a normal distribution's udev makes it 0666."""
+    if os.geteuid() == 0 and os.path.exists("/dev/fuse"):
+        os.chmod("/dev/fuse", 0o666)
+
+
+def tool(name):
+    """Path of one of hpcc's console scripts in the venv that runs the tests."""
+    return str(BIN / name)
+
+
+@pytest.fixture
+def run_cli():
+    """Run a console script; return CompletedProcess with text stdout/stderr."""
+
+    def _run(name, *args, env=None, input=None, timeout=300, check=False, user=None):
+        full_env = dict(os.environ)
+        if env:
+            full_env.update(env)
+        cmd = [tool(name), *map(str, args)]
+        p = subprocess.run(cmd, env=full_env, input=input, capture_output=True, text=True,
+                           timeout=timeout, user=user)
+        if check and p.returncode != 0:
+            raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        return p
+
+    return _run
