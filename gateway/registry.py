@@ -276,6 +276,9 @@ class RegistryClient:
 
     def _verify_for(self, host):
         if self._host_insecure(host):
+            # The admin chose an insecure registry; urllib3 would warn on every request.
+            import urllib3
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
             return False
         ca = self.ca_file or self._registry_conf(host).get("ca_file")
         if ca:
