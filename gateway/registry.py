@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from hpcc.errors import ConfigError, ImageError, RegistryError
@@ -213,6 +214,21 @@ def _describe_conn_error(exc):
         return "connection reset"
     root = _root_cause(exc)
     return str(root) or type(root).__name__
+
+
+def _iter_body(r):
+    """Yield a streamed response body as it arrives. Unlike iter_content(), whose reads
+    block for a whole chunk and lose what they buffered when the connection drops, read1()
+    hands over every byte received before a cut, so a resume starts right after them."""
+    raw = r.raw
+    if hasattr(raw, "read1"):
+        while True:
+            chunk = raw.read1(_CHUNK)
+            if not chunk:
+                return
+            yield chunk
+    else:  # urllib3 < 2.1
+        yield from r.iter_content(64 * 1024)
 
 
 class _HostState:
@@ -765,14 +781,14 @@ class RegistryClient:
             else:
                 raise self._http_error(ref, r, what, "blob")
             try:
-                for chunk in r.iter_content(_CHUNK):
+                for chunk in _iter_body(r):
                     ing.write(chunk)
                     if progress:
                         progress("progress", digest, ing.offset, size)
                 r.close()
             except (requests.exceptions.ChunkedEncodingError,
                     requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                    OSError) as e:
+                    urllib3.exceptions.HTTPError, OSError) as e:
                 r.close()
                 ing.flush()
                 if attempt >= self.retries:
