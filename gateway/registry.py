@@ -414,7 +414,8 @@ class RegistryClient:
         headers = {}
         if creds and creds.username:
             headers["Authorization"] = creds.basic_header()
-        verify = st.verify
+        realm_host = realm.split("/")[2]
+        verify = st.verify if realm_host == st.host else self._verify_for(realm_host)
         last = None
         for attempt in range(self.retries + 1):
             try:
@@ -523,6 +524,10 @@ class RegistryClient:
                                      f"({reason})",
                                      hint="check the name and tag")
             return RegistryError(f"{what} not found in registry {ref.api_host} (blob unknown)")
+        if r.status_code == 429:
+            return RegistryError(f"registry {ref.api_host} refused {what}: too many requests "
+                                 "(rate limit)",
+                                 hint="try again later, or log in to get a higher limit")
         if r.status_code in _RETRY_STATUS:
             return RegistryError(f"registry {ref.api_host} failed with HTTP {r.status_code} "
                                  f"for {what} after {self.retries + 1} attempts",
