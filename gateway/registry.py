@@ -258,7 +258,7 @@ class RegistryClient:
         self.auth_file = auth_file
         self.insecure = insecure
         self.ca_file = ca_file
-        self.timeout = timeout
+        self.timeout = tuple(timeout) if isinstance(timeout, (tuple, list)) else (timeout, timeout)
         self.backoff = backoff
         self.session = requests.Session()
         self.session.trust_env = False      # no proxies from the environment for registries
@@ -338,8 +338,8 @@ class RegistryClient:
         last = None
         for attempt in range(self.retries + 1):
             try:
-                r = self.session.get(url, timeout=self.timeout, verify=verify,
-                                     allow_redirects=False)
+                r = self.session.get(url, timeout=(self.timeout[0], min(self.timeout[1], 10)),
+                                     verify=verify, allow_redirects=False)
                 r.close()
                 if r.status_code in _RETRY_STATUS and attempt < self.retries:
                     self._sleep(attempt)
@@ -361,6 +361,10 @@ class RegistryClient:
                     continue
             except requests.exceptions.Timeout as e:
                 last = e
+                if plain_ok:
+                    # Some plain-http servers wait silently for a request line after a TLS
+                    # hello; a loopback/insecure host that does not answer TLS is plain.
+                    return f"http://{host}"
                 if attempt < self.retries:
                     self._sleep(attempt)
                     continue

@@ -671,6 +671,12 @@ class ImageBuilder:
                               f"hpcc.gateway.testing layer {len(self._layers)}"})
         return self
 
+    def add_layer(self, layer_blob):
+        """Reuse a LayerBlob of another image (shared base layers)."""
+        self._layers.append(layer_blob)
+        self._history.append({"created": self.created, "created_by": "shared layer"})
+        return self
+
     def raw_layer(self, blob, media_type, tar=None, compression="gzip"):
         """A layer from bytes as given (for corrupt/unknown-format cases)."""
         tar = blob if tar is None else tar
