@@ -223,17 +223,18 @@ class BlobCache:
             ing.write(data)
             return ing.commit(what)
 
-    def prune(self, keep_digests):
-        """Remove every blob (and stale partial/lock file) whose digest is not kept.
+    def prune(self, keep_digests, dry_run=False):
+        """Remove every blob and partial file whose digest is not in `keep_digests`.
 
-        Returns the number of bytes freed. Locked (in-progress) digests are skipped.
+        Returns the paths removed (or, with dry_run, that would be removed). A digest
+        whose lock is held (a download in progress) is skipped.
         """
         keep = {_split(d)[1] for d in keep_digests}
-        freed = 0
+        removed = []
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
-            return 0
+            return removed
         hexes = {n.split(".", 1)[0] for n in names}
         for hexd in sorted(hexes - keep):
             if not (len(hexd) == 64 and all(c in "0123456789abcdef" for c in hexd)):
@@ -252,18 +253,22 @@ class BlobCache:
                     raise
                 for name in (hexd, hexd + ".partial"):
                     p = self.dir / name
+                    if not p.exists():
+                        continue
+                    if not dry_run:
+                        try:
+                            p.unlink()
+                        except FileNotFoundError:
+                            continue
+                    removed.append(p)
+                if not dry_run:
                     try:
-                        freed += p.stat().st_size
-                        p.unlink()
+                        lockp.unlink()
                     except FileNotFoundError:
                         pass
-                try:
-                    lockp.unlink()
-                except FileNotFoundError:
-                    pass
             finally:
                 os.close(fd)
-        return freed
+        return removed
 
     def digests(self):
         """Digests of the complete blobs in the cache."""

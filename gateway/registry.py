@@ -853,6 +853,12 @@ class RegistryClient:
         return paths
 
     @staticmethod
+    def check_layer(layer, path, what=None):
+        """Check a fetched layer's first bytes: refuse what is neither gzip, zstd nor tar,
+        and correct `layer.compression` when the media type mislabels it."""
+        RegistryClient._check_magic(layer, path, what or f"layer {layer.digest}")
+
+    @staticmethod
     def _check_magic(layer, path, what):
         with open(path, "rb") as f:
             head = f.read(512)

@@ -95,8 +95,11 @@ def test_prune_keeps_only_the_given_digests(tmp_path):
         with cache.ingest(_digest(stale), 50) as ing:
             ing.write(stale[:10])
             raise RuntimeError
-    freed = cache.prune([_digest(blobs[0])])
-    assert freed == len(blobs[1]) + len(blobs[2]) + 10
+    gone = {cache.path(_digest(blobs[1])), cache.path(_digest(blobs[2])),
+            cache._partial(_digest(stale))}
+    assert set(cache.prune([_digest(blobs[0])], dry_run=True)) == gone
+    assert len(cache.digests()) == 3
+    assert set(cache.prune([_digest(blobs[0])])) == gone
     assert cache.digests() == [_digest(blobs[0])]
     assert sorted(os.listdir(cache.dir)) == [_digest(blobs[0]).split(":")[1],
                                              _digest(blobs[0]).split(":")[1] + ".lock"]
