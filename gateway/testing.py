@@ -972,6 +972,7 @@ class FaultProxy:
         proxy.cut_blob(after_bytes, times=1)   send a blob's headers, K bytes, then close
         proxy.corrupt_blob(times=1, offset=None)  flip one byte of the blob body
         proxy.ignore_range = True              drop Range headers (a server without Range)
+        proxy.replace_manifest(body, content_type)   serve other bytes as the next manifest
     proxy.log: list of dicts {method, path, range, status, kind} of every request.
     """
 
@@ -1009,6 +1010,15 @@ class FaultProxy:
         with self._lock:
             self._faults.append(["corrupt", times, {"offset": offset}])
 
+    def replace_manifest(self, body, content_type=None, times=1, digest_header="match"):
+        """Serve `body` (bytes) instead of the next manifest(s): a registry serving a
+        schema 1 manifest, garbage, or a manifest that does not match its digest.
+        digest_header: "match" announces the digest of `body` in Docker-Content-Digest (a
+        registry that really stores it), "keep" leaves the original header (a lie)."""
+        with self._lock:
+            self._faults.append(["manifest", times, {"body": body, "ctype": content_type,
+                                                     "digest": digest_header}])
+
     def clear(self):
         with self._lock:
             self._faults.clear()
@@ -1022,6 +1032,8 @@ class FaultProxy:
                 if kind == "fail" and f[2]["what"] not in ("any", path_kind):
                     continue
                 if kind in ("cut", "corrupt") and path_kind != "blob":
+                    continue
+                if kind == "manifest" and path_kind != "manifest":
                     continue
                 f[1] -= 1
                 return f[2]
@@ -1088,6 +1100,18 @@ class FaultProxy:
                     cut = proxy._take("cut", kind)
                     if cut is None:
                         corrupt = proxy._take("corrupt", kind)
+                if self.command == "GET" and kind == "manifest" and status == 200:
+                    swap = proxy._take("manifest", kind)
+                    if swap is not None:
+                        data = swap["body"]
+                        if swap["digest"] == "match":
+                            rheaders = [(k, v) for k, v in rheaders
+                                        if k.lower() != "docker-content-digest"]
+                            rheaders.append(("Docker-Content-Digest", sha256(data)))
+                        if swap["ctype"]:
+                            rheaders = [(k, v) for k, v in rheaders
+                                        if k.lower() != "content-type"]
+                            rheaders.append(("Content-Type", swap["ctype"]))
                 if corrupt is not None:
                     off = corrupt["offset"] if corrupt["offset"] is not None else len(data) // 2
                     off = min(off, len(data) - 1)

@@ -1,5 +1,6 @@
 """Failures a real registry will not produce on demand, injected by FaultProxy in front of
 the real docker-registry: corrupt bytes, 5xx bursts, connections cut mid-blob."""
+import json
 import os
 import uuid
 
@@ -162,3 +163,53 @@ def test_layers_download_concurrently(fault_proxy, client, tmp_path):
                                 concurrency=4)
     assert [p.read_bytes() for p in paths] == [lay.blob for lay in built.layers]
     assert len(seen) > 1
+
+
+SCHEMA1 = json.dumps({"schemaVersion": 1, "name": "faults/s1", "tag": "v",
+                      "architecture": "amd64", "fsLayers": [], "history": [],
+                      "signatures": []}).encode()
+
+
+@pytest.mark.parametrize("body,ctype,match", [
+    (SCHEMA1, "application/vnd.docker.distribution.manifest.v1+prettyjws",
+     "deprecated Docker schema 1 manifest format"),
+    (b"<html>proxy error page</html>", "text/html", "is not valid JSON"),
+    (b'["a", "list"]', "application/vnd.oci.image.manifest.v1+json", "is not a JSON object"),
+    (json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                 "config": {"digest": "sha256:xyz", "size": 2},
+                 "layers": []}).encode(), None, "has no valid config descriptor"),
+    (json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.artifact.v1+json"}
+                ).encode(), "application/vnd.oci.artifact.v1+json", "unsupported media type"),
+], ids=["schema1", "html", "json-list", "bad-config-digest", "artifact"])
+def test_bad_manifests_are_image_errors(fault_proxy, pushed, client, body, ctype, match):
+    _, name = pushed
+    fault_proxy.replace_manifest(body, ctype)
+    with pytest.raises(ImageError, match=match) as ei:
+        client.resolve(parse_reference(fault_proxy.ref(name, "v")))
+    assert "\n" not in str(ei.value) and ei.value.exit_code == 1
+
+
+def test_manifest_not_matching_its_digest_is_refused(fault_proxy, pushed, client):
+    built, name = pushed
+    other = simple_image("other").manifest_bytes
+    fault_proxy.replace_manifest(other)
+    with pytest.raises(ImageError, match=f"has digest sha256:.* instead of {built.digest}"):
+        client.resolve(parse_reference(f"{fault_proxy.host}/{name}@{built.digest}"))
+    # by tag, the registry's Docker-Content-Digest header gives the lie away
+    fault_proxy.replace_manifest(other, digest_header="keep")
+    with pytest.raises(ImageError, match="but the registry announced"):
+        client.resolve(parse_reference(fault_proxy.ref(name, "v")))
+
+
+def test_blob_deleted_from_the_registry_is_blob_unknown(registry, client, tmp_path):
+    built = simple_image("deleted")
+    name = f"faults/deleted-{uuid.uuid4().hex[:8]}"
+    registry.push(name, "v", built)
+    img = client.resolve(parse_reference(registry.ref(name, "v")))
+    import requests
+    victim = built.layers[1].digest
+    r = requests.delete(f"{registry.url}/v2/{name}/blobs/{victim}", timeout=10)
+    assert r.status_code == 202
+    with pytest.raises(RegistryError, match=f"layer {victim} of .* not found in registry "
+                                            r".* \(blob unknown\)"):
+        client.fetch_layers(img, BlobCache(tmp_path / "cache"))
