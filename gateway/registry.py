@@ -261,7 +261,9 @@ class RegistryClient:
         self.timeout = tuple(timeout) if isinstance(timeout, (tuple, list)) else (timeout, timeout)
         self.backoff = backoff
         self.session = requests.Session()
-        self.session.trust_env = False      # no proxies from the environment for registries
+        # Environment proxies are applied per request by _proxies() (never for loopback
+        # registries); trust_env would also let ~/.netrc override registry credentials.
+        self.session.trust_env = False
         adapter = HTTPAdapter(pool_connections=8, pool_maxsize=32, max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
@@ -339,7 +341,8 @@ class RegistryClient:
         for attempt in range(self.retries + 1):
             try:
                 r = self.session.get(url, timeout=(self.timeout[0], min(self.timeout[1], 10)),
-                                     verify=verify, allow_redirects=False)
+                                     verify=verify, allow_redirects=False,
+                                     proxies=self._proxies(url))
                 r.close()
                 if r.status_code in _RETRY_STATUS and attempt < self.retries:
                     self._sleep(attempt)
@@ -372,6 +375,15 @@ class RegistryClient:
             f"cannot connect to registry {host}: {_describe_conn_error(last)}"
             + (f" (after {self.retries + 1} attempts)" if self.retries else ""),
             hint="check the registry address and that it is running")
+
+    @staticmethod
+    def _proxies(url):
+        """$https_proxy/$http_proxy (honouring $no_proxy) for `url`; none for loopback."""
+        host = url.split("/")[2]
+        if is_loopback(host):
+            return {}
+        return {k: v for k, v in requests.utils.get_environ_proxies(url).items()
+                if k in ("http", "https", "all")}
 
     def _sleep(self, attempt, retry_after=None):
         if retry_after is not None:
@@ -424,7 +436,8 @@ class RegistryClient:
         for attempt in range(self.retries + 1):
             try:
                 r = self.session.get(realm, params=query, headers=headers,
-                                     timeout=self.timeout, verify=verify)
+                                     timeout=self.timeout, verify=verify,
+                                     proxies=self._proxies(realm))
             except requests.exceptions.SSLError as e:
                 raise self._tls_error(realm.split("/")[2], e) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
@@ -471,7 +484,8 @@ class RegistryClient:
                 h["Authorization"] = auth
             try:
                 r = self.session.request(method, url, headers=h, stream=stream,
-                                         timeout=self.timeout, verify=st.verify)
+                                         timeout=self.timeout, verify=st.verify,
+                                         proxies=self._proxies(url))
             except requests.exceptions.SSLError as e:
                 raise self._tls_error(ref.api_host, e) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:

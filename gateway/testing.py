@@ -148,6 +148,7 @@ class TokenServer:
         self.service = service
         self.issuer = issuer
         self.anonymous_pull = anonymous_pull
+        self.token_lifetime = 300        # seconds; tests of token refresh shorten it
         self.key = _new_key()
         self.cert = _cert("hpcc test token signer", self.key)
         self.requests = []           # (user or None, scope, status)
@@ -162,11 +163,12 @@ class TokenServer:
     def cert_pem(self):
         return _pem_cert(self.cert)
 
-    def make_token(self, subject, access, lifetime=300):
+    def make_token(self, subject, access, lifetime=None):
         _, hashes, serialization, padding, _, _ = _crypto()
         der = self.cert.public_bytes(serialization.Encoding.DER)
         header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
         now = int(time.time())
+        lifetime = self.token_lifetime if lifetime is None else lifetime
         claims = {"iss": self.issuer, "sub": subject or "", "aud": self.service,
                   "exp": now + lifetime, "nbf": now - 60, "iat": now,
                   "jti": uuid.uuid4().hex, "access": access}
@@ -225,7 +227,7 @@ class TokenServer:
                     user = name
                 tok = server.make_token(user, server._grant(user, scope))
                 server.requests.append((user, scope, 200))
-                self._reply(200, {"token": tok, "access_token": tok, "expires_in": 300,
+                self._reply(200, {"token": tok, "access_token": tok, "expires_in": server.token_lifetime,
                                   "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                              time.gmtime())})
 
