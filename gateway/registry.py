@@ -521,7 +521,10 @@ class RegistryClient:
 
     def _denied(self, ref, status, what, need_login=False):
         creds = self._credentials(ref)
-        if creds and not need_login:
+        if creds and not need_login and status == 403:
+            detail = (f"user '{creds.username}' (credentials from {creds.source}) may not "
+                      "pull this image")
+        elif creds and not need_login:
             detail = f"the credentials of user '{creds.username}' from {creds.source} were refused"
         else:
             detail = "no credentials were found"
