@@ -1092,6 +1092,7 @@ class FaultProxy:
                     resp = up.getresponse()
                     data = resp.read()
                     status = resp.status
+                    upstream_length = resp.getheader("Content-Length")
                     rheaders = [(k, v) for k, v in resp.getheaders()
                                 if k.lower() not in ("connection", "transfer-encoding",
                                                      "content-length", "keep-alive")]
@@ -1124,7 +1125,10 @@ class FaultProxy:
                     if k.lower() == "location" and v.startswith(proxy.upstream.url):
                         v = proxy.url + v[len(proxy.upstream.url):]
                     self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                if self.command == "HEAD":
+                    self.send_header("Content-Length", upstream_length or "0")
+                else:
+                    self.send_header("Content-Length", str(len(data)))
                 if cut is not None:
                     self.send_header("Connection", "close")
                 self.end_headers()
