@@ -194,3 +194,28 @@ def test_concurrent_fetch_of_one_blob_from_processes(big_blob_image, fault_proxy
     assert cache.path(lay.digest).read_bytes() == lay.blob
     assert len(fault_proxy.blob_gets(lay.digest)) == 1
     assert [n for n in os.listdir(cache.dir) if n.endswith(".partial")] == []
+
+
+@pytest.mark.root
+def test_full_disk_is_a_clear_store_error(registry, tmp_path, no_ambient_credentials):
+    """A real ENOSPC (a 1 MiB tmpfs) is reported once, not retried as a network error."""
+    built = ImageBuilder().layer([file("big", os.urandom(3 << 20))], compression="none").build()
+    registry.push("cache/enospc", "v", built)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        from hpcc.errors import StoreError
+        client = RegistryClient({"gateway": {"retries": 3}}, backoff=0.01)
+        img = client.resolve(parse_reference(registry.ref("cache/enospc", "v")))
+        before = len(client.request_log)
+        with pytest.raises(StoreError) as ei:
+            client.fetch_layers(img, BlobCache(mnt / "blobs"))
+        msg = str(ei.value)
+        assert msg.startswith(f"cannot write to the blob cache {mnt / 'blobs' / 'sha256'}: "
+                              "No space left on device")
+        assert "store.blob_cache" in msg
+        assert len(client.request_log) == before + 1        # no retry of a local failure
+        assert not BlobCache(mnt / "blobs").has(built.layers[0].digest)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
