@@ -235,4 +235,5 @@ def test_one_failed_layer_stops_the_other_downloads(registry, fault_proxy, clien
         client.fetch_layers(img, cache, concurrency=2)
     assert time.monotonic() - t0 < 2.5
     assert not cache.has(built.layers[0].digest)
-    assert 0 < cache.partial_size(built.layers[0].digest) < len(built.layers[0].blob)
+    # what arrived before the stop (possibly nothing yet) stays for a resume
+    assert cache.partial_size(built.layers[0].digest) < len(built.layers[0].blob)
