@@ -129,16 +129,22 @@ def main():
             t = timed(lambda: sh([BIN / "gateway", "pull", "-q", ref], env=env_a))
             sqfs_a = next((work / "store").glob("sha256-*.sqfs"))
             results["a"] = (t, sqfs_a.stat().st_size, "gateway pull (hpcc defaults)")
+            print(f"(a) {t:.2f} s", flush=True)
 
             # (b) skopeo + umoci raw unpack + mksquashfs
+            certs = work / "certs"
+            certs.mkdir()
+            shutil.copy(reg.ca_file, certs / "ca.crt")
+
             def b():
-                sh(["skopeo", "copy", "--quiet", "--src-cert-dir", Path(reg.ca_file).parent,
+                sh(["skopeo", "copy", "--quiet", "--src-cert-dir", certs,
                     f"docker://{ref}", f"oci:{work}/oci:latest"], env=env)
                 sh(["umoci", "raw", "unpack", "--image", f"{work}/oci:latest", work / "rootfs-b"])
                 sh(["mksquashfs", work / "rootfs-b", work / "b.sqfs", "-noappend", "-quiet",
                     "-no-progress"], stdout=subprocess.DEVNULL)
             results["b"] = (timed(b), (work / "b.sqfs").stat().st_size,
                             "skopeo + umoci raw unpack + mksquashfs")
+            print(f"(b) {results['b'][0]:.2f} s", flush=True)
             shutil.rmtree(work / "rootfs-b", ignore_errors=True)
 
             # (c) Charliecloud: ch-image pull + ch-convert
@@ -153,6 +159,7 @@ def main():
                 try:
                     results["c"] = (timed(c), (work / "c.sqfs").stat().st_size,
                                     "ch-image pull + ch-convert")
+                    print(f"(c) {results['c'][0]:.2f} s", flush=True)
                 except subprocess.CalledProcessError as e:
                     print(f"(c) Charliecloud failed: {e}; left out", flush=True)
 
