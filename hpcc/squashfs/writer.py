@@ -289,18 +289,28 @@ class SquashfsWriter:
         bad = (b"", b".", b"..")
         while stack:
             d = stack.pop()
-            items = []
-            subdirs = []
-            for name, child in d.children.items():
-                try:
-                    b = name.encode("utf-8", "surrogateescape")
-                except (AttributeError, UnicodeEncodeError):
-                    raise SquashfsError(f"bad file name {name!r} in image tree") from None
-                if b in bad or b"/" in b or b"\0" in b or len(b) > 255:
-                    raise SquashfsError(f"bad file name {name!r} in image tree")
+            ch = d.children
+            if not ch:
+                d._nlink = 2
+                order.append(d)
+                ents_of[id(d)] = []
+                continue
+            names = list(ch)
+            try:
+                blob = "\0".join(names).encode("utf-8", "surrogateescape")
+            except (TypeError, UnicodeEncodeError):
+                blob = None
+            bnames = blob.split(b"\0") if blob is not None else ()
+            if (len(bnames) != len(names) or b"/" in blob or "" in ch or "." in ch
+                    or ".." in ch or max(map(len, bnames)) > 255
+                    or len(set(bnames)) != len(bnames)):
+                _bad_names(names)
+            nodes = list(ch.values())
+            subdirs = 0
+            for child in nodes:
                 if child._gen is gen:
                     if child._kind == 1:
-                        raise SquashfsError(f"directory {name!r} appears twice in image tree "
+                        raise SquashfsError("a directory appears twice in the image tree "
                                             "(directories cannot be hard-linked)")
                     child._nlink += 1
                 else:
@@ -308,15 +318,14 @@ class SquashfsWriter:
                     child._nlink = 1
                     child._ino = 0
                     if child._kind == 1:
-                        subdirs.append((b, child))
-                items.append((b, child))
-            items.sort(key=_first)
-            d._nlink = 2 + len(subdirs)
+                        subdirs += 1
+            items = sorted(zip(bnames, nodes))   # names are unique: nodes never compared
+            d._nlink = 2 + subdirs
             if subdirs:
-                subdirs.sort(key=_first)
-                for _b, s in subdirs:
-                    parent_of[id(s)] = d
-                    stack.append(s)
+                for _b, s in items:
+                    if s._kind == 1:
+                        parent_of[id(s)] = d
+                        stack.append(s)
             order.append(d)
             ents_of[id(d)] = items
         order.reverse()    # post-order: children before parents, siblings in name order
@@ -360,8 +369,6 @@ class SquashfsWriter:
         null = ffi.NULL
         write_file = lib.hpcc_write_file
         write_special = lib.hpcc_write_special
-        dir_begin = lib.hpcc_dir_begin
-        dir_add = lib.hpcc_dir_add
         dir_write = lib.hpcc_dir_write
         root_parent = len(seq) + 1
         n = None
@@ -380,20 +387,18 @@ class SquashfsWriter:
                     fd = n.data
                     if fd is None:
                         inode = null
-                    else:
-                        if fd._owner is not self or fd._cell[0] == null:
-                            raise SquashfsError("file data handle from another (or a closed) "
-                                                "squashfs writer")
+                    elif fd._owner is self:
                         inode = fd._cell[0]
+                    else:
+                        raise SquashfsError("file data handle made by another squashfs writer")
                     ref = write_file(w, inode, mode, n.uid, n.gid, mt, n._ino, n._nlink, xi)
                 elif k == 1:
-                    self._check(dir_begin(w), "writing a directory")
-                    for b, c in ents_of[id(n)]:
-                        rc = dir_add(w, b, c._ino, c._ref, c._kind)
-                        if rc:
-                            self._check(rc, f"writing directory entry {b!r}")
+                    items = ents_of[id(n)]
                     p = parent_of.get(id(n))
-                    ref = dir_write(w, mode, n.uid, n.gid, mt, n._ino, n._nlink, xi,
+                    ref = dir_write(w, b"\0".join([b for b, _c in items]), len(items),
+                                    [c._ino for _b, c in items], [c._ref for _b, c in items],
+                                    [c._kind for _b, c in items],
+                                    mode, n.uid, n.gid, mt, n._ino, n._nlink, xi,
                                     root_parent if p is None else p._ino)
                 elif k == 3:
                     t = n.target.encode("utf-8", "surrogateescape")
@@ -412,5 +417,15 @@ class SquashfsWriter:
             raise SquashfsError(f"bad metadata in image tree ({n!r}): {e}") from None
 
 
-def _first(item):
-    return item[0]
+def _bad_names(names):
+    for name in names:
+        try:
+            b = name.encode("utf-8", "surrogateescape")
+        except (AttributeError, UnicodeEncodeError):
+            raise SquashfsError(f"bad file name {name!r} in image tree") from None
+        if b in (b"", b".", b"..") or b"/" in b or b"\0" in b:
+            raise SquashfsError(f"bad file name {name!r} in image tree")
+        if len(b) > 255:
+            raise SquashfsError(f"file name too long (over 255 bytes) in image tree: {name!r}")
+    raise SquashfsError("two names in one directory of the image tree encode to the same "
+                        f"bytes: {sorted(names)!r}")
