@@ -5,6 +5,17 @@
 The compiled part (``hpcc.squashfs._sqfs``) is built by cffi at install time from
 ``build_ffi.py``; importing this package does not import it until a writer or reader is used.
 """
+import os as _os
+import sys as _sys
+
+# A source checkout that comes first on sys.path (pytest run from the repository root) shadows
+# the installed package, but only the installed copy holds the compiled extension: let this
+# package also search the other hpcc/squashfs directories on sys.path for it.
+for _entry in _sys.path:
+    _dir = _os.path.join(_entry or ".", "hpcc", "squashfs")
+    if _os.path.isdir(_dir) and _os.path.realpath(_dir) not in map(_os.path.realpath, __path__):
+        __path__.append(_dir)
+
 from hpcc.squashfs.tree import Device, Dir, Fifo, File, FileData, Node, Socket, Symlink
 
 __all__ = ["Node", "Dir", "File", "Symlink", "Fifo", "Socket", "Device", "FileData",
