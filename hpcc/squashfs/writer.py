@@ -177,8 +177,11 @@ class SquashfsWriter:
     def add_file_data(self, stream, size=None):
         """Read a binary file object to EOF (or exactly ``size`` bytes) into the image.
 
-        Returns a FileData for File.data, or None for an empty file. An exception from the
-        stream propagates unchanged and leaves the writer unusable (close() cleans up).
+        Uses ``readinto`` when the stream has it (zero-copy into a reused 1 MiB buffer), else
+        ``read``. Returns a FileData for File.data, or None for an empty file. An exception
+        from the stream propagates unchanged; once data of the file has been handed over it
+        leaves the writer unusable (close() cleans up). A stream that ends before ``size``
+        bytes raises SquashfsError.
         """
         self._usable()
         want = CHUNK if size is None else min(size, CHUNK)
@@ -202,15 +205,15 @@ class SquashfsWriter:
                     if not n:
                         break
                     got += n
+                if left is not None and got < want:
+                    raise SquashfsError(f"file data ended after {total + got} of {size} bytes")
                 if cell is None:
                     if got == 0:
-                        if size:
-                            raise SquashfsError(f"file data ended after 0 of {size} bytes")
                         return None
                     cell = ffi.new("sqfs_inode_generic_t **")
                     self._cells.append(cell)
                     self._in_file = True
-                    if got < want or (left is not None and left == got):
+                    if got < want or left == got:
                         # the whole file in one call: begin + append + end in C
                         self._check(lib.hpcc_file_whole(w, cell, ptr, got), "storing file data")
                         total = got
@@ -225,13 +228,12 @@ class SquashfsWriter:
                         self._check(lib.hpcc_file_end(w), "ending file data")
                         break
                     want = min(left, CHUNK)
-                if got < want:
-                    if left:
-                        raise SquashfsError(f"file data ended after {total} of {size} bytes")
+                elif got < want:
                     self._check(lib.hpcc_file_end(w), "ending file data")
                     break
         except BaseException as e:
-            if self._failed is None:
+            # mid-file the block processor cannot drop what it has: the writer is done for
+            if self._in_file and self._failed is None:
                 self._failed = e
             raise
         self._in_file = False
