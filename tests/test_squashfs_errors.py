@@ -80,7 +80,7 @@ def test_writer_is_unusable_after_a_stream_error_but_closes_cleanly(tmp_path):
     p = tmp_path / "partial.sqfs"
     w = SquashfsWriter(p)
     with pytest.raises(Boom):
-        w.add_file_data(FailingStream(1))
+        w.add_file_data(FailingStream(5))    # fails after 1 MiB was handed over
     with pytest.raises(SquashfsError, match="unusable after an earlier error"):
         w.add_bytes(b"more")
     with pytest.raises(SquashfsError, match="unusable"):
@@ -98,7 +98,7 @@ def test_two_hundred_aborted_writers_leak_no_descriptor_or_thread(tmp_path):
         try:
             with SquashfsWriter(p, workers=2) as w:
                 w.add_bytes(b"x" * 1000)
-                w.add_file_data(FailingStream(2))
+                w.add_file_data(FailingStream(6))
         except Boom:
             pass
         assert not p.exists()
