@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from hpcc.errors import ConfigError, ImageError, RegistryError
@@ -215,6 +216,21 @@ def _describe_conn_error(exc):
     return str(root) or type(root).__name__
 
 
+def _iter_body(r):
+    """Yield a streamed response body as it arrives. Unlike iter_content(), whose reads
+    block for a whole chunk and lose what they buffered when the connection drops, read1()
+    hands over every byte received before a cut, so a resume starts right after them."""
+    raw = r.raw
+    if hasattr(raw, "read1"):
+        while True:
+            chunk = raw.read1(_CHUNK)
+            if not chunk:
+                return
+            yield chunk
+    else:  # urllib3 < 2.1
+        yield from r.iter_content(64 * 1024)
+
+
 class _HostState:
     """What the client learned about one registry host: base URL, TLS, auth."""
 
@@ -242,10 +258,12 @@ class RegistryClient:
         self.auth_file = auth_file
         self.insecure = insecure
         self.ca_file = ca_file
-        self.timeout = timeout
+        self.timeout = tuple(timeout) if isinstance(timeout, (tuple, list)) else (timeout, timeout)
         self.backoff = backoff
         self.session = requests.Session()
-        self.session.trust_env = False      # no proxies from the environment for registries
+        # Environment proxies are applied per request by _proxies() (never for loopback
+        # registries); trust_env would also let ~/.netrc override registry credentials.
+        self.session.trust_env = False
         adapter = HTTPAdapter(pool_connections=8, pool_maxsize=32, max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
@@ -322,8 +340,9 @@ class RegistryClient:
         last = None
         for attempt in range(self.retries + 1):
             try:
-                r = self.session.get(url, timeout=self.timeout, verify=verify,
-                                     allow_redirects=False)
+                r = self.session.get(url, timeout=(self.timeout[0], min(self.timeout[1], 10)),
+                                     verify=verify, allow_redirects=False,
+                                     proxies=self._proxies(url))
                 r.close()
                 if r.status_code in _RETRY_STATUS and attempt < self.retries:
                     self._sleep(attempt)
@@ -345,6 +364,10 @@ class RegistryClient:
                     continue
             except requests.exceptions.Timeout as e:
                 last = e
+                if plain_ok:
+                    # Some plain-http servers wait silently for a request line after a TLS
+                    # hello; a loopback/insecure host that does not answer TLS is plain.
+                    return f"http://{host}"
                 if attempt < self.retries:
                     self._sleep(attempt)
                     continue
@@ -352,6 +375,15 @@ class RegistryClient:
             f"cannot connect to registry {host}: {_describe_conn_error(last)}"
             + (f" (after {self.retries + 1} attempts)" if self.retries else ""),
             hint="check the registry address and that it is running")
+
+    @staticmethod
+    def _proxies(url):
+        """$https_proxy/$http_proxy (honouring $no_proxy) for `url`; none for loopback."""
+        host = url.split("/")[2]
+        if is_loopback(host):
+            return {}
+        return {k: v for k, v in requests.utils.get_environ_proxies(url).items()
+                if k in ("http", "https", "all")}
 
     def _sleep(self, attempt, retry_after=None):
         if retry_after is not None:
@@ -398,12 +430,14 @@ class RegistryClient:
         headers = {}
         if creds and creds.username:
             headers["Authorization"] = creds.basic_header()
-        verify = st.verify
+        realm_host = realm.split("/")[2]
+        verify = st.verify if realm_host == st.host else self._verify_for(realm_host)
         last = None
         for attempt in range(self.retries + 1):
             try:
                 r = self.session.get(realm, params=query, headers=headers,
-                                     timeout=self.timeout, verify=verify)
+                                     timeout=self.timeout, verify=verify,
+                                     proxies=self._proxies(realm))
             except requests.exceptions.SSLError as e:
                 raise self._tls_error(realm.split("/")[2], e) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
@@ -450,7 +484,8 @@ class RegistryClient:
                 h["Authorization"] = auth
             try:
                 r = self.session.request(method, url, headers=h, stream=stream,
-                                         timeout=self.timeout, verify=st.verify)
+                                         timeout=self.timeout, verify=st.verify,
+                                         proxies=self._proxies(url))
             except requests.exceptions.SSLError as e:
                 raise self._tls_error(ref.api_host, e) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
@@ -486,7 +521,10 @@ class RegistryClient:
 
     def _denied(self, ref, status, what, need_login=False):
         creds = self._credentials(ref)
-        if creds and not need_login:
+        if creds and not need_login and status == 403:
+            detail = (f"user '{creds.username}' (credentials from {creds.source}) may not "
+                      "pull this image")
+        elif creds and not need_login:
             detail = f"the credentials of user '{creds.username}' from {creds.source} were refused"
         else:
             detail = "no credentials were found"
@@ -507,6 +545,10 @@ class RegistryClient:
                                      f"({reason})",
                                      hint="check the name and tag")
             return RegistryError(f"{what} not found in registry {ref.api_host} (blob unknown)")
+        if r.status_code == 429:
+            return RegistryError(f"registry {ref.api_host} refused {what}: too many requests "
+                                 "(rate limit)",
+                                 hint="try again later, or log in to get a higher limit")
         if r.status_code in _RETRY_STATUS:
             return RegistryError(f"registry {ref.api_host} failed with HTTP {r.status_code} "
                                  f"for {what} after {self.retries + 1} attempts",
@@ -765,14 +807,14 @@ class RegistryClient:
             else:
                 raise self._http_error(ref, r, what, "blob")
             try:
-                for chunk in r.iter_content(_CHUNK):
+                for chunk in _iter_body(r):
                     ing.write(chunk)
                     if progress:
                         progress("progress", digest, ing.offset, size)
                 r.close()
             except (requests.exceptions.ChunkedEncodingError,
                     requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                    OSError) as e:
+                    urllib3.exceptions.HTTPError, OSError) as e:
                 r.close()
                 ing.flush()
                 if attempt >= self.retries:
@@ -826,6 +868,12 @@ class RegistryClient:
             if first_error is not None:
                 raise first_error
         return paths
+
+    @staticmethod
+    def check_layer(layer, path, what=None):
+        """Check a fetched layer's first bytes: refuse what is neither gzip, zstd nor tar,
+        and correct `layer.compression` when the media type mislabels it."""
+        RegistryClient._check_magic(layer, path, what or f"layer {layer.digest}")
 
     @staticmethod
     def _check_magic(layer, path, what):
