@@ -10,7 +10,7 @@ import os
 import posixpath
 import pwd
 
-from ..errors import LaunchError, UsageError
+from ..errors import LaunchError, MountError, UsageError
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -259,7 +259,7 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
     for item in mounts:
         src, dst, ro = parse_mount(item, cwd=cwd)
         if not os.path.exists(src):
-            raise UsageError(f"mount source {src} does not exist")
+            raise MountError(f"mount source {src} does not exist", hint="check the --mount option")
         user_mounts.append(_bind(src, dst, ro, "user"))
     depth = lambda m: m["destination"].rstrip("/").count("/")  # noqa: E731
     all_mounts = (sys_mounts + sorted(site, key=depth) + sorted(auto, key=depth)
