@@ -156,7 +156,7 @@ def open_in_root(root_fd, path, flags=O_PATH_FLAGS):
         os.close(fd)
 
 
-def resolve_target(root_fd, path, create=None, writable_devs=()):
+def resolve_target(root_fd, path, create=None, writable_devs=(), _depth=0):
     """fd (O_PATH) of the mount target `path` inside the root. Missing components are
     created (directories, or an empty file last when create == "file") only on the
     filesystems in writable_devs (the overlay and tmpfs mounts of this container), never
@@ -189,8 +189,21 @@ def resolve_target(root_fd, path, create=None, writable_devs=()):
                     else:
                         os.mkdir(comp, 0o755, dir_fd=cur)
                 except FileExistsError:
-                    raise MountError(f"cannot create mount point {path}: {sub} is a dangling "
-                                     "symlink in the image") from None
+                    # a dangling symlink: create what it points to, inside the root
+                    try:
+                        link = os.readlink(comp, dir_fd=cur)
+                    except OSError:
+                        link = None
+                    if link is None or _depth > 16:
+                        raise MountError(f"cannot create mount point {path}: {sub} is a "
+                                         "dangling symlink in the image") from None
+                    base = "/" + "/".join(parts[:i])
+                    rest = "/".join(parts[i + 1:])
+                    target = os.path.join(base, link, rest) if rest else os.path.join(base, link)
+                    os.close(cur)
+                    cur = -1
+                    return resolve_target(root_fd, clean_dest(target), create, writable_devs,
+                                          _depth + 1)
                 except OSError as e2:
                     raise MountError(f"cannot create mount point {path}: {e2.strerror}") \
                         from None
@@ -199,7 +212,8 @@ def resolve_target(root_fd, path, create=None, writable_devs=()):
             cur = nfd
         return cur
     except BaseException:
-        os.close(cur)
+        if cur >= 0:
+            os.close(cur)
         raise
 
 
