@@ -165,7 +165,8 @@ def resolve_image(arg, config):
         from .store import resolve_image as store_resolve
     except ImportError:
         raise ImageNotFound(f"image '{arg}' not found: this installation has no image store",
-                            hint="give a path to a .sqfs file") from None
+                            hint=f"pull it first (hpcc pull {arg}) or give a path to a .sqfs "
+                                 "file") from None
     try:
         return store_resolve(arg, config)
     except ImageNotFound as e:
