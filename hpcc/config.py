@@ -5,9 +5,7 @@ missing default file means "all defaults". Validation needs jsonschema, which is
 import (about 100 ms), so `load_config(validate=False)` exists for the launch path, which
 relies on a validation done earlier by an admin command (`gateway`, `hpcc config check`).
 """
-import json
 import os
-import tomllib
 
 from .errors import ConfigError
 
@@ -79,6 +77,8 @@ def _key_path(error):
 def validate(data, source="config"):
     import jsonschema  # slow import: only when validating
 
+    import json
+
     schema = json.loads(_schema_path().read_text())
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
@@ -120,6 +120,8 @@ def load_config(path=None, *, validate_schema=True):
         return _deepcopy(DEFAULTS)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    import tomllib  # ~5 ms with its re/typing imports: only when a file is read
+
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

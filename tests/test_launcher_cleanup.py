@@ -105,7 +105,8 @@ def test_no_leftovers_after_200_sequential_launches(images, launcher_env, who, t
     assert _squashfuse_of(uid) == fuse_before
     assert _wait_until(lambda: not _loops_of(image_dir))
     stage = _stage_of(who, uid)
-    assert os.listdir(stage) == []  # the fixed staging dir only ever holds mounts in the ns
+    # the fixed staging dir holds only the launch cache; mounts on it live in the namespaces
+    assert set(os.listdir(stage)) <= {"launch-cache"}
     print(f"200 launches ({who or 'root'}): {elapsed:.1f} s")
 
 
