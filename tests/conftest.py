@@ -14,6 +14,20 @@ import pytest
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 
+# Tests import the *installed* hpcc: `python -m pytest` and pytest's default ("prepend")
+# import mode put the checkout first on sys.path, where hpcc/ would shadow the installed
+# package (and lacks the package-dir-mapped hpcc.hooks / hpcc.gateway and compiled modules).
+# So the checkout goes last and test modules are imported in "importlib" mode, which leaves
+# sys.path alone; `tests.*` helper modules stay importable (the package is already loaded).
+_repo = [p for p in sys.path if Path(p or ".").resolve() == REPO]
+sys.path[:] = [p for p in sys.path if p not in _repo] + (_repo or [str(REPO)])
+for _name in [m for m in sys.modules if m == "hpcc" or m.startswith("hpcc.")]:
+    del sys.modules[_name]
+
+
+def pytest_configure(config):
+    config.option.importmode = "importlib"
+
 pytest_plugins = [
 ]
 
