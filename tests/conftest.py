@@ -29,6 +29,8 @@ def pytest_configure(config):
     config.option.importmode = "importlib"
 
 pytest_plugins = [
+    "tests.fixtures.users",
+    "tests.fixtures.launcher_images",
 ]
 
 
