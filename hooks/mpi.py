@@ -340,7 +340,10 @@ def _container_compatible(clibs, dep, users):
     path = clibs.find(dep.soname)
     if path is None:
         return False
-    celf = clibs.elf(path)
+    try:
+        celf = clibs.elf(path)
+    except HookError:       # not an ELF file: certainly not a usable copy
+        return False
     if celf is None:
         return False
     if celf.machine != dep.elf.machine or celf.elfclass != dep.elf.elfclass:

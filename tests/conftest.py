@@ -28,6 +28,7 @@ for _name in [m for m in sys.modules if m == "hpcc" or m.startswith("hpcc.")]:
 def pytest_configure(config):
     config.option.importmode = "importlib"
 
+
 pytest_plugins = [
     "tests.fixtures.users",
     "tests.fixtures.launcher_images",
