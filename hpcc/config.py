@@ -39,7 +39,7 @@ DEFAULTS = {
         "hooks_dir": "/etc/hpcc/hooks.d",
     },
     "mpi": {"libraries": [], "extra_files": [], "devices": []},
-    "gpu": {"library_paths": []},
+    "gpu": {"library_paths": [], "allowed_devices": []},
 }
 
 
