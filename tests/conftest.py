@@ -15,6 +15,7 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 
 pytest_plugins = [
+    "tests.fixtures.slurm",
 ]
 
 
