@@ -18,6 +18,7 @@
  *                  [config=/etc/hpcc/hpcc.toml]
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -62,6 +63,8 @@ static int ns_fd = -1;
 static char *reply_buf;             /* NUL-separated records from the helper */
 static size_t reply_len;
 static char *keep_env;              /* comma list: --container-env names the job has set */
+static int keep_sock = -1;
+static int setup_failed;            /* the helper failed: tasks exit 125 before exec */          /* held until slurmstepd exits: a FUSE keeper waits on it */
 
 static int opt_cb(int val, const char *optarg, int remote)
 {
@@ -257,6 +260,8 @@ static int read_reply(int sock)
 			}
 		}
 		reply_len += n;
+		if (reply_len >= 6 && !memcmp(reply_buf + reply_len - 6, "end=1", 6))
+			break;
 		if (reply_len == cap) {
 			if (cap >= MAX_REPLY)
 				return -1;
@@ -361,6 +366,12 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	argv_addu(&a, "step", step_id);
 	argv_addu(&a, "node", node_id);
 	argv_add(&a, "cwd", cwd);
+	{
+		Dl_info info;
+		if (dladdr((void *)slurm_spank_user_init, &info) && info.dli_fname &&
+		    info.dli_fname[0] == '/')
+			argv_add(&a, "plugin", info.dli_fname);
+	}
 	if (argc > 0 && argv && argv[0])
 		argv_add(&a, "argv0", argv[0]);
 	if (spank_getenv(sp, "HOME", buf, sizeof(buf)) == ESPANK_SUCCESS)
@@ -413,7 +424,7 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	}
 	if (read_reply(sv[0]) < 0)
 		fprintf(stderr, "hpcc: reading the helper's reply: %s\n", strerror(errno));
-	close(sv[0]);
+	keep_sock = sv[0];
 	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
 		;
 	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
@@ -433,11 +444,22 @@ out:
 		close(ns_fd);
 		ns_fd = -1;
 	}
+	if (rc && keep_sock >= 0) {
+		close(keep_sock);
+		keep_sock = -1;
+	}
 	for (int i = 0; i < a.n; i++)
 		free(a.v[i]);
 	free(a.v);
 	free(image);
-	return rc;
+	/*
+	 * A failing user_init makes srun report "launch failed" and still exit 0; instead every
+	 * task of the step exits with 125 (hpcc failed before the command ran) without running
+	 * anything. The reason was printed once, above.
+	 */
+	if (rc)
+		setup_failed = 1;
+	return 0;
 }
 
 int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
@@ -488,7 +510,11 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 	const char *cwd;
 
 	(void)ac; (void)av;
-	if (!spank_remote(sp) || !reply_buf || !(cwd = reply_get("cwd")))
+	if (!spank_remote(sp))
+		return 0;
+	if (setup_failed)
+		_exit(125);
+	if (!reply_buf || !(cwd = reply_get("cwd")))
 		return 0;
 	/* Image environment (already filtered by the helper: no SLURM_*, PMI_*, ...). */
 	for (size_t off = 0; off < reply_len; off += strnlen(reply_buf + off, reply_len - off) + 1) {
@@ -525,6 +551,10 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 	if (ns_fd >= 0) {
 		close(ns_fd);
 		ns_fd = -1;
+	}
+	if (keep_sock >= 0) {
+		close(keep_sock);
+		keep_sock = -1;
 	}
 	return 0;
 }
