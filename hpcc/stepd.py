@@ -197,14 +197,15 @@ def build(args):
 
     mounts = [m for m in args.get("mounts", "").split(",") if m]
     extra_env = {}
+    system = []   # binds of Slurm's own files: opened by root, not subject to the user's rights
     step = int(args["step"])
     if step in (BATCH_STEP, INTERACTIVE_STEP):
         script = args.get("argv0", "")
         if step == BATCH_STEP and script.startswith("/"):
             d = os.path.dirname(script)
-            mounts.append(f"{d}:{d}:ro")
+            system.append(f"{d}:{d}:ro")
         more, extra_env = slurm_client_setup(args)
-        mounts += more
+        system += more
     annotations = {"org.hpcc.slurm.job": args["job"], "org.hpcc.slurm.step": args["step"]}
     if args.get("mpi") == "1":
         annotations["org.hpcc.mpi"] = "1"
@@ -217,6 +218,13 @@ def build(args):
                       writable=args.get("writable") == "1", user=str(uid),
                       annotations=annotations, config=config, privileged=True,
                       host_env={"HOME": user.pw_dir}, cwd=args["cwd"], image_name=args["image"])
+    from .runtime.spec import parse_mount
+
+    for item in system:
+        src, dst, ro = parse_mount(item, cwd="/")
+        spec["mounts"].append({"destination": dst, "type": "bind", "source": src,
+                               "options": ["rbind", "nosuid", "nodev"] + (["ro"] if ro else []),
+                               "x-hpcc-origin": "slurm"})
     spec["hpcc"]["image"] = f"/proc/self/fd/{fd}"
     return spec, rec, fd, extra_env
 
@@ -259,8 +267,11 @@ def run(args, sock):
     spec, rec, img_fd, extra = build(args)
     keep = {n for n in args.get("keep_env", "").split(",") if n}
     env = reply_env(spec, rec, keep, extra)
-    records = ([f"cwd={spec['process']['cwd']}"] + [f"env={k}={v}" for k, v in env.items()]
-               + ["end=1"])
+    records = [f"cwd={spec['process']['cwd']}"] + [f"env={k}={v}" for k, v in env.items()]
+    if not extra:
+        # a step started from a batch container: the client wrappers' variables do not apply
+        records += [f"unset={k}" for k in ("HPCC_HOST", "HPCC_HOST_LD", "HPCC_HOST_LIBS")]
+    records.append("end=1")
     if any("\0" in r for r in records):
         raise LaunchError("the image's environment contains a NUL byte")
     payload = "".join(r + "\0" for r in records).encode()
