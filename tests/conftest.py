@@ -15,6 +15,8 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 
 pytest_plugins = [
+    "tests.fixtures.users",
+    "tests.fixtures.launcher_images",
     "tests.fixtures.slurm",
 ]
 
