@@ -118,7 +118,8 @@ def test_cancelled_step_leaves_nothing_behind(slurm_cluster2, slurm_site, slurm_
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
-        while len(user_processes(uid)) < 4 + 1 and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (
+                len(loop_backing(slurm_site.store)) >= 2 and len(user_processes(uid)) >= 5):
             time.sleep(0.1)
         assert loop_backing(slurm_site.store), "the image is not mounted while the step runs"
         jobs = slurm_cluster2.run("squeue", "-h", "-u", U1, "-o", "%i").stdout.split()
