@@ -278,3 +278,51 @@ class SlurmCluster:
     def cleanup(self):
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def find_plugin():
+    """spank_hpcc.so: $HPCC_SPANK_PLUGIN, else the build in this checkout (make spank)."""
+    cands = [os.environ.get("HPCC_SPANK_PLUGIN", ""),
+             os.path.join(os.getcwd(), "spank", "spank_hpcc.so"),
+             str(Path(__file__).resolve().parent.parent / "spank" / "spank_hpcc.so")]
+    for c in cands:
+        if c and os.path.isfile(c):
+            return c
+    return None
+
+
+def demo(ref, show):
+    """`make demo`'s last step: `srun --container=REF` across two embedded nodes."""
+    import sys
+    import tempfile
+
+    from .config import config_path
+
+    plugin = find_plugin()
+    if plugin is None:
+        print("spank_hpcc.so is not built (make spank): skipping the Slurm demo")
+        return
+    work = Path(tempfile.mkdtemp(prefix="hpcc-demo-slurm-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    try:
+        shutil.copy(plugin, work / "spank_hpcc.so")
+        cfg, _ = config_path()
+        line = f"required {work}/spank_hpcc.so python={sys.executable}"
+        if os.path.exists(cfg):
+            line += f" config={cfg}"
+        cluster = SlurmCluster(work / "cluster", nodes=2, separate_hosts=True,
+                               plugstack_lines=[line])
+        cluster.start()
+        try:
+            print(f"cluster up: nodes {', '.join(cluster.nodes)} "
+                  f"(SLURM_CONF={cluster.conf})")
+            env = cluster.env
+            show(["srun", "-N2", "-n4", "-l", f"--container={ref}", "sh", "-c",
+                  'echo "$(hostname): $(grep PRETTY_NAME /etc/os-release 2>/dev/null || '
+                  'cat /etc/hostname) in $HPCC_IMAGE_DIGEST"'], env=env, cwd="/tmp")
+            show(["srun", "-N2", "-n2", "-l", f"--container={ref}", "/app/hello.sh"],
+                 env=env, cwd="/tmp")
+        finally:
+            cluster.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
