@@ -72,7 +72,10 @@ static int opt_cb(int val, const char *optarg, int remote)
 	if (val < 0 || val >= OPT_N)
 		return -1;
 	free(opt_val[val]);          /* callbacks run more than once in slurmstepd */
-	opt_val[val] = strdup(optarg ? optarg : "1");
+	/* flags arrive with no argument locally and an empty one in slurmstepd */
+	if (val == OPT_WRITABLE || val == OPT_MPI)
+		optarg = "1";
+	opt_val[val] = strdup(optarg ? optarg : "");
 	return 0;
 }
 

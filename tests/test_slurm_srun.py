@@ -100,9 +100,19 @@ def test_container_writable(slurm_cluster):
                           "touch /etc/x 2>/dev/null && echo wrote || echo ro", user=U1)
     assert p.stdout.strip() == "ro"
     p = slurm_cluster.run("srun", "-n1", f"--container={IMG}", "--container-writable", "sh",
-                          "-c", "touch /work/x 2>/dev/null && echo wrote || echo ro", user=U1)
-    # root-owned dirs stay closed to the user; the root itself is writable (tmpfs upper)
+                          "-c", "grep ' / ' /proc/self/mounts", user=U1)
     assert p.returncode == 0, p.stderr
+    assert " rw," in p.stdout and " ro," not in p.stdout, p.stdout
+    p = slurm_cluster.run("srun", "-n1", f"--container={IMG}", "sh", "-c",
+                          "grep ' / ' /proc/self/mounts", user=U1)
+    assert " ro," in p.stdout, p.stdout
+    # as root (job user root), --container-writable lets the job change the image's files,
+    # in the tmpfs upper layer only
+    p = slurm_cluster.run("srun", "-n1", f"--container={IMG}", "--container-writable", "sh",
+                          "-c", "echo changed > /etc/os-release && cat /etc/os-release")
+    assert p.stdout.strip() == "changed", p.stderr
+    p = slurm_cluster.run("srun", "-n1", f"--container={IMG}", "cat", "/etc/os-release")
+    assert "hpcc test image" in p.stdout
 
 
 def test_missing_image_is_one_clear_line_and_fails_the_step(slurm_cluster):
