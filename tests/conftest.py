@@ -27,6 +27,9 @@ sys.path[:] = _saved_path
 
 pytest_plugins = [
     "tests.fixtures.registry",
+    "tests.fixtures.users",
+    "tests.fixtures.launcher_images",
+    "tests.fixtures.slurm",
 ]
 
 

@@ -1,0 +1,336 @@
+"""`hpcc`: run, exec and shell (the launch path), plus the user's store commands.
+
+The launch path is kept cheap: a hand-written option parser (no click, argparse, jsonschema,
+cffi, rich or requests), the config read without schema validation (`hpcc config check`
+validates), the image resolved with O(1) store lookups. pull, images, inspect and rm are
+handed to the gateway's click CLI, imported only then.
+"""
+import os
+import sys
+import time
+
+from .errors import EXIT_LAUNCH, EXIT_USAGE, HpccError, ImageNotFound, UsageError
+
+USAGE = """\
+usage: hpcc [-v|-q] COMMAND ...
+
+Run commands in container images (squashfs files in the image store).
+
+commands:
+  run [OPTIONS] IMAGE [--] [CMD [ARG...]]   run the image's ENTRYPOINT/CMD (CMD replaced by
+                                            the given command), like docker run
+  exec [OPTIONS] IMAGE CMD [ARG...]         run a command as is
+  shell [OPTIONS] IMAGE [ARG...]            start your shell in the image (or /bin/sh)
+  pull REF                                  pull an image into your own store
+  images | inspect REF | rm REF             list, show, remove images (--json for output)
+  config check                              validate the site configuration
+  version                                   print hpcc's version
+
+Run `hpcc COMMAND --help` for the options of a command.
+"""
+
+LAUNCH_USAGE = """\
+usage: hpcc {cmd} [OPTIONS] IMAGE {tail}
+
+{what}
+
+IMAGE is a store reference (ubuntu:22.04, name@sha256:..., sha256:...) or a path to a
+.sqfs file (its image config is read from a .json file beside it, if any).
+
+options:
+  --mount SRC:DST[:ro]   bind a host path into the container (repeatable; rw by default)
+  -w, --workdir DIR      working directory inside the container (default: the current
+                         directory when it is bound, else the image's WorkingDir, else /)
+  -e, --env K=V | K      set a variable (K alone: take it from the host; repeatable)
+  --env-file FILE        read K=V lines from FILE (repeatable; before --env)
+{entrypoint}  --writable             make the root writable (a tmpfs overlay, discarded at exit)
+  --no-home              do not bind your home directory
+  --no-cwd               do not bind the current directory
+  --user USER            run as USER (root callers only)
+  --annotation K=V       add an OCI annotation (hooks select on them; repeatable)
+  --mpi                  inject the host's MPI (annotation org.hpcc.mpi=1)
+  --gpus SPEC            inject NVIDIA GPUs: all or 0,1 (annotation org.hpcc.gpu=SPEC)
+  -v, --verbose          print what hpcc does, with timings
+  -q, --quiet            print only errors
+  -h, --help             show this help
+
+Exit status: the command's; 128+N when it dies by signal N; 125 when hpcc fails before the
+command starts; 126 when the command cannot be executed; 127 when it is not found.
+"""
+
+_WHAT = {
+    "run": ("[--] [CMD [ARG...]]", "Run the image's ENTRYPOINT with its CMD, or with CMD ARG... instead."),
+    "exec": ("CMD [ARG...]", "Run CMD ARG... in the image as is (no ENTRYPOINT)."),
+    "shell": ("[ARG...]", "Start your login shell in the image (or /bin/sh when it lacks it)."),
+}
+_VALUE_OPTS = {"--mount": "mounts", "--bind": "mounts", "-w": "workdir", "--workdir": "workdir",
+               "-e": "env", "--env": "env", "--env-file": "env_files",
+               "--entrypoint": "entrypoint", "--user": "user", "-u": "user",
+               "--annotation": "annotations", "--gpus": "gpus"}
+_LISTS = {"mounts", "env", "env_files", "annotations"}
+_FLAGS = {"--writable": "writable", "--no-home": "no_home", "--no-cwd": "no_cwd",
+          "--mpi": "mpi", "-v": "verbose", "--verbose": "verbose", "-q": "quiet",
+          "--quiet": "quiet"}
+
+
+class _Opts:
+    def __init__(self):
+        self.mounts, self.env, self.env_files, self.annotations = [], [], [], []
+        self.workdir = self.entrypoint = self.user = self.gpus = None
+        self.writable = self.no_home = self.no_cwd = self.mpi = False
+        self.verbose = self.quiet = False
+        self.image = None
+        self.command = []
+
+
+def parse_launch_args(cmd, argv, verbose=False, quiet=False):
+    o = _Opts()
+    o.verbose, o.quiet = verbose, quiet
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-h", "--help"):
+            tail, what = _WHAT[cmd]
+            ep = ("  --entrypoint CMD       replace the image's ENTRYPOINT (\"\" clears it; "
+                  "also drops its CMD)\n" if cmd == "run" else "")
+            sys.stdout.write(LAUNCH_USAGE.format(cmd=cmd, tail=tail, what=what, entrypoint=ep))
+            raise SystemExit(0)
+        if a == "--":
+            i += 1
+            break
+        if not a.startswith("-") or a == "-":
+            break
+        name, eq, val = a.partition("=") if a.startswith("--") else (a, "", "")
+        if name in _FLAGS and not eq:
+            setattr(o, _FLAGS[name], True)
+            i += 1
+            continue
+        if name in _VALUE_OPTS and not (name == "--entrypoint" and cmd != "run"):
+            key = _VALUE_OPTS[name]
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UsageError(f"option {name} needs a value (see hpcc {cmd} --help)")
+                val = argv[i + 1]
+                i += 1
+            i += 1
+            if key in _LISTS:
+                getattr(o, key).append(val)
+            else:
+                setattr(o, key, val)
+            continue
+        raise UsageError(f"unknown option {a} for hpcc {cmd} (see hpcc {cmd} --help)")
+    if i >= len(argv):
+        raise UsageError(f"missing IMAGE: hpcc {cmd} [OPTIONS] IMAGE {_WHAT[cmd][0]}")
+    o.image = argv[i]
+    rest = argv[i + 1:]
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    o.command = rest
+    if cmd == "exec" and not o.command:
+        raise UsageError("hpcc exec needs a command: hpcc exec IMAGE CMD [ARG...]")
+    for a in o.annotations:
+        if "=" not in a or a.startswith("="):
+            raise UsageError(f"bad --annotation '{a}': expected KEY=VALUE")
+    return o
+
+
+class _LaunchCache:
+    """Parsed config and image metadata, keyed by (path, inode, size, mtime), kept with
+    marshal (built in) in the caller's staging directory, so that a warm launch imports
+    neither tomllib nor json (~8 ms). Only the caller (or root) can write that directory."""
+
+    def __init__(self):
+        self.path = None
+        self.data = {}
+        self.dirty = False
+        try:
+            from .runtime.rootfs import stage_dir
+            self.path = os.path.join(stage_dir(os.geteuid() == 0), "launch-cache")
+            import marshal
+            with open(self.path, "rb") as f:
+                self.data = marshal.load(f)
+            if not isinstance(self.data, dict):
+                self.data = {}
+        except (OSError, HpccError, EOFError, ValueError, TypeError):
+            self.data = {}
+
+    @staticmethod
+    def key(path):
+        st = os.stat(path)
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_dev)
+
+    def get(self, path, load):
+        try:
+            key = self.key(path)
+        except OSError:
+            return load()
+        hit = self.data.get(path)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = load()
+        self.data[path] = (key, value)
+        self.dirty = True
+        return value
+
+    def save(self):
+        if not (self.dirty and self.path):
+            return
+        import marshal
+        tmp = f"{self.path}.{os.getpid()}"
+        try:
+            if len(self.data) > 64:
+                self.data = dict(list(self.data.items())[-32:])
+            with open(tmp, "wb") as f:
+                marshal.dump(self.data, f)
+            os.rename(tmp, self.path)
+        except (OSError, ValueError):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _load_config_cached(cache):
+    from .config import config_path, load_config
+    path, _ = config_path()
+    if not os.path.exists(path):
+        return load_config(validate_schema=False)
+    return cache.get(path, lambda: load_config(path, validate_schema=False))
+
+
+class _LocalImage:
+    """A .sqfs file given by path; its image config from NAME.json beside it, if any."""
+
+    def __init__(self, path, cache=None):
+        self.sqfs_path = os.path.abspath(path)
+        self.digest = ""
+        self.meta = {}
+        meta_path = self.sqfs_path[:-5] + ".json" if path.endswith(".sqfs") else path + ".json"
+        if not os.path.exists(meta_path):
+            return
+
+        def load():
+            try:
+                with open(meta_path, "rb") as f:
+                    raw = f.read()
+            except OSError:
+                return {}
+            import json
+            try:
+                return json.loads(raw)
+            except ValueError:
+                raise HpccError(f"{meta_path}: not valid JSON (the image config beside "
+                                f"{path})") from None
+        self.meta = cache.get(meta_path, load) if cache else load()
+        self.digest = self.meta.get("digest", "")
+
+
+def resolve_image(arg, config, cache=None):
+    if arg.endswith(".sqfs") or (os.sep in arg and os.path.isfile(arg)):
+        if not os.path.isfile(arg):
+            raise ImageNotFound(f"image file {arg} does not exist")
+        return _LocalImage(arg, cache)
+    try:
+        from .store import resolve_image as store_resolve
+    except ImportError:
+        raise ImageNotFound(f"image '{arg}' not found: this installation has no image store",
+                            hint=f"pull it first (hpcc pull {arg}) or give a path to a .sqfs "
+                                 "file") from None
+    try:
+        return store_resolve(arg, config)
+    except ImageNotFound as e:
+        raise ImageNotFound(f"image '{arg}' is not in your store or the site store ({e.message})",
+                            hint=f"pull it first: hpcc pull {arg}") from None
+
+
+def _launch(cmd, argv, verbose, quiet):
+    t0 = time.perf_counter()
+    o = parse_launch_args(cmd, argv, verbose, quiet)
+
+    def log(msg):
+        if o.verbose:
+            sys.stderr.write(f"hpcc: [{(time.perf_counter() - t0) * 1000:6.1f} ms] {msg}\n")
+
+    cache = _LaunchCache()
+    config = _load_config_cached(cache)
+    image = resolve_image(o.image, config, cache)
+    cache.save()
+    log(f"image {image.sqfs_path}")
+    annotations = dict(a.split("=", 1) for a in o.annotations)
+    if o.mpi:
+        annotations["org.hpcc.mpi"] = "1"
+    if o.gpus:
+        annotations["org.hpcc.gpu"] = o.gpus
+    from .runtime import build_spec, run_container
+    spec = build_spec(image, mode=cmd, command=o.command, entrypoint=o.entrypoint,
+                      env=o.env, env_files=o.env_files, mounts=o.mounts, workdir=o.workdir,
+                      writable=o.writable, bind_home=False if o.no_home else None,
+                      bind_cwd=False if o.no_cwd else None, user=o.user,
+                      annotations=annotations, config=config, image_name=o.image)
+    log(f"spec built: {spec['process']['args']!r} in {spec['process']['cwd']}")
+    return run_container(spec, log=log)
+
+
+def _config_check(argv):
+    from .config import config_path, load_config
+    path, _ = config_path(argv[0] if argv else None)
+    load_config(argv[0] if argv else None, validate_schema=True)
+    hooks_dir = load_config(argv[0] if argv else None, validate_schema=False)["launcher"].get(
+        "hooks_dir")
+    n = 0
+    if hooks_dir and os.path.isdir(hooks_dir):
+        from .runtime.hooks import load_hooks
+        n = len(load_hooks(hooks_dir))
+    print(f"{path}: ok" + (f"; {n} hook config(s) in {hooks_dir}: ok" if n else ""))
+    return 0
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = quiet = False
+    while argv and argv[0] in ("-v", "--verbose", "-q", "--quiet"):
+        if argv.pop(0) in ("-v", "--verbose"):
+            verbose = True
+        else:
+            quiet = True
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0 if argv else EXIT_USAGE
+    cmd, rest = argv[0], argv[1:]
+    launching = cmd in ("run", "exec", "shell")
+    try:
+        if launching:
+            code = _launch(cmd, rest, verbose, quiet)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os._exit(code)  # after pivot_root, Python's teardown must not import anything
+        if cmd in ("pull", "images", "inspect", "rm"):
+            from .gateway.cli import user_main
+            return user_main(argv)
+        if cmd == "config":
+            if rest[:1] == ["check"]:
+                return _config_check(rest[1:])
+            raise UsageError("usage: hpcc config check [FILE]")
+        if cmd in ("version", "--version"):
+            from . import __version__
+            print(f"hpcc {__version__}")
+            return 0
+        raise UsageError(f"unknown command '{cmd}' (see hpcc --help)")
+    except HpccError as e:
+        code = e.exit_code
+        if launching and code not in (EXIT_USAGE,) and code < EXIT_LAUNCH:
+            code = EXIT_LAUNCH
+        sys.stderr.write(f"hpcc: {e}\n")
+        if launching:
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
