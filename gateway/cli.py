@@ -225,8 +225,8 @@ def _make_group(prog, user_mode):
 
                 keep = {l["digest"] for rec in obj.store.images()
                         for l in rec.meta.get("layers", [])}
-                removed += [str(p) for p in
-                            BlobCache(blob_cache_dir(obj.config, obj.store.root)).prune(keep)]
+                cache = BlobCache(blob_cache_dir(obj.config, obj.store.root))
+                removed += [str(p) for p in cache.prune(keep, dry_run=dry_run)]
             if json_output:
                 obj.emit({"removed": removed, "dry_run": dry_run})
             elif not quiet:
