@@ -163,7 +163,7 @@ class SquashfsWriter:
     def add_bytes(self, data):
         """Store ``data`` (any buffer) as a file's contents; returns its FileData (None if empty)."""
         self._usable()
-        n = len(data)
+        n = memoryview(data).nbytes
         if n == 0:
             return None
         cell = ffi.new("sqfs_inode_generic_t **")
@@ -284,11 +284,10 @@ class SquashfsWriter:
         root._gen = gen
         root._nlink = 2
         root._ino = 0
-        order = []        # (dir, sorted [(name bytes, node)]) in pre-order, subdirs in order
-        ents_of = {}
-        parent_of = {}
+        order = []        # directories in pre-order, subdirectories in name order
+        ents_of = {}      # id(dir) -> [(name bytes, node)] sorted by name bytes
+        parent_of = {}    # id(dir) -> parent dir
         stack = [root]
-        bad = (b"", b".", b"..")
         while stack:
             d = stack.pop()
             ch = d.children
