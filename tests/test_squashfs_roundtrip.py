@@ -174,3 +174,67 @@ def test_sockets_and_block_devices_round_trip(tmp_path):
     out = subprocess.run(["unsquashfs", "-lln", str(img)], check=True, capture_output=True,
                          text=True).stdout
     assert "srwxr-xr-x 1/2" in out and "brw-rw---- 0/6" in out and "8,  1" in out
+
+
+ZERO = memoryview(bytes(1 << 20))
+
+
+class Zeros:
+    """A stream of `n` zero bytes that costs nothing to produce."""
+
+    def __init__(self, n):
+        self.left = n
+
+    def readinto(self, buf):
+        n = min(len(buf), self.left, len(ZERO))
+        buf[:n] = ZERO[:n]
+        self.left -= n
+        return n
+
+
+HUGE = 5 * 2**30 + 12345
+
+
+@pytest.fixture(scope="module")
+def huge_image(tmp_path_factory):
+    from hpcc.squashfs import Dir, File
+    img = tmp_path_factory.mktemp("huge") / "big.sqfs"
+    with SquashfsWriter(img, workers=2) as w:
+        root = Dir(0o700, 5, 6, 7777, xattrs={"user.root": b"yes"})
+        root.children["huge"] = File(0o600, data=w.add_file_data(Zeros(HUGE), HUGE))
+        root.children["after"] = File(data=w.add_bytes(b"tail"))
+        st = w.finish(root)
+    return img, st
+
+
+def test_root_metadata_and_files_over_4_gib(huge_image):
+    img, st = huge_image
+    assert st["bytes_used"] < 1 << 20           # all holes
+    with SquashfsReader(img) as r:
+        e = {x.path: x for x in r.walk()}
+        assert (e["/"].mode, e["/"].uid, e["/"].gid, e["/"].mtime) == (0o700, 5, 6, 7777)
+        assert e["/"].xattrs == {"user.root": b"yes"}
+        assert e["/huge"].size == HUGE
+        assert r.read_file("after") == b"tail"
+    out = subprocess.run(["unsquashfs", "-lln", str(img)], check=True, capture_output=True,
+                         text=True).stdout
+    assert f" {HUGE} " in out
+
+
+@pytest.mark.root
+def test_kernel_reads_root_metadata_and_files_over_4_gib(huge_image, tmp_path):
+    img, _ = huge_image
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        mount_kernel(img, mnt)
+        assert os.stat(mnt / "huge").st_size == HUGE
+        with open(mnt / "huge", "rb") as f:
+            f.seek(HUGE - 100)
+            assert f.read() == bytes(100)
+        assert (mnt / "after").read_bytes() == b"tail"
+        assert os.getxattr(mnt, "user.root") == b"yes"
+        st = os.stat(mnt)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (5, 6, 0o700)
+    finally:
+        unmount(mnt)
