@@ -104,6 +104,7 @@ def test_image_is_no_larger_than_tar2sqfs(images):
     assert stats["sparse_blocks"] >= 7
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="rdsquashfs needs root to mknod the sample's device")
 def test_rdsquashfs_unpacks_the_image(images, sample, tmp_path):
     _comp, ours, _theirs, _ = images
     out = tmp_path / "unpacked"
@@ -111,7 +112,7 @@ def test_rdsquashfs_unpacks_the_image(images, sample, tmp_path):
     subprocess.run(["rdsquashfs", "-u", "/", "-p", str(out), "-C", "-O", "-X", "-T", str(ours)],
                    check=True, capture_output=True)
     # rdsquashfs unpacks hard links as copies
-    check_mounted(out, sample, owners=os.geteuid() == 0, check_nlink=False, hardlinks=False)
+    check_mounted(out, sample, check_nlink=False, hardlinks=False)
 
 
 @pytest.mark.root
