@@ -105,7 +105,6 @@ int64_t hpcc_dir_write(hpcc_writer_t *w, const char *names, size_t count, sqfs_u
                        sqfs_u32 parent_ino);
 int hpcc_writer_finish(hpcc_writer_t *w, sqfs_u64 root_ref, sqfs_u32 inode_count);
 void hpcc_writer_stats(hpcc_writer_t *w, sqfs_u64 *out);
-sqfs_u64 hpcc_file_data_size(const sqfs_inode_generic_t *inode);
 
 /* ---- reader glue ---- */
 typedef struct hpcc_reader {
@@ -861,13 +860,6 @@ void hpcc_writer_stats(hpcc_writer_t *w, sqfs_u64 *out)
     out[9] = w->super.id_count;
 }
 
-sqfs_u64 hpcc_file_data_size(const sqfs_inode_generic_t *inode)
-{
-    sqfs_u64 size = 0;
-    if (inode != NULL)
-        sqfs_inode_get_file_size(inode, &size);
-    return size;
-}
 
 /* ------------------------------------------------------------------ reader */
 
