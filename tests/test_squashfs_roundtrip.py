@@ -1,6 +1,8 @@
 """Round trips through real squashfs: our writer -> our reader, unsquashfs, sqfsdiff against a
 tar2sqfs image of the same tree, the kernel's squashfs and squashfuse_ll."""
+import io
 import os
+import random
 import shutil
 import subprocess
 
@@ -239,3 +241,46 @@ def test_kernel_reads_root_metadata_and_files_over_4_gib(huge_image, tmp_path):
         assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (5, 6, 0o700)
     finally:
         unmount(mnt)
+
+
+class Trickle(io.RawIOBase):
+    """A stream that returns at most `step` bytes per call, to exercise short reads."""
+
+    def __init__(self, data, step):
+        self.f = io.BytesIO(data)
+        self.step = step
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        n = min(len(buf), self.step)
+        chunk = self.f.read(n)
+        buf[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_sizes_around_block_and_chunk_boundaries_round_trip(tmp_path):
+    from hpcc.squashfs import Dir, File
+    rnd = random.Random(7)
+    sizes = [0, 1, 4095, 4096, 131071, 131072, 131073, (1 << 20) - 1, 1 << 20, (1 << 20) + 1,
+             3 * (1 << 20) + 17] + [rnd.randrange(0, 3 << 20) for _ in range(20)]
+    files = {}
+    with SquashfsWriter(tmp_path / "b.sqfs", block_size=65536) as w:
+        root = Dir()
+        for i, size in enumerate(sizes):
+            data = rnd.randbytes(size // 2) + bytes(size - size // 2)
+            files[f"f{i}"] = data
+            how = i % 3
+            if how == 0:
+                fd = w.add_file_data(io.BytesIO(data), size)
+            elif how == 1:
+                fd = w.add_file_data(Trickle(data, rnd.choice([1000, 65536, 300_000])))
+            else:
+                fd = w.add_file_data(Trickle(data, 777_777), size)
+            root.children[f"f{i}"] = File(data=fd)
+        w.finish(root)
+    with SquashfsReader(tmp_path / "b.sqfs") as r:
+        assert r.info()["block_size"] == 65536
+        for name, data in files.items():
+            assert r.read_file(name) == data, name
