@@ -350,6 +350,7 @@ def _fuse_mount(img_fd, target, path, privileged):
             _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent:
                 os._exit(1)
+            os.setsid()  # no terminal signals (Ctrl-C is for the command, not the daemon)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
             # fds 3 and 4 for the daemon: move ours out of the way first.
