@@ -68,34 +68,43 @@ def write_id_maps(inner_uid, outer_uid, inner_gid, outer_gid):
 
 
 def stage_dir(privileged):
-    """The fixed directory the staging tmpfs is mounted on (only in our namespace)."""
+    """The fixed directory the staging tmpfs is mounted on (only in our namespace): one per
+    user, reused by every launch, never holding files of a launch. Root: /run/hpcc; a user:
+    $XDG_RUNTIME_DIR/hpcc, else /tmp/hpcc-UID, else (when someone else took that name)
+    ~/.cache/hpcc/stage."""
+    owner = os.getuid()  # as seen in this user namespace (the caller, or 0 in ours)
     if privileged:
-        path = "/run/hpcc"
-        owner = 0
+        candidates = ["/run/hpcc"]
     else:
-        owner = os.getuid()  # as seen in this user namespace
+        candidates = []
         xdg = os.environ.get("XDG_RUNTIME_DIR")
-        path = None
         if xdg:
             try:
                 st = os.stat(xdg)
                 if st.st_uid == owner and stat.S_ISDIR(st.st_mode):
-                    path = os.path.join(xdg, "hpcc")
+                    candidates.append(os.path.join(xdg, "hpcc"))
             except OSError:
                 pass
-        if path is None:
-            path = f"/tmp/hpcc-{_host_uid()}"
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise LaunchError(f"cannot create the staging directory {path}: {e.strerror}") from None
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != owner or st.st_mode & 0o022:
-        raise LaunchError(f"staging directory {path} is not a directory owned by you and "
-                          "writable only by you", hint=f"remove {path}")
-    return path
+        candidates.append(f"/tmp/hpcc-{_host_uid()}")
+        home = os.environ.get("HOME") or ""
+        if home.startswith("/") and home != "/":
+            candidates.append(os.path.join(home, ".cache", "hpcc", "stage"))
+    problem = None
+    for path in candidates:
+        try:
+            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            problem = f"cannot create the staging directory {path}: {e.strerror}"
+            continue
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == owner and not st.st_mode & 0o022:
+            return path
+        problem = (f"staging directory {path} is not a directory owned by you and writable "
+                   "only by you")
+    raise LaunchError(problem, hint=f"remove {candidates[-1]} or set XDG_RUNTIME_DIR")
 
 
 def _host_uid():
