@@ -180,3 +180,17 @@ def test_kill_9_of_the_command_tears_everything_down(images, launch_mode, who):
     assert proc.wait(timeout=10) in (-signal.SIGKILL, 128 + signal.SIGKILL)
     assert _wait_until(lambda: not any(_alive(f) for f in fuse))
     assert _wait_until(lambda: not _loops_of(os.path.dirname(images["base"])))
+
+
+def test_kill_9_of_hpcc_as_root_with_a_fuse_mounted_image(images, launcher_env, test_user,
+                                                         shared_dir):
+    """As root, a user's image is served by squashfuse_ll living outside the container's
+    namespace; it must exit by itself when the namespace goes."""
+    mine = os.path.join(shared_dir, "mine.sqfs")
+    shutil.copy(images["base"], mine)
+    os.chown(mine, test_user.pw_uid, test_user.pw_gid)
+    proc, cmd, fuse = _start_sleeper({"base": mine}, launcher_env["HPCC_CONFIG"], None)
+    assert len(fuse) == 1
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert _wait_until(lambda: not _alive(cmd) and not _alive(fuse[0]))

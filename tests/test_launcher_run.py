@@ -295,3 +295,16 @@ def test_time_to_launch_is_reported_with_verbose(images, launcher_env, who):
     assert p.returncode == 0
     assert "image mounted" in p.stderr and "root assembled" in p.stderr
     assert time.monotonic() - t < 10
+
+
+def test_terminal_passes_through(images, launcher_env, who):
+    """Under a pseudo-terminal (script(1)), the command sees the same terminal."""
+    hp = os.path.join(os.path.dirname(__import__("sys").executable), "hpcc")
+    inner = f"{hp} exec {images['base']} sh -c 'tty; test -t 0 && test -t 1 && echo is-a-tty'"
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    env["HPCC_CONFIG"] = launcher_env["HPCC_CONFIG"]
+    p = subprocess.run(["script", "-qec", inner, "/dev/null"], user=who, env=env, cwd="/",
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [ln.strip() for ln in p.stdout.splitlines()]
+    assert lines[0].startswith("/dev/pts/") and "is-a-tty" in lines
