@@ -20,7 +20,7 @@ DEFAULTS = {
     "gateway": {
         "compressor": "zstd",
         "level": 0,
-        "block_size": 131072,
+        "block_size": 524288,
         "workers": 0,
         "concurrent_downloads": 4,
         "retries": 5,
@@ -39,7 +39,7 @@ DEFAULTS = {
         "hooks_dir": "/etc/hpcc/hooks.d",
     },
     "mpi": {"libraries": [], "extra_files": [], "devices": []},
-    "gpu": {"library_paths": []},
+    "gpu": {"library_paths": [], "allowed_devices": []},
 }
 
 

@@ -29,6 +29,7 @@ pytest_plugins = [
     "tests.fixtures.registry",
     "tests.fixtures.users",
     "tests.fixtures.launcher_images",
+    "tests.fixtures.slurm",
 ]
 
 
