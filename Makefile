@@ -53,7 +53,7 @@ test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/python -m hpcc.demo
+	$(VENV)/bin/python -P -m hpcc.demo
 
 bench: install bench-deps
 	@for b in bench/*.sh; do echo "== $$b"; bash $$b || exit 1; done

@@ -72,3 +72,7 @@ class LaunchError(HpccError):
 
 class HookError(HpccError):
     exit_code = EXIT_LAUNCH
+
+
+class SlurmError(HpccError):
+    """Slurm's clients are missing, the controller does not answer, or a reply is malformed."""

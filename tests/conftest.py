@@ -14,24 +14,22 @@ import pytest
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 
-# Tests import the *installed* hpcc: `python -m pytest` and pytest's default ("prepend")
-# import mode put the checkout first on sys.path, where hpcc/ would shadow the installed
-# package (and lacks the package-dir-mapped hpcc.hooks / hpcc.gateway and compiled modules).
-# So the checkout goes last and test modules are imported in "importlib" mode, which leaves
-# sys.path alone; `tests.*` helper modules stay importable (the package is already loaded).
-_repo = [p for p in sys.path if Path(p or ".").resolve() == REPO]
-sys.path[:] = [p for p in sys.path if p not in _repo] + (_repo or [str(REPO)])
-for _name in [m for m in sys.modules if m == "hpcc" or m.startswith("hpcc.")]:
-    del sys.modules[_name]
-
-
-def pytest_configure(config):
-    config.option.importmode = "importlib"
-
+# pytest puts the checkout first on sys.path (rootdir of the `tests` package, and the cwd
+# for `python -m pytest`), where `hpcc/` lacks the subpackages that pyproject maps from
+# other directories (hpcc.gateway <- gateway/, hpcc.hooks <- hooks/). Import the installed
+# package once, with the checkout out of the way, so every `import hpcc...` in the tests
+# resolves to what `make install` built.
+_saved_path = list(sys.path)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+sys.modules.pop("hpcc", None)
+import hpcc  # noqa: E402,F401  (the installed package)
+sys.path[:] = _saved_path
 
 pytest_plugins = [
+    "tests.fixtures.registry",
     "tests.fixtures.users",
     "tests.fixtures.launcher_images",
+    "tests.fixtures.slurm",
 ]
 
 

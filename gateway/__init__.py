@@ -1,0 +1,1 @@
+"""hpcc gateway: pulls OCI images from registries and converts them to squashfs."""

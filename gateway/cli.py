@@ -1,0 +1,293 @@
+"""`gateway`: the admin's image gateway (site store); also serves `hpcc pull/images/inspect/rm`.
+
+    gateway pull REF [--platform OS/ARCH] [--insecure] [--force]
+    gateway import FILE|DIR [--tag REF]
+    gateway images | inspect REF | rm REF... | gc
+    gateway prefetch            (images named by pending Slurm jobs)
+
+Every command takes --json (machine output on stdout) and -q/--quiet; errors are one line
+on stderr with the exit codes of DESIGN.md (1 user error, 2 usage, 3 registry/network).
+"""
+import json
+import sys
+
+import click
+
+from hpcc.config import load_config
+from hpcc.errors import EXIT_USAGE, HpccError
+from hpcc.store import Store
+
+
+class Ctx:
+    def __init__(self, config, store, json_output, quiet, prog, user_mode):
+        self.config = config
+        self.store = store
+        self.json = json_output
+        self.quiet = quiet
+        self.prog = prog
+        self.user_mode = user_mode
+
+    def reporter(self):
+        from .progress import make_reporter
+
+        return make_reporter(quiet=self.quiet, json_output=self.json)
+
+    def emit(self, obj):
+        click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _human(n):
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def _common(f):
+    f = click.option("--json", "json_output", is_flag=True, help="Machine-readable JSON on stdout.")(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="No progress or informational output.")(f)
+    return f
+
+
+def _make_group(prog, user_mode):
+    @click.group(name=prog, context_settings={"help_option_names": ["-h", "--help"]},
+                 help=(_USER_HELP if user_mode else _ADMIN_HELP))
+    @click.option("--config", "config_path", metavar="FILE", envvar="HPCC_CONFIG",
+                  help="Site config (default $HPCC_CONFIG or /etc/hpcc/hpcc.toml).")
+    @click.option("--store", "store_path", metavar="DIR",
+                  help="Image store to use instead of the configured one.")
+    @click.version_option(package_name="hpcc", prog_name=prog)
+    @click.pass_context
+    def group(ctx, config_path, store_path):
+        config = load_config(config_path)
+        if store_path:
+            store = Store(store_path)
+        elif user_mode:
+            store = Store.user(config)
+        else:
+            store = Store.site(config)
+        ctx.obj = Ctx(config, store, False, False, prog, user_mode)
+
+    @group.command(help="Pull an image from a registry and convert it to one squashfs file "
+                        "in the store. REF is like Docker's: ubuntu, ubuntu:22.04, "
+                        "host:port/ns/name@sha256:...")
+    @click.argument("ref")
+    @click.option("--platform", metavar="OS/ARCH[/VARIANT]",
+                  help="Platform to choose from a multi-platform image (default: this machine).")
+    @click.option("--insecure", is_flag=True,
+                  help="Allow plain HTTP / unverified TLS for this registry.")
+    @click.option("--force", is_flag=True, help="Convert again even if the store has the digest.")
+    @_common
+    @click.pass_obj
+    def pull(obj, ref, platform, insecure, force, json_output, quiet):
+        from .pull import pull as do_pull
+
+        obj.json, obj.quiet = json_output, quiet
+        obj.store.ensure()
+        res = do_pull(ref, store=obj.store, config=obj.config, platform=platform,
+                      insecure=insecure, force=force, reporter=obj.reporter())
+        if json_output:
+            obj.emit(res.as_dict())
+
+    @group.command(name="import", help="Import a docker-archive (docker save), an oci-archive "
+                                       "or an OCI layout directory into the store.")
+    @click.argument("path", type=click.Path())
+    @click.option("--tag", "tag", metavar="REF", help="Name to give the image in the store.")
+    @click.option("--platform", metavar="OS/ARCH", help="Platform to choose from an index.")
+    @_common
+    @click.pass_obj
+    def import_(obj, path, tag, platform, json_output, quiet):
+        from .importer import import_image
+
+        obj.json, obj.quiet = json_output, quiet
+        rec, report = import_image(path, store=obj.store, config=obj.config, tag=tag,
+                                   platform=platform, reporter=obj.reporter())
+        if json_output:
+            obj.emit({"digest": rec.digest, "path": rec.sqfs_path, "size": rec.meta.get("size"),
+                      "tags": [str(t) for t in ([tag] if tag else [])], "conversion": report})
+
+    @group.command(help="List the images in the store.")
+    @_common
+    @click.pass_obj
+    def images(obj, json_output, quiet):
+        stores = [obj.store]
+        if obj.user_mode:
+            site = Store.site(obj.config)
+            if site.root != obj.store.root:
+                stores.append(site)
+        rows = []
+        for st in stores:
+            for rec in st.images():
+                rows.append({
+                    "digest": rec.digest,
+                    "tags": rec.meta.get("tags", []),
+                    "size": rec.meta.get("size"),
+                    "created": rec.meta.get("created"),
+                    "converted_at": rec.meta.get("converted_at"),
+                    "path": rec.sqfs_path,
+                    "store": st.root,
+                })
+        if json_output:
+            obj.emit(rows)
+            return
+        if not rows:
+            if not quiet:
+                click.echo(f"no images in {', '.join(s.root for s in stores)}", err=True)
+            return
+        header = ("IMAGE", "DIGEST", "SIZE", "CONVERTED")
+        lines = [header]
+        for r in rows:
+            names = r["tags"] or ["<none>"]
+            for name in names:
+                lines.append((name, r["digest"][7:19], _human(r["size"]),
+                              (r["converted_at"] or "-").replace("T", " ").rstrip("Z")))
+        widths = [max(len(l[i]) for l in lines) for i in range(4)]
+        for l in lines:
+            click.echo("  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip())
+
+    @group.command(help="Show an image's metadata (config, layers, squashfs details).")
+    @click.argument("ref")
+    @_common
+    @click.pass_obj
+    def inspect(obj, ref, json_output, quiet):
+        rec = _find(obj, ref)
+        info = dict(rec.meta)
+        info["path"] = rec.sqfs_path
+        try:
+            from hpcc.squashfs import SquashfsReader
+
+            with SquashfsReader(rec.sqfs_path) as r:
+                info["squashfs_info"] = r.info()
+        except HpccError as e:
+            info["squashfs_info"] = {"error": str(e)}
+        if json_output:
+            obj.emit(info)
+            return
+        c = info.get("config") or {}
+        click.echo(f"Image:       {', '.join(info.get('tags') or []) or info.get('source', '-')}")
+        click.echo(f"Digest:      {rec.digest}")
+        click.echo(f"File:        {rec.sqfs_path} ({_human(info.get('size'))})")
+        click.echo(f"Source:      {info.get('source', '-')}")
+        click.echo(f"Platform:    {info.get('platform') or '-'}   Created: {info.get('created') or '-'}")
+        click.echo(f"Entrypoint:  {json.dumps(c.get('Entrypoint'))}")
+        click.echo(f"Cmd:         {json.dumps(c.get('Cmd'))}")
+        click.echo(f"WorkingDir:  {c.get('WorkingDir') or '/'}   User: {c.get('User') or '-'}")
+        click.echo("Env:")
+        for e in c.get("Env") or []:
+            click.echo(f"  {e}")
+        if c.get("Labels"):
+            click.echo("Labels:")
+            for k, v in sorted(c["Labels"].items()):
+                click.echo(f"  {k}={v}")
+        layers = info.get("layers") or []
+        click.echo(f"Layers:      {len(layers)}")
+        for l in layers:
+            click.echo(f"  {l.get('digest')}  {_human(l.get('size'))}")
+        sq = info.get("squashfs_info") or {}
+        if sq and "error" not in sq:
+            click.echo(f"Squashfs:    {sq.get('compressor')}, block {sq.get('block_size')}, "
+                       f"{sq.get('inodes')} inodes")
+        conv = info.get("conversion") or {}
+        if conv.get("dropped"):
+            click.echo("Dropped:     " + ", ".join(f"{k}: {v}" for k, v in conv["dropped"].items()))
+
+    @group.command(help="Remove images (by name: the tag; by digest: the image and its tags).")
+    @click.argument("refs", nargs=-1, required=True)
+    @_common
+    @click.pass_obj
+    def rm(obj, refs, json_output, quiet):
+        out = []
+        for ref in refs:
+            tags, digest = obj.store.remove(ref)
+            out.append({"ref": ref, "untagged": tags, "deleted": digest})
+            if not json_output and not quiet:
+                for t in tags:
+                    click.echo(f"untagged {t}")
+                if digest:
+                    click.echo(f"deleted {digest}")
+        if json_output:
+            obj.emit(out)
+
+    if not user_mode:
+        @group.command(help="Remove debris of interrupted conversions, dangling tags and unused "
+                            "locks; with --blobs also layer blobs no image uses.")
+        @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+        @click.option("--blobs", is_flag=True, help="Also prune the layer blob cache.")
+        @_common
+        @click.pass_obj
+        def gc(obj, dry_run, blobs, json_output, quiet):
+            removed = obj.store.gc(dry_run=dry_run)
+            if blobs:
+                from .blobcache import BlobCache
+                from .registry import blob_cache_dir
+
+                keep = {l["digest"] for rec in obj.store.images()
+                        for l in rec.meta.get("layers", [])}
+                removed += [str(p) for p in
+                            BlobCache(blob_cache_dir(obj.config, obj.store.root)).prune(keep)]
+            if json_output:
+                obj.emit({"removed": removed, "dry_run": dry_run})
+            elif not quiet:
+                for p in removed:
+                    click.echo(("would remove " if dry_run else "removed ") + p)
+                click.echo(f"{len(removed)} item(s) {'to remove' if dry_run else 'removed'}",
+                           err=True)
+
+    return group
+
+
+def _find(obj, ref):
+    rec = obj.store.find(ref)
+    if rec is None and obj.user_mode:
+        rec = Store.site(obj.config).find(ref)
+    if rec is None:
+        obj.store.resolve(ref)  # raises ImageNotFound with the hint
+    return rec
+
+
+_ADMIN_HELP = ("hpcc image gateway: pull OCI/Docker images into the site image store as "
+               "single squashfs files, and manage that store.")
+_USER_HELP = ("hpcc image commands: pull images into your own store, list and inspect "
+              "images of your store and the site store.")
+
+
+def _run(group, argv, prog):
+    try:
+        group.main(args=argv, prog_name=prog, standalone_mode=False)
+        return 0
+    except HpccError as e:
+        click.echo(f"{prog}: error: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.Abort:
+        click.echo(f"{prog}: interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo(f"{prog}: interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return EXIT_USAGE if isinstance(e, click.UsageError) else 1
+    except BrokenPipeError:
+        return 1
+
+
+def main(argv=None):
+    """Console script `gateway`."""
+    argv = sys.argv[1:] if argv is None else argv
+    sys.exit(_run(_make_group("gateway", user_mode=False), argv, "gateway"))
+
+
+def user_main(argv):
+    """`hpcc pull|images|inspect|rm ...`: the same commands on the user's own store.
+    Returns the exit status."""
+    return _run(_make_group("hpcc", user_mode=True), argv, "hpcc")
+
+
+if __name__ == "__main__":
+    main()
+
+__all__ = ["main", "user_main"]

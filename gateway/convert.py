@@ -1,0 +1,112 @@
+"""From layers to a published store image: the part `pull` and `import` share.
+
+`convert_image()` takes the image's layer sources (oldest first, possibly still downloading:
+each is a callable that returns a `LayerSource` when its blob is ready), flattens them
+newest-first into a squashfs written under the store's .tmp/ directory, and publishes it
+atomically with its metadata. The caller holds the store's per-image lock.
+"""
+import os
+import time
+
+from hpcc.errors import HpccError, SquashfsError
+from hpcc.squashfs import SquashfsWriter
+
+from .flatten import Flattener
+
+DEFAULT_LEVEL = {"zstd": 3, "gzip": 6}
+
+
+def writer_options(config):
+    g = config["gateway"]
+    compressor = g["compressor"]
+    return {
+        "compressor": compressor,
+        "level": g["level"] or DEFAULT_LEVEL[compressor],
+        "block_size": g["block_size"],
+        "workers": g["workers"] or (os.cpu_count() or 1),
+    }
+
+
+def flatten_options(config):
+    g = config["gateway"]
+    return {
+        "strip_setuid": g["strip_setuid"],
+        "strip_sticky": g["strip_sticky"],
+        "keep_user_xattrs": g["keep_user_xattrs"],
+    }
+
+
+def image_config_summary(image_config):
+    """The parts of an OCI/Docker image config that the launcher uses."""
+    c = (image_config or {}).get("config") or {}
+    return {
+        "Env": list(c.get("Env") or []),
+        "Entrypoint": c.get("Entrypoint") or None,
+        "Cmd": c.get("Cmd") or None,
+        "WorkingDir": c.get("WorkingDir") or "",
+        "User": c.get("User") or "",
+        "Labels": dict(c.get("Labels") or {}),
+        "StopSignal": c.get("StopSignal") or "",
+    }
+
+
+def created_epoch(image_config):
+    """The image's creation time as seconds since the epoch (0 if unknown)."""
+    created = (image_config or {}).get("created")
+    if not created:
+        return 0
+    from datetime import datetime, timezone
+
+    try:
+        s = created.rstrip("Z")
+        if "." in s:  # Go writes nanoseconds; Python parses at most microseconds
+            head, frac = s.split(".", 1)
+            digits = "".join(ch for ch in frac if ch.isdigit())[:6]
+            s = f"{head}.{digits}" if digits else head
+        return int(datetime.fromisoformat(s).replace(tzinfo=timezone.utc).timestamp())
+    except ValueError:
+        return 0
+
+
+def convert_image(store, digest, layer_getters, *, config, image_config, meta, refs=(),
+                  progress=None):
+    """Flatten and publish. `layer_getters` (oldest first) return LayerSource objects.
+
+    Returns (ImageRecord, stats, report). On any failure the temp file is removed and the
+    exception propagates: nothing becomes visible in the store.
+    """
+    wopts = writer_options(config)
+    tmp = store.temp_path(digest, ".sqfs")
+    t0 = time.monotonic()
+    try:
+        with SquashfsWriter(tmp, **wopts) as writer:
+            fl = Flattener(writer, default_mtime=created_epoch(image_config),
+                           progress=progress, **flatten_options(config))
+            for get in reversed(layer_getters):
+                fl.add_layer(get())
+            stats = writer.finish(fl.root)
+            if hasattr(writer, "sync"):
+                writer.sync()
+        report = fl.report.as_dict()
+        report["seconds"] = round(time.monotonic() - t0, 3)
+        full_meta = dict(meta)
+        full_meta["config"] = image_config_summary(image_config)
+        full_meta["size"] = os.path.getsize(tmp)
+        full_meta["squashfs"] = {k: wopts[k] for k in ("compressor", "level", "block_size")}
+        full_meta["squashfs"].update({k: v for k, v in (stats or {}).items()
+                                      if isinstance(v, (int, float, str))})
+        full_meta["conversion"] = report
+        full_meta["converted_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        rec = store.publish(digest, tmp, full_meta, refs)
+        return rec, stats, report
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, (HpccError, KeyboardInterrupt, SystemExit)):
+            raise
+        if isinstance(e, OSError):
+            raise SquashfsError(f"writing the image into {store.root} failed: "
+                                f"{e.strerror or e}") from None
+        raise

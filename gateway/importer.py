@@ -1,0 +1,261 @@
+"""`gateway import FILE`: images from air-gapped sources, without a registry.
+
+Accepted inputs:
+- an OCI image layout directory (`oci-layout`, `index.json`, `blobs/sha256/...`),
+- an oci-archive (a tar of such a layout, as `skopeo copy ... oci-archive:` writes),
+- a docker-archive (`docker save` output: `manifest.json`, config JSON, layer tars).
+
+Archives are read in place: each layer is streamed from its byte range inside the
+(uncompressed) archive, so nothing is extracted. Every blob is verified before use: OCI
+blobs against their digests, docker-archive layers against the config's diff_ids.
+The store key is the manifest digest (OCI) or the config digest, Docker's image ID
+(docker-archive, which has no manifest).
+"""
+import hashlib
+import json
+import os
+import tarfile
+
+from hpcc.errors import ImageError, UsageError
+from hpcc.reference import DIGEST_RE, parse_reference
+
+from .convert import convert_image
+from .flatten import LayerSource, open_raw
+
+_MAX_JSON = 4 << 20
+_INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
+                "application/vnd.docker.distribution.manifest.list.v2+json")
+
+
+class _Blobs:
+    """Access to named members: a directory, or an uncompressed tar read in place."""
+
+    def __init__(self, path):
+        self.path = path
+        self.dir = os.path.isdir(path)
+        self.members = {}
+        if not self.dir:
+            try:
+                with tarfile.open(path, "r:") as tf:
+                    for m in tf:
+                        if m.isfile():
+                            name = os.path.normpath(m.name).lstrip("/")
+                            self.members[name] = (m.offset_data, m.size)
+            except tarfile.ReadError:
+                with open(path, "rb") as f:
+                    head = f.read(4)
+                if head[:2] == b"\x1f\x8b" or head == b"\x28\xb5\x2f\xfd":
+                    raise UsageError(f"{path} is a compressed archive",
+                                     hint="decompress it first (e.g. gunzip or unzstd), "
+                                          "then import the .tar") from None
+                raise ImageError(f"{path} is neither an image directory nor a tar archive") \
+                    from None
+
+    def has(self, name):
+        if self.dir:
+            return os.path.isfile(os.path.join(self.path, name))
+        return os.path.normpath(name) in self.members
+
+    def size(self, name):
+        if self.dir:
+            return os.path.getsize(os.path.join(self.path, name))
+        return self.members[os.path.normpath(name)][1]
+
+    def open(self, name):
+        if self.dir:
+            full = os.path.realpath(os.path.join(self.path, name))
+            if not full.startswith(os.path.realpath(self.path) + os.sep):
+                raise ImageError(f"{name} points outside the image directory")
+            return open(full, "rb")
+        try:
+            off, size = self.members[os.path.normpath(name)]
+        except KeyError:
+            raise ImageError(f"{self.path} lacks {name}") from None
+        return open_raw(self.path, off, size)
+
+    def read(self, name, limit=_MAX_JSON):
+        if not self.has(name):
+            raise ImageError(f"{self.path} lacks {name}; is it an image archive?")
+        with self.open(name) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ImageError(f"{name} in {self.path} is too large")
+        return data
+
+    def layer_source(self, name, compression, digest):
+        if self.dir:
+            return LayerSource(os.path.join(self.path, name), compression, digest)
+        off, size = self.members[os.path.normpath(name)]
+        return LayerSource(self.path, compression, digest, off, size)
+
+    def sha256(self, name):
+        h = hashlib.sha256()
+        with self.open(name) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return "sha256:" + h.hexdigest()
+
+
+def _json(data, what):
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise ImageError(f"{what} is not valid JSON ({e})") from None
+    if not isinstance(doc, (dict, list)):
+        raise ImageError(f"{what} is not a JSON object")
+    return doc
+
+
+def _sniff(blobs, name):
+    with blobs.open(name) as f:
+        head = f.read(512)
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    if len(head) >= 262 and head[257:262] == b"ustar" or not head.strip(b"\0"):
+        return "none"
+    raise ImageError(f"layer {name} is neither a gzip, zstd nor tar stream")
+
+
+def _blob_name(digest):
+    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+        raise ImageError(f"malformed digest {digest!r} in the image")
+    return "blobs/" + digest.replace(":", "/", 1)
+
+
+def _verified_blob(blobs, digest, what):
+    name = _blob_name(digest)
+    if not blobs.has(name):
+        raise ImageError(f"{what} {digest} is missing from {blobs.path}")
+    actual = blobs.sha256(name)
+    if actual != digest:
+        raise ImageError(f"{what} {name} has digest {actual} instead of {digest}; "
+                         "the archive is corrupt")
+    return name
+
+
+def _load_oci(blobs, platform):
+    index = _json(blobs.read("index.json"), "index.json")
+    manifests = index.get("manifests") or []
+    if not manifests:
+        raise ImageError(f"{blobs.path}: index.json lists no image")
+    desc = manifests[0]
+    tag = (desc.get("annotations") or {}).get("org.opencontainers.image.ref.name")
+    for _depth in range(4):
+        mt = desc.get("mediaType", "")
+        name = _verified_blob(blobs, desc.get("digest"), "manifest")
+        doc = _json(blobs.read(name), "the manifest")
+        if mt in _INDEX_TYPES or doc.get("mediaType") in _INDEX_TYPES or "manifests" in doc:
+            desc = _pick_platform(doc.get("manifests") or [], platform, blobs.path)
+            continue
+        return desc["digest"], doc, tag
+    raise ImageError(f"{blobs.path}: image indexes nested too deeply")
+
+
+def _pick_platform(manifests, platform, where):
+    from .registry import host_platform
+
+    want = platform or host_platform()
+    parts = want.split("/")
+    avail = []
+    for m in manifests:
+        p = m.get("platform") or {}
+        s = f"{p.get('os')}/{p.get('architecture')}" + (f"/{p['variant']}" if p.get("variant") else "")
+        avail.append(s)
+        if p.get("os") == parts[0] and p.get("architecture") == parts[1] and \
+                (len(parts) < 3 or p.get("variant") == parts[2]):
+            return m
+    if len(manifests) == 1 and not manifests[0].get("platform"):
+        return manifests[0]
+    raise ImageError(f"{where} has no image for platform {want} (it has: {', '.join(avail)})",
+                     hint="choose one with --platform")
+
+
+def import_image(path, *, store, config, tag=None, platform=None, reporter=None):
+    """Import an archive or layout directory into `store`. Returns (record, report)."""
+    from .progress import Reporter
+
+    reporter = reporter or Reporter(quiet=True)
+    if not os.path.exists(path):
+        raise UsageError(f"{path} does not exist")
+    blobs = _Blobs(path)
+    refs = []
+    is_oci = blobs.has("index.json") and (blobs.has("oci-layout") or not blobs.has("manifest.json"))
+    if not is_oci and blobs.has("manifest.json"):
+        digest, image_config, layers, names = _docker_archive(blobs)
+        meta_source = "docker-archive"
+    elif is_oci:
+        digest, manifest, ann_tag = _load_oci(blobs, platform)
+        cname = _verified_blob(blobs, manifest.get("config", {}).get("digest"), "config")
+        image_config = _json(blobs.read(cname), "the image config")
+        layers = []
+        for d in manifest.get("layers") or []:
+            lname = _verified_blob(blobs, d.get("digest"), "layer")
+            layers.append(blobs.layer_source(lname, _sniff(blobs, lname), d["digest"]))
+        names = [ann_tag] if ann_tag and ":" in ann_tag and "/" in ann_tag else []
+        meta_source = "oci-layout" if blobs.dir else "oci-archive"
+    else:
+        raise ImageError(f"{path} is not an OCI layout, oci-archive or docker-archive",
+                         hint="expected index.json/oci-layout or manifest.json inside")
+    if tag:
+        refs = [parse_reference(tag)]
+    else:
+        for n in names:
+            try:
+                refs.append(parse_reference(n))
+            except Exception:  # a RepoTag we cannot express: keep the image untagged
+                continue
+    refs = [r for r in refs if r.tag]
+    reporter.line(f"importing {path} ({meta_source}, {len(layers)} layers) as {digest}")
+    store.ensure()
+    with store.lock(digest):
+        meta = {
+            "source": str(refs[0]) if refs else os.path.abspath(path),
+            "imported_from": os.path.abspath(path),
+            "import_format": meta_source,
+            "config_digest": digest if meta_source == "docker-archive" else None,
+            "created": image_config.get("created"),
+            "architecture": image_config.get("architecture"),
+            "os": image_config.get("os"),
+            "layers": [{"digest": l.digest, "size": (l.length if l.length is not None
+                                                     else os.path.getsize(l.path))}
+                       for l in layers],
+        }
+        getters = [(lambda l=l: l) for l in layers]
+        rec, _stats, report = convert_image(store, digest, getters, config=config,
+                                            image_config=image_config, meta=meta, refs=refs,
+                                            progress=reporter.converted_bytes)
+    reporter.done(f"imported {path} -> {rec.sqfs_path}")
+    return rec, report
+
+
+def _docker_archive(blobs):
+    manifest = _json(blobs.read("manifest.json"), "manifest.json")
+    if not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict):
+        raise ImageError(f"{blobs.path}: manifest.json lists no image")
+    entry = manifest[0]
+    cname = entry.get("Config")
+    if not isinstance(cname, str):
+        raise ImageError(f"{blobs.path}: manifest.json has no Config")
+    config_bytes = blobs.read(cname)
+    digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+    image_config = _json(config_bytes, "the image config")
+    diff_ids = (image_config.get("rootfs") or {}).get("diff_ids") or []
+    lnames = entry.get("Layers") or []
+    if len(diff_ids) != len(lnames):
+        raise ImageError(f"{blobs.path}: {len(lnames)} layers but {len(diff_ids)} diff_ids "
+                         "in the config; the archive is inconsistent")
+    layers = []
+    for lname, diff_id in zip(lnames, diff_ids):
+        if not isinstance(lname, str) or not blobs.has(lname):
+            raise ImageError(f"{blobs.path}: layer {lname} is missing")
+        comp = _sniff(blobs, lname)
+        if comp == "none":
+            actual = blobs.sha256(lname)
+            if actual != diff_id:
+                raise ImageError(f"layer {lname} has digest {actual} instead of {diff_id}; "
+                                 "the archive is corrupt")
+        layers.append(blobs.layer_source(lname, comp, diff_id))
+    return digest, image_config, layers, [t for t in entry.get("RepoTags") or []
+                                          if isinstance(t, str)]

@@ -1,0 +1,874 @@
+"""cffi build script (API mode) for the libsquashfs binding: produces ``hpcc.squashfs._sqfs``.
+
+Run at install time through setup.py's ``cffi_modules``. The C glue below keeps the per-inode
+work in C (one call per inode or directory entry) and owns the object graph of a writer and a
+reader, so that Python only holds one pointer for each and tears it down in the right order.
+
+libsquashfs 1.2 (squashfs-tools-ng) ships its pkg-config file as ``libsquashfs1``; older or
+newer packagings call it ``libsquashfs``. Both are tried, then a plain ``-lsquashfs``.
+"""
+import shlex
+import subprocess
+
+from cffi import FFI
+
+CDEF = r"""
+typedef uint8_t sqfs_u8;
+typedef uint16_t sqfs_u16;
+typedef uint32_t sqfs_u32;
+typedef uint64_t sqfs_u64;
+typedef int32_t sqfs_s32;
+
+typedef struct sqfs_inode_generic_t sqfs_inode_generic_t;
+typedef struct sqfs_dir_entry_t {
+    sqfs_u16 offset;
+    int16_t inode_diff;
+    sqfs_u16 type;
+    sqfs_u16 size;
+    sqfs_u8 name[];
+} sqfs_dir_entry_t;
+typedef struct sqfs_xattr_entry_t {
+    sqfs_u16 type;
+    sqfs_u16 size;
+    sqfs_u8 key[];
+} sqfs_xattr_entry_t;
+typedef struct sqfs_xattr_value_t {
+    sqfs_u32 size;
+    sqfs_u8 value[];
+} sqfs_xattr_value_t;
+typedef struct sqfs_xattr_id_t {
+    sqfs_u64 xattr;
+    sqfs_u32 count;
+    sqfs_u32 size;
+} sqfs_xattr_id_t;
+typedef struct sqfs_super_t {
+    sqfs_u32 magic;
+    sqfs_u32 inode_count;
+    sqfs_u32 modification_time;
+    sqfs_u32 block_size;
+    sqfs_u32 fragment_entry_count;
+    sqfs_u16 compression_id;
+    sqfs_u16 block_log;
+    sqfs_u16 flags;
+    sqfs_u16 id_count;
+    sqfs_u16 version_major;
+    sqfs_u16 version_minor;
+    sqfs_u64 root_inode_ref;
+    sqfs_u64 bytes_used;
+    sqfs_u64 id_table_start;
+    sqfs_u64 xattr_id_table_start;
+    sqfs_u64 inode_table_start;
+    sqfs_u64 directory_table_start;
+    sqfs_u64 fragment_table_start;
+    sqfs_u64 export_table_start;
+} sqfs_super_t;
+
+typedef struct sqfs_xattr_reader_t sqfs_xattr_reader_t;
+typedef struct sqfs_dir_reader_t sqfs_dir_reader_t;
+typedef struct sqfs_data_reader_t sqfs_data_reader_t;
+
+void sqfs_free(void *ptr);
+
+int sqfs_dir_reader_find_by_path(sqfs_dir_reader_t *rd, const sqfs_inode_generic_t *start,
+                                 const char *path, sqfs_inode_generic_t **out);
+sqfs_s32 sqfs_data_reader_read(sqfs_data_reader_t *data, const sqfs_inode_generic_t *inode,
+                               sqfs_u64 offset, void *buffer, sqfs_u32 size);
+int sqfs_xattr_reader_get_desc(sqfs_xattr_reader_t *xr, sqfs_u32 idx, sqfs_xattr_id_t *desc);
+int sqfs_xattr_reader_seek_kv(sqfs_xattr_reader_t *xr, const sqfs_xattr_id_t *desc);
+int sqfs_xattr_reader_read_key(sqfs_xattr_reader_t *xr, sqfs_xattr_entry_t **key_out);
+int sqfs_xattr_reader_read_value(sqfs_xattr_reader_t *xr, const sqfs_xattr_entry_t *key,
+                                 sqfs_xattr_value_t **val_out);
+
+/* ---- writer glue ---- */
+typedef struct hpcc_writer hpcc_writer_t;
+int hpcc_writer_create(int fd, int comp_id, int level, size_t block_size, unsigned int workers,
+                       size_t backlog, sqfs_u32 mtime, hpcc_writer_t **out);
+void hpcc_writer_destroy(hpcc_writer_t *w);
+int hpcc_writer_errno(hpcc_writer_t *w);
+int hpcc_file_begin(hpcc_writer_t *w, sqfs_inode_generic_t **cell);
+int hpcc_file_append(hpcc_writer_t *w, const void *data, size_t size);
+int hpcc_file_end(hpcc_writer_t *w);
+int hpcc_file_whole(hpcc_writer_t *w, sqfs_inode_generic_t **cell, const void *data, size_t size);
+int hpcc_writer_data_done(hpcc_writer_t *w);
+int hpcc_xattr_begin(hpcc_writer_t *w);
+int hpcc_xattr_add(hpcc_writer_t *w, const char *key, const void *value, size_t size);
+int hpcc_xattr_end(hpcc_writer_t *w, sqfs_u32 *out);
+int64_t hpcc_write_file(hpcc_writer_t *w, const sqfs_inode_generic_t *data, sqfs_u16 perm,
+                        sqfs_u32 uid, sqfs_u32 gid, sqfs_u32 mtime, sqfs_u32 ino,
+                        sqfs_u32 nlink, sqfs_u32 xattr);
+int64_t hpcc_write_special(hpcc_writer_t *w, int type, sqfs_u16 perm, sqfs_u32 uid,
+                           sqfs_u32 gid, sqfs_u32 mtime, sqfs_u32 ino, sqfs_u32 nlink,
+                           sqfs_u32 xattr, sqfs_u32 devno, const char *target, size_t tlen);
+int64_t hpcc_dir_write(hpcc_writer_t *w, const char *names, size_t count, sqfs_u32 *inos,
+                       int64_t *refs, int *types, sqfs_u16 perm, sqfs_u32 uid, sqfs_u32 gid,
+                       sqfs_u32 mtime, sqfs_u32 ino, sqfs_u32 nlink, sqfs_u32 xattr,
+                       sqfs_u32 parent_ino);
+int hpcc_writer_finish(hpcc_writer_t *w, sqfs_u64 root_ref, sqfs_u32 inode_count);
+void hpcc_writer_stats(hpcc_writer_t *w, sqfs_u64 *out);
+sqfs_u64 hpcc_file_data_size(const sqfs_inode_generic_t *inode);
+
+/* ---- reader glue ---- */
+typedef struct hpcc_reader {
+    sqfs_super_t super;
+    sqfs_dir_reader_t *dr;
+    sqfs_data_reader_t *data;
+    sqfs_xattr_reader_t *xr;
+    sqfs_inode_generic_t *root;
+    ...;
+} hpcc_reader_t;
+typedef struct hpcc_stat {
+    sqfs_u32 type;
+    sqfs_u32 mode;
+    sqfs_u32 uid;
+    sqfs_u32 gid;
+    sqfs_u32 mtime;
+    sqfs_u32 ino;
+    sqfs_u32 nlink;
+    sqfs_u32 xattr;
+    sqfs_u32 rdev;
+    sqfs_u64 size;
+    const char *target;
+} hpcc_stat_t;
+int hpcc_reader_open(int fd, hpcc_reader_t **out);
+void hpcc_reader_destroy(hpcc_reader_t *r);
+int hpcc_reader_errno(hpcc_reader_t *r);
+int hpcc_reader_stat(hpcc_reader_t *r, const sqfs_inode_generic_t *inode, hpcc_stat_t *st);
+int hpcc_reader_opendir(hpcc_reader_t *r, const sqfs_inode_generic_t *inode);
+int hpcc_reader_next(hpcc_reader_t *r, sqfs_dir_entry_t **ent, sqfs_inode_generic_t **inode);
+"""
+
+GLUE = r"""
+#include <sqfs/predef.h>
+#include <sqfs/error.h>
+#include <sqfs/io.h>
+#include <sqfs/super.h>
+#include <sqfs/compressor.h>
+#include <sqfs/block.h>
+#include <sqfs/block_writer.h>
+#include <sqfs/block_processor.h>
+#include <sqfs/frag_table.h>
+#include <sqfs/id_table.h>
+#include <sqfs/inode.h>
+#include <sqfs/dir.h>
+#include <sqfs/dir_writer.h>
+#include <sqfs/dir_reader.h>
+#include <sqfs/data_reader.h>
+#include <sqfs/meta_writer.h>
+#include <sqfs/xattr.h>
+#include <sqfs/xattr_writer.h>
+#include <sqfs/xattr_reader.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* An sqfs_file_t over a file descriptor that Python owns: destroy never closes the fd.
+   The last errno of a failed I/O is kept so the Python side can say *why* (ENOSPC...). */
+typedef struct {
+    sqfs_file_t base;
+    int fd;
+    int readonly;
+    int last_errno;
+    sqfs_u64 size;
+} fdfile_t;
+
+static void fdfile_destroy(sqfs_object_t *obj) { free(obj); }
+
+static sqfs_object_t *fdfile_copy(const sqfs_object_t *obj)
+{
+    const fdfile_t *f = (const fdfile_t *)obj;
+    fdfile_t *c;
+    if (!f->readonly)
+        return NULL;
+    c = malloc(sizeof(*c));
+    if (c != NULL)
+        memcpy(c, f, sizeof(*c));
+    return (sqfs_object_t *)c;
+}
+
+static int fdfile_read_at(sqfs_file_t *base, sqfs_u64 off, void *buf, size_t size)
+{
+    fdfile_t *f = (fdfile_t *)base;
+    while (size > 0) {
+        ssize_t r = pread(f->fd, buf, size, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            f->last_errno = errno;
+            return SQFS_ERROR_IO;
+        }
+        if (r == 0)
+            return SQFS_ERROR_OUT_OF_BOUNDS;
+        buf = (char *)buf + r;
+        size -= (size_t)r;
+        off += (sqfs_u64)r;
+    }
+    return 0;
+}
+
+static int fdfile_write_at(sqfs_file_t *base, sqfs_u64 off, const void *buf, size_t size)
+{
+    fdfile_t *f = (fdfile_t *)base;
+    if (f->readonly)
+        return SQFS_ERROR_IO;
+    while (size > 0) {
+        ssize_t r = pwrite(f->fd, buf, size, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            f->last_errno = errno;
+            return SQFS_ERROR_IO;
+        }
+        if (r == 0) {
+            f->last_errno = ENOSPC;
+            return SQFS_ERROR_IO;
+        }
+        buf = (const char *)buf + r;
+        size -= (size_t)r;
+        off += (sqfs_u64)r;
+    }
+    if (off > f->size)
+        f->size = off;
+    return 0;
+}
+
+static sqfs_u64 fdfile_get_size(const sqfs_file_t *base) { return ((const fdfile_t *)base)->size; }
+
+static int fdfile_truncate(sqfs_file_t *base, sqfs_u64 size)
+{
+    fdfile_t *f = (fdfile_t *)base;
+    if (f->readonly || ftruncate(f->fd, (off_t)size) != 0) {
+        f->last_errno = f->readonly ? EBADF : errno;
+        return SQFS_ERROR_IO;
+    }
+    f->size = size;
+    return 0;
+}
+
+static fdfile_t *fdfile_new(int fd, int readonly)
+{
+    struct stat sb;
+    fdfile_t *f;
+    if (fstat(fd, &sb) != 0)
+        return NULL;
+    f = calloc(1, sizeof(*f));
+    if (f == NULL)
+        return NULL;
+    f->fd = fd;
+    f->readonly = readonly;
+    f->size = (sqfs_u64)sb.st_size;
+    f->base.read_at = fdfile_read_at;
+    f->base.write_at = fdfile_write_at;
+    f->base.get_size = fdfile_get_size;
+    f->base.truncate = fdfile_truncate;
+    ((sqfs_object_t *)f)->destroy = fdfile_destroy;
+    ((sqfs_object_t *)f)->copy = fdfile_copy;
+    return f;
+}
+
+static sqfs_u16 type_to_ifmt(int type)
+{
+    switch (type) {
+    case SQFS_INODE_DIR: return S_IFDIR;
+    case SQFS_INODE_FILE: return S_IFREG;
+    case SQFS_INODE_SLINK: return S_IFLNK;
+    case SQFS_INODE_BDEV: return S_IFBLK;
+    case SQFS_INODE_CDEV: return S_IFCHR;
+    case SQFS_INODE_FIFO: return S_IFIFO;
+    case SQFS_INODE_SOCKET: return S_IFSOCK;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ writer */
+
+typedef struct hpcc_writer {
+    fdfile_t *file;
+    sqfs_compressor_t *cmp;
+    sqfs_compressor_t *uncmp;
+    sqfs_block_writer_t *blkwr;
+    sqfs_frag_table_t *frag;
+    sqfs_block_processor_t *proc;
+    sqfs_id_table_t *ids;
+    sqfs_xattr_writer_t *xwr;
+    sqfs_meta_writer_t *im;
+    sqfs_meta_writer_t *dm;
+    sqfs_dir_writer_t *dirw;
+    sqfs_super_t super;
+} hpcc_writer_t;
+
+void hpcc_writer_destroy(hpcc_writer_t *w)
+{
+    if (w == NULL)
+        return;
+    /* users before what they use: the block processor joins its threads first */
+    sqfs_destroy(w->dirw);
+    sqfs_destroy(w->dm);
+    sqfs_destroy(w->im);
+    sqfs_destroy(w->xwr);
+    sqfs_destroy(w->ids);
+    sqfs_destroy(w->proc);
+    sqfs_destroy(w->blkwr);
+    sqfs_destroy(w->frag);
+    sqfs_destroy(w->uncmp);
+    sqfs_destroy(w->cmp);
+    sqfs_destroy(w->file);
+    free(w);
+}
+
+int hpcc_writer_errno(hpcc_writer_t *w) { return w && w->file ? w->file->last_errno : 0; }
+
+int hpcc_writer_create(int fd, int comp_id, int level, size_t block_size, unsigned int workers,
+                       size_t backlog, sqfs_u32 mtime, hpcc_writer_t **out)
+{
+    sqfs_block_processor_desc_t desc;
+    sqfs_compressor_config_t cfg;
+    hpcc_writer_t *w;
+    int ret;
+
+    *out = NULL;
+    w = calloc(1, sizeof(*w));
+    if (w == NULL)
+        return SQFS_ERROR_ALLOC;
+
+    ret = sqfs_compressor_config_init(&cfg, (SQFS_COMPRESSOR)comp_id, block_size, 0);
+    if (ret)
+        goto fail;
+    if (level > 0)
+        cfg.level = (sqfs_u32)level;
+    ret = sqfs_compressor_create(&cfg, &w->cmp);
+    if (ret)
+        goto fail;
+    cfg.flags |= SQFS_COMP_FLAG_UNCOMPRESS;
+    ret = sqfs_compressor_create(&cfg, &w->uncmp);
+    if (ret)
+        goto fail;
+
+    ret = SQFS_ERROR_ALLOC;
+    w->file = fdfile_new(fd, 0);
+    if (w->file == NULL) {
+        ret = SQFS_ERROR_IO;
+        goto fail;
+    }
+
+    ret = sqfs_super_init(&w->super, block_size, mtime, (SQFS_COMPRESSOR)comp_id);
+    if (ret)
+        goto fail;
+    /* placeholder, rewritten at the end with the table locations */
+    ret = sqfs_super_write(&w->super, (sqfs_file_t *)w->file);
+    if (ret)
+        goto fail;
+    ret = w->cmp->write_options(w->cmp, (sqfs_file_t *)w->file);
+    if (ret < 0)
+        goto fail;
+    if (ret > 0)
+        w->super.flags |= SQFS_FLAG_COMPRESSOR_OPTIONS;
+
+    ret = SQFS_ERROR_ALLOC;
+    w->blkwr = sqfs_block_writer_create((sqfs_file_t *)w->file, SQFS_DEVBLK_SIZE, 0);
+    if (w->blkwr == NULL)
+        goto fail;
+    w->frag = sqfs_frag_table_create(0);
+    if (w->frag == NULL)
+        goto fail;
+
+    memset(&desc, 0, sizeof(desc));
+    desc.size = sizeof(desc);
+    desc.max_block_size = (sqfs_u32)block_size;
+    desc.num_workers = workers;
+    desc.max_backlog = (sqfs_u32)backlog;
+    desc.cmp = w->cmp;
+    desc.wr = w->blkwr;
+    desc.tbl = w->frag;
+    desc.file = (sqfs_file_t *)w->file;   /* read back fragment blocks to verify dedup hits */
+    desc.uncmp = w->uncmp;
+    ret = sqfs_block_processor_create_ex(&desc, &w->proc);
+    if (ret)
+        goto fail;
+
+    ret = SQFS_ERROR_ALLOC;
+    w->ids = sqfs_id_table_create(0);
+    if (w->ids == NULL)
+        goto fail;
+    w->xwr = sqfs_xattr_writer_create(0);
+    if (w->xwr == NULL)
+        goto fail;
+    w->im = sqfs_meta_writer_create((sqfs_file_t *)w->file, w->cmp, 0);
+    if (w->im == NULL)
+        goto fail;
+    w->dm = sqfs_meta_writer_create((sqfs_file_t *)w->file, w->cmp,
+                                    SQFS_META_WRITER_KEEP_IN_MEMORY);
+    if (w->dm == NULL)
+        goto fail;
+    w->dirw = sqfs_dir_writer_create(w->dm, 0);
+    if (w->dirw == NULL)
+        goto fail;
+
+    *out = w;
+    return 0;
+fail:
+    hpcc_writer_destroy(w);
+    return ret;
+}
+
+int hpcc_file_begin(hpcc_writer_t *w, sqfs_inode_generic_t **cell)
+{
+    return sqfs_block_processor_begin_file(w->proc, cell, NULL, 0);
+}
+
+int hpcc_file_append(hpcc_writer_t *w, const void *data, size_t size)
+{
+    return sqfs_block_processor_append(w->proc, data, size);
+}
+
+int hpcc_file_end(hpcc_writer_t *w) { return sqfs_block_processor_end_file(w->proc); }
+
+int hpcc_file_whole(hpcc_writer_t *w, sqfs_inode_generic_t **cell, const void *data, size_t size)
+{
+    int ret = sqfs_block_processor_begin_file(w->proc, cell, NULL, 0);
+    if (ret)
+        return ret;
+    ret = sqfs_block_processor_append(w->proc, data, size);
+    if (ret)
+        return ret;
+    return sqfs_block_processor_end_file(w->proc);
+}
+
+int hpcc_writer_data_done(hpcc_writer_t *w)
+{
+    int ret = sqfs_block_processor_finish(w->proc);
+    if (ret)
+        return ret;
+    w->super.inode_table_start = w->file->base.get_size((sqfs_file_t *)w->file);
+    return 0;
+}
+
+int hpcc_xattr_begin(hpcc_writer_t *w) { return sqfs_xattr_writer_begin(w->xwr, 0); }
+
+int hpcc_xattr_add(hpcc_writer_t *w, const char *key, const void *value, size_t size)
+{
+    return sqfs_xattr_writer_add(w->xwr, key, value, size);
+}
+
+int hpcc_xattr_end(hpcc_writer_t *w, sqfs_u32 *out) { return sqfs_xattr_writer_end(w->xwr, out); }
+
+static int set_base(hpcc_writer_t *w, sqfs_inode_generic_t *inode, sqfs_u16 mode,
+                    sqfs_u32 uid, sqfs_u32 gid, sqfs_u32 mtime, sqfs_u32 ino)
+{
+    int ret;
+    inode->base.mode = mode;
+    inode->base.mod_time = mtime;
+    inode->base.inode_number = ino;
+    ret = sqfs_id_table_id_to_index(w->ids, uid, &inode->base.uid_idx);
+    if (ret)
+        return ret;
+    return sqfs_id_table_id_to_index(w->ids, gid, &inode->base.gid_idx);
+}
+
+static int64_t put_inode(hpcc_writer_t *w, const sqfs_inode_generic_t *inode)
+{
+    sqfs_u64 block;
+    sqfs_u32 offset;
+    int ret;
+    sqfs_meta_writer_get_position(w->im, &block, &offset);
+    ret = sqfs_meta_writer_write_inode(w->im, inode);
+    if (ret)
+        return ret;
+    return (int64_t)((block << 16) | offset);
+}
+
+int64_t hpcc_write_file(hpcc_writer_t *w, const sqfs_inode_generic_t *data, sqfs_u16 perm,
+                        sqfs_u32 uid, sqfs_u32 gid, sqfs_u32 mtime, sqfs_u32 ino,
+                        sqfs_u32 nlink, sqfs_u32 xattr)
+{
+    sqfs_inode_generic_t *inode;
+    size_t size = sizeof(*inode);
+    int64_t ret;
+
+    /* work on a copy: one data handle may back several (non hard-linked) files */
+    if (data != NULL)
+        size += data->payload_bytes_used;
+    inode = calloc(1, size);
+    if (inode == NULL)
+        return SQFS_ERROR_ALLOC;
+    if (data != NULL) {
+        memcpy(inode, data, size);
+        inode->payload_bytes_available = data->payload_bytes_used;
+    } else {
+        inode->base.type = SQFS_INODE_FILE;
+        inode->data.file.fragment_index = 0xFFFFFFFF;
+        inode->data.file.fragment_offset = 0xFFFFFFFF;
+    }
+    if (nlink > 1 || xattr != 0xFFFFFFFF) {
+        ret = sqfs_inode_make_extended(inode);
+        if (ret)
+            goto out;
+    }
+    if (inode->base.type == SQFS_INODE_EXT_FILE) {
+        inode->data.file_ext.nlink = nlink;
+        inode->data.file_ext.xattr_idx = xattr;
+    }
+    ret = set_base(w, inode, S_IFREG | perm, uid, gid, mtime, ino);
+    if (ret)
+        goto out;
+    ret = put_inode(w, inode);
+out:
+    free(inode);
+    return ret;
+}
+
+int64_t hpcc_write_special(hpcc_writer_t *w, int type, sqfs_u16 perm, sqfs_u32 uid,
+                           sqfs_u32 gid, sqfs_u32 mtime, sqfs_u32 ino, sqfs_u32 nlink,
+                           sqfs_u32 xattr, sqfs_u32 devno, const char *target, size_t tlen)
+{
+    sqfs_inode_generic_t *inode;
+    int ext = (xattr != 0xFFFFFFFF);
+    int64_t ret;
+
+    if (type != SQFS_INODE_SLINK)
+        tlen = 0;
+    inode = calloc(1, sizeof(*inode) + tlen);
+    if (inode == NULL)
+        return SQFS_ERROR_ALLOC;
+
+    switch (type) {
+    case SQFS_INODE_SLINK:
+        inode->base.type = ext ? SQFS_INODE_EXT_SLINK : SQFS_INODE_SLINK;
+        inode->data.slink.nlink = nlink;
+        inode->data.slink.target_size = (sqfs_u32)tlen;
+        inode->data.slink_ext.xattr_idx = xattr;
+        memcpy(inode->extra, target, tlen);
+        inode->payload_bytes_available = (sqfs_u32)tlen;
+        inode->payload_bytes_used = (sqfs_u32)tlen;
+        break;
+    case SQFS_INODE_BDEV:
+    case SQFS_INODE_CDEV:
+        inode->base.type = ext ? type + 7 : type;
+        inode->data.dev.nlink = nlink;
+        inode->data.dev.devno = devno;
+        inode->data.dev_ext.xattr_idx = xattr;
+        break;
+    case SQFS_INODE_FIFO:
+    case SQFS_INODE_SOCKET:
+        inode->base.type = ext ? type + 7 : type;
+        inode->data.ipc.nlink = nlink;
+        inode->data.ipc_ext.xattr_idx = xattr;
+        break;
+    default:
+        ret = SQFS_ERROR_ARG_INVALID;
+        goto out;
+    }
+    ret = set_base(w, inode, type_to_ifmt(type) | perm, uid, gid, mtime, ino);
+    if (ret)
+        goto out;
+    ret = put_inode(w, inode);
+out:
+    free(inode);
+    return ret;
+}
+
+/* One directory: `names` holds `count` NUL-separated names in sorted byte order, with the
+   inode number, inode reference and basic type of each entry in the arrays. */
+int64_t hpcc_dir_write(hpcc_writer_t *w, const char *names, size_t count, sqfs_u32 *inos,
+                       int64_t *refs, int *types, sqfs_u16 perm, sqfs_u32 uid, sqfs_u32 gid,
+                       sqfs_u32 mtime, sqfs_u32 ino, sqfs_u32 nlink, sqfs_u32 xattr,
+                       sqfs_u32 parent_ino)
+{
+    sqfs_inode_generic_t *inode;
+    const char *name = names;
+    int64_t ret;
+    size_t i;
+
+    ret = sqfs_dir_writer_begin(w->dirw, 0);
+    if (ret)
+        return ret;
+    for (i = 0; i < count; ++i) {
+        if (refs[i] < 0)
+            return SQFS_ERROR_SEQUENCE;
+        ret = sqfs_dir_writer_add_entry(w->dirw, name, inos[i], (sqfs_u64)refs[i],
+                                        type_to_ifmt(types[i]));
+        if (ret)
+            return ret;
+        name += strlen(name) + 1;
+    }
+    ret = sqfs_dir_writer_end(w->dirw);
+    if (ret)
+        return ret;
+    /* extended only when needed: xattrs, a listing over 64k, or an index */
+    inode = sqfs_dir_writer_create_inode(w->dirw, 0, xattr, parent_ino);
+    if (inode == NULL)
+        return SQFS_ERROR_ALLOC;
+    if (inode->base.type == SQFS_INODE_DIR)
+        inode->data.dir.nlink = nlink;
+    else
+        inode->data.dir_ext.nlink = nlink;
+    ret = set_base(w, inode, S_IFDIR | perm, uid, gid, mtime, ino);
+    if (ret == 0)
+        ret = put_inode(w, inode);
+    sqfs_free(inode);
+    return ret;
+}
+
+int hpcc_writer_finish(hpcc_writer_t *w, sqfs_u64 root_ref, sqfs_u32 inode_count)
+{
+    sqfs_file_t *file = (sqfs_file_t *)w->file;
+    sqfs_u64 size, pad;
+    int ret;
+
+    ret = sqfs_meta_writer_flush(w->im);
+    if (ret)
+        return ret;
+    ret = sqfs_meta_writer_flush(w->dm);
+    if (ret)
+        return ret;
+    w->super.root_inode_ref = root_ref;
+    w->super.inode_count = inode_count;
+    w->super.directory_table_start = file->get_size(file);
+    ret = sqfs_meta_write_write_to_file(w->dm);
+    if (ret)
+        return ret;
+    ret = sqfs_frag_table_write(w->frag, file, &w->super, w->cmp);
+    if (ret)
+        return ret;
+    ret = sqfs_id_table_write(w->ids, file, &w->super, w->cmp);
+    if (ret)
+        return ret;
+    /* the xattr tables must come last */
+    ret = sqfs_xattr_writer_flush(w->xwr, file, &w->super, w->cmp);
+    if (ret)
+        return ret;
+    /* blocks and fragments are deduplicated: say so */
+    w->super.flags &= ~SQFS_FLAG_NO_DUPLICATES;
+    w->super.bytes_used = file->get_size(file);
+    ret = sqfs_super_write(&w->super, file);
+    if (ret)
+        return ret;
+    /* pad to the device block size, as loop devices want whole 4k sectors */
+    size = w->super.bytes_used;
+    pad = (SQFS_DEVBLK_SIZE - size % SQFS_DEVBLK_SIZE) % SQFS_DEVBLK_SIZE;
+    if (pad > 0)
+        return fdfile_truncate(file, size + pad);
+    return 0;
+}
+
+void hpcc_writer_stats(hpcc_writer_t *w, sqfs_u64 *out)
+{
+    const sqfs_block_processor_stats_t *st = sqfs_block_processor_get_stats(w->proc);
+    out[0] = w->super.bytes_used;
+    out[1] = w->super.inode_count;
+    out[2] = st->input_bytes_read;
+    out[3] = st->data_block_count;
+    out[4] = st->frag_block_count;
+    out[5] = st->sparse_block_count;
+    out[6] = st->total_frag_count;
+    out[7] = st->actual_frag_count;
+    out[8] = w->blkwr->get_block_count(w->blkwr);
+    out[9] = w->super.id_count;
+}
+
+sqfs_u64 hpcc_file_data_size(const sqfs_inode_generic_t *inode)
+{
+    sqfs_u64 size = 0;
+    if (inode != NULL)
+        sqfs_inode_get_file_size(inode, &size);
+    return size;
+}
+
+/* ------------------------------------------------------------------ reader */
+
+typedef struct hpcc_stat {
+    sqfs_u32 type;
+    sqfs_u32 mode;
+    sqfs_u32 uid;
+    sqfs_u32 gid;
+    sqfs_u32 mtime;
+    sqfs_u32 ino;
+    sqfs_u32 nlink;
+    sqfs_u32 xattr;
+    sqfs_u32 rdev;
+    sqfs_u64 size;
+    const char *target;
+} hpcc_stat_t;
+
+typedef struct hpcc_reader {
+    sqfs_super_t super;
+    sqfs_dir_reader_t *dr;
+    sqfs_data_reader_t *data;
+    sqfs_xattr_reader_t *xr;
+    sqfs_inode_generic_t *root;
+    fdfile_t *file;
+    sqfs_compressor_t *cmp;
+    sqfs_id_table_t *ids;
+} hpcc_reader_t;
+
+void hpcc_reader_destroy(hpcc_reader_t *r)
+{
+    if (r == NULL)
+        return;
+    sqfs_free(r->root);
+    sqfs_destroy(r->xr);
+    sqfs_destroy(r->data);
+    sqfs_destroy(r->dr);
+    sqfs_destroy(r->ids);
+    sqfs_destroy(r->cmp);
+    sqfs_destroy(r->file);
+    free(r);
+}
+
+int hpcc_reader_errno(hpcc_reader_t *r) { return r && r->file ? r->file->last_errno : 0; }
+
+int hpcc_reader_open(int fd, hpcc_reader_t **out)
+{
+    sqfs_compressor_config_t cfg;
+    sqfs_file_t *file;
+    hpcc_reader_t *r;
+    int ret;
+
+    *out = NULL;
+    r = calloc(1, sizeof(*r));
+    if (r == NULL)
+        return SQFS_ERROR_ALLOC;
+    *out = r;   /* partially built readers are destroyed by the caller, errno kept */
+
+    r->file = fdfile_new(fd, 1);
+    if (r->file == NULL)
+        return SQFS_ERROR_IO;
+    file = (sqfs_file_t *)r->file;
+
+    ret = sqfs_super_read(&r->super, file);
+    if (ret)
+        return ret;
+    if (r->super.bytes_used > file->get_size(file))
+        return SQFS_ERROR_OUT_OF_BOUNDS;
+    ret = sqfs_compressor_config_init(&cfg, (SQFS_COMPRESSOR)r->super.compression_id,
+                                      r->super.block_size, SQFS_COMP_FLAG_UNCOMPRESS);
+    if (ret)
+        return ret;
+    ret = sqfs_compressor_create(&cfg, &r->cmp);
+    if (ret)
+        return ret;
+
+    r->ids = sqfs_id_table_create(0);
+    if (r->ids == NULL)
+        return SQFS_ERROR_ALLOC;
+    ret = sqfs_id_table_read(r->ids, file, &r->super, r->cmp);
+    if (ret)
+        return ret;
+
+    r->dr = sqfs_dir_reader_create(&r->super, r->cmp, file, 0);
+    if (r->dr == NULL)
+        return SQFS_ERROR_ALLOC;
+    r->data = sqfs_data_reader_create(file, r->super.block_size, r->cmp, 0);
+    if (r->data == NULL)
+        return SQFS_ERROR_ALLOC;
+    ret = sqfs_data_reader_load_fragment_table(r->data, &r->super);
+    if (ret)
+        return ret;
+    r->xr = sqfs_xattr_reader_create(0);
+    if (r->xr == NULL)
+        return SQFS_ERROR_ALLOC;
+    ret = sqfs_xattr_reader_load(r->xr, &r->super, file, r->cmp);
+    if (ret)
+        return ret;
+    ret = sqfs_dir_reader_get_root_inode(r->dr, &r->root);
+    if (ret)
+        return ret;
+    if (r->root->base.type != SQFS_INODE_DIR && r->root->base.type != SQFS_INODE_EXT_DIR)
+        return SQFS_ERROR_NOT_DIR;
+    return 0;
+}
+
+int hpcc_reader_stat(hpcc_reader_t *r, const sqfs_inode_generic_t *inode, hpcc_stat_t *st)
+{
+    int ret;
+    memset(st, 0, sizeof(*st));
+    st->type = inode->base.type;
+    st->mode = inode->base.mode;
+    st->mtime = inode->base.mod_time;
+    st->ino = inode->base.inode_number;
+    st->xattr = 0xFFFFFFFF;
+    ret = sqfs_id_table_index_to_id(r->ids, inode->base.uid_idx, &st->uid);
+    if (ret)
+        return ret;
+    ret = sqfs_id_table_index_to_id(r->ids, inode->base.gid_idx, &st->gid);
+    if (ret)
+        return ret;
+    sqfs_inode_get_xattr_index(inode, &st->xattr);
+    switch (inode->base.type) {
+    case SQFS_INODE_DIR:
+        st->nlink = inode->data.dir.nlink; st->size = inode->data.dir.size; break;
+    case SQFS_INODE_EXT_DIR:
+        st->nlink = inode->data.dir_ext.nlink; st->size = inode->data.dir_ext.size; break;
+    case SQFS_INODE_FILE:
+        st->nlink = 1; st->size = inode->data.file.file_size; break;
+    case SQFS_INODE_EXT_FILE:
+        st->nlink = inode->data.file_ext.nlink; st->size = inode->data.file_ext.file_size; break;
+    case SQFS_INODE_SLINK:
+    case SQFS_INODE_EXT_SLINK:
+        st->nlink = inode->data.slink.nlink; st->size = inode->data.slink.target_size;
+        st->target = (const char *)inode->extra;
+        break;
+    case SQFS_INODE_BDEV: case SQFS_INODE_CDEV:
+    case SQFS_INODE_EXT_BDEV: case SQFS_INODE_EXT_CDEV:
+        st->nlink = inode->data.dev.nlink; st->rdev = inode->data.dev.devno; break;
+    case SQFS_INODE_FIFO: case SQFS_INODE_SOCKET:
+    case SQFS_INODE_EXT_FIFO: case SQFS_INODE_EXT_SOCKET:
+        st->nlink = inode->data.ipc.nlink; break;
+    default:
+        return SQFS_ERROR_CORRUPTED;
+    }
+    return 0;
+}
+
+int hpcc_reader_opendir(hpcc_reader_t *r, const sqfs_inode_generic_t *inode)
+{
+    return sqfs_dir_reader_open_dir(r->dr, inode, SQFS_DIR_OPEN_NO_DOT_ENTRIES);
+}
+
+/* 0: an entry (both out pointers owned by the caller), 1: end of directory, <0: error */
+int hpcc_reader_next(hpcc_reader_t *r, sqfs_dir_entry_t **ent, sqfs_inode_generic_t **inode)
+{
+    int ret;
+    *ent = NULL;
+    *inode = NULL;
+    ret = sqfs_dir_reader_read(r->dr, ent);
+    if (ret != 0)
+        return ret < 0 ? ret : 1;
+    ret = sqfs_dir_reader_get_inode(r->dr, inode);
+    if (ret) {
+        sqfs_free(*ent);
+        *ent = NULL;
+    }
+    return ret;
+}
+"""
+
+
+def _pkg_config():
+    for name in ("libsquashfs1", "libsquashfs"):
+        try:
+            cflags = subprocess.run(["pkg-config", "--cflags", name], check=True,
+                                    capture_output=True, text=True).stdout
+            libs = subprocess.run(["pkg-config", "--libs", name], check=True,
+                                  capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        return shlex.split(cflags), shlex.split(libs)
+    return [], ["-lsquashfs"]
+
+
+_cflags, _libs = _pkg_config()
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "hpcc.squashfs._sqfs",
+    GLUE,
+    extra_compile_args=_cflags + ["-O2"],
+    extra_link_args=_libs,
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,337 @@
+"""Per-step container setup for Slurm, run as root by spank_hpcc.so in slurmstepd.
+
+    python3 -I -m hpcc.stepd image=IMG uid=N gid=N job=N step=N node=N cwd=DIR [key=value...]
+
+fd 3 is a socket to slurmstepd; fd 2 is the step's stderr (the user's srun output), so an
+error is printed there as one line ("hpcc: ...") and the helper exits non-zero: the plugin
+then fails the step before any task runs.
+
+Once per node and step:
+1. resolve the image as the job user (their groups, their effective ids): a user may only
+   run images they can read; the image file is opened with their credentials and the
+   runtime is given that open file (/proc/self/fd/N), never a path they could swap;
+2. build the spec with hpcc's runtime (the launcher's code: same root, binds, /etc/passwd
+   entries, /tmp, /dev, hooks such as the MPI one);
+3. fork a child that unshares its mount namespace, assembles the root (setup_root,
+   privileged) and sends an fd of that namespace, the image's environment and the working
+   directory to slurmstepd over fd 3 (SCM_RIGHTS). Every task joins that namespace before
+   exec. The namespace dies with the last of slurmstepd's fd and the tasks in it.
+   When the image had to be mounted with squashfuse (not a root-owned site image), the
+   child stays as the FUSE daemon's parent until slurmstepd closes the socket.
+
+Imports stay small: no click, jsonschema, requests (launch cost is paid once per node and step).
+"""
+import json
+import os
+import socket
+import sys
+
+from .errors import EXIT_LAUNCH, HpccError, ImageNotFound, LaunchError, UsageError
+
+BATCH_STEP = 4294967291
+INTERACTIVE_STEP = 4294967290
+# Variables of Slurm and of the PMI servers always keep the job's values.
+JOB_PREFIXES = ("SLURM_", "SLURMD_", "PMI_", "PMIX_", "PMI2_", "SPANK_", "_SLURM_")
+HOST_DIR = "/.hpcc/host"      # where the host's /usr appears in batch containers
+BIN_DIR = "/.hpcc/bin"        # Slurm client wrappers (srun, sbatch...) in batch containers
+
+
+def parse_args(argv):
+    out = {}
+    for a in argv:
+        k, eq, v = a.partition("=")
+        if not eq:
+            raise UsageError(f"hpcc.stepd: bad argument '{a}' (expected key=value)")
+        out[k] = v
+    for k in ("image", "uid", "gid", "job", "step", "cwd"):
+        if k not in out:
+            raise UsageError(f"hpcc.stepd: missing argument {k}=")
+    return out
+
+
+class AsUser:
+    """Effective identity of the job user (groups, gid, uid) within a root process."""
+
+    def __init__(self, uid, gid, groups):
+        self.uid, self.gid, self.groups = uid, gid, groups
+
+    def __enter__(self):
+        os.setgroups(self.groups)
+        os.setresgid(-1, self.gid, -1)
+        os.setresuid(-1, self.uid, -1)
+        return self
+
+    def __exit__(self, *exc):
+        os.setresuid(-1, 0, -1)
+        os.setresgid(-1, 0, -1)
+        os.setgroups([])
+        return False
+
+
+def resolve_as_user(name, user, config):
+    """(ImageRecord, fd of its squashfs opened as the user)."""
+    from .store import resolve_image
+
+    saved = {k: os.environ.get(k) for k in ("HOME", "XDG_DATA_HOME", "USER")}
+    os.environ["HOME"] = user.pw_dir
+    os.environ["USER"] = user.pw_name
+    os.environ.pop("XDG_DATA_HOME", None)
+    groups = os.getgrouplist(user.pw_name, user.pw_gid)
+    try:
+        with AsUser(user.pw_uid, user.pw_gid, groups):
+            try:
+                rec = resolve_image(name, config)
+            except PermissionError:
+                raise ImageNotFound(f"image '{name}': you ({user.pw_name}) may not read it",
+                                    hint="ask the image's owner or the admins for access") \
+                    from None
+            try:
+                fd = os.open(rec.sqfs_path, os.O_RDONLY | os.O_CLOEXEC)
+            except PermissionError:
+                raise ImageNotFound(f"image '{name}' exists but you ({user.pw_name}) may not "
+                                    "read it", hint="ask the image's owner or the admins "
+                                    "for access") from None
+            except FileNotFoundError:
+                raise ImageNotFound(f"image '{name}' is listed in the store but its file "
+                                    f"{rec.sqfs_path} is missing",
+                                    hint=f"pull it again with 'gateway pull {name}'") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return rec, fd
+
+
+def _slurm_conf_values(path):
+    """A few keys of slurm.conf (first occurrence), for the client binds of batch steps."""
+    out = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.split("#", 1)[0].strip()
+                k, eq, v = line.partition("=")
+                if eq and k.strip().lower() in ("authinfo", "plugstackconfig", "plugindir"):
+                    out.setdefault(k.strip().lower(), v.strip())
+    except OSError:
+        pass
+    return out
+
+
+def _host_loader():
+    for p in ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1",
+              "/lib64/ld64.so.2", "/lib/ld64.so.1"):
+        if os.path.exists(p):
+            return os.path.realpath(p)
+    return None
+
+
+def slurm_client_setup(args):
+    """Binds and variables that let a batch script inside the container run srun, sbatch,
+    squeue... : the host's /usr read-only under /.hpcc/host, Slurm's plugin and config
+    directories, the munge socket, the SPANK plugin, and wrapper scripts that start the
+    host's clients with the host's dynamic loader and libraries."""
+    mounts, env = [], {}
+    loader = _host_loader()
+    if not loader or not loader.startswith("/usr/"):
+        return mounts, env  # a host without merged /usr: not supported
+    mounts.append(f"/usr:{HOST_DIR}/usr:ro")
+    conf = args.get("slurm_conf") or "/etc/slurm/slurm.conf"
+    vals = _slurm_conf_values(conf)
+    plugindir = vals.get("plugindir") or ""
+    libdirs = []
+    for lib in ("libslurmfull.so",):
+        for d in ("/usr/lib/x86_64-linux-gnu/slurm-wlm", "/usr/lib64/slurm", "/usr/lib/slurm",
+                  "/usr/lib/aarch64-linux-gnu/slurm-wlm"):
+            if os.path.exists(os.path.join(d, lib)):
+                plugindir = plugindir or d
+                libdirs.append(d)
+                break
+    libdirs.append(os.path.dirname(loader))
+    binds = {plugindir} if plugindir else set()
+    binds.add(os.path.dirname(os.path.abspath(conf)))
+    auth = vals.get("authinfo", "")
+    sock = "/run/munge/munge.socket.2"
+    for item in auth.split(","):
+        if item.startswith("socket="):
+            sock = item[len("socket="):]
+    binds.add(os.path.dirname(sock))
+    plugstack = vals.get("plugstackconfig")
+    if plugstack:
+        binds.add(plugstack)
+    if args.get("plugin"):
+        binds.add(args["plugin"])
+    for b in sorted(binds):
+        if b and os.path.exists(b):
+            mounts.append(f"{b}:{b}:ro")
+    from importlib.resources import files
+    wrappers = str(files("hpcc").joinpath("data", "slurm-bin"))
+    if os.path.isdir(wrappers):
+        mounts.append(f"{wrappers}:{BIN_DIR}:ro")
+    env["HPCC_HOST_LD"] = HOST_DIR + loader
+    env["HPCC_HOST_LIBS"] = ":".join(HOST_DIR + d for d in libdirs)
+    env["HPCC_HOST"] = HOST_DIR
+    if args.get("slurm_conf"):
+        env["SLURM_CONF"] = args["slurm_conf"]
+    return mounts, env
+
+
+def build(args):
+    """Resolve the image and build the spec. Returns (spec, image_fd, extra_env)."""
+    import pwd
+
+    from .config import load_config
+    from .runtime import build_spec
+
+    uid, gid = int(args["uid"]), int(args["gid"])
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        raise LaunchError(f"uid {uid} has no passwd entry on this node") from None
+    if user.pw_gid != gid:
+        user = pwd.struct_passwd((user.pw_name, user.pw_passwd, uid, gid, user.pw_gecos,
+                                  user.pw_dir, user.pw_shell))
+    config = load_config(validate_schema=False)
+    rec, fd = resolve_as_user(args["image"], user, config)
+
+    mounts = [m for m in args.get("mounts", "").split(",") if m]
+    extra_env = {}
+    system = []   # binds of Slurm's own files: opened by root, not subject to the user's rights
+    step = int(args["step"])
+    if step in (BATCH_STEP, INTERACTIVE_STEP):
+        script = args.get("argv0", "")
+        if step == BATCH_STEP and script.startswith("/"):
+            d = os.path.dirname(script)
+            system.append(f"{d}:{d}:ro")
+        more, extra_env = slurm_client_setup(args)
+        system += more
+    annotations = {"org.hpcc.slurm.job": args["job"], "org.hpcc.slurm.step": args["step"]}
+    if args.get("mpi") == "1":
+        annotations["org.hpcc.mpi"] = "1"
+    if args.get("gpus"):
+        annotations["org.hpcc.gpu"] = args["gpus"]
+    # The job's working directory is bound (launcher.mount_cwd) unless it is a system path;
+    # the runtime opens user-given bind sources with the user's credentials.
+    spec = build_spec(rec, mode="exec", command=["/bin/true"], mounts=mounts,
+                      workdir=args.get("workdir") or None,
+                      writable=args.get("writable") == "1", user=str(uid),
+                      annotations=annotations, config=config, privileged=True,
+                      host_env={"HOME": user.pw_dir}, cwd=args["cwd"], image_name=args["image"])
+    from .runtime.spec import parse_mount
+
+    for item in system:
+        src, dst, ro = parse_mount(item, cwd="/")
+        spec["mounts"].append({"destination": dst, "type": "bind", "source": src,
+                               "options": ["rbind", "nosuid", "nodev"] + (["ro"] if ro else []),
+                               "x-hpcc-origin": "slurm"})
+    spec["hpcc"]["image"] = f"/proc/self/fd/{fd}"
+    return spec, rec, fd, extra_env
+
+
+def reply_env(spec, rec, keep, extra):
+    """Variables the plugin sets in each task: the image's, then ours; the job keeps its
+    SLURM_*/PMI_* variables and the names in keep (--container-env)."""
+    out = {}
+    image_env = (rec.meta.get("config") or {}).get("Env") or []
+    spec_env = dict(item.partition("=")[::2] for item in spec["process"]["env"])
+    out["PATH"] = spec_env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    for item in image_env:
+        k, eq, v = item.partition("=")
+        if k and eq:
+            out[k] = v
+    out.update(extra)
+    if BIN_DIR and extra.get("HPCC_HOST"):
+        out["PATH"] = BIN_DIR + ":" + out["PATH"]
+    out["HPCC_CONTAINER"] = "1"
+    if rec.digest:
+        out["HPCC_IMAGE_DIGEST"] = rec.digest
+    return {k: v for k, v in out.items() if not k.startswith(JOB_PREFIXES) and k not in keep}
+
+
+def container_child(spec, sock, payload):
+    """In the forked child: new mount namespace, root assembly, send the namespace fd.
+    Returns the RootHandle (its FUSE daemon must outlive the message when there is one)."""
+    from .runtime import enter_namespaces, setup_root
+
+    enter_namespaces(True)
+    nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    handle = setup_root(spec, privileged=True)
+    socket.send_fds(sock, [payload[:1]], [nsfd])
+    sock.sendall(payload[1:])
+    os.close(nsfd)
+    return handle
+
+
+def run(args, sock):
+    spec, rec, img_fd, extra = build(args)
+    keep = {n for n in args.get("keep_env", "").split(",") if n}
+    env = reply_env(spec, rec, keep, extra)
+    records = [f"cwd={spec['process']['cwd']}"] + [f"env={k}={v}" for k, v in env.items()]
+    if not extra:
+        # a step started from a batch container: the client wrappers' variables do not apply
+        records += [f"unset={k}" for k in ("HPCC_HOST", "HPCC_HOST_LD", "HPCC_HOST_LIBS")]
+    records.append("end=1")
+    if any("\0" in r for r in records):
+        raise LaunchError("the image's environment contains a NUL byte")
+    payload = "".join(r + "\0" for r in records).encode()
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(r)
+            handle = container_child(spec, sock, payload)
+            if handle.fuse_pid:
+                # Keep the FUSE daemon's parent alive until slurmstepd closes its end.
+                os.write(w, b"k")
+                os.close(w)
+                try:
+                    while sock.recv(4096):
+                        pass
+                except OSError:
+                    pass
+                handle.close()
+            else:
+                os.write(w, b"o")
+        except HpccError as e:
+            print(f"hpcc: {e}", file=sys.stderr, flush=True)
+            code = e.exit_code
+        except BaseException as e:  # noqa: BLE001 - report, never a traceback
+            print(f"hpcc: cannot set up the container: {e}", file=sys.stderr, flush=True)
+            code = EXIT_LAUNCH
+        os._exit(code)
+    os.close(w)
+    os.close(img_fd)
+    sock.close()
+    status = os.read(r, 1)
+    os.close(r)
+    if status == b"k":
+        return 0  # the keeper lives on; its exit status no longer matters here
+    _, st = os.waitpid(pid, 0)
+    if os.WIFEXITED(st):
+        return os.WEXITSTATUS(st) if status != b"o" else 0
+    return EXIT_LAUNCH
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        sock = socket.socket(fileno=3)
+    except OSError:
+        print("hpcc.stepd: fd 3 must be the socket from spank_hpcc.so", file=sys.stderr)
+        return 2
+    try:
+        return run(parse_args(argv), sock)
+    except HpccError as e:
+        print(f"hpcc: {e}", file=sys.stderr, flush=True)
+        return e.exit_code or 1
+    except Exception as e:  # noqa: BLE001 - report, never a traceback
+        print(f"hpcc: cannot set up the container: {type(e).__name__}: {e}", file=sys.stderr,
+              flush=True)
+        return EXIT_LAUNCH
+
+
+if __name__ == "__main__":
+    sys.exit(main())

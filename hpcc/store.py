@@ -1,0 +1,430 @@
+"""The image store: one squashfs file and one JSON file per image, on a shared filesystem.
+
+Layout of a store root::
+
+    sha256-<hex>.sqfs            the flattened image (published last-but-one)
+    sha256-<hex>.json            its metadata; its presence is what makes the image visible
+    refs/<domain>/<path>/@<tag>  "sha256:<hex>\\n": tag index, so a name resolves in O(1)
+    .tmp/                        images being written (removed by `gateway gc` when abandoned)
+    .locks/sha256-<hex>.lock     flock held while an image is converted
+    .blobs/                      default layer blob cache (gateway only)
+
+`<hex>` is the manifest digest of the (platform-specific) image. Tags live in files named
+`@<tag>` because `@` never occurs in a repository path, so `a/b:c` and `a/b/c:x` cannot
+collide. Publishing is temp file + fsync + rename; a crash or kill leaves only debris under
+.tmp/ (and possibly a .sqfs without its .json), which is invisible to resolution and removed
+by `gc()`.
+
+This module is on the launch path: it imports only the standard library.
+"""
+import errno
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from .errors import ImageNotFound, StoreError
+from .reference import DIGEST_RE, parse_reference
+
+META_SCHEMA = 1
+
+
+def digest_stem(digest):
+    """'sha256:abc...' -> 'sha256-abc...' (file name stem)."""
+    return digest.replace(":", "-", 1)
+
+
+def _stem_digest(stem):
+    return stem.replace("-", ":", 1)
+
+
+@dataclass
+class ImageRecord:
+    digest: str
+    sqfs_path: str
+    meta: dict = field(default_factory=dict)
+    store: "Store | None" = None
+
+    @property
+    def config(self):
+        return self.meta.get("config") or {}
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path, data, mode=0o644, tmpdir=None):
+    """Write bytes to `path` via a temp file in `tmpdir` (same filesystem) + fsync + rename."""
+    d = tmpdir or os.path.dirname(path)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+class Store:
+    """An image store rooted at a directory (the site store or a user's own)."""
+
+    def __init__(self, root, *, create=False):
+        self.root = os.path.abspath(root)
+        if create:
+            self.ensure()
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def site(cls, config, *, create=False):
+        from .config import expand_path
+
+        root = os.environ.get("HPCC_STORE") or config["store"]["path"]
+        return cls(expand_path(root), create=create)
+
+    @classmethod
+    def user(cls, config, *, create=False):
+        from .config import expand_path
+
+        root = os.environ.get("HPCC_USER_STORE") or config["store"]["user_path"]
+        return cls(expand_path(root), create=create)
+
+    def ensure(self):
+        try:
+            for d in (self.root, self.tmp_dir, self.lock_dir, self.refs_dir):
+                os.makedirs(d, mode=0o755, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create image store {self.root}: {e.strerror}",
+                             hint="check store.path in the config and your permissions") from None
+
+    # ---- paths --------------------------------------------------------------------
+    @property
+    def tmp_dir(self):
+        return os.path.join(self.root, ".tmp")
+
+    @property
+    def lock_dir(self):
+        return os.path.join(self.root, ".locks")
+
+    @property
+    def refs_dir(self):
+        return os.path.join(self.root, "refs")
+
+    def sqfs_path(self, digest):
+        return os.path.join(self.root, digest_stem(digest) + ".sqfs")
+
+    def meta_path(self, digest):
+        return os.path.join(self.root, digest_stem(digest) + ".json")
+
+    def ref_path(self, ref):
+        """Index file for a tagged Reference."""
+        return os.path.join(self.refs_dir, ref.domain, *ref.path.split("/"), "@" + ref.tag)
+
+    # ---- resolution (launch path: O(1) file operations) ------------------------------
+    def get(self, digest):
+        """ImageRecord for a digest, or None when the image is not (fully) published."""
+        try:
+            with open(self.meta_path(digest), "rb") as f:
+                meta = json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except PermissionError:
+            raise ImageNotFound(f"image {digest} exists in {self.root} but you may not read it",
+                                hint="ask the site's admins for access") from None
+        except (OSError, ValueError) as e:
+            raise StoreError(f"image metadata {self.meta_path(digest)} is unreadable: {e}",
+                             hint="remove it with 'gateway rm' and pull again") from None
+        return ImageRecord(digest, self.sqfs_path(digest), meta, self)
+
+    def lookup_tag(self, ref):
+        """Digest a tag points to in this store, or None."""
+        try:
+            with open(self.ref_path(ref), "r") as f:
+                digest = f.read().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except PermissionError:
+            return None
+        if not DIGEST_RE.match(digest):
+            raise StoreError(f"corrupt reference file {self.ref_path(ref)}",
+                             hint="run 'gateway gc' or pull the image again")
+        return digest
+
+    def find(self, name):
+        """ImageRecord for a name (ref, digest, sha256-<hex>) or None. Raises on a bad name."""
+        if name.startswith("sha256-"):
+            name = _stem_digest(name)
+        if DIGEST_RE.match(name):
+            return self.get(name)
+        ref = parse_reference(name)
+        digest = ref.digest or self.lookup_tag(ref)
+        if digest is None:
+            return None
+        return self.get(digest)
+
+    def resolve(self, name):
+        rec = self.find(name)
+        if rec is None:
+            raise ImageNotFound(f"image '{name}' not found in the store {self.root}",
+                                hint=f"pull it with 'gateway pull {name}' (or 'hpcc pull {name}')")
+        return rec
+
+    # ---- publication --------------------------------------------------------------
+    @contextmanager
+    def lock(self, digest, *, blocking=True):
+        """Exclusive per-image lock (flock). Yields True, or False if non-blocking and busy."""
+        self.ensure()
+        path = os.path.join(self.lock_dir, digest_stem(digest) + ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def temp_path(self, digest, suffix):
+        self.ensure()
+        return os.path.join(self.tmp_dir,
+                            f"{digest_stem(digest)}.{os.getpid()}.{time.monotonic_ns()}{suffix}")
+
+    def publish(self, digest, sqfs_tmp, meta, refs=()):
+        """Move a finished squashfs into place and write its metadata, then the tag refs.
+
+        The caller holds `lock(digest)`. `sqfs_tmp` must be in this store's .tmp directory.
+        """
+        meta = dict(meta)
+        meta.setdefault("schema", META_SCHEMA)
+        meta["digest"] = digest
+        fd = os.open(sqfs_tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(sqfs_tmp, 0o644)
+        os.rename(sqfs_tmp, self.sqfs_path(digest))
+        _write_atomic(self.meta_path(digest),
+                      json.dumps(meta, indent=1, sort_keys=True).encode() + b"\n",
+                      tmpdir=self.tmp_dir)
+        for ref in refs:
+            self.tag(ref, digest)
+        return self.get(digest)
+
+    def tag(self, ref, digest):
+        if not ref.tag:
+            return
+        path = self.ref_path(ref)
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot write reference {ref}: {e.strerror}") from None
+        _write_atomic(path, (digest + "\n").encode(), tmpdir=self.tmp_dir)
+
+    # ---- listing, removal, garbage collection (admin operations; may scan) ----------
+    def iter_refs(self):
+        """(Reference string, digest) for every tag in the index."""
+        base = self.refs_dir
+        for dirpath, _dirs, files in os.walk(base):
+            for fname in files:
+                if not fname.startswith("@"):
+                    continue
+                rel = os.path.relpath(dirpath, base).split(os.sep)
+                if len(rel) < 2:
+                    continue
+                name = f"{rel[0]}/{'/'.join(rel[1:])}:{fname[1:]}"
+                try:
+                    with open(os.path.join(dirpath, fname)) as f:
+                        digest = f.read().strip()
+                except OSError:
+                    continue
+                yield name, digest
+
+    def images(self):
+        """Every published image, with the tags that point to it."""
+        tags = {}
+        for name, digest in self.iter_refs():
+            tags.setdefault(digest, []).append(name)
+        out = []
+        try:
+            entries = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return out
+        for fname in entries:
+            if not (fname.startswith("sha256-") and fname.endswith(".json")):
+                continue
+            digest = _stem_digest(fname[:-5])
+            try:
+                rec = self.get(digest)
+            except StoreError:
+                continue
+            if rec is None or not os.path.exists(rec.sqfs_path):
+                continue
+            rec.meta["tags"] = sorted(tags.get(digest, []))
+            out.append(rec)
+        return out
+
+    def remove(self, name):
+        """Remove a tag (and the image if no tag is left), or an image by digest with its tags.
+
+        Returns (removed_tags, removed_digest_or_None).
+        """
+        if name.startswith("sha256-"):
+            name = _stem_digest(name)
+        removed_tags = []
+        if DIGEST_RE.match(name):
+            digest = name
+            if self.get(digest) is None:
+                raise ImageNotFound(f"image '{name}' not found in the store {self.root}")
+            for ref_name, d in list(self.iter_refs()):
+                if d == digest:
+                    self._unlink_ref(parse_reference(ref_name))
+                    removed_tags.append(ref_name)
+            self._remove_image(digest)
+            return removed_tags, digest
+        ref = parse_reference(name)
+        if ref.digest:
+            return self.remove(ref.digest)
+        digest = self.lookup_tag(ref)
+        if digest is None:
+            raise ImageNotFound(f"image '{name}' not found in the store {self.root}")
+        self._unlink_ref(ref)
+        removed_tags.append(str(ref))
+        if not any(d == digest for _n, d in self.iter_refs()):
+            self._remove_image(digest)
+            return removed_tags, digest
+        return removed_tags, None
+
+    def _unlink_ref(self, ref):
+        path = self.ref_path(ref)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        # prune empty parent directories up to refs/
+        d = os.path.dirname(path)
+        while d.startswith(self.refs_dir + os.sep):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+            d = os.path.dirname(d)
+
+    def _remove_image(self, digest):
+        # metadata first: the image disappears atomically for resolvers
+        for p in (self.meta_path(digest), self.sqfs_path(digest)):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+    def gc(self, *, dry_run=False):
+        """Remove debris: abandoned temp files, squashfs files without metadata, dangling
+        refs, unused lock files. Never touches an image whose lock is held."""
+        removed = []
+
+        def rm(path):
+            removed.append(path)
+            if not dry_run:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+        # temp files: <stem>.<pid>.<ns>.<suffix>; free lock => abandoned
+        if os.path.isdir(self.tmp_dir):
+            for fname in os.listdir(self.tmp_dir):
+                stem = fname.split(".", 1)[0]
+                if fname.startswith(".") or not stem.startswith("sha256-"):
+                    # atomic-write temps of refs/metadata: abandoned if older than a minute
+                    p = os.path.join(self.tmp_dir, fname)
+                    try:
+                        if time.time() - os.lstat(p).st_mtime > 60:
+                            rm(p)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                with self.lock(_stem_digest(stem), blocking=False) as got:
+                    if got:
+                        rm(os.path.join(self.tmp_dir, fname))
+        # squashfs without metadata (crash between the two renames)
+        for fname in os.listdir(self.root) if os.path.isdir(self.root) else ():
+            if fname.startswith("sha256-") and fname.endswith(".sqfs"):
+                digest = _stem_digest(fname[:-5])
+                if not os.path.exists(self.meta_path(digest)):
+                    with self.lock(digest, blocking=False) as got:
+                        if got:
+                            rm(os.path.join(self.root, fname))
+        # dangling tags
+        for name, digest in list(self.iter_refs()):
+            if not DIGEST_RE.match(digest) or not os.path.exists(self.meta_path(digest)):
+                ref = parse_reference(name)
+                removed.append(self.ref_path(ref))
+                if not dry_run:
+                    self._unlink_ref(ref)
+        # lock files of images that no longer exist and are not being converted
+        if os.path.isdir(self.lock_dir):
+            for fname in os.listdir(self.lock_dir):
+                if not fname.endswith(".lock"):
+                    continue
+                digest = _stem_digest(fname[:-5])
+                if os.path.exists(self.meta_path(digest)):
+                    continue
+                with self.lock(digest, blocking=False) as got:
+                    if got:
+                        rm(os.path.join(self.lock_dir, fname))
+        return removed
+
+
+def resolve_image(arg, config):
+    """Resolve what a user typed: a path to a .sqfs file, else the user's store, then the
+    site store. O(1) file operations; never lists a store."""
+    if "/" in arg and (arg.endswith(".sqfs") or arg.startswith(("/", "./", "../"))):
+        path = os.path.abspath(arg)
+        if not os.path.isfile(path):
+            raise ImageNotFound(f"image file {arg} does not exist")
+        meta = {}
+        side = path[:-5] + ".json" if path.endswith(".sqfs") else path + ".json"
+        try:
+            with open(side, "rb") as f:
+                meta = json.loads(f.read())
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            raise StoreError(f"cannot read image metadata {side}: {e}") from None
+        return ImageRecord(meta.get("digest", ""), path, meta, None)
+    user = Store.user(config)
+    site = Store.site(config)
+    for store in (user, site):
+        try:
+            rec = store.find(arg)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.ENOENT):
+                continue
+            raise
+        if rec is not None:
+            return rec
+    raise ImageNotFound(f"image '{arg}' not found in the store",
+                        hint=f"pull it with 'hpcc pull {arg}' (or ask an admin to 'gateway pull {arg}')")

@@ -1,0 +1,563 @@
+/*
+ * spank_hpcc.so: run Slurm job steps inside hpcc container images.
+ *
+ * The image comes from Slurm's own --container option (inert without oci.conf; its value
+ * reaches us as SLURM_CONTAINER) or from --container-image. The rest of the options use
+ * names that do not collide with Slurm's.
+ *
+ * Per step and node, in slurmstepd (user_init), the plugin starts hpcc's Python helper
+ * (`python -I -m hpcc.stepd`) as root. The helper resolves the image as the job user, builds
+ * the container's mount namespace with hpcc's runtime and sends back an fd of that namespace
+ * (SCM_RIGHTS) plus the image's environment and the working directory. Each task joins the
+ * namespace in task_init_privileged; in task_init (already the job user) it changes to the
+ * working directory, merges the environment, sets no_new_privs and drops capabilities.
+ * Slurm then looks the command up and execs it inside the container. The namespace lives as
+ * long as slurmstepd holds the fd and its tasks run in it: nothing to clean up afterwards.
+ *
+ * plugstack.conf:  required /path/spank_hpcc.so [python=/opt/hpcc/venv/bin/python3]
+ *                  [config=/etc/hpcc/hpcc.toml]
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/capability.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <slurm/slurm.h>
+#include <slurm/spank.h>
+
+SPANK_PLUGIN(hpcc, 1);
+
+#define DEFAULT_PYTHON "/opt/hpcc/venv/bin/python3"
+#define MAX_REPLY (4 << 20)
+
+enum { OPT_IMAGE, OPT_MOUNTS, OPT_WORKDIR, OPT_ENV, OPT_WRITABLE, OPT_MPI, OPT_GPUS, OPT_N };
+
+static const char *opt_envvar[OPT_N] = {
+	"HPCC_CONTAINER_IMAGE", "HPCC_CONTAINER_MOUNTS", "HPCC_CONTAINER_WORKDIR",
+	"HPCC_CONTAINER_ENV", "HPCC_CONTAINER_WRITABLE", "HPCC_CONTAINER_MPI",
+	"HPCC_CONTAINER_GPUS",
+};
+
+static char *opt_val[OPT_N];        /* option values seen by the callbacks */
+static char *arg_python, *arg_config;
+static char *inherited_container;   /* srun: SLURM_CONTAINER found in srun's own environment */
+
+/* Remote (slurmstepd) state for this step. */
+static int ns_fd = -1;
+static char *reply_buf;             /* NUL-separated records from the helper */
+static size_t reply_len;
+static char *keep_env;              /* comma list: --container-env names the job has set */
+static int keep_sock = -1;
+static int setup_failed;            /* the helper failed: tasks exit 125 before exec */          /* held until slurmstepd exits: a FUSE keeper waits on it */
+
+static int opt_cb(int val, const char *optarg, int remote)
+{
+	(void)remote;
+	if (val < 0 || val >= OPT_N)
+		return -1;
+	free(opt_val[val]);          /* callbacks run more than once in slurmstepd */
+	/* flags arrive with no argument locally and an empty one in slurmstepd */
+	if (val == OPT_WRITABLE || val == OPT_MPI)
+		optarg = "1";
+	opt_val[val] = strdup(optarg ? optarg : "");
+	return 0;
+}
+
+static struct spank_option options[] = {
+	{ "container-image", "IMAGE",
+	  "[hpcc] run the step in hpcc image IMAGE (same as Slurm's --container=IMAGE when the "
+	  "site has no oci.conf; env HPCC_CONTAINER_IMAGE)", 1, OPT_IMAGE, opt_cb },
+	{ "container-mounts", "SRC:DST[:ro],...",
+	  "[hpcc] bind host paths into the container (env HPCC_CONTAINER_MOUNTS)",
+	  1, OPT_MOUNTS, opt_cb },
+	{ "container-workdir", "DIR",
+	  "[hpcc] working directory inside the container (default: the job's; "
+	  "env HPCC_CONTAINER_WORKDIR)", 1, OPT_WORKDIR, opt_cb },
+	{ "container-env", "NAME,...",
+	  "[hpcc] take these variables from the job, not the image (env HPCC_CONTAINER_ENV)",
+	  1, OPT_ENV, opt_cb },
+	{ "container-writable", NULL,
+	  "[hpcc] writable container root (changes are discarded at the end of the step; "
+	  "env HPCC_CONTAINER_WRITABLE=1)", 0, OPT_WRITABLE, opt_cb },
+	{ "container-mpi", NULL,
+	  "[hpcc] inject the host's MPI (MPICH ABI) into the container "
+	  "(env HPCC_CONTAINER_MPI=1)", 0, OPT_MPI, opt_cb },
+	{ "container-gpus", "all|N,...",
+	  "[hpcc] NVIDIA GPUs in the container (default: the GPUs Slurm bound to the step; "
+	  "env HPCC_CONTAINER_GPUS)", 1, OPT_GPUS, opt_cb },
+	SPANK_OPTIONS_TABLE_END
+};
+
+static void parse_args(int ac, char **av)
+{
+	for (int i = 0; i < ac; i++) {
+		if (!strncmp(av[i], "python=", 7)) {
+			free(arg_python);
+			arg_python = strdup(av[i] + 7);
+		} else if (!strncmp(av[i], "config=", 7)) {
+			free(arg_config);
+			arg_config = strdup(av[i] + 7);
+		} else {
+			slurm_error("hpcc: unknown plugstack.conf argument '%s' (known: python=, config=)",
+				    av[i]);
+		}
+	}
+}
+
+int slurm_spank_init(spank_t sp, int ac, char **av)
+{
+	spank_context_t ctx = spank_context();
+
+	parse_args(ac, av);
+	if (ctx == S_CTX_LOCAL) {
+		/* Before srun sets up the step environment: a value here was inherited. */
+		const char *c = getenv("SLURM_CONTAINER");
+		if (c && *c)
+			inherited_container = strdup(c);
+	}
+	if (ctx != S_CTX_LOCAL && ctx != S_CTX_REMOTE && ctx != S_CTX_ALLOCATOR)
+		return 0;
+	for (struct spank_option *o = options; o->name; o++) {
+		if (spank_option_register(sp, o) != ESPANK_SUCCESS) {
+			slurm_error("hpcc: cannot register option --%s", o->name);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/*
+ * srun inside a job started with --container=A: srun only sets SLURM_CONTAINER when it is not
+ * set already, so `srun --container=B` would still show A to the nodes. The controller has the
+ * step's real value; export it (a setenv here reaches the remote side). Only paid by sruns
+ * that inherited a container.
+ */
+int slurm_spank_local_user_init(spank_t sp, int ac, char **av)
+{
+	uint32_t job_id = 0, step_id = 0;
+	job_step_info_response_msg_t *resp = NULL;
+
+	(void)ac; (void)av;
+	if (!inherited_container)
+		return 0;
+	if (spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS ||
+	    spank_get_item(sp, S_JOB_STEPID, &step_id) != ESPANK_SUCCESS)
+		return 0;
+	if (slurm_get_job_steps((time_t)0, job_id, step_id, &resp, SHOW_ALL) != 0 || !resp)
+		return 0;
+	if (resp->job_step_count >= 1) {
+		const char *c = resp->job_steps[0].container;
+		if (c && *c && strcmp(c, inherited_container) != 0)
+			setenv("SLURM_CONTAINER", c, 1);
+	}
+	slurm_free_job_step_info_response_msg(resp);
+	return 0;
+}
+
+/* Option value, else its HPCC_CONTAINER_* variable from the job's environment. */
+static char *get_setting(spank_t sp, int which)
+{
+	char buf[8192];
+
+	if (opt_val[which])
+		return strdup(opt_val[which]);
+	if (spank_getenv(sp, opt_envvar[which], buf, sizeof(buf)) == ESPANK_SUCCESS && buf[0])
+		return strdup(buf);
+	return NULL;
+}
+
+static int is_true(const char *v)
+{
+	return v && *v && strcmp(v, "0") && strcasecmp(v, "no") && strcasecmp(v, "false");
+}
+
+static int oci_conf_present(void)
+{
+	char path[4096];
+	const char *conf = getenv("SLURM_CONF");
+	const char *slash;
+
+	if (!conf || !*conf)
+		conf = "/etc/slurm/slurm.conf";
+	slash = strrchr(conf, '/');
+	if (!slash)
+		return access("oci.conf", F_OK) == 0;
+	snprintf(path, sizeof(path), "%.*s/oci.conf", (int)(slash - conf), conf);
+	return access(path, F_OK) == 0;
+}
+
+struct argv_b { char **v; int n, cap; };
+
+static void argv_add(struct argv_b *a, const char *key, const char *val)
+{
+	char *s;
+
+	if (a->n + 2 > a->cap) {
+		a->cap = a->cap ? a->cap * 2 : 32;
+		a->v = realloc(a->v, a->cap * sizeof(char *));
+	}
+	if (key) {
+		if (asprintf(&s, "%s=%s", key, val ? val : "") < 0)
+			s = NULL;
+	} else {
+		s = strdup(val);
+	}
+	a->v[a->n++] = s;
+	a->v[a->n] = NULL;
+}
+
+static void argv_addu(struct argv_b *a, const char *key, unsigned long v)
+{
+	char buf[32];
+	snprintf(buf, sizeof(buf), "%lu", v);
+	argv_add(a, key, buf);
+}
+
+/* Receive the namespace fd (sent with the first bytes) and the rest of the reply. */
+static int read_reply(int sock)
+{
+	size_t cap = 65536;
+	char cbuf[CMSG_SPACE(sizeof(int))];
+
+	reply_buf = malloc(cap);
+	reply_len = 0;
+	for (;;) {
+		struct iovec iov = { reply_buf + reply_len, cap - reply_len };
+		struct msghdr msg = { 0 };
+		ssize_t n;
+
+		msg.msg_iov = &iov;
+		msg.msg_iovlen = 1;
+		msg.msg_control = cbuf;
+		msg.msg_controllen = sizeof(cbuf);
+		n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -1;
+		if (n == 0)
+			break;
+		for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+			if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+				int fd;
+				memcpy(&fd, CMSG_DATA(c), sizeof(int));
+				if (ns_fd >= 0)
+					close(ns_fd);
+				ns_fd = fd;
+			}
+		}
+		reply_len += n;
+		if (reply_len >= 6 && !memcmp(reply_buf + reply_len - 6, "end=1", 6))
+			break;
+		if (reply_len == cap) {
+			if (cap >= MAX_REPLY)
+				return -1;
+			cap *= 2;
+			reply_buf = realloc(reply_buf, cap);
+		}
+	}
+	return 0;
+}
+
+static const char *reply_get(const char *key)
+{
+	size_t kl = strlen(key);
+	for (size_t off = 0; off < reply_len; off += strnlen(reply_buf + off, reply_len - off) + 1)
+		if (!strncmp(reply_buf + off, key, kl) && reply_buf[off + kl] == '=')
+			return reply_buf + off + kl + 1;
+	return NULL;
+}
+
+/* Start the helper as root (user_init runs with the job user as effective uid). */
+static pid_t start_helper(int sock, struct argv_b *args)
+{
+	pid_t pid = fork();
+
+	if (pid != 0)
+		return pid;
+	if (setresuid(0, 0, 0) || setresgid(0, 0, 0) || setgroups(0, NULL)) {
+		fprintf(stderr, "hpcc: slurmstepd helper cannot regain root: %s\n", strerror(errno));
+		_exit(125);
+	}
+	if (dup2(sock, 3) < 0)
+		_exit(125);
+	int devnull = open("/dev/null", O_RDWR);
+	if (devnull >= 0) {
+		dup2(devnull, 0);
+		dup2(devnull, 1);
+	}
+	/* Everything but stdin/stdout/stderr (srun's stderr) and the socket is closed. */
+	for (int fd = 4; fd < 1024; fd++)
+		close(fd);
+	sigset_t all;
+	sigemptyset(&all);
+	sigprocmask(SIG_SETMASK, &all, NULL);
+	if (chdir("/") < 0)
+		_exit(125);
+	char *cfg = NULL;
+	if (arg_config && asprintf(&cfg, "HPCC_CONFIG=%s", arg_config) < 0)
+		cfg = NULL;
+	char *envp[] = { "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
+			 "PYTHONDONTWRITEBYTECODE=1", cfg, NULL };
+	execve(args->v[0], args->v, envp);
+	fprintf(stderr, "hpcc: cannot start the helper %s: %s (check python= in plugstack.conf)\n",
+		args->v[0], strerror(errno));
+	_exit(125);
+}
+
+int slurm_spank_user_init(spank_t sp, int ac, char **av)
+{
+	char *image = NULL, *val;
+	char buf[8192], cwd[4096];
+	uid_t uid;
+	gid_t gid;
+	uint32_t job_id = 0, step_id = 0, node_id = 0;
+	int argc = 0, sv[2], status, rc = -1;
+	char **argv = NULL;
+	struct argv_b a = { 0 };
+	pid_t pid;
+
+	(void)ac; (void)av;
+	if (!spank_remote(sp))
+		return 0;
+	image = get_setting(sp, OPT_IMAGE);
+	if (!image) {
+		if (spank_getenv(sp, "SLURM_CONTAINER", buf, sizeof(buf)) != ESPANK_SUCCESS || !buf[0])
+			return 0;               /* not a container step */
+		if (oci_conf_present()) {
+			fprintf(stderr, "hpcc: this site configures Slurm's own OCI containers "
+				"(oci.conf), so --container=%s is handled by Slurm, not hpcc; "
+				"use --container-image=%s for an hpcc image\n", buf, buf);
+			return 0;
+		}
+		image = strdup(buf);
+	}
+
+	spank_get_item(sp, S_JOB_UID, &uid);
+	spank_get_item(sp, S_JOB_GID, &gid);
+	spank_get_item(sp, S_JOB_ID, &job_id);
+	spank_get_item(sp, S_JOB_STEPID, &step_id);
+	spank_get_item(sp, S_JOB_NODEID, &node_id);
+	spank_get_item(sp, S_JOB_ARGV, &argc, &argv);
+	if (!getcwd(cwd, sizeof(cwd)))
+		strcpy(cwd, "/");
+
+	argv_add(&a, NULL, arg_python ? arg_python : DEFAULT_PYTHON);
+	argv_add(&a, NULL, "-I");
+	argv_add(&a, NULL, "-m");
+	argv_add(&a, NULL, "hpcc.stepd");
+	argv_add(&a, "image", image);
+	argv_addu(&a, "uid", uid);
+	argv_addu(&a, "gid", gid);
+	argv_addu(&a, "job", job_id);
+	argv_addu(&a, "step", step_id);
+	argv_addu(&a, "node", node_id);
+	argv_add(&a, "cwd", cwd);
+	{
+		Dl_info info;
+		if (dladdr((void *)slurm_spank_user_init, &info) && info.dli_fname &&
+		    info.dli_fname[0] == '/')
+			argv_add(&a, "plugin", info.dli_fname);
+	}
+	if (argc > 0 && argv && argv[0])
+		argv_add(&a, "argv0", argv[0]);
+	if (spank_getenv(sp, "HOME", buf, sizeof(buf)) == ESPANK_SUCCESS)
+		argv_add(&a, "home", buf);
+	if (spank_getenv(sp, "SLURM_CONF", buf, sizeof(buf)) == ESPANK_SUCCESS)
+		argv_add(&a, "slurm_conf", buf);
+	else if (getenv("SLURM_CONF"))
+		argv_add(&a, "slurm_conf", getenv("SLURM_CONF"));
+	if ((val = get_setting(sp, OPT_MOUNTS))) { argv_add(&a, "mounts", val); free(val); }
+	if ((val = get_setting(sp, OPT_WORKDIR))) { argv_add(&a, "workdir", val); free(val); }
+	if ((val = get_setting(sp, OPT_WRITABLE))) {
+		argv_add(&a, "writable", is_true(val) ? "1" : "0"); free(val);
+	}
+	if ((val = get_setting(sp, OPT_MPI))) {
+		argv_add(&a, "mpi", is_true(val) ? "1" : "0"); free(val);
+	}
+	if ((val = get_setting(sp, OPT_GPUS))) {
+		argv_add(&a, "gpus", val); free(val);
+	} else if (spank_getenv(sp, "SLURM_STEP_GPUS", buf, sizeof(buf)) == ESPANK_SUCCESS && buf[0]) {
+		argv_add(&a, "gpus", buf);
+	} else if (spank_getenv(sp, "CUDA_VISIBLE_DEVICES", buf, sizeof(buf)) == ESPANK_SUCCESS &&
+		   buf[0]) {
+		argv_add(&a, "gpus", buf);
+	}
+	if ((val = get_setting(sp, OPT_ENV))) {
+		/* Names the job has a value for keep it: tell the helper which ones. */
+		char *save = NULL, *copy = strdup(val);
+		size_t kl = 0;
+		keep_env = calloc(1, strlen(val) + 2);
+		for (char *n = strtok_r(copy, ",", &save); n; n = strtok_r(NULL, ",", &save)) {
+			if (spank_getenv(sp, n, buf, sizeof(buf)) == ESPANK_SUCCESS) {
+				kl += sprintf(keep_env + kl, "%s%s", kl ? "," : "", n);
+			}
+		}
+		free(copy);
+		argv_add(&a, "keep_env", keep_env);
+		free(val);
+	}
+
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
+		fprintf(stderr, "hpcc: socketpair: %s\n", strerror(errno));
+		goto out;
+	}
+	pid = start_helper(sv[1], &a);
+	close(sv[1]);
+	if (pid < 0) {
+		fprintf(stderr, "hpcc: fork: %s\n", strerror(errno));
+		close(sv[0]);
+		goto out;
+	}
+	if (read_reply(sv[0]) < 0)
+		fprintf(stderr, "hpcc: reading the helper's reply: %s\n", strerror(errno));
+	keep_sock = sv[0];
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+		/* The helper has printed its one-line reason to srun's stderr. */
+		if (WIFSIGNALED(status))
+			fprintf(stderr, "hpcc: the container setup helper died (signal %d)\n",
+				WTERMSIG(status));
+		goto out;
+	}
+	if (ns_fd < 0 || !reply_get("cwd")) {
+		fprintf(stderr, "hpcc: the container setup helper gave no namespace\n");
+		goto out;
+	}
+	rc = 0;
+out:
+	if (rc && ns_fd >= 0) {
+		close(ns_fd);
+		ns_fd = -1;
+	}
+	if (rc && keep_sock >= 0) {
+		close(keep_sock);
+		keep_sock = -1;
+	}
+	for (int i = 0; i < a.n; i++)
+		free(a.v[i]);
+	free(a.v);
+	free(image);
+	/*
+	 * A failing user_init makes srun report "launch failed" and still exit 0; instead every
+	 * task of the step exits with 125 (hpcc failed before the command ran) without running
+	 * anything. The reason was printed once, above.
+	 */
+	if (rc)
+		setup_failed = 1;
+	return 0;
+}
+
+int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
+{
+	(void)ac; (void)av;
+	if (!spank_remote(sp) || ns_fd < 0)
+		return 0;
+	if (setns(ns_fd, CLONE_NEWNS) < 0) {
+		fprintf(stderr, "hpcc: cannot enter the container: %s\n", strerror(errno));
+		return -1;
+	}
+	close(ns_fd);
+	ns_fd = -1;
+	return 0;
+}
+
+static int name_in_list(const char *name, size_t len, const char *list)
+{
+	if (!list)
+		return 0;
+	for (const char *p = list; *p;) {
+		const char *e = strchr(p, ',');
+		size_t l = e ? (size_t)(e - p) : strlen(p);
+		if (l == len && !strncmp(p, name, len))
+			return 1;
+		if (!e)
+			break;
+		p = e + 1;
+	}
+	return 0;
+}
+
+static int drop_capabilities(void)
+{
+	struct __user_cap_header_struct h = { _LINUX_CAPABILITY_VERSION_3, 0 };
+	struct __user_cap_data_struct d[2];
+
+	memset(d, 0, sizeof(d));
+	for (int c = 0; c <= 63; c++)
+		if (prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL && errno != EPERM)
+			return -1;
+	prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+	return (int)syscall(SYS_capset, &h, d);
+}
+
+int slurm_spank_task_init(spank_t sp, int ac, char **av)
+{
+	const char *cwd;
+
+	(void)ac; (void)av;
+	if (!spank_remote(sp))
+		return 0;
+	if (setup_failed)
+		_exit(125);
+	if (!reply_buf || !(cwd = reply_get("cwd")))
+		return 0;
+	/* Image environment (already filtered by the helper: no SLURM_*, PMI_*, ...). */
+	for (size_t off = 0; off < reply_len; off += strnlen(reply_buf + off, reply_len - off) + 1) {
+		char *rec = reply_buf + off, *eq;
+		if (strncmp(rec, "env=", 4) || !(eq = strchr(rec + 4, '=')))
+			continue;
+		if (name_in_list(rec + 4, eq - (rec + 4), keep_env))
+			continue;
+		*eq = '\0';
+		spank_setenv(sp, rec + 4, eq + 1, 1);
+		*eq = '=';
+	}
+	for (size_t off = 0; off < reply_len; off += strnlen(reply_buf + off, reply_len - off) + 1) {
+		char *rec = reply_buf + off;
+		if (!strncmp(rec, "unset=", 6))
+			spank_unsetenv(sp, rec + 6);
+	}
+	if (chdir(cwd) < 0) {
+		fprintf(stderr, "hpcc: cannot change to %s inside the container: %s\n", cwd,
+			strerror(errno));
+		return -1;
+	}
+	spank_setenv(sp, "PWD", cwd, 1);
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 || drop_capabilities() < 0) {
+		fprintf(stderr, "hpcc: cannot drop privileges: %s\n", strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+int slurm_spank_exit(spank_t sp, int ac, char **av)
+{
+	(void)sp; (void)ac; (void)av;
+	if (ns_fd >= 0) {
+		close(ns_fd);
+		ns_fd = -1;
+	}
+	if (keep_sock >= 0) {
+		close(keep_sock);
+		keep_sock = -1;
+	}
+	return 0;
+}
