@@ -50,10 +50,37 @@ def glibc_tree(root, *, fake_libc_versions=None):
     return root
 
 
-def plan_for(root, config=None):
+def plan_for(root, config=None, args=(), env=()):
     c = common.Container({"annotations": {"org.hpcc.mpi": "1"}},
-                         {"root": {"path": str(root)}, "process": {"env": []}}, "/x", str(root))
+                         {"root": {"path": str(root)},
+                          "process": {"args": list(args), "env": list(env), "cwd": "/"}},
+                         "/x", str(root))
     return mpi.plan_mpi(c, common.Root(str(root)), config or {"mpi": {}})
+
+
+FUTURE = """#include <mpi.h>
+int MPI_Status_set_source(MPI_Status *status, int source);  /* MPI 4.1, not in MPICH 4.0 */
+int main(int argc, char **argv)
+{
+    MPI_Status st;
+    MPI_Init(&argc, &argv);
+    MPI_Status_set_source(&st, 0);
+    MPI_Finalize();
+    return 0;
+}
+"""
+
+
+def future_program(tmp_path, dst):
+    """A program built against a newer MPICH-ABI library: linked (with mpicc) against a
+    link-time library named libmpich.so.12 that has MPI 4.1's MPI_Status_set_source."""
+    stub = tmp_path / "newer-mpi"
+    build_so(stub / "libmpich.so", "libmpich.so.12",
+             symbols=("MPI_Init", "MPI_Finalize", "MPI_Status_set_source"))
+    src = tmp_path / "future.c"
+    src.write_text(FUTURE)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mpicc", "-o", str(dst), str(src), f"-L{stub}", f"-Wl,-rpath-link,{stub}"], check=True)
 
 
 def test_mpi_logic_container_glibc_older_than_the_host_mpi_needs_is_refused(tmp_path):
@@ -131,3 +158,37 @@ def test_mpi_logic_configured_library_missing_on_this_node(tmp_path):
     with pytest.raises(HookError, match="mpi.libraries in hpcc.toml names /opt/mpi/libmpi.so.12, which "
                                         "does not exist on this node"):
         plan_for(root, {"mpi": {"libraries": ["/opt/mpi/libmpi.so.12"]}})
+
+
+def test_mpi_logic_program_calling_a_function_the_host_mpi_lacks_is_refused(tmp_path):
+    root = glibc_tree(tmp_path / "c")
+    future_program(tmp_path, root / "app/future")
+    with pytest.raises(HookError) as e:
+        plan_for(root, args=["/app/future"])
+    assert str(e.value).startswith(
+        "--mpi: /app/future calls 1 MPI function(s) that the host's MPI (libmpich.so.12.2.2) lacks "
+        "(MPI_Status_set_source): the host's MPI is older than the program needs")
+    # found through the container's PATH as well
+    with pytest.raises(HookError, match="/app/future calls 1 MPI function"):
+        plan_for(root, args=["future"], env=["PATH=/usr/bin:/app"])
+
+
+def test_mpi_logic_program_using_only_what_the_host_has_passes(tmp_path):
+    root = glibc_tree(tmp_path / "c")
+    src = tmp_path / "ok.c"
+    src.write_text("#include <mpi.h>\nint main(int c, char **v) { MPI_Init(&c, &v); return MPI_Finalize(); }\n")
+    (root / "app").mkdir()
+    subprocess.run(["mpicc", "-o", str(root / "app/ok"), str(src)], check=True)
+    plan_for(root, args=["/app/ok"])
+    plan_for(root, args=["/bin/sh"])          # not there / not MPI: nothing to check
+
+
+def test_mpi_logic_abi_check_major_accepts_a_newer_revision_minor_refuses_it(tmp_path):
+    root = glibc_tree(tmp_path / "c")
+    shutil.copy2(Path("/usr/lib/x86_64-linux-gnu/libmpich.so.12").resolve(),
+                 root / LIB / "libmpich.so.12.5.0")      # a newer revision's file name
+    (root / LIB / "libmpich.so.12").symlink_to("libmpich.so.12.5.0")
+    with pytest.raises(HookError, match=r"ABI 12.5\) is newer than the host's \(libmpich.so.12.2.2, ABI 12.2\)"):
+        plan_for(root)
+    p = plan_for(root, {"mpi": {"abi_check": "major"}})
+    assert any(a["dst"] == f"/{LIB}/libmpich.so.12.5.0" for a in p.actions if a["op"] == "bind")
