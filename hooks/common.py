@@ -653,30 +653,37 @@ class ElfInfo:
         return bytes(self._m[start:end]).decode("utf-8", "replace")
 
     def symbols(self):
-        """(defined, undefined-strong) sets of dynamic symbol names."""
+        """(defined, undefined-strong) sets of dynamic symbol names (empty for a malformed
+        symbol table: files from images are untrusted)."""
         if self._syms is None:
-            defined, undefined = set(), set()
-            m, o = self._m, self._o
-            for t, off, size, link, info, ent in self._secs:
-                if t != SHT_DYNSYM:
-                    continue
-                stroff = self._secs[link][1]
-                if self.elfclass == 64:
-                    fmt, ni, nb, ns = o + "IBBHQQ", 0, 1, 3
-                else:
-                    fmt, ni, nb, ns = o + "IIIBBH", 0, 3, 5
-                step = struct.calcsize(fmt)
-                for rec in struct.iter_unpack(fmt, m[off:off + (size // step) * step]):
-                    if not rec[ni]:
-                        continue
-                    bind = rec[nb] >> 4
-                    if rec[ns] == 0:
-                        if bind == 1:
-                            undefined.add(self._str(stroff, rec[ni]))
-                    elif bind in (1, 2, 10):
-                        defined.add(self._str(stroff, rec[ni]))
-            self._syms = (defined, undefined)
+            try:
+                self._syms = self._read_symbols()
+            except (struct.error, IndexError, ValueError):
+                self._syms = (set(), set())
         return self._syms
+
+    def _read_symbols(self):
+        defined, undefined = set(), set()
+        m, o = self._m, self._o
+        for t, off, size, link, info, ent in self._secs:
+            if t != SHT_DYNSYM:
+                continue
+            stroff = self._secs[link][1]
+            if self.elfclass == 64:
+                fmt, ni, nb, ns = o + "IBBHQQ", 0, 1, 3
+            else:
+                fmt, ni, nb, ns = o + "IIIBBH", 0, 3, 5
+            step = struct.calcsize(fmt)
+            for rec in struct.iter_unpack(fmt, m[off:off + (size // step) * step]):
+                if not rec[ni]:
+                    continue
+                bind = rec[nb] >> 4
+                if rec[ns] == 0:
+                    if bind == 1:
+                        undefined.add(self._str(stroff, rec[ni]))
+                elif bind in (1, 2, 10):
+                    defined.add(self._str(stroff, rec[ni]))
+        return defined, undefined
 
 
 def elf_header(data):

@@ -192,3 +192,15 @@ def test_mpi_logic_abi_check_major_accepts_a_newer_revision_minor_refuses_it(tmp
         plan_for(root)
     p = plan_for(root, {"mpi": {"abi_check": "major"}})
     assert any(a["dst"] == f"/{LIB}/libmpich.so.12.5.0" for a in p.actions if a["op"] == "bind")
+
+
+def test_mpi_logic_malformed_files_from_the_image_do_not_break_the_hook(tmp_path):
+    root = glibc_tree(tmp_path / "c")
+    real = Path("/lib/x86_64-linux-gnu/libhwloc.so.15").resolve().read_bytes()
+    (root / LIB / "libhwloc.so.15").write_bytes(real[:3000])          # truncated ELF
+    (root / LIB / "libucp.so.0").write_bytes(b"\x7fELF" + b"\x02\x01\x01" + b"\xff" * 200)
+    (root / "etc").mkdir()
+    (root / "etc/ld.so.cache").write_bytes(b"glibc-ld.so.cache1.1" + b"\xff" * 500)
+    p = plan_for(root)
+    binds = {a["dst"] for a in p.actions if a["op"] == "bind"}
+    assert {f"/{LIB}/libhwloc.so.15", f"/{LIB}/libucp.so.0"} <= binds   # covered by the host's
