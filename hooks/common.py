@@ -569,7 +569,7 @@ class ElfInfo:
             else:
                 self._m = mmap.mmap(data_or_file.fileno(), 0, prot=mmap.PROT_READ)
             self._parse()
-        except (struct.error, IndexError, ValueError, OSError) as e:
+        except (struct.error, IndexError, ValueError, OverflowError, OSError) as e:
             raise HookError(f"{name} is not a valid ELF file ({e})") from None
 
     @classmethod
@@ -658,7 +658,7 @@ class ElfInfo:
         if self._syms is None:
             try:
                 self._syms = self._read_symbols()
-            except (struct.error, IndexError, ValueError):
+            except (struct.error, IndexError, ValueError, OverflowError):
                 self._syms = (set(), set())
         return self._syms
 
