@@ -412,6 +412,20 @@ class Root:
         finally:
             os.close(sfd)
 
+    def mask(self, cpath):
+        """Hide a directory of the container (e.g. an unselected GPU's /proc entry) under an
+        empty read-only tmpfs."""
+        try:
+            fd = self.open(cpath, os.O_PATH | os.O_DIRECTORY)
+        except OSError as e:
+            raise HookError(f"cannot resolve {cpath} in the container: {e.strerror}") from None
+        try:
+            if _libc.mount(b"tmpfs", f"/proc/self/fd/{fd}".encode(), b"tmpfs",
+                           MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"mode=0555,size=4k") != 0:
+                raise HookError(f"cannot mask {cpath}: mount: {os.strerror(ctypes.get_errno())}")
+        finally:
+            os.close(fd)
+
     def _dangling(self, cpath):
         try:
             pfd, name = self._parent(cpath, create=False)
@@ -823,6 +837,9 @@ class Plan:
     def symlink(self, target, dst, why=""):
         self.actions.append({"op": "symlink", "target": target, "dst": dst, "why": why})
 
+    def mask(self, dst, why=""):
+        self.actions.append({"op": "mask", "dst": dst, "why": why})
+
     def write(self, dst, text, why=""):
         self.actions.append({"op": "write", "dst": dst, "text": text, "why": why})
 
@@ -840,6 +857,8 @@ class Plan:
                 root.symlink(a["target"], a["dst"], replace=True)
             elif a["op"] == "write":
                 root.write_file(a["dst"], a["text"].encode())
+            elif a["op"] == "mask":
+                root.mask(a["dst"])
 
     def summary(self):
         binds = [a for a in self.actions if a["op"] == "bind"]

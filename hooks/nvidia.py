@@ -7,7 +7,8 @@ No libnvidia-container: everything is found from files.
   user-space set, so libraries added by newer drivers are found without a list to maintain.
 - Binaries: nvidia-smi, nvidia-debugdump, nvidia-persistenced, nvidia-cuda-mps-*.
 - Devices: /dev/nvidiactl, /dev/nvidia-uvm, /dev/nvidia-uvm-tools, /dev/nvidia-modeset and
-  /dev/nvidiaN of the selected GPUs only.
+  /dev/nvidiaN of the selected GPUs only; the other GPUs' /proc/driver/nvidia/gpus/<bus>
+  entries in the container's /proc are masked; nvidia-persistenced's socket when present.
 - GPU selection: annotation org.hpcc.gpu (`hpcc run --gpus all|0,1|GPU-uuid`), narrowed by
   the container's NVIDIA_VISIBLE_DEVICES and by Slurm's allocation (SLURM_STEP_GPUS /
   SLURM_JOB_GPUS, else CUDA_VISIBLE_DEVICES inside a Slurm job), limited by gpu.allowed_devices.
@@ -17,6 +18,7 @@ No libnvidia-container: everything is found from files.
 import ctypes
 import os
 import re
+import stat
 
 from hpcc.errors import HookError
 
@@ -25,6 +27,7 @@ from .common import ContainerLibraries, ElfInfo, HostLibraries, Plan, place_libr
 BINARIES = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
             "nvidia-cuda-mps-server")
 CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+PERSISTENCED = ("/run/nvidia-persistenced/socket",)
 BIN_DIRS = ("/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin")
 
 
@@ -346,6 +349,18 @@ def plan_nvidia(container, root, config, *, sysroot="/", henv=None):
     for g in sel:
         plan.bind(_p(sysroot, g.device()), g.device(), device=True,
                   why=f"GPU {g.index}" + (f" {g.uuid}" if g.uuid else ""))
+    # The container's /proc (when already mounted) lists every GPU of the node; the others
+    # are hidden so that nvidia-smi and NVML see only what was given.
+    chosen = {g.minor for g in sel}
+    for g in gpus:
+        if g.minor not in chosen and g.bus:
+            d = f"/proc/driver/nvidia/gpus/{g.bus}"
+            st = root.stat(d)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                plan.mask(d, why=f"GPU {g.index} not selected")
+    for sock in PERSISTENCED:
+        if os.path.exists(_p(sysroot, sock)):
+            plan.bind(_p(sysroot, sock), sock, why="nvidia-persistenced socket")
     cuda = f"{driver.cuda[0]}.{driver.cuda[1]}" if driver.cuda else "unknown"
     plan.note(f"driver {driver.version}, CUDA {cuda}; GPUs " + (",".join(str(g.index) for g in sel) or "none"))
     return plan

@@ -235,6 +235,13 @@ def test_nvidia_plan_injects_driver_files_and_only_the_selected_gpus(croot, host
     assert any("driver 535.104.05, CUDA 12.2; GPUs 1,2" in n for n in p.notes)
 
 
+def test_nvidia_other_gpus_proc_entries_are_masked(croot, host_tree):
+    shutil.copytree(host_tree / "proc", croot / "proc")     # the container's /proc, mounted
+    p = plan(croot, host_tree, {"org.hpcc.gpu": "0"})
+    masks = sorted(a["dst"] for a in p.actions if a["op"] == "mask")
+    assert masks == [f"/proc/driver/nvidia/gpus/{bus}" for bus, _, _ in GPUS[1:]]
+
+
 def test_nvidia_container_copy_of_a_driver_library_is_covered(croot, host_tree):
     """A CUDA 'compat' libcuda baked into the image must not shadow the host driver's."""
     (croot / LIB / "libcuda.so.1").write_text("stale")
@@ -276,6 +283,7 @@ def test_nvidia_prepared_driver_is_loadable_inside_the_container(tmp_path, host_
     """Apply the plan for real (private mount namespace) and dlopen libcuda.so.1 inside."""
     from tests.hooks_images import base_tree
     c = base_tree(tmp_path / "croot")
+    shutil.copytree(host_tree / "proc/driver", c / "proc/driver")
     src = tmp_path / "cudaver.c"
     src.write_text('#include <dlfcn.h>\n#include <stdio.h>\n'
                    'int main(void){void *h=dlopen("libcuda.so.1",RTLD_NOW);'
@@ -297,6 +305,9 @@ out = subprocess.run(["chroot", "{c}", "/app/cudaver"], capture_output=True, tex
 print(out.stdout, out.stderr)
 print(sorted(__import__("os").listdir("{c}/dev")))
 print(open("{c}/usr/bin/nvidia-smi").read().strip())
+import os
+print("gpus", sorted((b, os.listdir("{c}/proc/driver/nvidia/gpus/" + b))
+                     for b in os.listdir("{c}/proc/driver/nvidia/gpus")))
 """
     p = subprocess.run(["unshare", "--mount", "--propagation", "private", sys_python(), "-c", script],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
@@ -304,6 +315,9 @@ print(open("{c}/usr/bin/nvidia-smi").read().strip())
     assert "cuda driver version 12020" in p.stdout
     assert "['nvidia-uvm', 'nvidia-uvm-tools', 'nvidia3', 'nvidiactl']" in p.stdout
     assert "echo fake" in p.stdout
+    # GPU 3 is 0000:86:00.0; the others' entries are hidden
+    assert ("gpus [('0000:1b:00.0', []), ('0000:3b:00.0', []), ('0000:5e:00.0', []), "
+            "('0000:86:00.0', ['information'])]") in p.stdout
     # nothing was left in the container tree outside the namespace: binds were private
     assert not (c / "dev" / "nvidia3").exists()
     assert (c / "usr/bin/nvidia-smi").read_text() == ""   # the empty bind target in the tree
