@@ -1,7 +1,6 @@
 """The hooks' helper layer: OCI state, in-root resolution, ld.so.cache and ELF reading."""
 import io
 import json
-import os
 import subprocess
 
 import pytest
