@@ -5,6 +5,8 @@ No libnvidia-container: everything is found from files.
   the default directories; its real name gives the driver version (libcuda.so.535.104.05),
   and every `lib*.so.<that version>` beside it (and in gpu.library_paths) is the driver's
   user-space set, so libraries added by newer drivers are found without a list to maintain.
+  NVIDIA_DRIVER_CAPABILITIES (default compute,utility) leaves out the libraries of families
+  not asked for (graphics, video, ...); libraries of no known family are always injected.
 - Binaries: nvidia-smi, nvidia-debugdump, nvidia-persistenced, nvidia-cuda-mps-*.
 - Devices: /dev/nvidiactl, /dev/nvidia-uvm, /dev/nvidia-uvm-tools, /dev/nvidia-modeset and
   /dev/nvidiaN of the selected GPUs only; the other GPUs' /proc/driver/nvidia/gpus/<bus>
@@ -27,6 +29,42 @@ from .common import ContainerLibraries, ElfInfo, HostLibraries, Plan, place_libr
 BINARIES = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
             "nvidia-cuda-mps-server")
 CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+# Library families by NVIDIA_DRIVER_CAPABILITIES (as the CUDA images use it). A library of a
+# family the container did not ask for is left out; one in no family (new in some driver
+# release) is always injected, so discovery never silently drops what a driver adds.
+CAPABILITY_LIBS = {
+    "compute": ("libcuda.", "libcudadebugger.", "libnvidia-ptxjitcompiler.", "libnvidia-nvvm.",
+                "libnvidia-opencl.", "libnvidia-gpucomp.", "libnvidia-fatbinaryloader.",
+                "libnvidia-compiler.", "libnvidia-pkcs11"),
+    "utility": ("libnvidia-ml.", "libnvidia-cfg."),
+    "video": ("libvdpau_nvidia.", "libnvidia-encode.", "libnvcuvid.", "libnvidia-opticalflow."),
+    "graphics": ("libnvidia-eglcore.", "libnvidia-glcore.", "libnvidia-tls.", "libnvidia-glsi.",
+                 "libnvidia-rtcore.", "libnvoptix.", "libGLX_nvidia.", "libEGL_nvidia.",
+                 "libGLESv2_nvidia.", "libGLESv1_CM_nvidia.", "libnvidia-glvkspirv.",
+                 "libnvidia-vulkan-producer.", "libnvidia-allocator.", "libnvidia-egl-gbm."),
+    "display": ("libnvidia-fbc.", "libnvidia-ifr."),
+    "ngx": ("libnvidia-ngx.",),
+}
+DEFAULT_CAPABILITIES = ("compute", "utility")
+
+
+def capabilities(cenv):
+    value = cenv.get("NVIDIA_DRIVER_CAPABILITIES", "").strip()
+    if not value:
+        return set(DEFAULT_CAPABILITIES)
+    caps = {c.strip() for c in value.split(",") if c.strip()}
+    if "all" in caps:
+        return set(CAPABILITY_LIBS)
+    return caps
+
+
+def wanted_library(realname, caps):
+    for cap, prefixes in CAPABILITY_LIBS.items():
+        if realname.startswith(prefixes):
+            return cap in caps
+    return True
+
+
 PERSISTENCED = ("/run/nvidia-persistenced/socket",)
 BIN_DIRS = ("/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin")
 
@@ -336,10 +374,18 @@ def plan_nvidia(container, root, config, *, sysroot="/", henv=None):
     check_requirements(container.env, driver, sel)
 
     clibs = ContainerLibraries(root, container.env)
+    caps = capabilities(container.env)
+    skipped, placed = [], set()
     for path, soname, realname in driver.libraries:
+        if not wanted_library(realname, caps):
+            skipped.append(soname)
+            continue
         place_library(plan, clibs, path, soname, "NVIDIA driver library", realname=realname)
-    if clibs.libdir and any(s == "libcuda.so.1" for _, s, _ in driver.libraries) \
-            and clibs.find("libcuda.so") is None:
+        placed.add(soname)
+    if skipped:
+        plan.note(f"not asked for by NVIDIA_DRIVER_CAPABILITIES={','.join(sorted(caps))}: "
+                  + ", ".join(sorted(skipped)))
+    if clibs.libdir and "libcuda.so.1" in placed and clibs.find("libcuda.so") is None:
         plan.symlink("libcuda.so.1", f"{clibs.libdir}/libcuda.so", why="development name of libcuda")
     for b in driver.binaries:
         plan.bind(b, f"/usr/bin/{os.path.basename(b)}", why="NVIDIA driver tool")
