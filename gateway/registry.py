@@ -26,7 +26,7 @@ import platform as _platform
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +68,10 @@ LAYER_TYPES = {
 MAX_MANIFEST = 4 << 20        # manifests and configs larger than this are refused
 _CHUNK = 1 << 20
 _RETRY_STATUS = (500, 502, 503, 504)
+
+
+class DownloadAborted(RegistryError):
+    """A blob download stopped on request (fetch_blob's `abort` event)."""
 
 
 @dataclass
@@ -755,9 +759,13 @@ class RegistryClient:
         return body
 
     # -- blobs -----------------------------------------------------------------------------
-    def fetch_blob(self, ref, digest, size, cache, progress=None, what=None):
+    def fetch_blob(self, ref, digest, size, cache, progress=None, what=None, abort=None):
         """Download one blob into `cache` (resuming a partial download), verify its digest
-        and size, and return its path in the cache. A cached blob costs no request."""
+        and size, and return its path in the cache. A cached blob costs no request.
+
+        `abort`: an optional threading.Event; when set (another download failed, or the
+        user pressed ^C), the download stops within one chunk, keeps its partial file for
+        a later resume, and raises DownloadAborted."""
         what = what or f"blob {digest} of {ref}"
         if not DIGEST_RE.match(str(digest)):
             raise ImageError(f"{what} has a malformed digest")
@@ -770,7 +778,7 @@ class RegistryClient:
                 if progress:
                     progress("cached", digest, size, size)
                 return cache.path(digest)
-            self._download(ref, digest, size, ing, progress, what)
+            self._download(ref, digest, size, ing, progress, what, abort)
             if progress:
                 progress("verify", digest, ing.offset, size)
             path = ing.commit(what)
@@ -778,7 +786,7 @@ class RegistryClient:
             progress("done", digest, size, size)
         return path
 
-    def _download(self, ref, digest, size, ing, progress, what):
+    def _download(self, ref, digest, size, ing, progress, what, abort=None):
         url_path = f"/v2/{ref.path}/blobs/{digest}"
         attempt = 0
         if progress:
@@ -808,6 +816,10 @@ class RegistryClient:
                 raise self._http_error(ref, r, what, "blob")
             try:
                 for chunk in _iter_body(r):
+                    if abort is not None and abort.is_set():
+                        r.close()
+                        ing.flush()
+                        raise DownloadAborted(f"download of {what} was stopped")
                     ing.write(chunk)
                     if progress:
                         progress("progress", digest, ing.offset, size)
@@ -846,28 +858,34 @@ class RegistryClient:
         n = max(1, min(concurrency or self.concurrency or 4, max(1, len(img.layers))))
         ref = img.ref
 
+        stop = threading.Event()
+
         def one(layer):
             what = f"layer {layer.digest} of {ref}"
-            path = self.fetch_blob(ref, layer.digest, layer.size, cache, progress, what)
+            path = self.fetch_blob(ref, layer.digest, layer.size, cache, progress, what, stop)
             self._check_magic(layer, path, what)
             return path
 
         if n == 1 or len(img.layers) <= 1:
             return [one(layer) for layer in img.layers]
-        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="hpcc-pull") as pool:
+        pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="hpcc-pull")
+        futures = []
+        try:
             futures = [pool.submit(one, layer) for layer in img.layers]
-            paths, first_error = [], None
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:                      # the first failure in layer order
+                if f.done() and not f.cancelled() and f.exception() is not None:
+                    raise f.exception()
+            return [f.result() for f in futures]
+        except BaseException:
+            # Stop the other downloads within one chunk (their partial files stay for a
+            # resume) instead of waiting for them to finish.
+            stop.set()
             for f in futures:
-                try:
-                    paths.append(f.result())
-                except BaseException as e:  # noqa: B902 - re-raised below, in layer order
-                    if first_error is None:
-                        first_error = e
-                        for g in futures:
-                            g.cancel()
-            if first_error is not None:
-                raise first_error
-        return paths
+                f.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True)
 
     @staticmethod
     def check_layer(layer, path, what=None):

@@ -975,6 +975,7 @@ class FaultProxy:
         proxy.corrupt_blob(times=1, offset=None)  flip one byte of the blob body
         proxy.ignore_range = True              drop Range headers (a server without Range)
         proxy.replace_manifest(body, content_type)   serve other bytes as the next manifest
+        proxy.throttle = BYTES_PER_SECOND      send blob bodies slowly
     proxy.log: list of dicts {method, path, range, status, kind} of every request.
     """
 
@@ -985,6 +986,7 @@ class FaultProxy:
         self.port = free_port()
         self.log = []
         self.ignore_range = False
+        self.throttle = None         # bytes per second for blob bodies (a slow network)
         self._faults = []            # [kind, remaining, params]
         self._lock = threading.Lock()
         self._httpd = None
@@ -1142,6 +1144,16 @@ class FaultProxy:
                         self.connection.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
+                    return
+                if proxy.throttle and kind == "blob":
+                    step = 64 * 1024
+                    try:
+                        for i in range(0, len(data), step):
+                            self.wfile.write(data[i:i + step])
+                            self.wfile.flush()
+                            time.sleep(step / proxy.throttle)
+                    except (BrokenPipeError, ConnectionResetError):
+                        self.close_connection = True
                     return
                 self.wfile.write(data)
 

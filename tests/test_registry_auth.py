@@ -15,7 +15,7 @@ from hpcc.gateway.registry import RegistryClient, is_loopback
 from hpcc.gateway.testing import LocalRegistry, simple_image
 from hpcc.reference import parse_reference
 
-from .fixtures.registry import REGISTRY_USERS, TOKEN_USERS
+from .fixtures.registry import TOKEN_USERS
 
 
 def repo(name):

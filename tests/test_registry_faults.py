@@ -213,3 +213,27 @@ def test_blob_deleted_from_the_registry_is_blob_unknown(registry, client, tmp_pa
     with pytest.raises(RegistryError, match=f"layer {victim} of .* not found in registry "
                                             r".* \(blob unknown\)"):
         client.fetch_layers(img, BlobCache(tmp_path / "cache"))
+
+
+def test_one_failed_layer_stops_the_other_downloads(registry, fault_proxy, client, tmp_path):
+    """A missing layer fails the pull at once; a slow download in flight stops within a
+    chunk (keeping its partial file for a resume) instead of running to its end."""
+    import time
+    slow = os.urandom(4 << 20)
+    built = (ImageBuilder().layer([file("slow", slow)], compression="none")
+             .layer([file("gone", b"x")]).build())
+    name = f"faults/stop-{uuid.uuid4().hex[:8]}"
+    registry.push(name, "v", built)
+    img = client.resolve(parse_reference(fault_proxy.ref(name, "v")))
+    import requests
+    assert requests.delete(f"{registry.url}/v2/{name}/blobs/{built.layers[1].digest}",
+                           timeout=10).status_code == 202
+    fault_proxy.throttle = 1 << 20                     # 4 s for the big layer
+    cache = BlobCache(tmp_path / "cache")
+    t0 = time.monotonic()
+    with pytest.raises(RegistryError, match=r"\(blob unknown\)"):
+        client.fetch_layers(img, cache, concurrency=2)
+    assert time.monotonic() - t0 < 2.5
+    assert not cache.has(built.layers[0].digest)
+    # what arrived before the stop (possibly nothing yet) stays for a resume
+    assert cache.partial_size(built.layers[0].digest) < len(built.layers[0].blob)
