@@ -271,7 +271,7 @@ class LocalRegistry:
     """
 
     def __init__(self, *, tls=False, htpasswd=None, token_auth=False, anonymous_pull=False,
-                 bind="127.0.0.1", workdir=None):
+                 bind="127.0.0.1", workdir=None, port=None):
         if not os.path.exists(DOCKER_REGISTRY):
             raise RuntimeError(f"{DOCKER_REGISTRY} is missing: apt-get install docker-registry")
         self.tls = tls
@@ -282,6 +282,7 @@ class LocalRegistry:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="hpcc-registry-"))
         self.port = None
+        self._want_port = port   # a fixed port (the demo's), else a free one
         self.proc = None
         self.ca_file = None
         self.token_server = None
@@ -370,7 +371,7 @@ class LocalRegistry:
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         last_err = ""
         for _ in range(5):       # a free port can be taken between probe and bind: retry
-            self.port = free_port()
+            self.port = self._want_port or free_port()
             cfg = self.workdir / "config.yml"
             cfg.write_text(json.dumps(self._config(), indent=1))   # JSON is YAML
             logf = open(self.log_path, "ab")
