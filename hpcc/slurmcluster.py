@@ -100,6 +100,7 @@ class SlurmCluster:
             "MinJobAge=300",
             "SlurmdTimeout=30",
             "InactiveLimit=0",
+            "LaunchParameters=use_interactive_step",
             f"PlugStackConfig={self.plugstack}",
         ]
         for name in self.nodes:

@@ -280,6 +280,14 @@ def run(args, sock):
     pid = os.fork()
     if pid == 0:
         code = 0
+        # fd 2 is the step's stderr: a process that keeps it open (the FUSE daemon, the
+        # keeper) would hold srun's output open after the tasks end. Only our own messages
+        # go there; everything started from here gets /dev/null.
+        err = os.fdopen(os.dup(2), "w", closefd=True)
+        os.set_inheritable(err.fileno(), False)
+        devnull = os.open("/dev/null", os.O_RDWR)
+        os.dup2(devnull, 2)
+        os.close(devnull)
         try:
             os.close(r)
             handle = container_child(spec, sock, payload)
@@ -287,6 +295,7 @@ def run(args, sock):
                 # Keep the FUSE daemon's parent alive until slurmstepd closes its end.
                 os.write(w, b"k")
                 os.close(w)
+                err.close()
                 try:
                     while sock.recv(4096):
                         pass
@@ -296,10 +305,10 @@ def run(args, sock):
             else:
                 os.write(w, b"o")
         except HpccError as e:
-            print(f"hpcc: {e}", file=sys.stderr, flush=True)
+            print(f"hpcc: {e}", file=err, flush=True)
             code = e.exit_code
         except BaseException as e:  # noqa: BLE001 - report, never a traceback
-            print(f"hpcc: cannot set up the container: {e}", file=sys.stderr, flush=True)
+            print(f"hpcc: cannot set up the container: {e}", file=err, flush=True)
             code = EXIT_LAUNCH
         os._exit(code)
     os.close(w)

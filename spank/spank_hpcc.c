@@ -142,6 +142,21 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
 	return 0;
 }
 
+static int oci_conf_present(void)
+{
+	char path[4096];
+	const char *conf = getenv("SLURM_CONF");
+	const char *slash;
+
+	if (!conf || !*conf)
+		conf = "/etc/slurm/slurm.conf";
+	slash = strrchr(conf, '/');
+	if (!slash)
+		return access("oci.conf", F_OK) == 0;
+	snprintf(path, sizeof(path), "%.*s/oci.conf", (int)(slash - conf), conf);
+	return access(path, F_OK) == 0;
+}
+
 /*
  * srun inside a job started with --container=A: srun only sets SLURM_CONTAINER when it is not
  * set already, so `srun --container=B` would still show A to the nodes. The controller has the
@@ -152,9 +167,10 @@ int slurm_spank_local_user_init(spank_t sp, int ac, char **av)
 {
 	uint32_t job_id = 0, step_id = 0;
 	job_step_info_response_msg_t *resp = NULL;
+	int oci = oci_conf_present();
 
 	(void)ac; (void)av;
-	if (!inherited_container)
+	if (!inherited_container && !oci)
 		return 0;
 	if (spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS ||
 	    spank_get_item(sp, S_JOB_STEPID, &step_id) != ESPANK_SUCCESS)
@@ -163,8 +179,14 @@ int slurm_spank_local_user_init(spank_t sp, int ac, char **av)
 		return 0;
 	if (resp->job_step_count >= 1) {
 		const char *c = resp->job_steps[0].container;
-		if (c && *c && strcmp(c, inherited_container) != 0)
+		if (oci && c && *c && !opt_val[OPT_IMAGE]) {
+			/* Slurm runs OCI bundles itself here: say so instead of failing obscurely. */
+			fprintf(stderr, "hpcc: this site configures Slurm's own OCI containers "
+				"(oci.conf), so --container=%s is handled by Slurm, not hpcc; use "
+				"--container-image=%s for an hpcc image\n", c, c);
+		} else if (inherited_container && c && *c && strcmp(c, inherited_container) != 0) {
 			setenv("SLURM_CONTAINER", c, 1);
+		}
 	}
 	slurm_free_job_step_info_response_msg(resp);
 	return 0;
@@ -185,21 +207,6 @@ static char *get_setting(spank_t sp, int which)
 static int is_true(const char *v)
 {
 	return v && *v && strcmp(v, "0") && strcasecmp(v, "no") && strcasecmp(v, "false");
-}
-
-static int oci_conf_present(void)
-{
-	char path[4096];
-	const char *conf = getenv("SLURM_CONF");
-	const char *slash;
-
-	if (!conf || !*conf)
-		conf = "/etc/slurm/slurm.conf";
-	slash = strrchr(conf, '/');
-	if (!slash)
-		return access("oci.conf", F_OK) == 0;
-	snprintf(path, sizeof(path), "%.*s/oci.conf", (int)(slash - conf), conf);
-	return access(path, F_OK) == 0;
 }
 
 struct argv_b { char **v; int n, cap; };
