@@ -64,7 +64,9 @@ static char *reply_buf;             /* NUL-separated records from the helper */
 static size_t reply_len;
 static char *keep_env;              /* comma list: --container-env names the job has set */
 static int keep_sock = -1;
-static int setup_failed;            /* the helper failed: tasks exit 125 before exec */          /* held until slurmstepd exits: a FUSE keeper waits on it */
+static int setup_failed;            /* the helper failed: tasks exit 125 before exec */
+static pid_t helper_pid;            /* started in init_post_opt, reaped in user_init */
+static char *start_error;          /* held until slurmstepd exits: a FUSE keeper waits on it */
 
 static int opt_cb(int val, const char *optarg, int remote)
 {
@@ -328,17 +330,20 @@ static pid_t start_helper(int sock, struct argv_b *args)
 	_exit(125);
 }
 
-int slurm_spank_user_init(spank_t sp, int ac, char **av)
+/*
+ * Phase 1, init_post_opt (slurmstepd, root, early): start the helper now, so that Python's
+ * start-up, the config and the image lookup overlap with Slurm's own step set-up.
+ */
+int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 {
 	char *image = NULL, *val;
-	char buf[8192], cwd[4096];
+	char buf[8192];
 	uid_t uid;
 	gid_t gid;
 	uint32_t job_id = 0, step_id = 0, node_id = 0;
-	int argc = 0, sv[2], status, rc = -1;
+	int argc = 0, sv[2];
 	char **argv = NULL;
 	struct argv_b a = { 0 };
-	pid_t pid;
 
 	(void)ac; (void)av;
 	if (!spank_remote(sp))
@@ -348,9 +353,8 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 		if (spank_getenv(sp, "SLURM_CONTAINER", buf, sizeof(buf)) != ESPANK_SUCCESS || !buf[0])
 			return 0;               /* not a container step */
 		if (oci_conf_present()) {
-			fprintf(stderr, "hpcc: this site configures Slurm's own OCI containers "
-				"(oci.conf), so --container=%s is handled by Slurm, not hpcc; "
-				"use --container-image=%s for an hpcc image\n", buf, buf);
+			/* Slurm runs the bundle itself (srun already explained it to the user). */
+			slurm_info("hpcc: oci.conf present: --container=%s left to Slurm", buf);
 			return 0;
 		}
 		image = strdup(buf);
@@ -362,8 +366,6 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	spank_get_item(sp, S_JOB_STEPID, &step_id);
 	spank_get_item(sp, S_JOB_NODEID, &node_id);
 	spank_get_item(sp, S_JOB_ARGV, &argc, &argv);
-	if (!getcwd(cwd, sizeof(cwd)))
-		strcpy(cwd, "/");
 
 	argv_add(&a, NULL, arg_python ? arg_python : DEFAULT_PYTHON);
 	argv_add(&a, NULL, "-I");
@@ -375,17 +377,14 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	argv_addu(&a, "job", job_id);
 	argv_addu(&a, "step", step_id);
 	argv_addu(&a, "node", node_id);
-	argv_add(&a, "cwd", cwd);
 	{
 		Dl_info info;
-		if (dladdr((void *)slurm_spank_user_init, &info) && info.dli_fname &&
+		if (dladdr((void *)slurm_spank_init_post_opt, &info) && info.dli_fname &&
 		    info.dli_fname[0] == '/')
 			argv_add(&a, "plugin", info.dli_fname);
 	}
 	if (argc > 0 && argv && argv[0])
 		argv_add(&a, "argv0", argv[0]);
-	if (spank_getenv(sp, "HOME", buf, sizeof(buf)) == ESPANK_SUCCESS)
-		argv_add(&a, "home", buf);
 	if (spank_getenv(sp, "SLURM_CONF", buf, sizeof(buf)) == ESPANK_SUCCESS)
 		argv_add(&a, "slurm_conf", buf);
 	else if (getenv("SLURM_CONF"))
@@ -412,9 +411,8 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 		size_t kl = 0;
 		keep_env = calloc(1, strlen(val) + 2);
 		for (char *n = strtok_r(copy, ",", &save); n; n = strtok_r(NULL, ",", &save)) {
-			if (spank_getenv(sp, n, buf, sizeof(buf)) == ESPANK_SUCCESS) {
+			if (spank_getenv(sp, n, buf, sizeof(buf)) == ESPANK_SUCCESS)
 				kl += sprintf(keep_env + kl, "%s%s", kl ? "," : "", n);
-			}
 		}
 		free(copy);
 		argv_add(&a, "keep_env", keep_env);
@@ -422,53 +420,93 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	}
 
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
-		fprintf(stderr, "hpcc: socketpair: %s\n", strerror(errno));
+		snprintf(buf, sizeof(buf), "socketpair: %s", strerror(errno));
+		start_error = strdup(buf);
 		goto out;
 	}
-	pid = start_helper(sv[1], &a);
+	helper_pid = start_helper(sv[1], &a);
 	close(sv[1]);
-	if (pid < 0) {
-		fprintf(stderr, "hpcc: fork: %s\n", strerror(errno));
+	if (helper_pid < 0) {
+		snprintf(buf, sizeof(buf), "fork: %s", strerror(errno));
+		start_error = strdup(buf);
 		close(sv[0]);
+		helper_pid = 0;
 		goto out;
 	}
-	if (read_reply(sv[0]) < 0)
-		fprintf(stderr, "hpcc: reading the helper's reply: %s\n", strerror(errno));
 	keep_sock = sv[0];
-	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-		;
-	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-		/* The helper has printed its one-line reason to srun's stderr. */
-		if (WIFSIGNALED(status))
-			fprintf(stderr, "hpcc: the container setup helper died (signal %d)\n",
-				WTERMSIG(status));
-		goto out;
-	}
-	if (ns_fd < 0 || !reply_get("cwd")) {
-		fprintf(stderr, "hpcc: the container setup helper gave no namespace\n");
-		goto out;
-	}
-	rc = 0;
 out:
-	if (rc && ns_fd >= 0) {
-		close(ns_fd);
-		ns_fd = -1;
-	}
-	if (rc && keep_sock >= 0) {
-		close(keep_sock);
-		keep_sock = -1;
-	}
 	for (int i = 0; i < a.n; i++)
 		free(a.v[i]);
 	free(a.v);
 	free(image);
-	/*
-	 * A failing user_init makes srun report "launch failed" and still exit 0; instead every
-	 * task of the step exits with 125 (hpcc failed before the command ran) without running
-	 * anything. The reason was printed once, above.
-	 */
-	if (rc)
+	if (start_error)
 		setup_failed = 1;
+	return 0;
+}
+
+static void print_errors(void)
+{
+	for (size_t off = 0; off < reply_len; off += strnlen(reply_buf + off, reply_len - off) + 1)
+		if (!strncmp(reply_buf + off, "error=", 6))
+			fprintf(stderr, "%s\n", reply_buf + off + 6);
+}
+
+/*
+ * Phase 2, user_init (slurmstepd, once per node and step, after srun's I/O is connected and
+ * slurmstepd has changed to the job's working directory): give the helper that directory,
+ * wait for the namespace. Messages printed here reach the user's srun output.
+ */
+int slurm_spank_user_init(spank_t sp, int ac, char **av)
+{
+	char cwd[4096], *msg;
+	int status = 0, len, failed = 1;
+
+	(void)ac; (void)av;
+	if (!spank_remote(sp))
+		return 0;
+	if (start_error) {
+		fprintf(stderr, "hpcc: cannot start the container set-up: %s\n", start_error);
+		return 0;
+	}
+	if (!helper_pid)
+		return 0;
+	if (!getcwd(cwd, sizeof(cwd)))
+		strcpy(cwd, "/");
+	len = asprintf(&msg, "cwd=%s", cwd);
+	if (len > 0) {
+		/* the helper may already have exited with an error: ignore EPIPE */
+		if (send(keep_sock, msg, len + 1, MSG_NOSIGNAL) < 0 && errno != EPIPE)
+			fprintf(stderr, "hpcc: talking to the helper: %s\n", strerror(errno));
+		free(msg);
+	}
+	if (read_reply(keep_sock) < 0)
+		fprintf(stderr, "hpcc: reading the helper's reply: %s\n", strerror(errno));
+	while (waitpid(helper_pid, &status, 0) < 0 && errno == EINTR)
+		;
+	helper_pid = 0;
+	print_errors();
+	if (WIFSIGNALED(status))
+		fprintf(stderr, "hpcc: the container set-up helper died (signal %d)\n",
+			WTERMSIG(status));
+	else if (WIFEXITED(status) && WEXITSTATUS(status) == 0 && ns_fd >= 0 && reply_get("cwd"))
+		failed = 0;
+	else if (!reply_get("error"))
+		fprintf(stderr, "hpcc: the container set-up helper failed (exit %d) without a "
+			"message\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+	if (failed) {
+		/*
+		 * A failing user_init makes srun report "launch failed" and still exit 0; instead
+		 * every task of the step exits with 125 (hpcc failed before the command ran)
+		 * without running anything. The reason was printed once, above.
+		 */
+		setup_failed = 1;
+		if (ns_fd >= 0) {
+			close(ns_fd);
+			ns_fd = -1;
+		}
+		close(keep_sock);
+		keep_sock = -1;
+	}
 	return 0;
 }
 
@@ -565,6 +603,11 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 	if (keep_sock >= 0) {
 		close(keep_sock);
 		keep_sock = -1;
+	}
+	if (helper_pid > 0) {   /* the step ended before user_init: the helper sees EOF */
+		int st;
+		waitpid(helper_pid, &st, 0);
+		helper_pid = 0;
 	}
 	return 0;
 }
