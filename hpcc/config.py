@@ -8,8 +8,6 @@ relies on a validation done earlier by an admin command (`gateway`, `hpcc config
 import copy
 import json
 import os
-import tomllib
-from pathlib import Path
 
 from .errors import ConfigError
 
@@ -48,6 +46,8 @@ DEFAULTS = {
 
 
 def _schema_path():
+    from pathlib import Path  # not at import: the launch path (hpcc.stepd) avoids it
+
     here = Path(__file__).resolve().parent
     for candidate in (here / "data" / "hpcc.schema.json", here.parent / "etc" / "hpcc.schema.json"):
         if candidate.exists():
@@ -111,6 +111,8 @@ def load_config(path=None, *, validate_schema=True):
         return copy.deepcopy(DEFAULTS)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    import tomllib  # not at import: ~10 ms, and hpcc.stepd reads a cached copy
+
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -179,11 +179,64 @@ def slurm_client_setup(args):
     return mounts, env
 
 
+CACHE_DIR = "/run/hpcc-stepd"
+
+
+def _cache_dir_ok():
+    import stat
+
+    try:
+        os.mkdir(CACHE_DIR, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    st = os.lstat(CACHE_DIR)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o077
+
+
+def load_config_cached():
+    """The site config without TOML parsing on every step: a JSON copy in a root-only
+    directory, valid while the file's identity, size and mtime are unchanged."""
+    import json
+
+    from .config import config_path, load_config
+
+    path, _ = config_path()
+    try:
+        st = os.stat(path)
+    except OSError:
+        return load_config(validate_schema=False)  # defaults, or the one-line error
+    key = f"{os.path.abspath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+    name = os.path.join(CACHE_DIR, os.path.abspath(path).replace("%", "%25")
+                        .replace("/", "%2F")[-200:] + ".json")
+    usable = _cache_dir_ok()
+    if usable:
+        try:
+            with open(name) as f:
+                cached = json.load(f)
+            if cached.get("key") == key:
+                return cached["config"]
+        except (OSError, ValueError, AttributeError):
+            pass
+    config = load_config(validate_schema=False)
+    if usable:
+        tmp = f"{name}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"key": key, "config": config}, f)
+            os.rename(tmp, name)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return config
+
+
 def prepare(args):
     """What needs no working directory: config, user, image (opened as the user)."""
     import pwd
-
-    from .config import load_config
 
     uid, gid = int(args["uid"]), int(args["gid"])
     try:
@@ -193,7 +246,7 @@ def prepare(args):
     if user.pw_gid != gid:
         user = pwd.struct_passwd((user.pw_name, user.pw_passwd, uid, gid, user.pw_gecos,
                                   user.pw_dir, user.pw_shell))
-    config = load_config(validate_schema=False)
+    config = load_config_cached()
     rec, fd = resolve_as_user(args["image"], user, config)
     return user, config, rec, fd
 
