@@ -26,6 +26,9 @@ from pathlib import Path
 CACHE = Path(os.environ.get("HPCC_BENCH_CACHE", "/var/cache/hpcc-bench"))
 MIRROR = os.environ.get("HPCC_BENCH_MIRROR", "http://deb.debian.org/debian")
 BIN = Path(sys.executable).parent
+# A userland like a scientist's image: python3 with numpy, a compiler, perl, git.
+PACKAGES = "python3,python3-pip,python3-numpy,perl,git,build-essential"
+VERSION = "v2"  # bump when PACKAGES or the layer split changes (invalidates the cache)
 
 
 def sh(cmd, **kw):
@@ -34,13 +37,13 @@ def sh(cmd, **kw):
 
 
 def rootfs():
-    root = CACHE / "rootfs"
+    root = CACHE / f"rootfs-{VERSION}"
     if not (root / "usr/bin/python3").exists():
         print("building the Debian userland with debootstrap (once, cached)...", flush=True)
-        tmp = CACHE / "rootfs.tmp"
+        tmp = CACHE / f"rootfs-{VERSION}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         CACHE.mkdir(parents=True, exist_ok=True)
-        sh(["debootstrap", "--variant=minbase", "--include=python3", "bookworm", tmp, MIRROR],
+        sh(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", tmp, MIRROR],
            stdout=subprocess.DEVNULL)
         tmp.rename(root)
     return root
@@ -75,11 +78,11 @@ def layers():
     base = [p for p in all_paths if "python3" not in p]
     # every parent of a python path must be in the python layer too
     parents = sorted({str(Path(p).parent) for p in py if str(Path(p).parent) != "."})
-    l1 = _tar_layer(CACHE / "layer1.tar.gz", base, root)
-    l2 = _tar_layer(CACHE / "layer2.tar.gz", parents + py, root)
+    l1 = _tar_layer(CACHE / f"{VERSION}-layer1.tar.gz", base, root)
+    l2 = _tar_layer(CACHE / f"{VERSION}-layer2.tar.gz", parents + py, root)
     doomed = [p for p in base if p.startswith(("usr/share/locale/", "usr/share/doc/"))
               and p.count("/") == 3][:400]
-    l3 = _tar_layer(CACHE / "layer3.tar.gz", ["etc", "etc/hostname"], root, doomed)
+    l3 = _tar_layer(CACHE / f"{VERSION}-layer3.tar.gz", ["etc", "etc/hostname"], root, doomed)
     return [l1, l2, l3]
 
 
@@ -129,30 +132,41 @@ def main():
             t = timed(lambda: sh([BIN / "gateway", "pull", "-q", ref], env=env_a))
             sqfs_a = next((work / "store").glob("sha256-*.sqfs"))
             results["a"] = (t, sqfs_a.stat().st_size, "gateway pull (hpcc defaults)")
+            print(f"(a) {t:.2f} s", flush=True)
 
             # (b) skopeo + umoci raw unpack + mksquashfs
+            certs = work / "certs"
+            certs.mkdir()
+            shutil.copy(reg.ca_file, certs / "ca.crt")
+
             def b():
-                sh(["skopeo", "copy", "--quiet", "--src-cert-dir", Path(reg.ca_file).parent,
+                sh(["skopeo", "copy", "--quiet", "--src-cert-dir", certs,
                     f"docker://{ref}", f"oci:{work}/oci:latest"], env=env)
                 sh(["umoci", "raw", "unpack", "--image", f"{work}/oci:latest", work / "rootfs-b"])
                 sh(["mksquashfs", work / "rootfs-b", work / "b.sqfs", "-noappend", "-quiet",
                     "-no-progress"], stdout=subprocess.DEVNULL)
             results["b"] = (timed(b), (work / "b.sqfs").stat().st_size,
                             "skopeo + umoci raw unpack + mksquashfs")
+            print(f"(b) {results['b'][0]:.2f} s", flush=True)
             shutil.rmtree(work / "rootfs-b", ignore_errors=True)
 
             # (c) Charliecloud: ch-image pull + ch-convert
             if shutil.which("ch-image") and shutil.which("ch-convert"):
-                chs = work / "ch-storage"
+                # Debian's ch-image needs Debian's python3 (python3-lark) and $USER; its
+                # storage directory must not exist yet; ch-convert finds it by env.
+                env_c = dict(env, USER="root", CH_IMAGE_STORAGE=str(work / "ch-storage"),
+                             PATH="/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin")
 
                 def c():
-                    sh(["ch-image", "-s", chs, "--tls-no-verify", "pull", ref, "bench"],
+                    sh(["ch-image", "--tls-no-verify", "pull", ref, "bench"], env=env_c,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    sh(["ch-convert", "-s", chs, "-i", "ch-image", "-o", "squash", "bench",
-                        work / "c.sqfs"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    sh(["ch-convert", "-i", "ch-image", "-o", "squash", "bench",
+                        work / "c.sqfs"], env=env_c, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
                 try:
                     results["c"] = (timed(c), (work / "c.sqfs").stat().st_size,
                                     "ch-image pull + ch-convert")
+                    print(f"(c) {results['c'][0]:.2f} s", flush=True)
                 except subprocess.CalledProcessError as e:
                     print(f"(c) Charliecloud failed: {e}; left out", flush=True)
 

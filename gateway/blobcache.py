@@ -81,14 +81,21 @@ class Ingest:
         if self.size is not None and self.offset + len(data) > self.size:
             raise ImageError(f"blob {self.digest} is larger than the {self.size} bytes "
                              "its manifest declares; the registry served corrupt data")
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise self.cache._io_error("write to", e) from None
         self._hash.update(data)
         self.offset += len(data)
 
     def flush(self):
-        """Make the partial data durable (before giving up on an interrupted download)."""
+        """Push buffered data to the partial file (before giving up on an interrupted
+        download, so the next attempt resumes after it)."""
         if self._file and not self._file.closed:
-            self._file.flush()
+            try:
+                self._file.flush()
+            except OSError as e:
+                raise self.cache._io_error("write to", e) from None
 
     def commit(self, what=None):
         """Verify size and digest, fsync and publish the blob under its final name.
@@ -106,12 +113,15 @@ class Ingest:
             self._discard()
             raise ImageError(f"{what} has digest {actual} instead of {self.digest}; "
                              "the registry served corrupt data")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        os.fchmod(self._file.fileno(), 0o444)
-        self._file.close()
-        os.rename(self.partial, self.final)
-        self.cache._fsync_dir()
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            os.fchmod(self._file.fileno(), 0o444)
+            self._file.close()
+            os.rename(self.partial, self.final)
+            self.cache._fsync_dir()
+        except OSError as e:
+            raise self.cache._io_error("write to", e) from None
         self.committed = True
         return self.final
 
@@ -126,8 +136,10 @@ class Ingest:
 
     def close(self):
         if self._file and not self._file.closed:
-            self._file.flush()
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass      # already reported by write/flush; the partial file may be short
 
 
 class BlobCache:
@@ -138,6 +150,13 @@ class BlobCache:
         self.dir = self.root / "sha256"
         self._tlocks = {}
         self._tlocks_guard = threading.Lock()
+
+    def _io_error(self, verb, e):
+        why = e.strerror or str(e)
+        hint = ("free space there, or set store.blob_cache in the config to another path"
+                if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+                "set store.blob_cache in the config to a writable path")
+        return StoreError(f"cannot {verb} the blob cache {self.dir}: {why}", hint=hint)
 
     def _ensure(self):
         try:
@@ -186,7 +205,11 @@ class BlobCache:
         with self._tlocks_guard:
             tlock = self._tlocks.setdefault(digest, threading.Lock())
         with tlock:
-            fd = os.open(self._lockpath(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(self._lockpath(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                             0o644)
+            except OSError as e:
+                raise self._io_error("lock a file in", e) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
@@ -207,7 +230,10 @@ class BlobCache:
                 yield None
                 return
             ing = Ingest(self, digest, size)
-            ing._open()
+            try:
+                ing._open()
+            except OSError as e:
+                raise self._io_error("write to", e) from None
             try:
                 yield ing
             finally:
@@ -223,17 +249,18 @@ class BlobCache:
             ing.write(data)
             return ing.commit(what)
 
-    def prune(self, keep_digests):
-        """Remove every blob (and stale partial/lock file) whose digest is not kept.
+    def prune(self, keep_digests, dry_run=False):
+        """Remove every blob and partial file whose digest is not in `keep_digests`.
 
-        Returns the number of bytes freed. Locked (in-progress) digests are skipped.
+        Returns the paths removed (or, with dry_run, that would be removed). A digest
+        whose lock is held (a download in progress) is skipped.
         """
         keep = {_split(d)[1] for d in keep_digests}
-        freed = 0
+        removed = []
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
-            return 0
+            return removed
         hexes = {n.split(".", 1)[0] for n in names}
         for hexd in sorted(hexes - keep):
             if not (len(hexd) == 64 and all(c in "0123456789abcdef" for c in hexd)):
@@ -252,18 +279,22 @@ class BlobCache:
                     raise
                 for name in (hexd, hexd + ".partial"):
                     p = self.dir / name
+                    if not p.exists():
+                        continue
+                    if not dry_run:
+                        try:
+                            p.unlink()
+                        except FileNotFoundError:
+                            continue
+                    removed.append(p)
+                if not dry_run:
                     try:
-                        freed += p.stat().st_size
-                        p.unlink()
+                        lockp.unlink()
                     except FileNotFoundError:
                         pass
-                try:
-                    lockp.unlink()
-                except FileNotFoundError:
-                    pass
             finally:
                 os.close(fd)
-        return freed
+        return removed
 
     def digests(self):
         """Digests of the complete blobs in the cache."""

@@ -211,6 +211,46 @@ def _make_group(prog, user_mode):
             obj.emit(out)
 
     if not user_mode:
+        @group.command(help="Pull the images named by pending Slurm jobs (--container=IMAGE) "
+                            "that the store lacks, so the jobs do not wait for a conversion "
+                            "when they start. Run it from cron or a systemd timer.")
+        @click.option("--dry-run", is_flag=True, help="Only list what would be pulled.")
+        @_common
+        @click.pass_obj
+        def prefetch(obj, dry_run, json_output, quiet):
+            from hpcc.errors import HpccError as _E
+            from hpcc.slurm import pending_job_images
+
+            from .pull import pull as do_pull
+
+            obj.json, obj.quiet = json_output, quiet
+            results, failed = [], 0
+            for image in pending_job_images():
+                entry = {"image": image}
+                try:
+                    if obj.store.find(image) is not None:
+                        entry["status"] = "present"
+                    elif dry_run:
+                        entry["status"] = "would pull"
+                    else:
+                        obj.store.ensure()
+                        res = do_pull(image, store=obj.store, config=obj.config,
+                                      reporter=obj.reporter())
+                        entry.update(status="pulled", digest=res.digest)
+                except _E as e:
+                    failed += 1
+                    entry.update(status="failed", error=str(e))
+                results.append(entry)
+                if not json_output and not quiet:
+                    click.echo(f"{entry['status']:>10}  {image}"
+                               + (f"  ({entry['error']})" if "error" in entry else ""))
+            if json_output:
+                obj.emit(results)
+            elif not quiet and not results:
+                click.echo("no pending job names an image", err=True)
+            if failed:
+                raise click.exceptions.Exit(1)
+
         @group.command(help="Remove debris of interrupted conversions, dangling tags and unused "
                             "locks; with --blobs also layer blobs no image uses.")
         @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
@@ -225,8 +265,8 @@ def _make_group(prog, user_mode):
 
                 keep = {l["digest"] for rec in obj.store.images()
                         for l in rec.meta.get("layers", [])}
-                removed += [str(p) for p in
-                            BlobCache(blob_cache_dir(obj.config, obj.store.root)).prune(keep)]
+                cache = BlobCache(blob_cache_dir(obj.config, obj.store.root))
+                removed += [str(p) for p in cache.prune(keep, dry_run=dry_run)]
             if json_output:
                 obj.emit({"removed": removed, "dry_run": dry_run})
             elif not quiet:

@@ -39,6 +39,71 @@ WH_OPAQUE = ".wh..wh..opq"
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 
 
+class _ForwardReader(io.RawIOBase):
+    """A decompressed layer stream that tarfile can open in its random-access mode ("r:"):
+    tell() and forward seek() (by reading and discarding) are enough, because the flattener
+    reads members strictly in order. tarfile's own stream mode ("r|") re-copies its whole
+    buffer on every header read, which made it 2-3x slower than this."""
+
+    def __init__(self, stream):
+        self._s = io.BufferedReader(stream, 1 << 16) if not hasattr(stream, "peek") else stream
+        self._pos = 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def read(self, n=-1):
+        b = self._s.read(n)
+        self._pos += len(b)
+        return b
+
+    def readinto(self, b):
+        n = self._s.readinto(b) or 0
+        self._pos += n
+        return n
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        if whence == io.SEEK_CUR:
+            offset += self._pos
+        elif whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("layer streams cannot seek from the end")
+        if offset < self._pos:
+            raise io.UnsupportedOperation("layer streams cannot seek backwards")
+        while offset > self._pos:
+            b = self._s.read(min(offset - self._pos, 1 << 20))
+            if not b:
+                break
+            self._pos += len(b)
+        return self._pos
+
+
+def iter_tar(stream):
+    """TarInfo objects of a layer stream, in order; the current member's data can be read
+    with the returned TarFile's extractfile() before the next one is requested."""
+    try:
+        tf = tarfile.open(fileobj=_ForwardReader(stream), mode="r:", errorlevel=2)
+    except tarfile.ReadError as e:
+        if str(e) == "empty file":  # a zero-byte layer: nothing in it
+            return None, iter(())
+        raise
+
+    def members():
+        while True:
+            m = tf.next()
+            if m is None:
+                return
+            tf.members.clear()  # tarfile keeps every TarInfo otherwise
+            yield m
+
+    return tf, members()
+
+
 class _Slice(io.RawIOBase):
     """A read-only window [offset, offset+length) of a file (a blob inside an archive)."""
 
@@ -72,6 +137,15 @@ def open_raw(path, offset=0, length=None):
     return io.BufferedReader(_Slice(path, offset, length), 1 << 20)
 
 
+def _gzip_reader(raw):
+    """gzip decompression: ISA-L's igzip (2-3x faster than zlib) when available."""
+    try:
+        from isal import igzip
+    except ImportError:
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    return igzip.IGzipFile(fileobj=raw, mode="rb")
+
+
 class LayerSource:
     """One layer to flatten: where its blob is (a file, or a slice of an archive), how it
     is compressed, and its digest for messages."""
@@ -89,7 +163,7 @@ class LayerSource:
         """The decompressed tar stream."""
         raw = open_raw(self.path, self.offset, self.length)
         if self.compression == "gzip":
-            return _Closing(gzip.GzipFile(fileobj=raw, mode="rb"), raw)
+            return _Closing(_gzip_reader(raw), raw)
         if self.compression == "zstd":
             import zstandard
 
@@ -210,21 +284,15 @@ class Flattener:
             raise ImageError(f"cannot open layer {label}: {e.strerror}") from None
         try:
             with stream:
-                tf = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
-                for member in tf:
+                tf, members = iter_tar(stream)
+                for member in members:
                     self._entry(tf, member, label, pending_deleted, pending_opaque, in_layer,
                                 shadowed_files, wanted)
         except ImageError:
             raise
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError,
-                ValueError) as e:
+        except _corrupt_errors() as e:
             raise ImageError(f"layer {label} is truncated or corrupt ({_why(e)}); "
                              "pull it again, or report the image to its publisher") from None
-        except Exception as e:  # zstandard raises its own ZstdError
-            if type(e).__name__ == "ZstdError":
-                raise ImageError(f"layer {label} is truncated or corrupt (zstd: {e}); "
-                                 "pull it again, or report the image to its publisher") from None
-            raise
         if wanted:
             self._recover_hidden_link_targets(layer, label, wanted)
         self._deleted |= pending_deleted
@@ -423,8 +491,8 @@ class Flattener:
         replaced or deleted: the link keeps this layer's content (rare in practice)."""
         try:
             with layer.open() as stream:
-                tf = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
-                for m in tf:
+                tf, members = iter_tar(stream)
+                for m in members:
                     try:
                         path = normalize_path(m.name, label)
                     except ImageError:
@@ -443,11 +511,27 @@ class Flattener:
                             parent_dir.children[base] = node
                     if not wanted:
                         break
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        except _corrupt_errors() as e:
             raise ImageError(f"layer {label} is truncated or corrupt ({_why(e)})") from None
         for target, links in wanted.items():
             for link in links:
                 self.report.drop("hard link to a missing target", link)
+
+
+def _corrupt_errors():
+    """Exception types that mean "this layer's bytes are not a valid compressed tar"."""
+    errors = [tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError]
+    try:
+        from isal import isal_zlib
+        errors.append(isal_zlib.error)
+    except ImportError:
+        pass
+    try:
+        import zstandard
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def _why(e):

@@ -7,6 +7,7 @@ converted: the tag is (re)pointed and the pull is done ("pull only if changed").
 pulls of one image convert it once: the per-image lock serialises them and the later ones
 find the image published.
 """
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -76,8 +77,9 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
                 reporter.done(f"up to date: {ref.familiar} is {digest} (converted by another pull)")
                 return PullResult(rec, str(ref), digest, False, time.monotonic() - t0)
             workers = max(1, min(config["gateway"]["concurrent_downloads"], len(img.layers) or 1))
+            abort = threading.Event()  # one failure stops the other downloads
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hpcc-dl") as pool:
-                futures = [pool.submit(_fetch_layer, client, img, layer, cache, reporter)
+                futures = [pool.submit(_fetch_layer, client, img, layer, cache, reporter, abort)
                            for layer in img.layers]
                 getters = [_getter(f, layer) for f, layer in zip(futures, img.layers)]
                 reporter.converting(total)
@@ -86,6 +88,7 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
                         store, digest, getters, config=config, image_config=img.config,
                         meta=_meta(img, ref), refs=refs, progress=reporter.converted_bytes)
                 except BaseException:
+                    abort.set()
                     for f in futures:
                         f.cancel()
                     raise
@@ -100,10 +103,15 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
             client.close()
 
 
-def _fetch_layer(client, img, layer, cache, reporter):
+def _fetch_layer(client, img, layer, cache, reporter, abort):
     what = f"layer {layer.digest} of {img.ref.familiar}"
-    path = client.fetch_blob(img.ref, layer.digest, layer.size, cache, reporter.download, what)
-    client._check_magic(layer, path, what)
+    try:
+        path = client.fetch_blob(img.ref, layer.digest, layer.size, cache, reporter.download,
+                                 what, abort=abort)
+        client.check_layer(layer, path, what)
+    except BaseException:
+        abort.set()
+        raise
     return path
 
 

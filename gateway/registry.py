@@ -26,11 +26,12 @@ import platform as _platform
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from hpcc.errors import ConfigError, ImageError, RegistryError
@@ -67,6 +68,10 @@ LAYER_TYPES = {
 MAX_MANIFEST = 4 << 20        # manifests and configs larger than this are refused
 _CHUNK = 1 << 20
 _RETRY_STATUS = (500, 502, 503, 504)
+
+
+class DownloadAborted(RegistryError):
+    """A blob download stopped on request (fetch_blob's `abort` event)."""
 
 
 @dataclass
@@ -215,6 +220,21 @@ def _describe_conn_error(exc):
     return str(root) or type(root).__name__
 
 
+def _iter_body(r):
+    """Yield a streamed response body as it arrives. Unlike iter_content(), whose reads
+    block for a whole chunk and lose what they buffered when the connection drops, read1()
+    hands over every byte received before a cut, so a resume starts right after them."""
+    raw = r.raw
+    if hasattr(raw, "read1"):
+        while True:
+            chunk = raw.read1(_CHUNK)
+            if not chunk:
+                return
+            yield chunk
+    else:  # urllib3 < 2.1
+        yield from r.iter_content(64 * 1024)
+
+
 class _HostState:
     """What the client learned about one registry host: base URL, TLS, auth."""
 
@@ -242,10 +262,12 @@ class RegistryClient:
         self.auth_file = auth_file
         self.insecure = insecure
         self.ca_file = ca_file
-        self.timeout = timeout
+        self.timeout = tuple(timeout) if isinstance(timeout, (tuple, list)) else (timeout, timeout)
         self.backoff = backoff
         self.session = requests.Session()
-        self.session.trust_env = False      # no proxies from the environment for registries
+        # Environment proxies are applied per request by _proxies() (never for loopback
+        # registries); trust_env would also let ~/.netrc override registry credentials.
+        self.session.trust_env = False
         adapter = HTTPAdapter(pool_connections=8, pool_maxsize=32, max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
@@ -322,8 +344,9 @@ class RegistryClient:
         last = None
         for attempt in range(self.retries + 1):
             try:
-                r = self.session.get(url, timeout=self.timeout, verify=verify,
-                                     allow_redirects=False)
+                r = self.session.get(url, timeout=(self.timeout[0], min(self.timeout[1], 10)),
+                                     verify=verify, allow_redirects=False,
+                                     proxies=self._proxies(url))
                 r.close()
                 if r.status_code in _RETRY_STATUS and attempt < self.retries:
                     self._sleep(attempt)
@@ -345,6 +368,10 @@ class RegistryClient:
                     continue
             except requests.exceptions.Timeout as e:
                 last = e
+                if plain_ok:
+                    # Some plain-http servers wait silently for a request line after a TLS
+                    # hello; a loopback/insecure host that does not answer TLS is plain.
+                    return f"http://{host}"
                 if attempt < self.retries:
                     self._sleep(attempt)
                     continue
@@ -352,6 +379,15 @@ class RegistryClient:
             f"cannot connect to registry {host}: {_describe_conn_error(last)}"
             + (f" (after {self.retries + 1} attempts)" if self.retries else ""),
             hint="check the registry address and that it is running")
+
+    @staticmethod
+    def _proxies(url):
+        """$https_proxy/$http_proxy (honouring $no_proxy) for `url`; none for loopback."""
+        host = url.split("/")[2]
+        if is_loopback(host):
+            return {}
+        return {k: v for k, v in requests.utils.get_environ_proxies(url).items()
+                if k in ("http", "https", "all")}
 
     def _sleep(self, attempt, retry_after=None):
         if retry_after is not None:
@@ -398,12 +434,14 @@ class RegistryClient:
         headers = {}
         if creds and creds.username:
             headers["Authorization"] = creds.basic_header()
-        verify = st.verify
+        realm_host = realm.split("/")[2]
+        verify = st.verify if realm_host == st.host else self._verify_for(realm_host)
         last = None
         for attempt in range(self.retries + 1):
             try:
                 r = self.session.get(realm, params=query, headers=headers,
-                                     timeout=self.timeout, verify=verify)
+                                     timeout=self.timeout, verify=verify,
+                                     proxies=self._proxies(realm))
             except requests.exceptions.SSLError as e:
                 raise self._tls_error(realm.split("/")[2], e) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
@@ -450,7 +488,8 @@ class RegistryClient:
                 h["Authorization"] = auth
             try:
                 r = self.session.request(method, url, headers=h, stream=stream,
-                                         timeout=self.timeout, verify=st.verify)
+                                         timeout=self.timeout, verify=st.verify,
+                                         proxies=self._proxies(url))
             except requests.exceptions.SSLError as e:
                 raise self._tls_error(ref.api_host, e) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
@@ -486,7 +525,10 @@ class RegistryClient:
 
     def _denied(self, ref, status, what, need_login=False):
         creds = self._credentials(ref)
-        if creds and not need_login:
+        if creds and not need_login and status == 403:
+            detail = (f"user '{creds.username}' (credentials from {creds.source}) may not "
+                      "pull this image")
+        elif creds and not need_login:
             detail = f"the credentials of user '{creds.username}' from {creds.source} were refused"
         else:
             detail = "no credentials were found"
@@ -507,6 +549,10 @@ class RegistryClient:
                                      f"({reason})",
                                      hint="check the name and tag")
             return RegistryError(f"{what} not found in registry {ref.api_host} (blob unknown)")
+        if r.status_code == 429:
+            return RegistryError(f"registry {ref.api_host} refused {what}: too many requests "
+                                 "(rate limit)",
+                                 hint="try again later, or log in to get a higher limit")
         if r.status_code in _RETRY_STATUS:
             return RegistryError(f"registry {ref.api_host} failed with HTTP {r.status_code} "
                                  f"for {what} after {self.retries + 1} attempts",
@@ -713,9 +759,13 @@ class RegistryClient:
         return body
 
     # -- blobs -----------------------------------------------------------------------------
-    def fetch_blob(self, ref, digest, size, cache, progress=None, what=None):
+    def fetch_blob(self, ref, digest, size, cache, progress=None, what=None, abort=None):
         """Download one blob into `cache` (resuming a partial download), verify its digest
-        and size, and return its path in the cache. A cached blob costs no request."""
+        and size, and return its path in the cache. A cached blob costs no request.
+
+        `abort`: an optional threading.Event; when set (another download failed, or the
+        user pressed ^C), the download stops within one chunk, keeps its partial file for
+        a later resume, and raises DownloadAborted."""
         what = what or f"blob {digest} of {ref}"
         if not DIGEST_RE.match(str(digest)):
             raise ImageError(f"{what} has a malformed digest")
@@ -728,7 +778,7 @@ class RegistryClient:
                 if progress:
                     progress("cached", digest, size, size)
                 return cache.path(digest)
-            self._download(ref, digest, size, ing, progress, what)
+            self._download(ref, digest, size, ing, progress, what, abort)
             if progress:
                 progress("verify", digest, ing.offset, size)
             path = ing.commit(what)
@@ -736,7 +786,7 @@ class RegistryClient:
             progress("done", digest, size, size)
         return path
 
-    def _download(self, ref, digest, size, ing, progress, what):
+    def _download(self, ref, digest, size, ing, progress, what, abort=None):
         url_path = f"/v2/{ref.path}/blobs/{digest}"
         attempt = 0
         if progress:
@@ -765,14 +815,18 @@ class RegistryClient:
             else:
                 raise self._http_error(ref, r, what, "blob")
             try:
-                for chunk in r.iter_content(_CHUNK):
+                for chunk in _iter_body(r):
+                    if abort is not None and abort.is_set():
+                        r.close()
+                        ing.flush()
+                        raise DownloadAborted(f"download of {what} was stopped")
                     ing.write(chunk)
                     if progress:
                         progress("progress", digest, ing.offset, size)
                 r.close()
             except (requests.exceptions.ChunkedEncodingError,
                     requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                    OSError) as e:
+                    urllib3.exceptions.HTTPError, OSError) as e:
                 r.close()
                 ing.flush()
                 if attempt >= self.retries:
@@ -804,28 +858,40 @@ class RegistryClient:
         n = max(1, min(concurrency or self.concurrency or 4, max(1, len(img.layers))))
         ref = img.ref
 
+        stop = threading.Event()
+
         def one(layer):
             what = f"layer {layer.digest} of {ref}"
-            path = self.fetch_blob(ref, layer.digest, layer.size, cache, progress, what)
+            path = self.fetch_blob(ref, layer.digest, layer.size, cache, progress, what, stop)
             self._check_magic(layer, path, what)
             return path
 
         if n == 1 or len(img.layers) <= 1:
             return [one(layer) for layer in img.layers]
-        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="hpcc-pull") as pool:
+        pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="hpcc-pull")
+        futures = []
+        try:
             futures = [pool.submit(one, layer) for layer in img.layers]
-            paths, first_error = [], None
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:                      # the first failure in layer order
+                if f.done() and not f.cancelled() and f.exception() is not None:
+                    raise f.exception()
+            return [f.result() for f in futures]
+        except BaseException:
+            # Stop the other downloads within one chunk (their partial files stay for a
+            # resume) instead of waiting for them to finish.
+            stop.set()
             for f in futures:
-                try:
-                    paths.append(f.result())
-                except BaseException as e:  # noqa: B902 - re-raised below, in layer order
-                    if first_error is None:
-                        first_error = e
-                        for g in futures:
-                            g.cancel()
-            if first_error is not None:
-                raise first_error
-        return paths
+                f.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+
+    @staticmethod
+    def check_layer(layer, path, what=None):
+        """Check a fetched layer's first bytes: refuse what is neither gzip, zstd nor tar,
+        and correct `layer.compression` when the media type mislabels it."""
+        RegistryClient._check_magic(layer, path, what or f"layer {layer.digest}")
 
     @staticmethod
     def _check_magic(layer, path, what):

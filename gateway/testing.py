@@ -148,6 +148,7 @@ class TokenServer:
         self.service = service
         self.issuer = issuer
         self.anonymous_pull = anonymous_pull
+        self.token_lifetime = 300        # seconds; tests of token refresh shorten it
         self.key = _new_key()
         self.cert = _cert("hpcc test token signer", self.key)
         self.requests = []           # (user or None, scope, status)
@@ -162,11 +163,12 @@ class TokenServer:
     def cert_pem(self):
         return _pem_cert(self.cert)
 
-    def make_token(self, subject, access, lifetime=300):
+    def make_token(self, subject, access, lifetime=None):
         _, hashes, serialization, padding, _, _ = _crypto()
         der = self.cert.public_bytes(serialization.Encoding.DER)
         header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
         now = int(time.time())
+        lifetime = self.token_lifetime if lifetime is None else lifetime
         claims = {"iss": self.issuer, "sub": subject or "", "aud": self.service,
                   "exp": now + lifetime, "nbf": now - 60, "iat": now,
                   "jti": uuid.uuid4().hex, "access": access}
@@ -225,7 +227,7 @@ class TokenServer:
                     user = name
                 tok = server.make_token(user, server._grant(user, scope))
                 server.requests.append((user, scope, 200))
-                self._reply(200, {"token": tok, "access_token": tok, "expires_in": 300,
+                self._reply(200, {"token": tok, "access_token": tok, "expires_in": server.token_lifetime,
                                   "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                              time.gmtime())})
 
@@ -269,7 +271,7 @@ class LocalRegistry:
     """
 
     def __init__(self, *, tls=False, htpasswd=None, token_auth=False, anonymous_pull=False,
-                 bind="127.0.0.1", workdir=None):
+                 bind="127.0.0.1", workdir=None, port=None):
         if not os.path.exists(DOCKER_REGISTRY):
             raise RuntimeError(f"{DOCKER_REGISTRY} is missing: apt-get install docker-registry")
         self.tls = tls
@@ -280,6 +282,7 @@ class LocalRegistry:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="hpcc-registry-"))
         self.port = None
+        self._want_port = port   # a fixed port (the demo's), else a free one
         self.proc = None
         self.ca_file = None
         self.token_server = None
@@ -368,7 +371,7 @@ class LocalRegistry:
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         last_err = ""
         for _ in range(5):       # a free port can be taken between probe and bind: retry
-            self.port = free_port()
+            self.port = self._want_port or free_port()
             cfg = self.workdir / "config.yml"
             cfg.write_text(json.dumps(self._config(), indent=1))   # JSON is YAML
             logf = open(self.log_path, "ab")
@@ -671,6 +674,12 @@ class ImageBuilder:
                               f"hpcc.gateway.testing layer {len(self._layers)}"})
         return self
 
+    def add_layer(self, layer_blob):
+        """Reuse a LayerBlob of another image (shared base layers)."""
+        self._layers.append(layer_blob)
+        self._history.append({"created": self.created, "created_by": "shared layer"})
+        return self
+
     def raw_layer(self, blob, media_type, tar=None, compression="gzip"):
         """A layer from bytes as given (for corrupt/unknown-format cases)."""
         tar = blob if tar is None else tar
@@ -966,6 +975,8 @@ class FaultProxy:
         proxy.cut_blob(after_bytes, times=1)   send a blob's headers, K bytes, then close
         proxy.corrupt_blob(times=1, offset=None)  flip one byte of the blob body
         proxy.ignore_range = True              drop Range headers (a server without Range)
+        proxy.replace_manifest(body, content_type)   serve other bytes as the next manifest
+        proxy.throttle = BYTES_PER_SECOND      send blob bodies slowly
     proxy.log: list of dicts {method, path, range, status, kind} of every request.
     """
 
@@ -976,6 +987,7 @@ class FaultProxy:
         self.port = free_port()
         self.log = []
         self.ignore_range = False
+        self.throttle = None         # bytes per second for blob bodies (a slow network)
         self._faults = []            # [kind, remaining, params]
         self._lock = threading.Lock()
         self._httpd = None
@@ -1003,6 +1015,15 @@ class FaultProxy:
         with self._lock:
             self._faults.append(["corrupt", times, {"offset": offset}])
 
+    def replace_manifest(self, body, content_type=None, times=1, digest_header="match"):
+        """Serve `body` (bytes) instead of the next manifest(s): a registry serving a
+        schema 1 manifest, garbage, or a manifest that does not match its digest.
+        digest_header: "match" announces the digest of `body` in Docker-Content-Digest (a
+        registry that really stores it), "keep" leaves the original header (a lie)."""
+        with self._lock:
+            self._faults.append(["manifest", times, {"body": body, "ctype": content_type,
+                                                     "digest": digest_header}])
+
     def clear(self):
         with self._lock:
             self._faults.clear()
@@ -1016,6 +1037,8 @@ class FaultProxy:
                 if kind == "fail" and f[2]["what"] not in ("any", path_kind):
                     continue
                 if kind in ("cut", "corrupt") and path_kind != "blob":
+                    continue
+                if kind == "manifest" and path_kind != "manifest":
                     continue
                 f[1] -= 1
                 return f[2]
@@ -1072,6 +1095,7 @@ class FaultProxy:
                     resp = up.getresponse()
                     data = resp.read()
                     status = resp.status
+                    upstream_length = resp.getheader("Content-Length")
                     rheaders = [(k, v) for k, v in resp.getheaders()
                                 if k.lower() not in ("connection", "transfer-encoding",
                                                      "content-length", "keep-alive")]
@@ -1082,6 +1106,18 @@ class FaultProxy:
                     cut = proxy._take("cut", kind)
                     if cut is None:
                         corrupt = proxy._take("corrupt", kind)
+                if self.command == "GET" and kind == "manifest" and status == 200:
+                    swap = proxy._take("manifest", kind)
+                    if swap is not None:
+                        data = swap["body"]
+                        if swap["digest"] == "match":
+                            rheaders = [(k, v) for k, v in rheaders
+                                        if k.lower() != "docker-content-digest"]
+                            rheaders.append(("Docker-Content-Digest", sha256(data)))
+                        if swap["ctype"]:
+                            rheaders = [(k, v) for k, v in rheaders
+                                        if k.lower() != "content-type"]
+                            rheaders.append(("Content-Type", swap["ctype"]))
                 if corrupt is not None:
                     off = corrupt["offset"] if corrupt["offset"] is not None else len(data) // 2
                     off = min(off, len(data) - 1)
@@ -1092,7 +1128,10 @@ class FaultProxy:
                     if k.lower() == "location" and v.startswith(proxy.upstream.url):
                         v = proxy.url + v[len(proxy.upstream.url):]
                     self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                if self.command == "HEAD":
+                    self.send_header("Content-Length", upstream_length or "0")
+                else:
+                    self.send_header("Content-Length", str(len(data)))
                 if cut is not None:
                     self.send_header("Connection", "close")
                 self.end_headers()
@@ -1106,6 +1145,16 @@ class FaultProxy:
                         self.connection.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
+                    return
+                if proxy.throttle and kind == "blob":
+                    step = 64 * 1024
+                    try:
+                        for i in range(0, len(data), step):
+                            self.wfile.write(data[i:i + step])
+                            self.wfile.flush()
+                            time.sleep(step / proxy.throttle)
+                    except (BrokenPipeError, ConnectionResetError):
+                        self.close_connection = True
                     return
                 self.wfile.write(data)
 

@@ -3,7 +3,7 @@
     hpcc-hook mpi|nvidia [--config FILE] [--dry-run] [-v]  < OCI state JSON
 
 It runs on every launch that asks for it, so it stays light: argparse, no click/jsonschema
-(the site config was validated by the admin tools), pyelftools only where ELF files are read.
+(the site config was validated by the admin tools), a small ELF reader of its own.
 Failures print one line on stderr, `hpcc-hook <name>: <what is wrong; what to do>`, and exit 1
 (the runtime reports that line and does not start the container).
 """

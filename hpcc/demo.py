@@ -40,7 +40,7 @@ def main():
     from hpcc.gateway.testing import LocalRegistry, busybox_image
 
     step("starting a local OCI registry (docker-registry) on 127.0.0.1")
-    with LocalRegistry() as reg:
+    with LocalRegistry(port=_demo_port()) as reg:
         print(f"registry at {reg.url}")
         step("building the demo image from busybox-static (2 layers) and pushing it")
         image = busybox_image()
@@ -65,6 +65,18 @@ def main():
                       "/app/hello.sh"], cwd="/")
         _slurm_demo(ref)
     step("done")
+
+
+def _demo_port(preferred=5000):
+    """A fixed port when free, so that repeated demos reuse one image name in the store."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            return None
+    return preferred
 
 
 def _has_launcher():

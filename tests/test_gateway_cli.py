@@ -239,3 +239,85 @@ def test_non_tty_output_is_plain_lines_with_elapsed_times(registry, site):
     lines = p.stderr.strip().splitlines()
     assert lines and all(l.startswith("[") and "s]" in l for l in lines), lines
     assert "\x1b[" not in p.stderr
+
+
+@pytest.mark.root
+def test_user_pulls_into_own_store_and_runs_it_unprivileged(registry, test_user):
+    """`hpcc pull` as an ordinary user: the user's own store, then `hpcc run` of it."""
+    import pwd
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="hpcc-userpull-"))  # pytest's tmp is root-only
+    try:
+        _user_pull_and_run(registry, test_user, tmp_path, pwd, shutil)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _user_pull_and_run(registry, test_user, tmp_path, pwd, shutil):
+    registry.push("demo/userpull", "1", busybox_image())
+    ref = registry.ref("demo/userpull", "1")
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.chown(home, test_user.pw_uid, test_user.pw_gid)
+    os.chmod(tmp_path, 0o755)
+    cfg = tmp_path / "hpcc.toml"
+    cfg.write_text(f'[store]\npath = "{tmp_path}/site"\n'
+                   f'user_path = "{home}/images"\n[launcher]\nmount_cwd = false\n')
+    env = {"HPCC_CONFIG": str(cfg), "HOME": str(home), "PATH": "/usr/bin:/bin",
+           "USER": test_user.pw_name}
+
+    def as_user(*args):
+        return subprocess.run([tool("hpcc"), *args], env=env, text=True, capture_output=True,
+                              user=test_user.pw_uid, group=test_user.pw_gid, cwd="/",
+                              timeout=120)
+
+    p = as_user("pull", "--json", ref)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["path"].startswith(str(home / "images"))
+    assert os.stat(res["path"]).st_uid == test_user.pw_uid
+    rows = json.loads(as_user("images", "--json").stdout)
+    assert [r["tags"] for r in rows] == [[ref]]
+    p = as_user("run", "--no-home", ref, "--", "/app/hello.sh")
+    assert p.returncode == 0, p.stderr
+    assert f"uid {test_user.pw_uid}" in p.stdout
+    p = as_user("run", "--no-home", registry.ref("demo/not-pulled", "1"), "--", "true")
+    assert p.returncode == 125 and "hpcc pull" in p.stderr
+    assert pwd.getpwuid(os.stat(home / "images").st_uid).pw_name == test_user.pw_name
+
+
+def test_tty_output_shows_progress_bars(registry, site):
+    """On a terminal the pull draws rich progress bars (run under script(1)'s pty)."""
+    import shlex
+
+    registry.push("demo/tty", "1", busybox_image())
+    cmd = " ".join(shlex.quote(c) for c in [tool("gateway"), "pull", registry.ref("demo/tty", "1")])
+    p = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True,
+                       env=dict(os.environ, HPCC_CONFIG=str(site.config), TERM="xterm",
+                                COLUMNS="120"), timeout=120)
+    assert p.returncode == 0, p.stdout
+    assert "\x1b[" in p.stdout            # terminal control sequences: a live display
+    assert "layer" in p.stdout and "squashfs" in p.stdout
+    assert "pulled" in p.stdout
+
+
+def test_gc_blobs_prunes_only_unused_layers_and_dry_run_keeps_them(registry, site):
+    keep = ImageBuilder(oci=True).layer([file("k", b"keep me")]).build()
+    drop = ImageBuilder(oci=True).layer([file("d", b"drop me")]).build()
+    registry.push("demo/gc-keep", "1", keep)
+    registry.push("demo/gc-drop", "1", drop)
+    site.json("pull", registry.ref("demo/gc-keep", "1"))
+    site.json("pull", registry.ref("demo/gc-drop", "1"))
+    site.json("rm", registry.ref("demo/gc-drop", "1"))
+    blobs = site.path / ".blobs" / "sha256"
+    dropped = blobs / drop.layers[0].digest.split(":")[1]
+    kept = blobs / keep.layers[0].digest.split(":")[1]
+    assert dropped.exists() and kept.exists()
+    out = site.json("gc", "--blobs", "--dry-run")
+    assert str(dropped) in out["removed"] and dropped.exists()
+    out = site.json("gc", "--blobs")
+    assert str(dropped) in out["removed"]
+    assert not dropped.exists() and kept.exists()

@@ -15,7 +15,7 @@ from hpcc.gateway.registry import RegistryClient, is_loopback
 from hpcc.gateway.testing import LocalRegistry, simple_image
 from hpcc.reference import parse_reference
 
-from .fixtures.registry import REGISTRY_USERS, TOKEN_USERS
+from .fixtures.registry import TOKEN_USERS
 
 
 def repo(name):
@@ -276,3 +276,28 @@ def test_plain_http_refused_for_a_non_loopback_address(client_config, no_ambient
         cfg = client_config(_toml_registry(reg.host, insecure=True))
         with RegistryClient(cfg, backoff=0.05) as c:
             assert c.resolve(ref).manifest_digest == built.digest
+
+
+def test_environment_proxy_is_used_for_remote_hosts_but_never_for_loopback(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
+                "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("https_proxy", "http://proxy.example.org:3128")
+    monkeypatch.setenv("no_proxy", "internal.example.org")
+    get = RegistryClient._proxies
+    assert get("https://ghcr.io/v2/") == {"https": "http://proxy.example.org:3128"}
+    assert get("https://internal.example.org/v2/") == {}
+    assert get("https://127.0.0.1:5000/v2/") == {}
+    assert get("http://localhost:5000/v2/") == {}
+
+
+def test_loopback_registry_ignores_a_proxy_in_the_environment(registry, client_config,
+                                                               no_ambient_credentials,
+                                                               monkeypatch):
+    built = simple_image("proxy-env")
+    registry.push("plain/proxy-env", "v", built)
+    monkeypatch.setenv("http_proxy", "http://192.0.2.254:9")     # would black-hole
+    monkeypatch.setenv("https_proxy", "http://192.0.2.254:9")
+    with RegistryClient(client_config(""), backoff=0.01) as c:
+        img = c.resolve(parse_reference(registry.ref("plain/proxy-env", "v")))
+    assert img.manifest_digest == built.digest

@@ -206,8 +206,7 @@ def test_second_fetch_is_served_from_the_cache(registry, fault_proxy, client, ca
     # Another image sharing the base layers, pulled with a fresh client: only new blobs.
     b2 = ImageBuilder()
     for lay in built.layers:
-        b2._layers.append(lay)
-        b2._history.append({"created_by": "shared"})
+        b2.add_layer(lay)
     b2.layer([file("extra", b"new layer")])
     built2 = b2.build()
     registry.push(name, "v2", built2)

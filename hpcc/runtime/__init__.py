@@ -30,7 +30,7 @@ setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=None) -
     /etc/resolv.conf, /etc/hosts into the overlay, applies spec["mounts"] with every target
     resolved inside the root (openat2 RESOLVE_IN_ROOT; bind sources by O_PATH fd; missing
     targets created only in the overlay or a tmpfs), writes <bundle>/config.json with
-    root.path = the host-visible root, runs the createRuntime, prestart and createContainer
+    root.path = the host-visible root (when hooks are configured: they are its readers), runs the createRuntime, prestart and createContainer
     hooks (children of this process; OCI state on stdin, pid = this process), makes the
     root read-only unless spec["root"]["readonly"] is false, and (pivot=True) pivot_roots
     into it, detaching the host's tree. RootHandle: .id, .bundle, .fuse_pid (the

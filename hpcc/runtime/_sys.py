@@ -16,6 +16,7 @@ _NR_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217}.ge
     os.uname().machine, 155)
 NR_OPEN_TREE = 428
 NR_MOVE_MOUNT = 429
+NR_CLOSE_RANGE = 436
 NR_OPENAT2 = 437
 NR_MOUNT_SETATTR = 442
 
@@ -165,3 +166,17 @@ def capabilities_effective():
             if line.startswith("CapEff:"):
                 return int(line.split()[1], 16)
     return 0
+
+
+def close_range(first, last=0xFFFFFFFF):
+    """Close fds first..last in one system call (Linux >= 5.9); falls back to /proc/self/fd."""
+    if _syscall(ctypes.c_long(NR_CLOSE_RANGE), ctypes.c_uint(first), ctypes.c_uint(last),
+                ctypes.c_uint(0)) == 0:
+        return
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if first <= fd <= last:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -18,7 +18,6 @@ A failing createRuntime/prestart/createContainer/startContainer hook aborts the 
 reported as warnings. Running as root, configs and hook executables that a non-root user
 could modify are refused.
 """
-import json
 import os
 import stat
 
@@ -49,6 +48,9 @@ def load_hooks(hooks_dir, *, privileged=None):
         return []
     except OSError as e:
         raise HookError(f"cannot read hooks directory {hooks_dir}: {e.strerror}") from None
+    if not names:
+        return []
+    import json
     out = []
     for n in names:
         path = os.path.join(hooks_dir, n)
@@ -143,6 +145,7 @@ def run_hooks(spec, stage, state_obj, *, root_fd=None, warn=None):
     hooks = spec.get("hooks", {}).get(stage) or []
     if not hooks:
         return
+    import json
     import subprocess
 
     data = json.dumps(state_obj).encode()

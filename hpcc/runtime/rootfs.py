@@ -8,7 +8,7 @@ tmpfs, never in the image), bundle/config.json (for hooks).
 """
 import errno
 import os
-import signal
+import _signal as signal  # the C module: `signal` would import enum (~3 ms)
 import stat
 import struct
 
@@ -356,7 +356,7 @@ def _fuse_mount(img_fd, target, path, privileged):
             a, b = os.dup(ffd), os.dup(img_fd)
             os.dup2(a, 3)
             os.dup2(b, 4)
-            os.closerange(5, 65536)
+            _sys.close_range(5)
             devnull = os.open("/dev/null", os.O_RDWR)
             os.dup2(devnull, 0)
             os.dup2(devnull, 1)
@@ -610,12 +610,12 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
     """Assemble the container's root in the calling process's (private) mount namespace,
     run the createRuntime/prestart/createContainer hooks, make the root read-only (unless
     spec['root']['readonly'] is false) and pivot_root into it. Returns a RootHandle."""
-    import json
     t = log or (lambda msg: None)
     cid = container_id or f"hpcc-{os.getpid()}-{os.urandom(4).hex()}"
     stage = stage_dir(privileged)
     hooks = spec.get("hooks") or {}
     if hooks:
+        import json
         import subprocess  # noqa: F401  (no imports are possible after pivot_root)
     try:
         _sys.mount("hpcc", stage, "tmpfs", _sys.MS_NOSUID | _sys.MS_NODEV, "mode=0755")
@@ -645,8 +645,9 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
             _assemble(root_fd, spec, privileged, writable)
             t("root assembled")
             spec["root"]["path"] = f"{stage}/root"
-            with open(f"{handle.bundle}/config.json", "w") as f:
-                json.dump(spec, f)
+            if hooks:  # config.json is for the hooks; json costs ~3 ms of imports
+                with open(f"{handle.bundle}/config.json", "w") as f:
+                    json.dump(spec, f)
             from .hooks import run_hooks, state
             st = state(spec, "created", os.getpid(), handle.bundle, cid)
             for stage_name in ("createRuntime", "prestart", "createContainer"):

@@ -99,9 +99,8 @@ int64_t hpcc_write_file(hpcc_writer_t *w, const sqfs_inode_generic_t *data, sqfs
 int64_t hpcc_write_special(hpcc_writer_t *w, int type, sqfs_u16 perm, sqfs_u32 uid,
                            sqfs_u32 gid, sqfs_u32 mtime, sqfs_u32 ino, sqfs_u32 nlink,
                            sqfs_u32 xattr, sqfs_u32 devno, const char *target, size_t tlen);
-int hpcc_dir_begin(hpcc_writer_t *w);
-int hpcc_dir_add(hpcc_writer_t *w, const char *name, sqfs_u32 ino, int64_t ref, int type);
-int64_t hpcc_dir_write(hpcc_writer_t *w, sqfs_u16 perm, sqfs_u32 uid, sqfs_u32 gid,
+int64_t hpcc_dir_write(hpcc_writer_t *w, const char *names, size_t count, sqfs_u32 *inos,
+                       int64_t *refs, int *types, sqfs_u16 perm, sqfs_u32 uid, sqfs_u32 gid,
                        sqfs_u32 mtime, sqfs_u32 ino, sqfs_u32 nlink, sqfs_u32 xattr,
                        sqfs_u32 parent_ino);
 int hpcc_writer_finish(hpcc_writer_t *w, sqfs_u64 root_ref, sqfs_u32 inode_count);
@@ -570,20 +569,30 @@ out:
     return ret;
 }
 
-int hpcc_dir_begin(hpcc_writer_t *w) { return sqfs_dir_writer_begin(w->dirw, 0); }
-
-int hpcc_dir_add(hpcc_writer_t *w, const char *name, sqfs_u32 ino, int64_t ref, int type)
-{
-    return sqfs_dir_writer_add_entry(w->dirw, name, ino, (sqfs_u64)ref, type_to_ifmt(type));
-}
-
-int64_t hpcc_dir_write(hpcc_writer_t *w, sqfs_u16 perm, sqfs_u32 uid, sqfs_u32 gid,
+/* One directory: `names` holds `count` NUL-separated names in sorted byte order, with the
+   inode number, inode reference and basic type of each entry in the arrays. */
+int64_t hpcc_dir_write(hpcc_writer_t *w, const char *names, size_t count, sqfs_u32 *inos,
+                       int64_t *refs, int *types, sqfs_u16 perm, sqfs_u32 uid, sqfs_u32 gid,
                        sqfs_u32 mtime, sqfs_u32 ino, sqfs_u32 nlink, sqfs_u32 xattr,
                        sqfs_u32 parent_ino)
 {
     sqfs_inode_generic_t *inode;
+    const char *name = names;
     int64_t ret;
+    size_t i;
 
+    ret = sqfs_dir_writer_begin(w->dirw, 0);
+    if (ret)
+        return ret;
+    for (i = 0; i < count; ++i) {
+        if (refs[i] < 0)
+            return SQFS_ERROR_SEQUENCE;
+        ret = sqfs_dir_writer_add_entry(w->dirw, name, inos[i], (sqfs_u64)refs[i],
+                                        type_to_ifmt(types[i]));
+        if (ret)
+            return ret;
+        name += strlen(name) + 1;
+    }
     ret = sqfs_dir_writer_end(w->dirw);
     if (ret)
         return ret;

@@ -31,7 +31,8 @@ class Node:
         self._gen = None
 
     def __repr__(self):
-        return f"<{type(self).__name__} mode={self.mode:o} uid={self.uid} gid={self.gid}>"
+        mode = oct(self.mode) if isinstance(self.mode, int) else repr(self.mode)
+        return f"<{type(self).__name__} mode={mode} uid={self.uid!r} gid={self.gid!r}>"
 
 
 class Dir(Node):

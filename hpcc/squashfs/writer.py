@@ -20,10 +20,10 @@ from hpcc.squashfs.tree import Dir, FileData
 __all__ = ["SquashfsWriter", "COMPRESSORS", "DEFAULT_LEVELS"]
 
 COMPRESSORS = {"gzip": 1, "zstd": 6}
-# level=0 picks these. zstd 6 and gzip 6 (zlib's own default): the knee of the speed/size curve
-# measured on /usr (docs/squashfs.md); libsquashfs's own defaults (zstd 15, gzip 9) cost 3-5x
-# the CPU time for 1-3% smaller images.
-DEFAULT_LEVELS = {"gzip": 6, "zstd": 6}
+# level=0 picks these: zstd 3 and gzip 6, the libraries' own defaults. Measured on a /usr slice
+# (docs/squashfs.md), zstd 6 costs 1.8x the CPU for a 5.5% smaller image; libsquashfs's own
+# defaults (zstd 15, gzip 9) cost far more for little: a pull should not wait on them.
+DEFAULT_LEVELS = {"gzip": 6, "zstd": 3}
 LEVEL_RANGES = {"gzip": (1, 9), "zstd": (1, 22)}
 
 CHUNK = 1 << 20          # bytes handed to the block processor per call
@@ -177,8 +177,11 @@ class SquashfsWriter:
     def add_file_data(self, stream, size=None):
         """Read a binary file object to EOF (or exactly ``size`` bytes) into the image.
 
-        Returns a FileData for File.data, or None for an empty file. An exception from the
-        stream propagates unchanged and leaves the writer unusable (close() cleans up).
+        Uses ``readinto`` when the stream has it (zero-copy into a reused 1 MiB buffer), else
+        ``read``. Returns a FileData for File.data, or None for an empty file. An exception
+        from the stream propagates unchanged; once data of the file has been handed over it
+        leaves the writer unusable (close() cleans up). A stream that ends before ``size``
+        bytes raises SquashfsError.
         """
         self._usable()
         want = CHUNK if size is None else min(size, CHUNK)
@@ -202,15 +205,15 @@ class SquashfsWriter:
                     if not n:
                         break
                     got += n
+                if left is not None and got < want:
+                    raise SquashfsError(f"file data ended after {total + got} of {size} bytes")
                 if cell is None:
                     if got == 0:
-                        if size:
-                            raise SquashfsError(f"file data ended after 0 of {size} bytes")
                         return None
                     cell = ffi.new("sqfs_inode_generic_t **")
                     self._cells.append(cell)
                     self._in_file = True
-                    if got < want or (left is not None and left == got):
+                    if got < want or left == got:
                         # the whole file in one call: begin + append + end in C
                         self._check(lib.hpcc_file_whole(w, cell, ptr, got), "storing file data")
                         total = got
@@ -225,13 +228,12 @@ class SquashfsWriter:
                         self._check(lib.hpcc_file_end(w), "ending file data")
                         break
                     want = min(left, CHUNK)
-                if got < want:
-                    if left:
-                        raise SquashfsError(f"file data ended after {total} of {size} bytes")
+                elif got < want:
                     self._check(lib.hpcc_file_end(w), "ending file data")
                     break
         except BaseException as e:
-            if self._failed is None:
+            # mid-file the block processor cannot drop what it has: the writer is done for
+            if self._in_file and self._failed is None:
                 self._failed = e
             raise
         self._in_file = False
@@ -289,18 +291,28 @@ class SquashfsWriter:
         bad = (b"", b".", b"..")
         while stack:
             d = stack.pop()
-            items = []
-            subdirs = []
-            for name, child in d.children.items():
-                try:
-                    b = name.encode("utf-8", "surrogateescape")
-                except (AttributeError, UnicodeEncodeError):
-                    raise SquashfsError(f"bad file name {name!r} in image tree") from None
-                if b in bad or b"/" in b or b"\0" in b or len(b) > 255:
-                    raise SquashfsError(f"bad file name {name!r} in image tree")
+            ch = d.children
+            if not ch:
+                d._nlink = 2
+                order.append(d)
+                ents_of[id(d)] = []
+                continue
+            names = list(ch)
+            try:
+                blob = "\0".join(names).encode("utf-8", "surrogateescape")
+            except (TypeError, UnicodeEncodeError):
+                blob = None
+            bnames = blob.split(b"\0") if blob is not None else ()
+            if (len(bnames) != len(names) or b"/" in blob or "" in ch or "." in ch
+                    or ".." in ch or max(map(len, bnames)) > 255
+                    or len(set(bnames)) != len(bnames)):
+                _bad_names(names)
+            nodes = list(ch.values())
+            subdirs = 0
+            for child in nodes:
                 if child._gen is gen:
                     if child._kind == 1:
-                        raise SquashfsError(f"directory {name!r} appears twice in image tree "
+                        raise SquashfsError("a directory appears twice in the image tree "
                                             "(directories cannot be hard-linked)")
                     child._nlink += 1
                 else:
@@ -308,15 +320,14 @@ class SquashfsWriter:
                     child._nlink = 1
                     child._ino = 0
                     if child._kind == 1:
-                        subdirs.append((b, child))
-                items.append((b, child))
-            items.sort(key=_first)
-            d._nlink = 2 + len(subdirs)
+                        subdirs += 1
+            items = sorted(zip(bnames, nodes))   # names are unique: nodes never compared
+            d._nlink = 2 + subdirs
             if subdirs:
-                subdirs.sort(key=_first)
-                for _b, s in subdirs:
-                    parent_of[id(s)] = d
-                    stack.append(s)
+                for _b, s in items:
+                    if s._kind == 1:
+                        parent_of[id(s)] = d
+                        stack.append(s)
             order.append(d)
             ents_of[id(d)] = items
         order.reverse()    # post-order: children before parents, siblings in name order
@@ -360,8 +371,6 @@ class SquashfsWriter:
         null = ffi.NULL
         write_file = lib.hpcc_write_file
         write_special = lib.hpcc_write_special
-        dir_begin = lib.hpcc_dir_begin
-        dir_add = lib.hpcc_dir_add
         dir_write = lib.hpcc_dir_write
         root_parent = len(seq) + 1
         n = None
@@ -380,20 +389,18 @@ class SquashfsWriter:
                     fd = n.data
                     if fd is None:
                         inode = null
-                    else:
-                        if fd._owner is not self or fd._cell[0] == null:
-                            raise SquashfsError("file data handle from another (or a closed) "
-                                                "squashfs writer")
+                    elif fd._owner is self:
                         inode = fd._cell[0]
+                    else:
+                        raise SquashfsError("file data handle made by another squashfs writer")
                     ref = write_file(w, inode, mode, n.uid, n.gid, mt, n._ino, n._nlink, xi)
                 elif k == 1:
-                    self._check(dir_begin(w), "writing a directory")
-                    for b, c in ents_of[id(n)]:
-                        rc = dir_add(w, b, c._ino, c._ref, c._kind)
-                        if rc:
-                            self._check(rc, f"writing directory entry {b!r}")
+                    items = ents_of[id(n)]
                     p = parent_of.get(id(n))
-                    ref = dir_write(w, mode, n.uid, n.gid, mt, n._ino, n._nlink, xi,
+                    ref = dir_write(w, b"\0".join([b for b, _c in items]), len(items),
+                                    [c._ino for _b, c in items], [c._ref for _b, c in items],
+                                    [c._kind for _b, c in items],
+                                    mode, n.uid, n.gid, mt, n._ino, n._nlink, xi,
                                     root_parent if p is None else p._ino)
                 elif k == 3:
                     t = n.target.encode("utf-8", "surrogateescape")
@@ -412,5 +419,15 @@ class SquashfsWriter:
             raise SquashfsError(f"bad metadata in image tree ({n!r}): {e}") from None
 
 
-def _first(item):
-    return item[0]
+def _bad_names(names):
+    for name in names:
+        try:
+            b = name.encode("utf-8", "surrogateescape")
+        except (AttributeError, UnicodeEncodeError):
+            raise SquashfsError(f"bad file name {name!r} in image tree") from None
+        if b in (b"", b".", b"..") or b"/" in b or b"\0" in b:
+            raise SquashfsError(f"bad file name {name!r} in image tree")
+        if len(b) > 255:
+            raise SquashfsError(f"file name too long (over 255 bytes) in image tree: {name!r}")
+    raise SquashfsError("two names in one directory of the image tree encode to the same "
+                        f"bytes: {sorted(names)!r}")

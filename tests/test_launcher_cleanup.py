@@ -1,0 +1,142 @@
+"""A launch leaves nothing behind: no mount, FUSE daemon, loop device or temp dir, also after
+200 launches in a row and after kill -9 of hpcc or of the command."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.fixtures.launcher_images import run_hpcc
+
+pytestmark = pytest.mark.root
+HPCC = os.path.join(os.path.dirname(sys.executable), "hpcc")
+
+
+def _children(pid):
+    out = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            with open(path) as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _squashfuse_of(uid):
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and _comm(d) == "squashfuse_ll":
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    ours = f.read().split(b"\0")[2:4] == [b"/dev/fd/4", b"/dev/fd/3"]
+                if ours and os.stat(f"/proc/{d}").st_uid == uid:
+                    pids.append(int(d))
+            except OSError:
+                pass
+    return pids
+
+
+def _loops_of(image_dir):
+    out = []
+    for bf in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(bf) as f:
+                if f.read().startswith(image_dir):
+                    out.append(bf)
+        except OSError:
+            pass
+    return out
+
+
+def _wait_until(cond, timeout=10):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def _our_mounts(image_dir, stage):
+    """Host mounts of this test's images or staging dir (other tests may mount meanwhile)."""
+    with open("/proc/self/mountinfo") as f:
+        return [ln for ln in f if image_dir in ln or stage in ln]
+
+
+def _stage_of(who, uid):
+    return "/run/hpcc" if who is None else f"/tmp/hpcc-{uid}"
+
+
+def test_no_leftovers_after_200_sequential_launches(images, launcher_env, who, test_user):
+    uid = 0 if who is None else test_user.pw_uid
+    image_dir = os.path.dirname(images["base"])
+    mounts_before = _our_mounts(image_dir, _stage_of(who, uid))
+    fuse_before = _squashfuse_of(uid)
+    script = "\n".join(
+        [f"for i in $(seq 200); do {HPCC} exec {images['base']} true || exit 1; done"])
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    env["HPCC_CONFIG"] = launcher_env["HPCC_CONFIG"]
+    t = time.monotonic()
+    p = subprocess.run(["sh", "-c", script], user=who, env=env, cwd="/", capture_output=True,
+                       text=True, timeout=600)
+    elapsed = time.monotonic() - t
+    assert p.returncode == 0, p.stderr
+    assert _our_mounts(image_dir, _stage_of(who, uid)) == mounts_before == []
+    assert _squashfuse_of(uid) == fuse_before
+    assert _wait_until(lambda: not _loops_of(image_dir))
+    stage = _stage_of(who, uid)
+    # the fixed staging dir holds only the launch cache; mounts on it live in the namespaces
+    assert set(os.listdir(stage)) <= {"launch-cache"}
+    print(f"200 launches ({who or 'root'}): {elapsed:.1f} s")
+
+
+def _start_sleeper(images, launcher_env, who):
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    env["HPCC_CONFIG"] = launcher_env["HPCC_CONFIG"]
+    proc = subprocess.Popen([HPCC, "exec", images["base"], "sh", "-c",
+                             "echo ready; exec sleep 1000"], env=env, user=who,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    assert proc.stdout.readline() == "ready\n"
+    assert _wait_until(lambda: any(_comm(k) == "sleep" for k in _children(proc.pid)))
+    kids = _children(proc.pid)
+    cmd = [k for k in kids if _comm(k) == "sleep"]
+    fuse = [k for k in kids if _comm(k) == "squashfuse_ll"]
+    return proc, cmd[0], fuse
+
+
+def test_kill_9_of_hpcc_tears_everything_down(images, launcher_env, who):
+    proc, cmd, fuse = _start_sleeper(images, launcher_env, who)
+    if who:
+        assert len(fuse) == 1
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert _wait_until(lambda: not _alive(cmd) and not any(_alive(f) for f in fuse))
+    assert _wait_until(lambda: not _loops_of(os.path.dirname(images["base"])))
+
+
+def test_kill_9_of_the_command_tears_everything_down(images, launcher_env, who):
+    proc, cmd, fuse = _start_sleeper(images, launcher_env, who)
+    os.kill(cmd, signal.SIGKILL)
+    assert proc.wait(timeout=10) == 128 + signal.SIGKILL
+    assert _wait_until(lambda: not any(_alive(f) for f in fuse))
+    assert _wait_until(lambda: not _loops_of(os.path.dirname(images["base"])))
