@@ -294,26 +294,47 @@ static const char *reply_get(const char *key)
 }
 
 /* Start the helper as root (user_init runs with the job user as effective uid). */
+/* An error record for the plugin, from the helper's child when it cannot exec. */
+static void child_error(const char *fmt, const char *a, const char *b)
+{
+	char buf[1024];
+	int n = snprintf(buf, sizeof(buf) - 8, fmt, a, b);
+
+	if (n < 0)
+		return;
+	if (n > (int)sizeof(buf) - 8)
+		n = sizeof(buf) - 8;
+	memcpy(buf + n, "\0end=1\0", 7);
+	if (write(3, "error=", 6) == 6 && write(3, buf, n + 7) < 0)
+		return;
+}
+
+/* Start the helper as root, with fd 3 = sock and an environment of our own. */
 static pid_t start_helper(int sock, struct argv_b *args)
 {
 	pid_t pid = fork();
 
 	if (pid != 0)
 		return pid;
-	if (setresuid(0, 0, 0) || setresgid(0, 0, 0) || setgroups(0, NULL)) {
-		fprintf(stderr, "hpcc: slurmstepd helper cannot regain root: %s\n", strerror(errno));
-		_exit(125);
-	}
 	if (dup2(sock, 3) < 0)
 		_exit(125);
+	/* user_init runs with the job user as effective uid; init_post_opt as root */
+	if (setresuid(0, 0, 0) || setresgid(0, 0, 0) || setgroups(0, NULL)) {
+		child_error("hpcc: the helper cannot regain root: %s%s", strerror(errno), "");
+		_exit(125);
+	}
 	int devnull = open("/dev/null", O_RDWR);
 	if (devnull >= 0) {
 		dup2(devnull, 0);
 		dup2(devnull, 1);
+		dup2(devnull, 2);
 	}
-	/* Everything but stdin/stdout/stderr (srun's stderr) and the socket is closed. */
-	for (int fd = 4; fd < 1024; fd++)
-		close(fd);
+	/* Everything but stdin/stdout/stderr and the socket is closed. */
+#ifdef SYS_close_range
+	if (syscall(SYS_close_range, 4, ~0U, 0) < 0)
+#endif
+		for (long fd = 4, max = sysconf(_SC_OPEN_MAX); fd < (max > 0 ? max : 1024); fd++)
+			close(fd);
 	sigset_t all;
 	sigemptyset(&all);
 	sigprocmask(SIG_SETMASK, &all, NULL);
@@ -325,8 +346,8 @@ static pid_t start_helper(int sock, struct argv_b *args)
 	char *envp[] = { "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
 			 "PYTHONDONTWRITEBYTECODE=1", cfg, NULL };
 	execve(args->v[0], args->v, envp);
-	fprintf(stderr, "hpcc: cannot start the helper %s: %s (check python= in plugstack.conf)\n",
-		args->v[0], strerror(errno));
+	child_error("hpcc: cannot start the helper %s: %s (check python= in plugstack.conf)",
+		    args->v[0], strerror(errno));
 	_exit(125);
 }
 

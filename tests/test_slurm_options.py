@@ -96,3 +96,23 @@ def test_oci_conf_on_the_site_is_reported_not_ignored(slurm_cluster):
         assert 'NAME="hpcc test image"' in p.stdout, p.stderr
     finally:
         oci.unlink()
+
+
+def test_misconfigured_helper_path_is_one_clear_line(slurm_site):
+    import tempfile
+
+    from hpcc.slurmcluster import SlurmCluster
+
+    line = (f"required {slurm_site.plugin} python=/nonexistent/python3 "
+            f"config={slurm_site.config}")
+    c = SlurmCluster(tempfile.mkdtemp(dir=slurm_site.root), nodes=1, plugstack_lines=[line])
+    c.start()
+    try:
+        p = c.run("srun", "-n2", "--container=hpcctest/busybox:1", "echo", "RAN", user=U1)
+        assert p.returncode == 125
+        assert "RAN" not in p.stdout
+        assert "hpcc: cannot start the helper /nonexistent/python3" in p.stderr, p.stderr
+        # steps without a container are not affected
+        assert c.run("srun", "-n1", "true", user=U1).returncode == 0
+    finally:
+        c.stop()
