@@ -100,6 +100,7 @@ class SlurmCluster:
             "MinJobAge=300",
             "SlurmdTimeout=30",
             "InactiveLimit=0",
+            "LaunchParameters=use_interactive_step",
             f"PlugStackConfig={self.plugstack}",
         ]
         for name in self.nodes:
@@ -143,7 +144,8 @@ class SlurmCluster:
     def _spawn(self, key, argv, env=None, log=None):
         out = open(self.dir / "log" / f"{key}.stdout", "ab")
         self.procs[key] = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, start_new_session=True)
+                                           stdin=subprocess.DEVNULL, start_new_session=True,
+                                           cwd=self.dir)  # core files stay in the work dir
         out.close()
 
     def _start_munge(self):

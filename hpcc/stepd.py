@@ -2,9 +2,11 @@
 
     python3 -I -m hpcc.stepd image=IMG uid=N gid=N job=N step=N node=N cwd=DIR [key=value...]
 
-fd 3 is a socket to slurmstepd; fd 2 is the step's stderr (the user's srun output), so an
-error is printed there as one line ("hpcc: ...") and the helper exits non-zero: the plugin
-then fails the step before any task runs.
+fd 3 is a socket to slurmstepd. The plugin starts the helper early (init_post_opt), so its
+start-up overlaps Slurm's own step set-up, and sends the job's working directory later
+("cwd=DIR\\0", from user_init). Replies are NUL-terminated records ("cwd=", "env=NAME=VALUE",
+"unset=NAME", "error=LINE", "end=1"); an error is one line that the plugin prints on the
+user's srun output before failing the step (every task exits 125 without running).
 
 Once per node and step:
 1. resolve the image as the job user (their groups, their effective ids): a user may only
@@ -21,10 +23,10 @@ Once per node and step:
 
 Imports stay small: no click, jsonschema, requests (launch cost is paid once per node and step).
 """
-import json
+import _socket  # the C module: `socket` costs ~5 ms of enum set-up at import
 import os
-import socket
 import sys
+from _socket import SCM_RIGHTS, SOL_SOCKET
 
 from .errors import EXIT_LAUNCH, HpccError, ImageNotFound, LaunchError, UsageError
 
@@ -43,7 +45,7 @@ def parse_args(argv):
         if not eq:
             raise UsageError(f"hpcc.stepd: bad argument '{a}' (expected key=value)")
         out[k] = v
-    for k in ("image", "uid", "gid", "job", "step", "cwd"):
+    for k in ("image", "uid", "gid", "job", "step"):
         if k not in out:
             raise UsageError(f"hpcc.stepd: missing argument {k}=")
     return out
@@ -177,12 +179,64 @@ def slurm_client_setup(args):
     return mounts, env
 
 
-def build(args):
-    """Resolve the image and build the spec. Returns (spec, image_fd, extra_env)."""
-    import pwd
+CACHE_DIR = "/run/hpcc-stepd"
 
-    from .config import load_config
-    from .runtime import build_spec
+
+def _cache_dir_ok():
+    import stat
+
+    try:
+        os.mkdir(CACHE_DIR, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    st = os.lstat(CACHE_DIR)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o077
+
+
+def load_config_cached():
+    """The site config without TOML parsing on every step: a JSON copy in a root-only
+    directory, valid while the file's identity, size and mtime are unchanged."""
+    import json
+
+    from .config import config_path, load_config
+
+    path, _ = config_path()
+    try:
+        st = os.stat(path)
+    except OSError:
+        return load_config(validate_schema=False)  # defaults, or the one-line error
+    key = f"{os.path.abspath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+    name = os.path.join(CACHE_DIR, os.path.abspath(path).replace("%", "%25")
+                        .replace("/", "%2F")[-200:] + ".json")
+    usable = _cache_dir_ok()
+    if usable:
+        try:
+            with open(name) as f:
+                cached = json.load(f)
+            if cached.get("key") == key:
+                return cached["config"]
+        except (OSError, ValueError, AttributeError):
+            pass
+    config = load_config(validate_schema=False)
+    if usable:
+        tmp = f"{name}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"key": key, "config": config}, f)
+            os.rename(tmp, name)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return config
+
+
+def prepare(args):
+    """What needs no working directory: config, user, image (opened as the user)."""
+    import pwd
 
     uid, gid = int(args["uid"]), int(args["gid"])
     try:
@@ -192,9 +246,17 @@ def build(args):
     if user.pw_gid != gid:
         user = pwd.struct_passwd((user.pw_name, user.pw_passwd, uid, gid, user.pw_gecos,
                                   user.pw_dir, user.pw_shell))
-    config = load_config(validate_schema=False)
+    config = load_config_cached()
     rec, fd = resolve_as_user(args["image"], user, config)
+    return user, config, rec, fd
 
+
+def build(args, user, config, rec, fd):
+    """The spec of this step's container. Returns (spec, extra_env)."""
+    from .runtime import build_spec
+    from .runtime.spec import parse_mount
+
+    uid = user.pw_uid
     mounts = [m for m in args.get("mounts", "").split(",") if m]
     extra_env = {}
     system = []   # binds of Slurm's own files: opened by root, not subject to the user's rights
@@ -218,15 +280,13 @@ def build(args):
                       writable=args.get("writable") == "1", user=str(uid),
                       annotations=annotations, config=config, privileged=True,
                       host_env={"HOME": user.pw_dir}, cwd=args["cwd"], image_name=args["image"])
-    from .runtime.spec import parse_mount
-
     for item in system:
         src, dst, ro = parse_mount(item, cwd="/")
         spec["mounts"].append({"destination": dst, "type": "bind", "source": src,
                                "options": ["rbind", "nosuid", "nodev"] + (["ro"] if ro else []),
                                "x-hpcc-origin": "slurm"})
     spec["hpcc"]["image"] = f"/proc/self/fd/{fd}"
-    return spec, rec, fd, extra_env
+    return spec, extra_env
 
 
 def reply_env(spec, rec, keep, extra):
@@ -249,6 +309,29 @@ def reply_env(spec, rec, keep, extra):
     return {k: v for k, v in out.items() if not k.startswith(JOB_PREFIXES) and k not in keep}
 
 
+def send_fd(sock, data, fd):
+    sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))])
+
+
+def send_error(sock, message):
+    try:
+        sock.sendall(f"error={message}\0end=1\0".encode(errors="replace"))
+    except OSError:
+        pass
+
+
+def recv_cwd(sock):
+    """The job's working directory, sent by the plugin from user_init ("cwd=DIR\\0")."""
+    data = b""
+    while not data.endswith(b"\0"):
+        chunk = sock.recv(8192)
+        if not chunk:
+            return None  # the step ended before its tasks were started
+        data += chunk
+    text = data[:-1].decode(errors="surrogateescape")
+    return text[4:] if text.startswith("cwd=") else None
+
+
 def container_child(spec, sock, payload):
     """In the forked child: new mount namespace, root assembly, send the namespace fd.
     Returns the RootHandle (its FUSE daemon must outlive the message when there is one)."""
@@ -257,14 +340,19 @@ def container_child(spec, sock, payload):
     enter_namespaces(True)
     nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     handle = setup_root(spec, privileged=True)
-    socket.send_fds(sock, [payload[:1]], [nsfd])
+    send_fd(sock, payload[:1], nsfd)
     sock.sendall(payload[1:])
     os.close(nsfd)
     return handle
 
 
 def run(args, sock):
-    spec, rec, img_fd, extra = build(args)
+    user, config, rec, img_fd = prepare(args)
+    cwd = recv_cwd(sock)
+    if cwd is None:
+        return 0
+    args["cwd"] = cwd
+    spec, extra = build(args, user, config, rec, img_fd)
     keep = {n for n in args.get("keep_env", "").split(",") if n}
     env = reply_env(spec, rec, keep, extra)
     records = [f"cwd={spec['process']['cwd']}"] + [f"env={k}={v}" for k, v in env.items()]
@@ -274,12 +362,16 @@ def run(args, sock):
     records.append("end=1")
     if any("\0" in r for r in records):
         raise LaunchError("the image's environment contains a NUL byte")
-    payload = "".join(r + "\0" for r in records).encode()
+    payload = "".join(r + "\0" for r in records).encode(errors="surrogateescape")
 
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         code = 0
+        # Nothing started from here (FUSE daemon, hooks) may hold slurmstepd's stderr.
+        devnull = os.open("/dev/null", os.O_RDWR)
+        os.dup2(devnull, 2)
+        os.close(devnull)
         try:
             os.close(r)
             handle = container_child(spec, sock, payload)
@@ -296,10 +388,10 @@ def run(args, sock):
             else:
                 os.write(w, b"o")
         except HpccError as e:
-            print(f"hpcc: {e}", file=sys.stderr, flush=True)
+            send_error(sock, f"hpcc: {e}")
             code = e.exit_code
         except BaseException as e:  # noqa: BLE001 - report, never a traceback
-            print(f"hpcc: cannot set up the container: {e}", file=sys.stderr, flush=True)
+            send_error(sock, f"hpcc: cannot set up the container: {type(e).__name__}: {e}")
             code = EXIT_LAUNCH
         os._exit(code)
     os.close(w)
@@ -310,26 +402,25 @@ def run(args, sock):
     if status == b"k":
         return 0  # the keeper lives on; its exit status no longer matters here
     _, st = os.waitpid(pid, 0)
-    if os.WIFEXITED(st):
-        return os.WEXITSTATUS(st) if status != b"o" else 0
-    return EXIT_LAUNCH
+    if status == b"o":
+        return 0
+    return os.WEXITSTATUS(st) if os.WIFEXITED(st) and os.WEXITSTATUS(st) else EXIT_LAUNCH
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        sock = socket.socket(fileno=3)
+        sock = _socket.socket(fileno=3)
     except OSError:
         print("hpcc.stepd: fd 3 must be the socket from spank_hpcc.so", file=sys.stderr)
         return 2
     try:
         return run(parse_args(argv), sock)
     except HpccError as e:
-        print(f"hpcc: {e}", file=sys.stderr, flush=True)
+        send_error(sock, f"hpcc: {e}")
         return e.exit_code or 1
     except Exception as e:  # noqa: BLE001 - report, never a traceback
-        print(f"hpcc: cannot set up the container: {type(e).__name__}: {e}", file=sys.stderr,
-              flush=True)
+        send_error(sock, f"hpcc: cannot set up the container: {type(e).__name__}: {e}")
         return EXIT_LAUNCH
 
 

@@ -64,7 +64,9 @@ static char *reply_buf;             /* NUL-separated records from the helper */
 static size_t reply_len;
 static char *keep_env;              /* comma list: --container-env names the job has set */
 static int keep_sock = -1;
-static int setup_failed;            /* the helper failed: tasks exit 125 before exec */          /* held until slurmstepd exits: a FUSE keeper waits on it */
+static int setup_failed;            /* the helper failed: tasks exit 125 before exec */
+static pid_t helper_pid;            /* started in init_post_opt, reaped in user_init */
+static char *start_error;          /* held until slurmstepd exits: a FUSE keeper waits on it */
 
 static int opt_cb(int val, const char *optarg, int remote)
 {
@@ -142,6 +144,21 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
 	return 0;
 }
 
+static int oci_conf_present(void)
+{
+	char path[4096];
+	const char *conf = getenv("SLURM_CONF");
+	const char *slash;
+
+	if (!conf || !*conf)
+		conf = "/etc/slurm/slurm.conf";
+	slash = strrchr(conf, '/');
+	if (!slash)
+		return access("oci.conf", F_OK) == 0;
+	snprintf(path, sizeof(path), "%.*s/oci.conf", (int)(slash - conf), conf);
+	return access(path, F_OK) == 0;
+}
+
 /*
  * srun inside a job started with --container=A: srun only sets SLURM_CONTAINER when it is not
  * set already, so `srun --container=B` would still show A to the nodes. The controller has the
@@ -152,9 +169,10 @@ int slurm_spank_local_user_init(spank_t sp, int ac, char **av)
 {
 	uint32_t job_id = 0, step_id = 0;
 	job_step_info_response_msg_t *resp = NULL;
+	int oci = oci_conf_present();
 
 	(void)ac; (void)av;
-	if (!inherited_container)
+	if (!inherited_container && !oci)
 		return 0;
 	if (spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS ||
 	    spank_get_item(sp, S_JOB_STEPID, &step_id) != ESPANK_SUCCESS)
@@ -163,8 +181,14 @@ int slurm_spank_local_user_init(spank_t sp, int ac, char **av)
 		return 0;
 	if (resp->job_step_count >= 1) {
 		const char *c = resp->job_steps[0].container;
-		if (c && *c && strcmp(c, inherited_container) != 0)
+		if (oci && c && *c && !opt_val[OPT_IMAGE]) {
+			/* Slurm runs OCI bundles itself here: say so instead of failing obscurely. */
+			fprintf(stderr, "hpcc: this site configures Slurm's own OCI containers "
+				"(oci.conf), so --container=%s is handled by Slurm, not hpcc; use "
+				"--container-image=%s for an hpcc image\n", c, c);
+		} else if (inherited_container && c && *c && strcmp(c, inherited_container) != 0) {
 			setenv("SLURM_CONTAINER", c, 1);
+		}
 	}
 	slurm_free_job_step_info_response_msg(resp);
 	return 0;
@@ -185,21 +209,6 @@ static char *get_setting(spank_t sp, int which)
 static int is_true(const char *v)
 {
 	return v && *v && strcmp(v, "0") && strcasecmp(v, "no") && strcasecmp(v, "false");
-}
-
-static int oci_conf_present(void)
-{
-	char path[4096];
-	const char *conf = getenv("SLURM_CONF");
-	const char *slash;
-
-	if (!conf || !*conf)
-		conf = "/etc/slurm/slurm.conf";
-	slash = strrchr(conf, '/');
-	if (!slash)
-		return access("oci.conf", F_OK) == 0;
-	snprintf(path, sizeof(path), "%.*s/oci.conf", (int)(slash - conf), conf);
-	return access(path, F_OK) == 0;
 }
 
 struct argv_b { char **v; int n, cap; };
@@ -285,26 +294,47 @@ static const char *reply_get(const char *key)
 }
 
 /* Start the helper as root (user_init runs with the job user as effective uid). */
+/* An error record for the plugin, from the helper's child when it cannot exec. */
+static void child_error(const char *fmt, const char *a, const char *b)
+{
+	char buf[1024];
+	int n = snprintf(buf, sizeof(buf) - 8, fmt, a, b);
+
+	if (n < 0)
+		return;
+	if (n > (int)sizeof(buf) - 8)
+		n = sizeof(buf) - 8;
+	memcpy(buf + n, "\0end=1\0", 7);
+	if (write(3, "error=", 6) == 6 && write(3, buf, n + 7) < 0)
+		return;
+}
+
+/* Start the helper as root, with fd 3 = sock and an environment of our own. */
 static pid_t start_helper(int sock, struct argv_b *args)
 {
 	pid_t pid = fork();
 
 	if (pid != 0)
 		return pid;
-	if (setresuid(0, 0, 0) || setresgid(0, 0, 0) || setgroups(0, NULL)) {
-		fprintf(stderr, "hpcc: slurmstepd helper cannot regain root: %s\n", strerror(errno));
-		_exit(125);
-	}
 	if (dup2(sock, 3) < 0)
 		_exit(125);
+	/* user_init runs with the job user as effective uid; init_post_opt as root */
+	if (setresuid(0, 0, 0) || setresgid(0, 0, 0) || setgroups(0, NULL)) {
+		child_error("hpcc: the helper cannot regain root: %s%s", strerror(errno), "");
+		_exit(125);
+	}
 	int devnull = open("/dev/null", O_RDWR);
 	if (devnull >= 0) {
 		dup2(devnull, 0);
 		dup2(devnull, 1);
+		dup2(devnull, 2);
 	}
-	/* Everything but stdin/stdout/stderr (srun's stderr) and the socket is closed. */
-	for (int fd = 4; fd < 1024; fd++)
-		close(fd);
+	/* Everything but stdin/stdout/stderr and the socket is closed. */
+#ifdef SYS_close_range
+	if (syscall(SYS_close_range, 4, ~0U, 0) < 0)
+#endif
+		for (long fd = 4, max = sysconf(_SC_OPEN_MAX); fd < (max > 0 ? max : 1024); fd++)
+			close(fd);
 	sigset_t all;
 	sigemptyset(&all);
 	sigprocmask(SIG_SETMASK, &all, NULL);
@@ -316,22 +346,25 @@ static pid_t start_helper(int sock, struct argv_b *args)
 	char *envp[] = { "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
 			 "PYTHONDONTWRITEBYTECODE=1", cfg, NULL };
 	execve(args->v[0], args->v, envp);
-	fprintf(stderr, "hpcc: cannot start the helper %s: %s (check python= in plugstack.conf)\n",
-		args->v[0], strerror(errno));
+	child_error("hpcc: cannot start the helper %s: %s (check python= in plugstack.conf)",
+		    args->v[0], strerror(errno));
 	_exit(125);
 }
 
-int slurm_spank_user_init(spank_t sp, int ac, char **av)
+/*
+ * Phase 1, init_post_opt (slurmstepd, root, early): start the helper now, so that Python's
+ * start-up, the config and the image lookup overlap with Slurm's own step set-up.
+ */
+int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 {
 	char *image = NULL, *val;
-	char buf[8192], cwd[4096];
+	char buf[8192];
 	uid_t uid;
 	gid_t gid;
 	uint32_t job_id = 0, step_id = 0, node_id = 0;
-	int argc = 0, sv[2], status, rc = -1;
+	int argc = 0, sv[2];
 	char **argv = NULL;
 	struct argv_b a = { 0 };
-	pid_t pid;
 
 	(void)ac; (void)av;
 	if (!spank_remote(sp))
@@ -341,9 +374,8 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 		if (spank_getenv(sp, "SLURM_CONTAINER", buf, sizeof(buf)) != ESPANK_SUCCESS || !buf[0])
 			return 0;               /* not a container step */
 		if (oci_conf_present()) {
-			fprintf(stderr, "hpcc: this site configures Slurm's own OCI containers "
-				"(oci.conf), so --container=%s is handled by Slurm, not hpcc; "
-				"use --container-image=%s for an hpcc image\n", buf, buf);
+			/* Slurm runs the bundle itself (srun already explained it to the user). */
+			slurm_info("hpcc: oci.conf present: --container=%s left to Slurm", buf);
 			return 0;
 		}
 		image = strdup(buf);
@@ -355,8 +387,6 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	spank_get_item(sp, S_JOB_STEPID, &step_id);
 	spank_get_item(sp, S_JOB_NODEID, &node_id);
 	spank_get_item(sp, S_JOB_ARGV, &argc, &argv);
-	if (!getcwd(cwd, sizeof(cwd)))
-		strcpy(cwd, "/");
 
 	argv_add(&a, NULL, arg_python ? arg_python : DEFAULT_PYTHON);
 	argv_add(&a, NULL, "-I");
@@ -368,17 +398,14 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	argv_addu(&a, "job", job_id);
 	argv_addu(&a, "step", step_id);
 	argv_addu(&a, "node", node_id);
-	argv_add(&a, "cwd", cwd);
 	{
 		Dl_info info;
-		if (dladdr((void *)slurm_spank_user_init, &info) && info.dli_fname &&
+		if (dladdr((void *)slurm_spank_init_post_opt, &info) && info.dli_fname &&
 		    info.dli_fname[0] == '/')
 			argv_add(&a, "plugin", info.dli_fname);
 	}
 	if (argc > 0 && argv && argv[0])
 		argv_add(&a, "argv0", argv[0]);
-	if (spank_getenv(sp, "HOME", buf, sizeof(buf)) == ESPANK_SUCCESS)
-		argv_add(&a, "home", buf);
 	if (spank_getenv(sp, "SLURM_CONF", buf, sizeof(buf)) == ESPANK_SUCCESS)
 		argv_add(&a, "slurm_conf", buf);
 	else if (getenv("SLURM_CONF"))
@@ -405,9 +432,8 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 		size_t kl = 0;
 		keep_env = calloc(1, strlen(val) + 2);
 		for (char *n = strtok_r(copy, ",", &save); n; n = strtok_r(NULL, ",", &save)) {
-			if (spank_getenv(sp, n, buf, sizeof(buf)) == ESPANK_SUCCESS) {
+			if (spank_getenv(sp, n, buf, sizeof(buf)) == ESPANK_SUCCESS)
 				kl += sprintf(keep_env + kl, "%s%s", kl ? "," : "", n);
-			}
 		}
 		free(copy);
 		argv_add(&a, "keep_env", keep_env);
@@ -415,53 +441,93 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	}
 
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
-		fprintf(stderr, "hpcc: socketpair: %s\n", strerror(errno));
+		snprintf(buf, sizeof(buf), "socketpair: %s", strerror(errno));
+		start_error = strdup(buf);
 		goto out;
 	}
-	pid = start_helper(sv[1], &a);
+	helper_pid = start_helper(sv[1], &a);
 	close(sv[1]);
-	if (pid < 0) {
-		fprintf(stderr, "hpcc: fork: %s\n", strerror(errno));
+	if (helper_pid < 0) {
+		snprintf(buf, sizeof(buf), "fork: %s", strerror(errno));
+		start_error = strdup(buf);
 		close(sv[0]);
+		helper_pid = 0;
 		goto out;
 	}
-	if (read_reply(sv[0]) < 0)
-		fprintf(stderr, "hpcc: reading the helper's reply: %s\n", strerror(errno));
 	keep_sock = sv[0];
-	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-		;
-	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-		/* The helper has printed its one-line reason to srun's stderr. */
-		if (WIFSIGNALED(status))
-			fprintf(stderr, "hpcc: the container setup helper died (signal %d)\n",
-				WTERMSIG(status));
-		goto out;
-	}
-	if (ns_fd < 0 || !reply_get("cwd")) {
-		fprintf(stderr, "hpcc: the container setup helper gave no namespace\n");
-		goto out;
-	}
-	rc = 0;
 out:
-	if (rc && ns_fd >= 0) {
-		close(ns_fd);
-		ns_fd = -1;
-	}
-	if (rc && keep_sock >= 0) {
-		close(keep_sock);
-		keep_sock = -1;
-	}
 	for (int i = 0; i < a.n; i++)
 		free(a.v[i]);
 	free(a.v);
 	free(image);
-	/*
-	 * A failing user_init makes srun report "launch failed" and still exit 0; instead every
-	 * task of the step exits with 125 (hpcc failed before the command ran) without running
-	 * anything. The reason was printed once, above.
-	 */
-	if (rc)
+	if (start_error)
 		setup_failed = 1;
+	return 0;
+}
+
+static void print_errors(void)
+{
+	for (size_t off = 0; off < reply_len; off += strnlen(reply_buf + off, reply_len - off) + 1)
+		if (!strncmp(reply_buf + off, "error=", 6))
+			fprintf(stderr, "%s\n", reply_buf + off + 6);
+}
+
+/*
+ * Phase 2, user_init (slurmstepd, once per node and step, after srun's I/O is connected and
+ * slurmstepd has changed to the job's working directory): give the helper that directory,
+ * wait for the namespace. Messages printed here reach the user's srun output.
+ */
+int slurm_spank_user_init(spank_t sp, int ac, char **av)
+{
+	char cwd[4096], *msg;
+	int status = 0, len, failed = 1;
+
+	(void)ac; (void)av;
+	if (!spank_remote(sp))
+		return 0;
+	if (start_error) {
+		fprintf(stderr, "hpcc: cannot start the container set-up: %s\n", start_error);
+		return 0;
+	}
+	if (!helper_pid)
+		return 0;
+	if (!getcwd(cwd, sizeof(cwd)))
+		strcpy(cwd, "/");
+	len = asprintf(&msg, "cwd=%s", cwd);
+	if (len > 0) {
+		/* the helper may already have exited with an error: ignore EPIPE */
+		if (send(keep_sock, msg, len + 1, MSG_NOSIGNAL) < 0 && errno != EPIPE)
+			fprintf(stderr, "hpcc: talking to the helper: %s\n", strerror(errno));
+		free(msg);
+	}
+	if (read_reply(keep_sock) < 0)
+		fprintf(stderr, "hpcc: reading the helper's reply: %s\n", strerror(errno));
+	while (waitpid(helper_pid, &status, 0) < 0 && errno == EINTR)
+		;
+	helper_pid = 0;
+	print_errors();
+	if (WIFSIGNALED(status))
+		fprintf(stderr, "hpcc: the container set-up helper died (signal %d)\n",
+			WTERMSIG(status));
+	else if (WIFEXITED(status) && WEXITSTATUS(status) == 0 && ns_fd >= 0 && reply_get("cwd"))
+		failed = 0;
+	else if (!reply_get("error"))
+		fprintf(stderr, "hpcc: the container set-up helper failed (exit %d) without a "
+			"message\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+	if (failed) {
+		/*
+		 * A failing user_init makes srun report "launch failed" and still exit 0; instead
+		 * every task of the step exits with 125 (hpcc failed before the command ran)
+		 * without running anything. The reason was printed once, above.
+		 */
+		setup_failed = 1;
+		if (ns_fd >= 0) {
+			close(ns_fd);
+			ns_fd = -1;
+		}
+		close(keep_sock);
+		keep_sock = -1;
+	}
 	return 0;
 }
 
@@ -558,6 +624,11 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 	if (keep_sock >= 0) {
 		close(keep_sock);
 		keep_sock = -1;
+	}
+	if (helper_pid > 0) {   /* the step ended before user_init: the helper sees EOF */
+		int st;
+		waitpid(helper_pid, &st, 0);
+		helper_pid = 0;
 	}
 	return 0;
 }

@@ -39,3 +39,21 @@ def test_hpcc_container_mpi_variable(slurm_cluster2, slurm_mpi_images):
                            env={"HPCC_CONTAINER_MPI": "1"})
     assert p.returncode == 0, p.stderr
     assert "pingpong ok ranks 4" in p.stdout
+
+
+ALLREDUCE = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
+             "print('allreduce', c.Get_size(), c.allreduce(c.Get_rank() + 1), "
+             "MPI.Get_library_version().split()[0])")
+
+
+@pytest.mark.slow
+def test_mpi4py_allreduce_on_two_nodes_with_the_host_mpich(slurm_cluster2, slurm_mpi4py_image):
+    p = slurm_cluster2.run("srun", "--mpi=pmi2", "-N2", "-n4", "-l",
+                           "--container=hpcctest/mpi4py:1", "--container-mpi",
+                           "python3", "-c", ALLREDUCE, user=U1, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = sorted(p.stdout.splitlines())
+    assert len(lines) == 4, p.stdout + p.stderr
+    assert all(ln.split(": ", 1)[1] == "allreduce 4 10 MPICH" for ln in lines), lines
+    hosts = slurm_cluster2.run("srun", "-N2", "-n4", "hostname", user=U1).stdout.split()
+    assert set(hosts) == {"n1", "n2"}

@@ -1,0 +1,174 @@
+"""bench/srun.sh: container steps vs plain steps, and MPI ping-pong in containers vs native.
+
+Everything runs on one embedded Slurm cluster started here (hpcc.slurmcluster), as an
+unprivileged user; both variants alternate within the same run so machine noise hits both.
+"""
+import argparse
+import hashlib
+import os
+import pwd
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+USER = "slurmuser1"
+
+
+def sh(*cmd, **kw):
+    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, **kw)
+
+
+def ensure_user(name):
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        sh("useradd", "-m", "-s", "/bin/sh", name)
+
+
+def make_store(work):
+    """A site store with a busybox image and an MPI image (no MPI inside: --container-mpi)."""
+    from hpcc.reference import parse_reference
+    from hpcc.store import Store
+
+    store = Store(work / "store", create=True)
+    images = {}
+    trees = {}
+    t = work / "t-busybox"
+    (t / "bin").mkdir(parents=True)
+    for d in ("etc", "tmp", "proc", "sys", "dev", "home"):
+        (t / d).mkdir()
+    shutil.copy("/usr/bin/busybox", t / "bin" / "busybox")
+    for a in ("sh", "true", "cat"):
+        os.symlink("busybox", t / "bin" / a)
+    trees["bench/busybox:1"] = t
+    # MPI image: glibc + ping-pong built with Debian's mpicc, MPI itself comes from the host
+    sys.path.insert(0, str(REPO))
+    from tests.hooks_images import base_tree, build_programs
+
+    (work / "prog").mkdir()
+    pp, abi = build_programs(work / "prog")
+    t = base_tree(work / "t-nompi")
+    shutil.copy2(abi, t / "app" / "pingpong-abi")
+    trees["bench/mpi:1"] = t
+    for name, tree in trees.items():
+        tmp = Path(store.tmp_dir) / (tree.name + ".sqfs")
+        sh("mksquashfs", tree, tmp, "-noappend", "-all-root", "-quiet")
+        digest = "sha256:" + hashlib.sha256(tmp.read_bytes()).hexdigest()
+        with store.lock(digest):
+            store.publish(digest, str(tmp), {"config": {"Env": ["PATH=/app:/usr/bin:/bin"]}},
+                          refs=[parse_reference(name)])
+        images[name] = digest
+    return store, pp
+
+
+def timed(cluster, argv):
+    t = time.perf_counter()
+    p = subprocess.run(argv, env=cluster.env, user=USER, cwd="/tmp", capture_output=True,
+                       text=True)
+    dt = time.perf_counter() - t
+    if p.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(argv)} failed: {p.stderr.strip()}")
+    return dt, p.stdout
+
+
+def pingpong_figures(out):
+    lat = bw = None
+    for line in out.splitlines():
+        parts = line.split()
+        if parts[:1] == ["size"]:
+            size, l, b = int(parts[1]), float(parts[3]), float(parts[5])
+            if size <= 8 and lat is None:
+                lat = l
+            bw = b  # the largest size comes last
+    return lat, bw
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=30, help="srun pairs (default 30)")
+    ap.add_argument("--mpi-reps", type=int, default=5)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench/srun.sh: run as root (it starts a Slurm cluster)")
+    from hpcc.slurmcluster import SlurmCluster, find_plugin
+
+    plugin = find_plugin() or str(REPO / "spank" / "spank_hpcc.so")
+    if not os.path.exists(plugin):
+        raise SystemExit("bench/srun.sh: build the plugin first (make spank)")
+    ensure_user(USER)
+    work = Path(tempfile.mkdtemp(prefix="hpcc-bench-srun-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    try:
+        store, native_pp = make_store(work)
+        os.chmod(native_pp, 0o755)
+        os.chmod(native_pp.parent, 0o755)
+        hooks = work / "hooks.d"
+        hooks.mkdir()
+        import json
+        (hooks / "50-mpi.json").write_text(json.dumps({
+            "version": "1.0.0",
+            "hook": {"path": str(Path(sys.executable).parent / "hpcc-hook"),
+                     "args": ["hpcc-hook", "mpi"]},
+            "when": {"annotations": {"^org\\.hpcc\\.mpi$": "^1$"}},
+            "stages": ["createRuntime"]}))
+        cfg = work / "hpcc.toml"
+        cfg.write_text(f'[store]\npath = "{store.root}"\n[launcher]\nhooks_dir = "{hooks}"\n')
+        shutil.copy(plugin, work / "spank_hpcc.so")
+        line = f"required {work}/spank_hpcc.so python={sys.executable} config={cfg}"
+        cluster = SlurmCluster(work / "cluster", nodes=2, separate_hosts=True,
+                               plugstack_lines=[line])
+        cluster.start()
+        try:
+            plain = ["srun", "-N2", "-n8", "true"]
+            cont = ["srun", "-N2", "-n8", "--container=bench/busybox:1", "true"]
+            for _ in range(3):  # warm-up (page cache, Python bytecode)
+                timed(cluster, plain)
+                timed(cluster, cont)
+            tp, tc = [], []
+            for _ in range(args.reps):
+                tp.append(timed(cluster, plain)[0])
+                tc.append(timed(cluster, cont)[0])
+            mp, mc = statistics.median(tp), statistics.median(tc)
+            print(f"srun -N2 -n8 true                          median {mp * 1000:7.1f} ms "
+                  f"(min {min(tp) * 1000:.1f}, {args.reps} runs)")
+            print(f"srun -N2 -n8 --container=bench/busybox:1 true median {mc * 1000:7.1f} ms "
+                  f"(min {min(tc) * 1000:.1f}, {args.reps} runs)")
+            print(f"container/plain: {mc / mp:.2f}x median, {min(tc) / min(tp):.2f}x best "
+                  "(target <= 1.25x)")
+
+            nat = ["srun", "--mpi=pmi2", "-N2", "-n2", str(native_pp), "1000", "4194304"]
+            con = ["srun", "--mpi=pmi2", "-N2", "-n2", "--container=bench/mpi:1",
+                   "--container-mpi", "pingpong-abi", "1000", "4194304"]
+            ln, bn, lc, bc = [], [], [], []
+            for _ in range(args.mpi_reps):
+                l, b = pingpong_figures(timed(cluster, nat)[1])
+                ln.append(l)
+                bn.append(b)
+                l, b = pingpong_figures(timed(cluster, con)[1])
+                lc.append(l)
+                bc.append(b)
+            mln, mbn = statistics.median(ln), statistics.median(bn)
+            mlc, mbc = statistics.median(lc), statistics.median(bc)
+            print(f"MPI ping-pong native:    latency median {mln:.2f} us (min {min(ln):.2f}), "
+                  f"bandwidth median {mbn:.0f} MB/s (max {max(bn):.0f}) at 4 MiB")
+            print(f"MPI ping-pong container: latency median {mlc:.2f} us (min {min(lc):.2f}), "
+                  f"bandwidth median {mbc:.0f} MB/s (max {max(bc):.0f}) at 4 MiB")
+            print(f"container/native bandwidth: {mbc / mbn:.3f}x median, "
+                  f"{max(bc) / max(bn):.3f}x best; latency native/container: "
+                  f"{mln / mlc:.3f}x median, {min(ln) / min(lc):.3f}x best (target >= 0.98x)")
+            print(f"load average during the run: {os.getloadavg()[0]:.1f} "
+                  f"on {os.cpu_count()} CPUs")
+        finally:
+            cluster.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Slurm benchmark on an embedded 2-node cluster (each slurmd in its own mount+UTS namespace):
+#   1. srun -N2 -n8 --container=IMG true  vs  srun -N2 -n8 true   (target <= 1.25x)
+#   2. MPI ping-pong under srun --mpi=pmi2 -N2 -n2: container (--container-mpi, host MPICH
+#      injected) vs native                                         (target >= 0.98x)
+# Run as root after `make install` (make bench does it). See bench/srun.py.
+set -euo pipefail
+VENV=${VENV:-/opt/hpcc/venv}
+cd "$(dirname "$0")"
+exec "$VENV/bin/python" -P srun.py "$@"
