@@ -45,6 +45,7 @@ def test_reader_sees_every_entry_with_its_metadata_and_content(images, sample):
     with SquashfsReader(ours) as r:
         info = r.info()
         assert info["compressor"] == comp
+        assert info["compressor_level"] == LEVEL
         assert info["block_size"] == 131072
         assert info["inodes"] == stats["inodes"] == len({e["inode_of"] for e in exp.values()}) + 1
         assert info["bytes_used"] == stats["bytes_used"]
@@ -171,6 +172,7 @@ def test_sockets_and_block_devices_round_trip(tmp_path):
         w.finish(root)
     with SquashfsReader(img) as r:
         e = {x.path: x for x in r.walk()}
+        assert (r.info()["compressor"], r.info()["compressor_level"]) == ("zstd", 3)
     assert e["/sock"].type == "socket" and e["/sock"].xattrs == {"user.s": b"x"}
     assert (e["/sock"].uid, e["/sock"].gid, e["/sock"].mtime) == (1, 2, 3)
     assert e["/blk"].type == "blk" and e["/blk"].rdev == os.makedev(8, 1)
