@@ -79,3 +79,20 @@ def test_files_are_replaced_not_written_through_symlinks(root, tmp_path):
     assert victim.read_text() == "keep"
     assert not os.path.islink(r / "etc" / "hosts")
     assert (r / "etc" / "hosts").read_text() == "new\n"
+
+
+def test_eagain_from_openat2_is_retried(root, monkeypatch):
+    """openat2(RESOLVE_IN_ROOT) returns EAGAIN when a mount or rename raced with it."""
+    r, fd = root
+    real = rootfs._sys.openat2
+    calls = []
+
+    def openat2_fault(*a):  # the kernel race cannot be produced on demand
+        calls.append(a)
+        if len(calls) < 3:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real(*a)
+    monkeypatch.setattr(rootfs._sys, "openat2", openat2_fault)
+    t = rootfs.open_in_root(fd, "/etc/passwd")
+    assert _real(t) == str(r / "etc" / "passwd") and len(calls) == 3
+    os.close(t)

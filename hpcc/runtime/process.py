@@ -149,6 +149,27 @@ def _status_code(status):
     return EXIT_LAUNCH
 
 
+def _kill_leftovers(keep):
+    """SIGKILL the processes the command left behind in this mount namespace (there is no
+    pid namespace to end them): a container ends with its command, as with docker run."""
+    try:
+        mine = os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return
+    for name in entries:
+        if not name.isdigit() or int(name) in keep:
+            continue
+        try:
+            if os.stat(f"/proc/{name}/ns/mnt").st_ino == mine:
+                os.kill(int(name), signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def run_container(spec, *, privileged=None, log=None, supervise=True):
     """Enter namespaces, set up the root and run the command.
 
@@ -226,6 +247,7 @@ def run_container(spec, *, privileged=None, log=None, supervise=True):
                 os.kill(pid, info.si_signo)
             except ProcessLookupError:
                 pass
+    _kill_leftovers({os.getpid(), handle.fuse_pid})
     warn(f"command exited ({code})")
     st = state(spec, "stopped", pid, handle.bundle, handle.id)
     run_hooks(spec, "poststop", st, root_fd=handle.host_root_fd, warn=warn)
