@@ -22,6 +22,7 @@ from .spec import spec_env
 FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
            signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT, signal.SIGALRM)
 SI_KERNEL = 0x80
+PR_SET_CHILD_SUBREAPER = 36
 
 
 class ExecError(LaunchError):
@@ -149,25 +150,34 @@ def _status_code(status):
     return EXIT_LAUNCH
 
 
+def _children():
+    out = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
 def _kill_leftovers(keep):
-    """SIGKILL the processes the command left behind in this mount namespace (there is no
-    pid namespace to end them): a container ends with its command, as with docker run."""
-    try:
-        mine = os.stat("/proc/self/ns/mnt").st_ino
-    except OSError:
-        return
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return
-    for name in entries:
-        if not name.isdigit() or int(name) in keep:
-            continue
-        try:
-            if os.stat(f"/proc/{name}/ns/mnt").st_ino == mine:
-                os.kill(int(name), signal.SIGKILL)
-        except OSError:
-            pass
+    """End what the command left behind (there is no pid namespace to do it): hpcc is a
+    child subreaper, so every orphaned descendant of the command is now its child."""
+    for _ in range(100):
+        left = [p for p in _children() if p not in keep]
+        if not left:
+            return
+        for p in left:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        for p in left:
+            try:
+                os.waitpid(p, 0)
+            except ChildProcessError:
+                pass
 
 
 def run_container(spec, *, privileged=None, log=None, supervise=True):
@@ -197,6 +207,7 @@ def run_container(spec, *, privileged=None, log=None, supervise=True):
             pass
         exec_process(spec, privileged=privileged)  # returns only by raising
     parent = os.getpid()
+    _sys.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of the command come back to us
     sigs = set(FORWARD) | {signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     try:
