@@ -110,8 +110,13 @@ def exec_process(spec, *, privileged=None):
     if spec.get("hooks", {}).get("startContainer"):
         from .hooks import run_hooks, state
         run_hooks(spec, "startContainer", state(spec, "created", os.getpid(), "", ""))
-    cwd = p.get("cwd") or "/"
     try:
+        _drop_bounding()
+        _set_identity(p["user"], privileged)
+    except OSError as e:
+        raise LaunchError(f"cannot switch to the container's user: {e}") from None
+    cwd = p.get("cwd") or "/"
+    try:  # as the user: a directory they may not enter is an error, as on the host
         os.chdir(cwd)
     except OSError as e:
         raise LaunchError(f"cannot enter the working directory {cwd}: {e.strerror}") from None
@@ -122,8 +127,6 @@ def exec_process(spec, *, privileged=None):
     if not here.startswith("/"):  # CVE-2024-21626: never start outside the root
         raise LaunchError("the working directory is outside the container root")
     try:
-        _drop_bounding()
-        _set_identity(p["user"], privileged)
         _sys.prctl(_sys.PR_SET_NO_NEW_PRIVS, 1)
         _sys.drop_all_capabilities()
     except OSError as e:
