@@ -194,3 +194,11 @@ def test_kill_9_of_hpcc_as_root_with_a_fuse_mounted_image(images, launcher_env, 
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     assert _wait_until(lambda: not _alive(cmd) and not _alive(fuse[0]))
+
+
+def test_background_processes_of_the_command_end_with_it(images, launcher_env, who):
+    p = run_hpcc(["exec", images["base"], "sh", "-c", "sleep 300 & echo $!"], user=who,
+                 config=launcher_env["HPCC_CONFIG"])
+    assert p.returncode == 0, p.stderr
+    pid = int(p.stdout.strip())
+    assert _wait_until(lambda: not _alive(pid), timeout=5)

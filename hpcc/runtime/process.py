@@ -22,6 +22,7 @@ from .spec import spec_env
 FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
            signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT, signal.SIGALRM)
 SI_KERNEL = 0x80
+PR_SET_CHILD_SUBREAPER = 36
 
 
 class ExecError(LaunchError):
@@ -109,8 +110,13 @@ def exec_process(spec, *, privileged=None):
     if spec.get("hooks", {}).get("startContainer"):
         from .hooks import run_hooks, state
         run_hooks(spec, "startContainer", state(spec, "created", os.getpid(), "", ""))
-    cwd = p.get("cwd") or "/"
     try:
+        _drop_bounding()
+        _set_identity(p["user"], privileged)
+    except OSError as e:
+        raise LaunchError(f"cannot switch to the container's user: {e}") from None
+    cwd = p.get("cwd") or "/"
+    try:  # as the user: a directory they may not enter is an error, as on the host
         os.chdir(cwd)
     except OSError as e:
         raise LaunchError(f"cannot enter the working directory {cwd}: {e.strerror}") from None
@@ -121,8 +127,6 @@ def exec_process(spec, *, privileged=None):
     if not here.startswith("/"):  # CVE-2024-21626: never start outside the root
         raise LaunchError("the working directory is outside the container root")
     try:
-        _drop_bounding()
-        _set_identity(p["user"], privileged)
         _sys.prctl(_sys.PR_SET_NO_NEW_PRIVS, 1)
         _sys.drop_all_capabilities()
     except OSError as e:
@@ -147,6 +151,36 @@ def _status_code(status):
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return EXIT_LAUNCH
+
+
+def _children():
+    out = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _kill_leftovers(keep):
+    """End what the command left behind (there is no pid namespace to do it): hpcc is a
+    child subreaper, so every orphaned descendant of the command is now its child."""
+    for _ in range(100):
+        left = [p for p in _children() if p not in keep]
+        if not left:
+            return
+        for p in left:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        for p in left:
+            try:
+                os.waitpid(p, 0)
+            except ChildProcessError:
+                pass
 
 
 def run_container(spec, *, privileged=None, log=None, supervise=True):
@@ -176,6 +210,7 @@ def run_container(spec, *, privileged=None, log=None, supervise=True):
             pass
         exec_process(spec, privileged=privileged)  # returns only by raising
     parent = os.getpid()
+    _sys.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of the command come back to us
     sigs = set(FORWARD) | {signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     try:
@@ -226,6 +261,7 @@ def run_container(spec, *, privileged=None, log=None, supervise=True):
                 os.kill(pid, info.si_signo)
             except ProcessLookupError:
                 pass
+    _kill_leftovers({os.getpid(), handle.fuse_pid})
     warn(f"command exited ({code})")
     st = state(spec, "stopped", pid, handle.bundle, handle.id)
     run_hooks(spec, "poststop", st, root_fd=handle.host_root_fd, warn=warn)

@@ -158,12 +158,18 @@ def open_in_root(root_fd, path, flags=O_PATH_FLAGS):
     global _HAVE_OPENAT2
     rel = clean_dest(path).lstrip("/") or "."
     if _HAVE_OPENAT2:
-        try:
-            return _sys.openat2(root_fd, rel, flags | os.O_CLOEXEC, RESOLVE)
-        except OSError as e:
-            if e.errno != errno.ENOSYS:
-                raise
-            _HAVE_OPENAT2 = False
+        # RESOLVE_IN_ROOT fails with EAGAIN when a rename or a mount anywhere on the system
+        # raced with the lookup: retry (the kernel's own advice), then walk.
+        for _ in range(64):
+            try:
+                return _sys.openat2(root_fd, rel, flags | os.O_CLOEXEC, RESOLVE)
+            except OSError as e:
+                if e.errno == errno.EAGAIN:
+                    continue
+                if e.errno != errno.ENOSYS:
+                    raise
+                _HAVE_OPENAT2 = False
+                break
     fd = _walk_nofollow(root_fd, rel)
     if flags & os.O_PATH:
         return fd
