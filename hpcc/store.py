@@ -23,7 +23,6 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from .errors import ImageNotFound, StoreError
 from .reference import DIGEST_RE, parse_reference
@@ -40,12 +39,20 @@ def _stem_digest(stem):
     return stem.replace("-", ":", 1)
 
 
-@dataclass
 class ImageRecord:
-    digest: str
-    sqfs_path: str
-    meta: dict = field(default_factory=dict)
-    store: "Store | None" = None
+    """A published image: its digest, squashfs path and metadata (a plain class: this module
+    is on the launch path, where importing dataclasses costs ~10 ms)."""
+
+    __slots__ = ("digest", "sqfs_path", "meta", "store")
+
+    def __init__(self, digest, sqfs_path, meta=None, store=None):
+        self.digest = digest
+        self.sqfs_path = sqfs_path
+        self.meta = {} if meta is None else meta
+        self.store = store
+
+    def __repr__(self):
+        return f"ImageRecord({self.digest!r}, {self.sqfs_path!r})"
 
     @property
     def config(self):
