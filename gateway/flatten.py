@@ -83,6 +83,46 @@ class _ForwardReader(io.RawIOBase):
         return self._pos
 
 
+class _MemberData:
+    """The data of the current tar member, read straight from the layer stream into the
+    caller's buffer (tarfile's extractfile adds two buffered layers and a copy per read)."""
+
+    __slots__ = ("_fwd", "_left")
+
+    def __init__(self, fwd, member):
+        fwd.seek(member.offset_data)
+        self._fwd = fwd
+        self._left = member.size
+
+    def readinto(self, b):
+        if self._left <= 0:
+            return 0
+        view = memoryview(b)
+        if len(view) > self._left:
+            view = view[:self._left]
+        n = self._fwd.readinto(view)
+        if not n:
+            raise EOFError("unexpected end of data in a tar member")
+        self._left -= n
+        return n
+
+    def read(self, n=-1):
+        if n is None or n < 0 or n > self._left:
+            n = self._left
+        data = self._fwd.read(n)
+        if len(data) < n:
+            raise EOFError("unexpected end of data in a tar member")
+        self._left -= len(data)
+        return data
+
+
+def member_data(tf, member):
+    """A readable for a regular member's data (sparse members go through tarfile)."""
+    if member.sparse is None and isinstance(tf.fileobj, _ForwardReader):
+        return _MemberData(tf.fileobj, member)
+    return tf.extractfile(member)
+
+
 def iter_tar(stream):
     """TarInfo objects of a layer stream, in order; the current member's data can be read
     with the returned TarFile's extractfile() before the next one is requested."""
@@ -407,7 +447,7 @@ class Flattener:
             node = File(mode=0, uid=0, gid=0, mtime=0, xattrs=None, data=None)
             self._set_meta(node, m, path)
             if m.size:
-                node.data = self._write_data(tf.extractfile(m), m.size, path, label)
+                node.data = self._write_data(member_data(tf, m), m.size, path, label)
             rep.files += 1
             rep.bytes += m.size
             return node
@@ -503,7 +543,7 @@ class Flattener:
                     node = File(mode=0, uid=0, gid=0, mtime=0, xattrs=None, data=None)
                     self._set_meta(node, m, path)
                     if m.size:
-                        node.data = self._write_data(tf.extractfile(m), m.size, path, label)
+                        node.data = self._write_data(member_data(tf, m), m.size, path, label)
                     for link in links:
                         parent, _, base = link.rpartition("/")
                         parent_dir = self._parent_dir(parent, link)
