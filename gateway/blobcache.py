@@ -172,6 +172,10 @@ class BlobCache:
     def _partial(self, digest):
         return self.dir / (_split(digest)[1] + ".partial")
 
+    def partial_path(self, digest):
+        """Where an in-progress download of `digest` is written (readers may follow it)."""
+        return self._partial(digest)
+
     def _lockpath(self, digest):
         return self.dir / (_split(digest)[1] + ".lock")
 

@@ -69,7 +69,7 @@ def created_epoch(image_config):
 
 
 def convert_image(store, digest, layer_getters, *, config, image_config, meta, refs=(),
-                  progress=None):
+                  progress=None, before_publish=None):
     """Flatten and publish. `layer_getters` (oldest first) return LayerSource objects.
 
     Returns (ImageRecord, stats, report). On any failure the temp file is removed and the
@@ -84,9 +84,10 @@ def convert_image(store, digest, layer_getters, *, config, image_config, meta, r
                            progress=progress, **flatten_options(config))
             for get in reversed(layer_getters):
                 fl.add_layer(get())
+            if before_publish is not None:
+                before_publish()  # e.g. every download passed its digest check
             stats = writer.finish(fl.root)
-            if hasattr(writer, "sync"):
-                writer.sync()
+            writer.sync()
         report = fl.report.as_dict()
         report["seconds"] = round(time.monotonic() - t0, 3)
         full_meta = dict(meta)

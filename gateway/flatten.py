@@ -190,18 +190,19 @@ class LayerSource:
     """One layer to flatten: where its blob is (a file, or a slice of an archive), how it
     is compressed, and its digest for messages."""
 
-    __slots__ = ("path", "compression", "digest", "offset", "length")
+    __slots__ = ("path", "compression", "digest", "offset", "length", "opener")
 
-    def __init__(self, path, compression, digest="", offset=0, length=None):
+    def __init__(self, path, compression, digest="", offset=0, length=None, opener=None):
         self.path = str(path)
         self.compression = compression
         self.digest = digest
         self.offset = offset
         self.length = length
+        self.opener = opener  # a callable giving the raw stream (a blob still downloading)
 
     def open(self):
         """The decompressed tar stream."""
-        raw = open_raw(self.path, self.offset, self.length)
+        raw = self.opener() if self.opener else open_raw(self.path, self.offset, self.length)
         if self.compression == "gzip":
             return _Closing(_gzip_reader(raw), raw)
         if self.compression == "zstd":

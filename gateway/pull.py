@@ -7,11 +7,13 @@ converted: the tag is (re)pointed and the pull is done ("pull only if changed").
 pulls of one image convert it once: the per-image lock serialises them and the later ones
 find the image published.
 """
+import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from hpcc.errors import HpccError
 from hpcc.reference import parse_reference
 
 from .convert import convert_image
@@ -78,19 +80,27 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
                 return PullResult(rec, str(ref), digest, False, time.monotonic() - t0)
             workers = max(1, min(config["gateway"]["concurrent_downloads"], len(img.layers) or 1))
             abort = threading.Event()  # one failure stops the other downloads
+            feeds = [_Feed(cache, layer, reporter) for layer in img.layers]
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hpcc-dl") as pool:
-                futures = [pool.submit(_fetch_layer, client, img, layer, cache, reporter, abort)
-                           for layer in img.layers]
-                getters = [_getter(f, layer) for f, layer in zip(futures, img.layers)]
+                futures = [pool.submit(_fetch_layer, client, img, layer, cache, feed, abort)
+                           for layer, feed in zip(img.layers, feeds)]
                 reporter.converting(total)
                 try:
                     rec, stats, report = convert_image(
-                        store, digest, getters, config=config, image_config=img.config,
-                        meta=_meta(img, ref), refs=refs, progress=reporter.converted_bytes)
-                except BaseException:
+                        store, digest, [feed.source for feed in feeds], config=config,
+                        image_config=img.config, meta=_meta(img, ref), refs=refs,
+                        progress=reporter.converted_bytes,
+                        before_publish=lambda: [f.result() for f in futures])
+                except BaseException as e:
                     abort.set()
                     for f in futures:
                         f.cancel()
+                    # Data that failed to decompress may just be a download that failed its
+                    # digest check: report the download's error, which says what happened.
+                    if isinstance(e, HpccError):
+                        for f in futures:
+                            if f.done() and not f.cancelled() and f.exception() is not None:
+                                raise f.exception() from None
                     raise
         secs = time.monotonic() - t0
         reporter.done(f"pulled {ref.familiar} -> {rec.sqfs_path} "
@@ -103,23 +113,111 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
             client.close()
 
 
-def _fetch_layer(client, img, layer, cache, reporter, abort):
+def _fetch_layer(client, img, layer, cache, feed, abort):
     what = f"layer {layer.digest} of {img.ref.familiar}"
     try:
-        path = client.fetch_blob(img.ref, layer.digest, layer.size, cache, reporter.download,
+        path = client.fetch_blob(img.ref, layer.digest, layer.size, cache, feed.progress,
                                  what, abort=abort)
         client.check_layer(layer, path, what)
-    except BaseException:
+    except BaseException as e:
         abort.set()
+        feed.finish(error=e)
         raise
+    feed.finish(path=path)
     return path
 
 
-def _getter(future, layer):
-    def get():
-        path = future.result()
-        return LayerSource(path, layer.compression, layer.digest)
-    return get
+class _Feed:
+    """One layer's download as the converter sees it. When the conversion reaches a layer
+    whose blob is still arriving (typically the big base layer), it reads the blob cache's
+    partial file as it grows instead of waiting for the end: download and conversion of that
+    layer overlap. Nothing is published before every download has passed its digest check
+    (`before_publish`), so bytes read early are never trusted early."""
+
+    def __init__(self, cache, layer, reporter):
+        self.cache = cache
+        self.layer = layer
+        self.reporter = reporter
+        self.cond = threading.Condition()
+        self.started = False
+        self.done = False
+        self.path = None
+        self.error = None
+
+    def progress(self, event, digest, done, total):
+        self.reporter.download(event, digest, done, total)
+        with self.cond:
+            if event in ("start", "cached"):
+                self.started = True
+            self.cond.notify_all()
+
+    def finish(self, path=None, error=None):
+        with self.cond:
+            self.done, self.path, self.error = True, path, error
+            self.cond.notify_all()
+
+    def source(self):
+        """The LayerSource the flattener reads (called when the converter reaches it)."""
+        with self.cond:
+            if self.done and self.error is None:
+                return LayerSource(self.path, self.layer.compression, self.layer.digest)
+        compression = self._sniffed() or self.layer.compression
+        return LayerSource(self.cache.partial_path(self.layer.digest), compression,
+                           self.layer.digest, opener=self._open_growing)
+
+    def _sniffed(self):
+        from .registry import sniff_compression
+
+        with _Growing(self) as f:
+            head = f.read(512)
+        return sniff_compression(head)
+
+    def _open_growing(self):
+        return io.BufferedReader(_Growing(self), 1 << 20)
+
+
+class _Growing(io.RawIOBase):
+    """Reads a blob that is still being downloaded: waits for more bytes until the download
+    ends; raises the download's error if it failed."""
+
+    def __init__(self, feed):
+        self.feed = feed
+        self.f = None
+        with feed.cond:
+            while True:
+                if feed.done:
+                    if feed.error is not None:
+                        raise feed.error
+                    self.f = open(feed.path, "rb")
+                    return
+                if feed.started:
+                    try:
+                        self.f = open(feed.cache.partial_path(feed.layer.digest), "rb")
+                        return
+                    except FileNotFoundError:
+                        pass  # renamed into place meanwhile: done is about to be set
+                feed.cond.wait(0.2)
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        feed = self.feed
+        while True:
+            n = self.f.readinto(b)
+            if n:
+                return n
+            with feed.cond:
+                if feed.done:
+                    if feed.error is not None:
+                        raise feed.error
+                    return self.f.readinto(b) or 0
+                feed.cond.wait(0.2)
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+        super().close()
 
 
 def _meta(img, ref):
