@@ -195,6 +195,12 @@ def _cache_dir_ok():
     return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o077
 
 
+def config_cache_path(path):
+    """Where the JSON copy of the config file `path` is kept."""
+    return os.path.join(CACHE_DIR, os.path.abspath(path).replace("%", "%25")
+                        .replace("/", "%2F")[-200:] + ".json")
+
+
 def load_config_cached():
     """The site config without TOML parsing on every step: a JSON copy in a root-only
     directory, valid while the file's identity, size and mtime are unchanged."""
@@ -208,8 +214,7 @@ def load_config_cached():
     except OSError:
         return load_config(validate_schema=False)  # defaults, or the one-line error
     key = f"{os.path.abspath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
-    name = os.path.join(CACHE_DIR, os.path.abspath(path).replace("%", "%25")
-                        .replace("/", "%2F")[-200:] + ".json")
+    name = config_cache_path(path)
     usable = _cache_dir_ok()
     if usable:
         try:

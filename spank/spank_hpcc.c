@@ -430,6 +430,10 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 	(void)ac; (void)av;
 	if (!spank_remote(sp))
 		return 0;
+	/* the extern step (PrologFlags=contain) runs no user task */
+	if (spank_get_item(sp, S_JOB_STEPID, &step_id) == ESPANK_SUCCESS &&
+	    step_id == 0xfffffffcU)
+		return 0;
 	image = get_setting(sp, OPT_IMAGE);
 	if (!image) {
 		if (spank_getenv(sp, "SLURM_CONTAINER", buf, sizeof(buf)) != ESPANK_SUCCESS || !buf[0])
