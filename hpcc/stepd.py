@@ -532,6 +532,12 @@ def serve(path):
     finally:
         os.umask(old)
     ino = os.stat(path).st_ino
+    import signal
+
+    def _terminate(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _terminate)
     srv.listen(64)
     srv.settimeout(2.0)
     stamp = _code_stamp()
@@ -567,6 +573,7 @@ def serve(path):
         try:
             if os.stat(path).st_ino == ino:
                 os.unlink(path)
+            os.unlink(path + ".lock")
         except OSError:
             pass
         srv.close()
