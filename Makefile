@@ -13,8 +13,8 @@ PYTEST_ARGS ?=
 APT_PKGS := libsquashfs-dev squashfs-tools-ng squashfs-tools squashfuse fuse3 \
 	docker-registry umoci busybox-static zstd apache2-utils openssl \
 	python3-venv python3-dev build-essential pkg-config iproute2 util-linux \
-	slurm-wlm slurmd slurmctld libslurm-dev munge mpich libmpich-dev
-BENCH_APT_PKGS := charliecloud charliecloud-builders skopeo debootstrap hyperfine
+	slurm-wlm slurmd slurmctld libslurm-dev munge mpich libmpich-dev libopenmpi3 skopeo
+BENCH_APT_PKGS := charliecloud charliecloud-builders debootstrap hyperfine
 
 .PHONY: all deps bench-deps venv install spank test demo bench clean
 
@@ -44,6 +44,9 @@ install: venv spank
 	@for s in hpcc gateway hpcc-hook; do ln -sf $(VENV)/bin/$$s $(BINDIR)/$$s; done
 	@install -d -m 0755 /etc/hpcc
 	@[ -e /etc/hpcc/hpcc.toml ] || install -m 0644 etc/hpcc.toml /etc/hpcc/hpcc.toml
+	@install -d -m 0755 /etc/hpcc/hooks.d
+	@for f in etc/hooks.d/*.json; do d=/etc/hpcc/hooks.d/$$(basename $$f); \
+		[ -e $$d ] || sed 's|/usr/local/bin/hpcc-hook|$(BINDIR)/hpcc-hook|' $$f > $$d; done
 	@chmod -R a+rX $(VENV)
 
 spank:

@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 import time
 
-from hpcc.squashfs import Dir, File, Symlink, Fifo, Device
+from hpcc.squashfs import Dir, Fifo, File, Symlink
 from hpcc.squashfs.writer import SquashfsWriter
 
 SLICE = ["usr/include", "usr/lib/x86_64-linux-gnu", "usr/bin", "usr/share/man", "usr/share/doc"]

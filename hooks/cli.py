@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from hpcc.errors import HookError, HpccError
+from hpcc.errors import HpccError
 
 
 def _parser():

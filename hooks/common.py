@@ -412,6 +412,20 @@ class Root:
         finally:
             os.close(sfd)
 
+    def mask(self, cpath):
+        """Hide a directory of the container (e.g. an unselected GPU's /proc entry) under an
+        empty read-only tmpfs."""
+        try:
+            fd = self.open(cpath, os.O_PATH | os.O_DIRECTORY)
+        except OSError as e:
+            raise HookError(f"cannot resolve {cpath} in the container: {e.strerror}") from None
+        try:
+            if _libc.mount(b"tmpfs", f"/proc/self/fd/{fd}".encode(), b"tmpfs",
+                           MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"mode=0555,size=4k") != 0:
+                raise HookError(f"cannot mask {cpath}: mount: {os.strerror(ctypes.get_errno())}")
+        finally:
+            os.close(fd)
+
     def _dangling(self, cpath):
         try:
             pfd, name = self._parent(cpath, create=False)
@@ -569,7 +583,7 @@ class ElfInfo:
             else:
                 self._m = mmap.mmap(data_or_file.fileno(), 0, prot=mmap.PROT_READ)
             self._parse()
-        except (struct.error, IndexError, ValueError, OSError) as e:
+        except (struct.error, IndexError, ValueError, OverflowError, OSError) as e:
             raise HookError(f"{name} is not a valid ELF file ({e})") from None
 
     @classmethod
@@ -653,30 +667,37 @@ class ElfInfo:
         return bytes(self._m[start:end]).decode("utf-8", "replace")
 
     def symbols(self):
-        """(defined, undefined-strong) sets of dynamic symbol names."""
+        """(defined, undefined-strong) sets of dynamic symbol names (empty for a malformed
+        symbol table: files from images are untrusted)."""
         if self._syms is None:
-            defined, undefined = set(), set()
-            m, o = self._m, self._o
-            for t, off, size, link, info, ent in self._secs:
-                if t != SHT_DYNSYM:
-                    continue
-                stroff = self._secs[link][1]
-                if self.elfclass == 64:
-                    fmt, ni, nb, ns = o + "IBBHQQ", 0, 1, 3
-                else:
-                    fmt, ni, nb, ns = o + "IIIBBH", 0, 3, 5
-                step = struct.calcsize(fmt)
-                for rec in struct.iter_unpack(fmt, m[off:off + (size // step) * step]):
-                    if not rec[ni]:
-                        continue
-                    bind = rec[nb] >> 4
-                    if rec[ns] == 0:
-                        if bind == 1:
-                            undefined.add(self._str(stroff, rec[ni]))
-                    elif bind in (1, 2, 10):
-                        defined.add(self._str(stroff, rec[ni]))
-            self._syms = (defined, undefined)
+            try:
+                self._syms = self._read_symbols()
+            except (struct.error, IndexError, ValueError, OverflowError):
+                self._syms = (set(), set())
         return self._syms
+
+    def _read_symbols(self):
+        defined, undefined = set(), set()
+        m, o = self._m, self._o
+        for t, off, size, link, info, ent in self._secs:
+            if t != SHT_DYNSYM:
+                continue
+            stroff = self._secs[link][1]
+            if self.elfclass == 64:
+                fmt, ni, nb, ns = o + "IBBHQQ", 0, 1, 3
+            else:
+                fmt, ni, nb, ns = o + "IIIBBH", 0, 3, 5
+            step = struct.calcsize(fmt)
+            for rec in struct.iter_unpack(fmt, m[off:off + (size // step) * step]):
+                if not rec[ni]:
+                    continue
+                bind = rec[nb] >> 4
+                if rec[ns] == 0:
+                    if bind == 1:
+                        undefined.add(self._str(stroff, rec[ni]))
+                elif bind in (1, 2, 10):
+                    defined.add(self._str(stroff, rec[ni]))
+        return defined, undefined
 
 
 def elf_header(data):
@@ -816,6 +837,9 @@ class Plan:
     def symlink(self, target, dst, why=""):
         self.actions.append({"op": "symlink", "target": target, "dst": dst, "why": why})
 
+    def mask(self, dst, why=""):
+        self.actions.append({"op": "mask", "dst": dst, "why": why})
+
     def write(self, dst, text, why=""):
         self.actions.append({"op": "write", "dst": dst, "text": text, "why": why})
 
@@ -833,6 +857,8 @@ class Plan:
                 root.symlink(a["target"], a["dst"], replace=True)
             elif a["op"] == "write":
                 root.write_file(a["dst"], a["text"].encode())
+            elif a["op"] == "mask":
+                root.mask(a["dst"])
 
     def summary(self):
         binds = [a for a in self.actions if a["op"] == "bind"]

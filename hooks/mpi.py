@@ -23,6 +23,7 @@ What gets injected:
 """
 import os
 import re
+import stat
 
 from hpcc.errors import HookError
 
@@ -139,6 +140,54 @@ def check_abi_versions(host, container_real, container_soname):
     return None
 
 
+def program_path(container, root):
+    """Container path of the command (process.args[0], looked up in the container's PATH)."""
+    args = (container.config.get("process") or {}).get("args") or []
+    if not args or not isinstance(args[0], str) or not args[0]:
+        return None
+    a0 = args[0]
+    if a0.startswith("/"):
+        return a0
+    if "/" in a0:
+        cwd = (container.config.get("process") or {}).get("cwd") or "/"
+        return os.path.join(cwd, a0)
+    path = container.env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    for d in path.split(":"):
+        if d.startswith("/"):
+            st = root.stat(f"{d.rstrip('/')}/{a0}")
+            if st is not None and stat.S_ISREG(st.st_mode):
+                return f"{d.rstrip('/')}/{a0}"
+    return None
+
+
+MPI_PREFIXES = ("MPI_", "PMPI_", "MPIX_", "mpi_", "pmpi_")
+
+
+def check_program_symbols(container, root, clibs, host):
+    """Refuse when the command is linked against the MPICH ABI and calls MPI functions the
+    host's MPI does not have (a program built against a newer MPI than the host's)."""
+    p = program_path(container, root)
+    if p is None:
+        return
+    try:
+        elf = clibs.elf(p)
+    except HookError:
+        return          # a script or something else: nothing to read
+    if elf is None or not any(n in ABI_SONAMES for n in elf.needed):
+        return
+    have = set()
+    for h in host.values():
+        have |= h.elf.symbols()[0]
+    missing = sorted(s for s in elf.symbols()[1] if s.startswith(MPI_PREFIXES) and s not in have)
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise HookError(
+            f"--mpi: {p} calls {len(missing)} MPI function(s) that the host's MPI "
+            f"({os.path.basename(host['c'].real)}) lacks ({shown}): the host's MPI is older than "
+            "the program needs; run without --mpi to use the container's own MPI, or build the "
+            "program against an MPI no newer than the host's")
+
+
 def _glibc_version(verdefs):
     best = None
     for v in verdefs:
@@ -220,13 +269,16 @@ def plan_mpi(container, root, config, *, hostlibs=None):
         if fam not in host and any(n in found for n in FAMILIES[fam]):
             plan.note(f"the container has {fam} MPI bindings but the host has none; the container's stay")
 
+    abi_check = (config.get("mpi") or {}).get("abi_check", "minor")
     for fam in fams:
         for name in FAMILIES[fam]:
             if name in found:
                 real = root.realpath(found[name]) or found[name]
-                msg = check_abi_versions(host[fam], real, name)
-                if msg:
-                    plan.note(msg)
+                if abi_check == "minor":
+                    msg = check_abi_versions(host[fam], real, name)
+                    if msg:
+                        plan.note(msg)
+    check_program_symbols(container, root, clibs, host)
 
     roots = [host[f] for f in fams]
     members, glibc_needs = _closure(roots, hostlibs, clibs, plan)

@@ -5,9 +5,12 @@ No libnvidia-container: everything is found from files.
   the default directories; its real name gives the driver version (libcuda.so.535.104.05),
   and every `lib*.so.<that version>` beside it (and in gpu.library_paths) is the driver's
   user-space set, so libraries added by newer drivers are found without a list to maintain.
+  NVIDIA_DRIVER_CAPABILITIES (default compute,utility) leaves out the libraries of families
+  not asked for (graphics, video, ...); libraries of no known family are always injected.
 - Binaries: nvidia-smi, nvidia-debugdump, nvidia-persistenced, nvidia-cuda-mps-*.
 - Devices: /dev/nvidiactl, /dev/nvidia-uvm, /dev/nvidia-uvm-tools, /dev/nvidia-modeset and
-  /dev/nvidiaN of the selected GPUs only.
+  /dev/nvidiaN of the selected GPUs only; the other GPUs' /proc/driver/nvidia/gpus/<bus>
+  entries in the container's /proc are masked; nvidia-persistenced's socket when present.
 - GPU selection: annotation org.hpcc.gpu (`hpcc run --gpus all|0,1|GPU-uuid`), narrowed by
   the container's NVIDIA_VISIBLE_DEVICES and by Slurm's allocation (SLURM_STEP_GPUS /
   SLURM_JOB_GPUS, else CUDA_VISIBLE_DEVICES inside a Slurm job), limited by gpu.allowed_devices.
@@ -17,6 +20,7 @@ No libnvidia-container: everything is found from files.
 import ctypes
 import os
 import re
+import stat
 
 from hpcc.errors import HookError
 
@@ -25,6 +29,43 @@ from .common import ContainerLibraries, ElfInfo, HostLibraries, Plan, place_libr
 BINARIES = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
             "nvidia-cuda-mps-server")
 CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+# Library families by NVIDIA_DRIVER_CAPABILITIES (as the CUDA images use it). A library of a
+# family the container did not ask for is left out; one in no family (new in some driver
+# release) is always injected, so discovery never silently drops what a driver adds.
+CAPABILITY_LIBS = {
+    "compute": ("libcuda.", "libcudadebugger.", "libnvidia-ptxjitcompiler.", "libnvidia-nvvm.",
+                "libnvidia-opencl.", "libnvidia-gpucomp.", "libnvidia-fatbinaryloader.",
+                "libnvidia-compiler.", "libnvidia-pkcs11"),
+    "utility": ("libnvidia-ml.", "libnvidia-cfg."),
+    "video": ("libvdpau_nvidia.", "libnvidia-encode.", "libnvcuvid.", "libnvidia-opticalflow."),
+    "graphics": ("libnvidia-eglcore.", "libnvidia-glcore.", "libnvidia-tls.", "libnvidia-glsi.",
+                 "libnvidia-rtcore.", "libnvoptix.", "libGLX_nvidia.", "libEGL_nvidia.",
+                 "libGLESv2_nvidia.", "libGLESv1_CM_nvidia.", "libnvidia-glvkspirv.",
+                 "libnvidia-vulkan-producer.", "libnvidia-allocator.", "libnvidia-egl-gbm."),
+    "display": ("libnvidia-fbc.", "libnvidia-ifr."),
+    "ngx": ("libnvidia-ngx.",),
+}
+DEFAULT_CAPABILITIES = ("compute", "utility")
+
+
+def capabilities(cenv):
+    value = cenv.get("NVIDIA_DRIVER_CAPABILITIES", "").strip()
+    if not value:
+        return set(DEFAULT_CAPABILITIES)
+    caps = {c.strip() for c in value.split(",") if c.strip()}
+    if "all" in caps:
+        return set(CAPABILITY_LIBS)
+    return caps
+
+
+def wanted_library(realname, caps):
+    for cap, prefixes in CAPABILITY_LIBS.items():
+        if realname.startswith(prefixes):
+            return cap in caps
+    return True
+
+
+PERSISTENCED = ("/run/nvidia-persistenced/socket",)
 BIN_DIRS = ("/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin")
 
 
@@ -333,10 +374,18 @@ def plan_nvidia(container, root, config, *, sysroot="/", henv=None):
     check_requirements(container.env, driver, sel)
 
     clibs = ContainerLibraries(root, container.env)
+    caps = capabilities(container.env)
+    skipped, placed = [], set()
     for path, soname, realname in driver.libraries:
+        if not wanted_library(realname, caps):
+            skipped.append(soname)
+            continue
         place_library(plan, clibs, path, soname, "NVIDIA driver library", realname=realname)
-    if clibs.libdir and any(s == "libcuda.so.1" for _, s, _ in driver.libraries) \
-            and clibs.find("libcuda.so") is None:
+        placed.add(soname)
+    if skipped:
+        plan.note(f"not asked for by NVIDIA_DRIVER_CAPABILITIES={','.join(sorted(caps))}: "
+                  + ", ".join(sorted(skipped)))
+    if clibs.libdir and "libcuda.so.1" in placed and clibs.find("libcuda.so") is None:
         plan.symlink("libcuda.so.1", f"{clibs.libdir}/libcuda.so", why="development name of libcuda")
     for b in driver.binaries:
         plan.bind(b, f"/usr/bin/{os.path.basename(b)}", why="NVIDIA driver tool")
@@ -346,6 +395,18 @@ def plan_nvidia(container, root, config, *, sysroot="/", henv=None):
     for g in sel:
         plan.bind(_p(sysroot, g.device()), g.device(), device=True,
                   why=f"GPU {g.index}" + (f" {g.uuid}" if g.uuid else ""))
+    # The container's /proc (when already mounted) lists every GPU of the node; the others
+    # are hidden so that nvidia-smi and NVML see only what was given.
+    chosen = {g.minor for g in sel}
+    for g in gpus:
+        if g.minor not in chosen and g.bus:
+            d = f"/proc/driver/nvidia/gpus/{g.bus}"
+            st = root.stat(d)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                plan.mask(d, why=f"GPU {g.index} not selected")
+    for sock in PERSISTENCED:
+        if os.path.exists(_p(sysroot, sock)):
+            plan.bind(_p(sysroot, sock), sock, why="nvidia-persistenced socket")
     cuda = f"{driver.cuda[0]}.{driver.cuda[1]}" if driver.cuda else "unknown"
     plan.note(f"driver {driver.version}, CUDA {cuda}; GPUs " + (",".join(str(g.index) for g in sel) or "none"))
     return plan

@@ -38,7 +38,7 @@ DEFAULTS = {
         "env_passthrough": ["TERM", "LANG", "LC_ALL", "TZ"],
         "hooks_dir": "/etc/hpcc/hooks.d",
     },
-    "mpi": {"libraries": [], "extra_files": [], "devices": []},
+    "mpi": {"libraries": [], "extra_files": [], "devices": [], "abi_check": "minor"},
     "gpu": {"library_paths": [], "allowed_devices": []},
 }
 

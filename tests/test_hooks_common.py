@@ -1,7 +1,6 @@
 """The hooks' helper layer: OCI state, in-root resolution, ld.so.cache and ELF reading."""
 import io
 import json
-import os
 import subprocess
 
 import pytest
@@ -187,3 +186,20 @@ def test_common_cli_bad_state_is_one_line_and_exit_1(stdin, msg):
 def test_common_cli_usage_error_exits_2():
     p = subprocess.run([tool("hpcc-hook"), "bogus"], capture_output=True, text=True, input="")
     assert p.returncode == 2 and "invalid choice" in p.stderr
+
+
+def test_common_elf_reader_survives_corrupted_files():
+    """Image files are untrusted: any corruption gives facts or a HookError, nothing else."""
+    import random
+    data = bytearray(open("/lib/x86_64-linux-gnu/libnuma.so.1", "rb").read())
+    rng = random.Random(1234)
+    for _ in range(300):
+        bad = bytearray(data)
+        for _ in range(rng.randint(1, 20)):
+            i = rng.randrange(0, min(len(bad), 8192)) if rng.random() < 0.7 else rng.randrange(len(bad))
+            bad[i] = rng.randrange(256)
+        try:
+            e = common.ElfInfo(bytes(bad), name="fuzz")
+            e.symbols()
+        except HookError:
+            pass

@@ -46,7 +46,8 @@ def make_driver_tree(base, *, cuda=12020, version=VER, libdir=LIB):
     for name, soname in (("libnvidia-ml", "libnvidia-ml.so.1"),
                          ("libnvidia-ptxjitcompiler", "libnvidia-ptxjitcompiler.so.1"),
                          ("libnvidia-nvvm", "libnvidia-nvvm.so.4"),
-                         ("libnvidia-brandnew", "libnvidia-brandnew.so.1")):  # one no list knows
+                         ("libnvidia-brandnew", "libnvidia-brandnew.so.1"),   # one no list knows
+                         ("libGLX_nvidia", "libGLX_nvidia.so.0")):            # graphics
         build_so(lib / f"{name}.so.{version}", soname)
     (lib / "libcuda.so.1").symlink_to(f"libcuda.so.{version}")
     build_so(lib / "libz.so.1.2.13", "libz.so.1")                       # not the driver's
@@ -101,6 +102,7 @@ def test_nvidia_driver_libraries_found_by_version_suffix_including_new_ones(host
     d = nvidia.find_driver({"gpu": {}}, sysroot=str(host_tree))
     assert d.version == VER
     assert sorted((s, r) for _, s, r in d.libraries) == [
+        ("libGLX_nvidia.so.0", f"libGLX_nvidia.so.{VER}"),
         ("libcuda.so.1", f"libcuda.so.{VER}"),
         ("libnvidia-brandnew.so.1", f"libnvidia-brandnew.so.{VER}"),
         ("libnvidia-ml.so.1", f"libnvidia-ml.so.{VER}"),
@@ -114,7 +116,7 @@ def test_nvidia_configured_library_path_is_searched(tmp_path):
     host = make_driver_tree(tmp_path / "h", libdir="opt/nvidia/driver/lib")
     assert nvidia.find_driver({"gpu": {}}, sysroot=str(host)) is None
     d = nvidia.find_driver({"gpu": {"library_paths": ["/opt/nvidia/driver/lib"]}}, sysroot=str(host))
-    assert d.version == VER and len(d.libraries) == 5
+    assert d.version == VER and len(d.libraries) == 6
 
 
 def test_nvidia_gpus_numbered_in_pci_order_with_their_device_minors(host_tree):
@@ -235,6 +237,28 @@ def test_nvidia_plan_injects_driver_files_and_only_the_selected_gpus(croot, host
     assert any("driver 535.104.05, CUDA 12.2; GPUs 1,2" in n for n in p.notes)
 
 
+def test_nvidia_driver_capabilities_select_library_families(croot, host_tree):
+    def libs(env=()):
+        p = plan(croot, host_tree, {"org.hpcc.gpu": "0"}, env=env)
+        return {os.path.basename(a["src"]).split(".so")[0] for a in p.actions
+                if a["op"] == "bind" and ".so." in a["src"]}
+    default = libs()
+    assert {"libcuda", "libnvidia-ml", "libnvidia-brandnew"} <= default   # unknown: always in
+    assert "libGLX_nvidia" not in default
+    assert "libGLX_nvidia" in libs(["NVIDIA_DRIVER_CAPABILITIES=all"])
+    only_util = libs(["NVIDIA_DRIVER_CAPABILITIES=utility"])
+    assert "libnvidia-ml" in only_util and "libcuda" not in only_util
+    p = plan(croot, host_tree, {"org.hpcc.gpu": "0"}, env=["NVIDIA_DRIVER_CAPABILITIES=utility"])
+    assert not any(a["op"] == "symlink" and a["dst"].endswith("/libcuda.so") for a in p.actions)
+
+
+def test_nvidia_other_gpus_proc_entries_are_masked(croot, host_tree):
+    shutil.copytree(host_tree / "proc", croot / "proc")     # the container's /proc, mounted
+    p = plan(croot, host_tree, {"org.hpcc.gpu": "0"})
+    masks = sorted(a["dst"] for a in p.actions if a["op"] == "mask")
+    assert masks == [f"/proc/driver/nvidia/gpus/{bus}" for bus, _, _ in GPUS[1:]]
+
+
 def test_nvidia_container_copy_of_a_driver_library_is_covered(croot, host_tree):
     """A CUDA 'compat' libcuda baked into the image must not shadow the host driver's."""
     (croot / LIB / "libcuda.so.1").write_text("stale")
@@ -276,6 +300,7 @@ def test_nvidia_prepared_driver_is_loadable_inside_the_container(tmp_path, host_
     """Apply the plan for real (private mount namespace) and dlopen libcuda.so.1 inside."""
     from tests.hooks_images import base_tree
     c = base_tree(tmp_path / "croot")
+    shutil.copytree(host_tree / "proc/driver", c / "proc/driver")
     src = tmp_path / "cudaver.c"
     src.write_text('#include <dlfcn.h>\n#include <stdio.h>\n'
                    'int main(void){void *h=dlopen("libcuda.so.1",RTLD_NOW);'
@@ -297,6 +322,9 @@ out = subprocess.run(["chroot", "{c}", "/app/cudaver"], capture_output=True, tex
 print(out.stdout, out.stderr)
 print(sorted(__import__("os").listdir("{c}/dev")))
 print(open("{c}/usr/bin/nvidia-smi").read().strip())
+import os
+print("gpus", sorted((b, os.listdir("{c}/proc/driver/nvidia/gpus/" + b))
+                     for b in os.listdir("{c}/proc/driver/nvidia/gpus")))
 """
     p = subprocess.run(["unshare", "--mount", "--propagation", "private", sys_python(), "-c", script],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
@@ -304,6 +332,9 @@ print(open("{c}/usr/bin/nvidia-smi").read().strip())
     assert "cuda driver version 12020" in p.stdout
     assert "['nvidia-uvm', 'nvidia-uvm-tools', 'nvidia3', 'nvidiactl']" in p.stdout
     assert "echo fake" in p.stdout
+    # GPU 3 is 0000:86:00.0; the others' entries are hidden
+    assert ("gpus [('0000:1b:00.0', []), ('0000:3b:00.0', []), ('0000:5e:00.0', []), "
+            "('0000:86:00.0', ['information'])]") in p.stdout
     # nothing was left in the container tree outside the namespace: binds were private
     assert not (c / "dev" / "nvidia3").exists()
     assert (c / "usr/bin/nvidia-smi").read_text() == ""   # the empty bind target in the tree

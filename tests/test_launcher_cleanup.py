@@ -1,10 +1,13 @@
 """A launch leaves nothing behind: no mount, FUSE daemon, loop device or temp dir, also after
 200 launches in a row and after kill -9 of hpcc or of the command."""
 import glob
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -110,22 +113,57 @@ def test_no_leftovers_after_200_sequential_launches(images, launcher_env, who, t
     print(f"200 launches ({who or 'root'}): {elapsed:.1f} s")
 
 
-def _start_sleeper(images, launcher_env, who):
+POSTSTOP = """#!/bin/sh
+cat > /dev/null
+"""
+
+
+@pytest.fixture(params=["plain", "poststop-hook"])
+def launch_mode(request, launcher_env):
+    """plain: no hooks; poststop-hook: a poststop hook that must run on the host after the
+    command (and must not keep anything alive)."""
+    if request.param == "plain":
+        yield launcher_env["HPCC_CONFIG"]
+        return
+    d = tempfile.mkdtemp(prefix="hpcc-supervised-")
+    os.chmod(d, 0o755)
+    os.mkdir(os.path.join(d, "hooks.d"), 0o755)
+    hook = os.path.join(d, "poststop.sh")
+    with open(hook, "w") as f:
+        f.write(POSTSTOP)
+    os.chmod(hook, 0o755)
+    with open(os.path.join(d, "hooks.d", "poststop.json"), "w") as f:
+        json.dump({"version": "1.0.0", "hook": {"path": hook}, "when": {"always": True},
+                   "stages": ["poststop"]}, f)
+    cfg = os.path.join(d, "hpcc.toml")
+    with open(cfg, "w") as f:
+        f.write(f'[launcher]\nhooks_dir = "{d}/hooks.d"\n')
+    yield cfg
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _start_sleeper(images, config, who):
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
-    env["HPCC_CONFIG"] = launcher_env["HPCC_CONFIG"]
+    env["HPCC_CONFIG"] = config
     proc = subprocess.Popen([HPCC, "exec", images["base"], "sh", "-c",
                              "echo ready; exec sleep 1000"], env=env, user=who,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     assert proc.stdout.readline() == "ready\n"
-    assert _wait_until(lambda: any(_comm(k) == "sleep" for k in _children(proc.pid)))
-    kids = _children(proc.pid)
-    cmd = [k for k in kids if _comm(k) == "sleep"]
-    fuse = [k for k in kids if _comm(k) == "squashfuse_ll"]
-    return proc, cmd[0], fuse
+
+    def sleeper():
+        if _comm(proc.pid) == "sleep":  # hpcc became the command
+            return proc.pid
+        kids = [k for k in _children(proc.pid) if _comm(k) == "sleep"]
+        return kids[0] if kids else None
+    assert _wait_until(lambda: sleeper() is not None)
+    cmd = sleeper()
+    fuse = sorted({k for k in _children(proc.pid) + _children(cmd)
+                   if _comm(k) == "squashfuse_ll"})
+    return proc, cmd, fuse
 
 
-def test_kill_9_of_hpcc_tears_everything_down(images, launcher_env, who):
-    proc, cmd, fuse = _start_sleeper(images, launcher_env, who)
+def test_kill_9_of_hpcc_tears_everything_down(images, launch_mode, who):
+    proc, cmd, fuse = _start_sleeper(images, launch_mode, who)
     if who:
         assert len(fuse) == 1
     os.kill(proc.pid, signal.SIGKILL)
@@ -134,9 +172,25 @@ def test_kill_9_of_hpcc_tears_everything_down(images, launcher_env, who):
     assert _wait_until(lambda: not _loops_of(os.path.dirname(images["base"])))
 
 
-def test_kill_9_of_the_command_tears_everything_down(images, launcher_env, who):
-    proc, cmd, fuse = _start_sleeper(images, launcher_env, who)
+def test_kill_9_of_the_command_tears_everything_down(images, launch_mode, who):
+    proc, cmd, fuse = _start_sleeper(images, launch_mode, who)
+    if who:
+        assert len(fuse) == 1
     os.kill(cmd, signal.SIGKILL)
-    assert proc.wait(timeout=10) == 128 + signal.SIGKILL
+    assert proc.wait(timeout=10) in (-signal.SIGKILL, 128 + signal.SIGKILL)
     assert _wait_until(lambda: not any(_alive(f) for f in fuse))
     assert _wait_until(lambda: not _loops_of(os.path.dirname(images["base"])))
+
+
+def test_kill_9_of_hpcc_as_root_with_a_fuse_mounted_image(images, launcher_env, test_user,
+                                                         shared_dir):
+    """As root, a user's image is served by squashfuse_ll living outside the container's
+    namespace; it must exit by itself when the namespace goes."""
+    mine = os.path.join(shared_dir, "mine.sqfs")
+    shutil.copy(images["base"], mine)
+    os.chown(mine, test_user.pw_uid, test_user.pw_gid)
+    proc, cmd, fuse = _start_sleeper({"base": mine}, launcher_env["HPCC_CONFIG"], None)
+    assert len(fuse) == 1
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert _wait_until(lambda: not _alive(cmd) and not _alive(fuse[0]))

@@ -129,3 +129,22 @@ def test_unusable_dev_fuse_is_explained_in_one_line(images, launcher_env, test_u
     assert p.stderr.count("\n") == 1
     assert "cannot open /dev/fuse (permission denied)" in p.stderr
     assert "chmod 0666 /dev/fuse" in p.stderr
+
+
+def test_staging_name_taken_by_another_user_does_not_block_launches(images, launcher_env,
+                                                                    test_user):
+    stage = f"/tmp/hpcc-{test_user.pw_uid}"
+    moved = None
+    if os.path.lexists(stage):
+        moved = stage + ".saved-by-test"
+        os.rename(stage, moved)
+    try:
+        os.symlink("/etc", stage)  # another user's trap: a symlink where the dir would be
+        p = run_hpcc(["exec", images["base"], "echo", "ok"], user=test_user.pw_name,
+                     config=launcher_env["HPCC_CONFIG"])
+        assert p.returncode == 0 and p.stdout == "ok\n", p.stderr
+        assert os.path.isdir(os.path.join(test_user.pw_dir, ".cache", "hpcc", "stage"))
+    finally:
+        os.unlink(stage)
+        if moved:
+            os.rename(moved, stage)

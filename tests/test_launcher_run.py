@@ -295,3 +295,59 @@ def test_time_to_launch_is_reported_with_verbose(images, launcher_env, who):
     assert p.returncode == 0
     assert "image mounted" in p.stderr and "root assembled" in p.stderr
     assert time.monotonic() - t < 10
+
+
+def test_terminal_passes_through(images, launcher_env, who):
+    """Under a pseudo-terminal (script(1)), the command sees the same terminal."""
+    hp = os.path.join(os.path.dirname(__import__("sys").executable), "hpcc")
+    inner = f"{hp} exec {images['base']} sh -c 'tty; test -t 0 && test -t 1 && echo is-a-tty'"
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    env["HPCC_CONFIG"] = launcher_env["HPCC_CONFIG"]
+    p = subprocess.run(["script", "-qec", inner, "/dev/null"], user=who, env=env, cwd="/",
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [ln.strip() for ln in p.stdout.splitlines()]
+    assert lines[0].startswith("/dev/pts/") and "is-a-tty" in lines
+
+
+@pytest.fixture(scope="module")
+def site_store(images):
+    """A site store holding the ENTRYPOINT image as example.org/demo/entry:1 (published
+    with hpcc.store's API, as the gateway does)."""
+    import hashlib
+    import shutil
+    import tempfile
+    from hpcc.reference import parse_reference
+    from hpcc.store import Store
+    d = tempfile.mkdtemp(prefix="hpcc-launcher-store-")
+    os.chmod(d, 0o755)
+    store = Store(os.path.join(d, "site"), create=True)
+    with open(images["entry"], "rb") as f:
+        digest = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+    tmp = store.temp_path(digest, ".sqfs")
+    shutil.copy(images["entry"], tmp)
+    import json
+    with open(images["entry"][:-5] + ".json") as f:
+        meta = json.load(f)
+    with store.lock(digest):
+        store.publish(digest, tmp, meta, refs=[parse_reference("example.org/demo/entry:1")])
+    cfg = os.path.join(d, "hpcc.toml")
+    with open(cfg, "w") as f:
+        f.write(f'[store]\npath = "{d}/site"\nuser_path = "{d}/user-$USER"\n'
+                f'[launcher]\nhooks_dir = "{d}/no-hooks"\n')
+    os.chmod(cfg, 0o644)
+    yield {"config": cfg, "digest": digest}
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_store_reference_and_digest_resolve(site_store, who):
+    p = run_hpcc(["run", "example.org/demo/entry:1", "--", "from-store"], user=who,
+                 config=site_store["config"])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "entry:from-store\n"
+    p = run_hpcc(["exec", site_store["digest"], "cat", "/app/data/hello.txt"], user=who,
+                 config=site_store["config"])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "hello from the image\n"
+    p = run_hpcc(["run", "example.org/demo/entry:2"], user=who, config=site_store["config"])
+    assert p.returncode == 125 and "hpcc pull example.org/demo/entry:2" in p.stderr

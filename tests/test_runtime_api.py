@@ -99,3 +99,38 @@ def test_mount_option_parsing():
     assert parse_mount("/a", cwd="/") == ("/a", "/a", False)
     assert parse_mount("rel:/b/../c", cwd="/w") == ("/w/rel", "/c", False)
     assert parse_mount("/a:/../../x", cwd="/") == ("/a", "/x", False)
+
+
+@pytest.mark.root
+def test_privileged_fuse_mount_outlives_the_setup_process(images, test_user, shared_dir):
+    """A user's own image is FUSE-mounted even as root; the daemon must serve the namespace
+    after the helper that called setup_root has exited, and go when the namespace goes."""
+    import shutil
+    import time
+    mine = os.path.join(shared_dir, "mine.sqfs")
+    shutil.copy(images["base"], mine)
+    os.chown(mine, test_user.pw_uid, test_user.pw_gid)
+    proc = subprocess.Popen([sys.executable, "-c", SETUP, mine, test_user.pw_name],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd="/")
+    info = json.loads(proc.stdout.readline())
+    assert info["fuse"], "a user's image must not be kernel-mounted"
+    # a task joins the namespace and keeps it alive; then the helper exits
+    holder = subprocess.Popen(["nsenter", f"--mount=/proc/{info['pid']}/ns/mnt", "--",
+                               "/bin/sh", "-c", "read x; cat /etc/passwd >/dev/null && "
+                               "/bin/busybox echo still-served"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.stdin.close()
+    proc.wait(timeout=10)
+    out, _ = holder.communicate("go\n", timeout=20)
+    assert out == "still-served\n"
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{info['fuse']}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        with open(f"/proc/{info['fuse']}/stat") as f:
+            state = f.read().split(") ")[1][0]
+    except OSError:
+        state = "gone"
+    assert state in ("gone", "Z")

@@ -15,6 +15,19 @@ def _fds():
     return len(os.listdir("/proc/self/fd"))
 
 
+def _fds_into(directory):
+    """Open descriptors of this process on files under `directory` (the writers' files)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory)):
+            out.append(target)
+    return out
+
+
 def _threads():
     return len(os.listdir("/proc/self/task"))
 
@@ -107,8 +120,10 @@ def test_two_hundred_aborted_writers_leak_no_descriptor_or_thread(tmp_path):
     fds, threads = _fds(), _threads()
     for i in range(200):
         one(i)
-    assert _fds() == fds
-    assert _threads() == threads
+    # Other session fixtures (registry servers, proxies) may close descriptors of their
+    # own meanwhile: the total must not grow, and none may point at a writer's file.
+    assert _fds() <= fds and _fds_into(tmp_path) == []
+    assert _threads() <= threads
     assert os.listdir(tmp_path) == []
 
 
@@ -116,7 +131,7 @@ def test_finished_writers_leak_nothing_either(tmp_path):
     fds, threads = _fds(), _threads()
     for i in range(50):
         _small_image(tmp_path / f"ok{i}.sqfs")
-    assert _fds() == fds and _threads() == threads
+    assert _fds() <= fds and _fds_into(tmp_path) == [] and _threads() <= threads
     assert len(os.listdir(tmp_path)) == 50
 
 

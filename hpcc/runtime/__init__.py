@@ -44,10 +44,13 @@ exec_process(spec, *, privileged=None) -> never returns
     in the container's env. Raises LaunchError (125) or ExecError (126 not executable,
     127 not found) when it cannot exec.
 
-run_container(spec, *, privileged=None, log=None) -> int
+run_container(spec, *, privileged=None, log=None, supervise=True) -> int
     The whole launch for the CLI: enter_namespaces, setup_root, fork + exec_process, wait
-    while forwarding SIGINT/TERM/HUP/QUIT/USR1/USR2/WINCH/CONT/ALRM, poststart/poststop
-    hooks, stop the FUSE daemon; returns the command's status (128+N for signal N).
+    while forwarding SIGINT/TERM/HUP/QUIT/USR1/USR2/WINCH/CONT/ALRM (not those the terminal
+    already sent to the whole process group), poststart/poststop hooks, stop the FUSE
+    daemon; returns the command's status (128+N for signal N). supervise=False (no
+    poststart/poststop hooks): exec_process in this very process instead (same pid, one
+    process less; the squashfuse_ll daemon, its child in its own session, dies with it).
 """
 from .process import ExecError, exec_process, run_container
 from .rootfs import RootHandle, enter_namespaces, setup_root

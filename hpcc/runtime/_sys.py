@@ -79,6 +79,10 @@ def unshare(flags):
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
 
 
+def setns(fd, nstype):
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
+
+
 def mount(source, target, fstype, flags=0, data=None):
     _check(_libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)),
            f"mount {target}")

@@ -149,18 +149,32 @@ def _status_code(status):
     return EXIT_LAUNCH
 
 
-def run_container(spec, *, privileged=None, log=None):
-    """Enter namespaces, set up the root, start the command and wait for it, forwarding
-    signals. Returns the exit status for hpcc (the command's, 128+N on signal N)."""
+def run_container(spec, *, privileged=None, log=None, supervise=True):
+    """Enter namespaces, set up the root and run the command.
+
+    supervise=True (the CLI): fork the command and wait for it, forwarding signals; return
+    its exit status (128+N when it died by signal N, like docker run). supervise=False:
+    become the command (execve in this process: same pid, one process less; the FUSE daemon
+    is its child and dies with it); allowed only without poststart/poststop hooks."""
     from . import rootfs
     from .hooks import run_hooks, state
 
     if privileged is None:
         privileged = os.geteuid() == 0
+    hooks = spec.get("hooks") or {}
+    if hooks.get("poststart") or hooks.get("poststop"):
+        supervise = True
     warn = log or (lambda m: None)
     rootfs.enter_namespaces(privileged)
     handle = rootfs.setup_root(spec, privileged, log=log)
     warn("root ready")
+    if not supervise:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        exec_process(spec, privileged=privileged)  # returns only by raising
     parent = os.getpid()
     sigs = set(FORWARD) | {signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, sigs)

@@ -30,11 +30,19 @@ LO_FLAGS_AUTOCLEAR = 4
 # ---------------------------------------------------------------------------------------
 # namespaces
 
+_HOST_MNT_NS = None  # fd of the caller's mount namespace (privileged enter_namespaces)
+
 def enter_namespaces(privileged):
     """Move the calling (single-threaded) process into a new mount namespace, and, when
     unprivileged, a new user namespace mapping the caller's uid and gid to themselves. All
     mounts become private so nothing done afterwards propagates back to the host."""
+    global _HOST_MNT_NS
     if privileged:
+        # kept for the FUSE daemon, which must not live in (and pin) the new namespace
+        try:
+            _HOST_MNT_NS = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            _HOST_MNT_NS = None
         try:
             _sys.unshare(_sys.CLONE_NEWNS)
         except OSError as e:
@@ -68,34 +76,43 @@ def write_id_maps(inner_uid, outer_uid, inner_gid, outer_gid):
 
 
 def stage_dir(privileged):
-    """The fixed directory the staging tmpfs is mounted on (only in our namespace)."""
+    """The fixed directory the staging tmpfs is mounted on (only in our namespace): one per
+    user, reused by every launch, never holding files of a launch. Root: /run/hpcc; a user:
+    $XDG_RUNTIME_DIR/hpcc, else /tmp/hpcc-UID, else (when someone else took that name)
+    ~/.cache/hpcc/stage."""
+    owner = os.getuid()  # as seen in this user namespace (the caller, or 0 in ours)
     if privileged:
-        path = "/run/hpcc"
-        owner = 0
+        candidates = ["/run/hpcc"]
     else:
-        owner = os.getuid()  # as seen in this user namespace
+        candidates = []
         xdg = os.environ.get("XDG_RUNTIME_DIR")
-        path = None
         if xdg:
             try:
                 st = os.stat(xdg)
                 if st.st_uid == owner and stat.S_ISDIR(st.st_mode):
-                    path = os.path.join(xdg, "hpcc")
+                    candidates.append(os.path.join(xdg, "hpcc"))
             except OSError:
                 pass
-        if path is None:
-            path = f"/tmp/hpcc-{_host_uid()}"
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise LaunchError(f"cannot create the staging directory {path}: {e.strerror}") from None
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != owner or st.st_mode & 0o022:
-        raise LaunchError(f"staging directory {path} is not a directory owned by you and "
-                          "writable only by you", hint=f"remove {path}")
-    return path
+        candidates.append(f"/tmp/hpcc-{_host_uid()}")
+        home = os.environ.get("HOME") or ""
+        if home.startswith("/") and home != "/":
+            candidates.append(os.path.join(home, ".cache", "hpcc", "stage"))
+    problem = None
+    for path in candidates:
+        try:
+            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            problem = f"cannot create the staging directory {path}: {e.strerror}"
+            continue
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == owner and not st.st_mode & 0o022:
+            return path
+        problem = (f"staging directory {path} is not a directory owned by you and writable "
+                   "only by you")
+    raise LaunchError(problem, hint=f"remove {candidates[-1]} or set XDG_RUNTIME_DIR")
 
 
 def _host_uid():
@@ -319,7 +336,11 @@ def _find_exe(name):
 def _fuse_mount(img_fd, target, path, privileged):
     """Mount the image with squashfuse_ll: hpcc opens /dev/fuse and does the mount(2)
     itself (so no setuid fusermount3 is needed), then hands the fd to squashfuse_ll as
-    /dev/fd/3. The daemon dies with its parent (PR_SET_PDEATHSIG)."""
+    /dev/fd/3. Unprivileged, the daemon dies with its parent (PR_SET_PDEATHSIG). As root it
+    moves to the host's mount namespace instead (so it does not pin the container's) and
+    lives exactly as long as the mount: when the container's namespace goes, the kernel
+    aborts the FUSE connection and the daemon exits. The Slurm helper relies on this: the
+    namespace outlives the process that called setup_root."""
     exe = _find_exe("squashfuse_ll")
     if not exe:
         raise MountError("squashfuse_ll is not installed",
@@ -347,9 +368,21 @@ def _fuse_mount(img_fd, target, path, privileged):
     pid = os.fork()
     if pid == 0:  # child: become squashfuse_ll
         try:
-            _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != parent:
-                os._exit(1)
+            detached = False
+            if privileged:
+                for ns in (_HOST_MNT_NS, "/proc/1/ns/mnt"):
+                    try:
+                        nsfd = ns if isinstance(ns, int) else os.open(ns, os.O_RDONLY)
+                        _sys.setns(nsfd, _sys.CLONE_NEWNS)
+                        detached = True
+                        break
+                    except (OSError, TypeError):
+                        continue
+            if not detached:
+                _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)
+                if os.getppid() != parent:
+                    os._exit(1)
+            os.setsid()  # no terminal signals (Ctrl-C is for the command, not the daemon)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
             # fds 3 and 4 for the daemon: move ours out of the way first.

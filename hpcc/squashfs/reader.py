@@ -96,7 +96,19 @@ class SquashfsReader:
             "fragments": sb.fragment_entry_count,
             "ids": sb.id_count,
             "flags": [name for bit, name in _FLAGS.items() if sb.flags & bit],
+            "compressor_level": self._level(sb),
         }
+
+    def _level(self, sb):
+        """Compression level from the compressor options block, if the image has one."""
+        if sb.compression_id not in (1, 6):              # gzip, zstd: options start with it
+            return None
+        if not sb.flags & 0x0400:                         # no options: the library default
+            return 9 if sb.compression_id == 1 else 15
+        head = os.pread(self._fd, 6, 96)                  # meta block header + u32 level
+        if len(head) < 6 or not int.from_bytes(head[:2], "little") & 0x8000:
+            return None                                   # options are stored uncompressed
+        return int.from_bytes(head[2:6], "little")
 
     # -------------------------------------------------------------- metadata
 

@@ -1,8 +1,9 @@
 """SquashfsWriter: stream file data into libsquashfs, then serialise a tree.
 
-File data goes straight into libsquashfs's block processor (worker threads compress while
-Python reads the next chunk; cffi releases the GIL in every call). Blocks and tail-end
-fragments are deduplicated, all-zero blocks are stored as sparse holes. ``finish(root)``
+File data goes into libsquashfs's block processor through a feeder thread of the C glue: the
+Python side copies each chunk into a bounded queue and reads on, the feeder drives the block
+processor in batches and its worker threads compress (cffi releases the GIL in every call).
+Blocks and tail-end fragments are deduplicated, all-zero blocks are stored as sparse holes. ``finish(root)``
 numbers the inodes, writes inode table, directory table (sorted, with index for large
 directories), fragment table, id table, xattr tables and the super block.
 
@@ -163,7 +164,7 @@ class SquashfsWriter:
     def add_bytes(self, data):
         """Store ``data`` (any buffer) as a file's contents; returns its FileData (None if empty)."""
         self._usable()
-        n = len(data)
+        n = memoryview(data).nbytes
         if n == 0:
             return None
         cell = ffi.new("sqfs_inode_generic_t **")
@@ -177,8 +178,8 @@ class SquashfsWriter:
     def add_file_data(self, stream, size=None):
         """Read a binary file object to EOF (or exactly ``size`` bytes) into the image.
 
-        Uses ``readinto`` when the stream has it (zero-copy into a reused 1 MiB buffer), else
-        ``read``. Returns a FileData for File.data, or None for an empty file. An exception
+        Uses ``readinto`` when the stream has it (into a reused 1 MiB buffer, whose contents the
+        C side copies into its queue), else ``read``. Returns a FileData for File.data, or None for an empty file. An exception
         from the stream propagates unchanged; once data of the file has been handed over it
         leaves the writer unusable (close() cleans up). A stream that ends before ``size``
         bytes raises SquashfsError.
@@ -284,11 +285,10 @@ class SquashfsWriter:
         root._gen = gen
         root._nlink = 2
         root._ino = 0
-        order = []        # (dir, sorted [(name bytes, node)]) in pre-order, subdirs in order
-        ents_of = {}
-        parent_of = {}
+        order = []        # directories in pre-order, subdirectories in name order
+        ents_of = {}      # id(dir) -> [(name bytes, node)] sorted by name bytes
+        parent_of = {}    # id(dir) -> parent dir
         stack = [root]
-        bad = (b"", b".", b"..")
         while stack:
             d = stack.pop()
             ch = d.children

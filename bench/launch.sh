@@ -1,0 +1,144 @@
+#!/bin/bash
+# Launch and read benchmark of hpcc's runtime, against its peers, in one run, same squashfs.
+#
+#   1. start cost, unprivileged user, warm, N runs each, medians:
+#        host `true`  |  ch-run IMG.sqfs -- true  |  hpcc exec IMG.sqfs true  (+ ratio)
+#   2. start cost as root: hpcc (kernel squashfs) vs `unshare -m` + `mount -o loop` + `chroot`
+#   3. reading a large file (BENCH_READ_MB, default 250 MB) from the image, fresh mount each
+#      time, page cache of the .sqfs file warm: squashfuse, squashfuse_ll, the kernel,
+#      ch-run, hpcc unprivileged (squashfuse_ll) and hpcc as root (kernel).
+#
+# Run as root (it makes the images and switches to the unprivileged user):
+#   bash bench/launch.sh            # BENCH_RUNS=50 BENCH_READ_MB=250 BENCH_READ_RUNS=3
+set -euo pipefail
+
+RUNS=${BENCH_RUNS:-50}
+READ_MB=${BENCH_READ_MB:-250}
+READ_RUNS=${BENCH_READ_RUNS:-3}
+BENCH_USER=${BENCH_USER:-hpcctest}
+HPCC=${HPCC:-$(command -v hpcc || true)}
+PY=/usr/bin/python3
+
+[ "$(id -u)" = 0 ] || { echo "bench/launch.sh: run as root" >&2; exit 1; }
+[ -n "$HPCC" ] || { echo "bench/launch.sh: hpcc not found (make install, or HPCC=...)" >&2; exit 1; }
+for t in mksquashfs ch-run squashfuse squashfuse_ll busybox; do
+    command -v $t >/dev/null || { echo "bench/launch.sh: $t missing (make bench-deps)" >&2; exit 1; }
+done
+id "$BENCH_USER" >/dev/null 2>&1 || useradd --create-home --shell /bin/sh "$BENCH_USER"
+[ -e /dev/fuse ] && chmod 0666 /dev/fuse
+
+WORK=$(mktemp -d /tmp/hpcc-bench-XXXXXX)
+chmod 0755 "$WORK"
+cleanup() {
+    for m in "$WORK"/mnt-*; do mountpoint -q "$m" 2>/dev/null && umount -l "$m"; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# --- images: a busybox root (start cost) and the same plus READ_MB of data (reading) -------
+tree=$WORK/tree
+mkdir -p $tree/bin $tree/etc $tree/tmp $tree/proc $tree/sys $tree/dev $tree/home $tree/mnt
+cp "$(command -v busybox)" $tree/bin/busybox
+for a in $(busybox --list); do [ "$a" = busybox ] || ln -s busybox $tree/bin/$a; done
+echo 'root:x:0:0:root:/root:/bin/sh' > $tree/etc/passwd
+echo 'root:x:0:' > $tree/etc/group
+mksquashfs $tree $WORK/img.sqfs -noappend -quiet -no-progress -all-root >/dev/null
+# realistic (compressible) data: the host's shared libraries, cut to READ_MB
+mkdir -p $tree/data
+tar cf - /usr/lib /usr/share 2>/dev/null | head -c ${READ_MB}M > $tree/data/blob || true
+mksquashfs $tree $WORK/big.sqfs -noappend -quiet -no-progress -all-root >/dev/null
+rm -rf $tree
+chmod 0644 $WORK/img.sqfs $WORK/big.sqfs
+cat > $WORK/hpcc.toml <<EOF
+[launcher]
+hooks_dir = "$WORK/no-hooks"
+EOF
+chmod 0644 $WORK/hpcc.toml
+export HPCC_CONFIG=$WORK/hpcc.toml
+echo "images: $(du -h $WORK/img.sqfs | cut -f1) (busybox), $(du -h $WORK/big.sqfs | cut -f1) (+${READ_MB} MB file)"
+
+# --- timer: N runs of a command after warm-up, prints the median wall time ---------------
+cat > $WORK/timer.py <<'EOF'
+import os, statistics, sys, time
+runs = int(sys.argv[1]); cmd = sys.argv[2:]
+def once():
+    t = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open("/dev/null", os.O_RDWR)
+        os.dup2(fd, 0); os.dup2(fd, 1)
+        os.execvp(cmd[0], cmd)
+    _, st = os.waitpid(pid, 0)
+    if st != 0:
+        sys.exit(f"timer: {' '.join(cmd)} failed ({st})")
+    return (time.perf_counter() - t) * 1000
+for _ in range(max(3, runs // 10)):
+    once()
+print(f"{statistics.median([once() for _ in range(runs)]):.2f}")
+EOF
+chmod 0644 $WORK/timer.py
+as_user() { setpriv --reuid="$BENCH_USER" --regid="$(id -g "$BENCH_USER")" --init-groups \
+            env -u XDG_RUNTIME_DIR USER="$BENCH_USER" LOGNAME="$BENCH_USER" \
+            HOME="$(getent passwd "$BENCH_USER" | cut -d: -f6)" "$@"; }
+ratio() { $PY -c "print(f'{$1/$2:.2f}')"; }
+
+echo
+echo "== start cost, unprivileged ($BENCH_USER), warm, median of $RUNS runs"
+cd /
+t_host=$(as_user $PY $WORK/timer.py $RUNS /bin/true)
+t_py=$(as_user $PY $WORK/timer.py $RUNS $PY -c pass)
+t_ch=$(as_user $PY $WORK/timer.py $RUNS ch-run $WORK/img.sqfs -- /bin/true)
+t_hp=$(as_user $PY $WORK/timer.py $RUNS $HPCC exec $WORK/img.sqfs /bin/true)
+t_hp_run=$(as_user $PY $WORK/timer.py $RUNS $HPCC run $WORK/img.sqfs -- true)
+printf "  %-44s %8s ms\n" "host true" $t_host "python3 -c pass (interpreter start)" $t_py \
+    "ch-run IMG.sqfs -- true" $t_ch "hpcc exec IMG.sqfs true" $t_hp "hpcc run IMG.sqfs -- true" $t_hp_run
+echo "  ratio hpcc/ch-run: $(ratio $t_hp $t_ch)   (target <= 1.5)"
+
+echo
+echo "== start cost, root (privileged mode: kernel squashfs), median of $RUNS runs"
+mkdir -p $WORK/mnt-sh
+cat > $WORK/shell-container.sh <<EOF
+#!/bin/sh
+exec unshare --mount --propagation private sh -c \
+  'mount -t squashfs -o ro,loop,nodev,nosuid $WORK/img.sqfs $WORK/mnt-sh && exec chroot $WORK/mnt-sh /bin/true'
+EOF
+chmod 0755 $WORK/shell-container.sh
+t_sh=$($PY $WORK/timer.py $RUNS $WORK/shell-container.sh)
+t_hpr=$($PY $WORK/timer.py $RUNS $HPCC exec $WORK/img.sqfs /bin/true)
+printf "  %-44s %8s ms\n" "unshare + mount -o loop + chroot (sh)" $t_sh "hpcc exec IMG.sqfs true (root)" $t_hpr
+echo "  ratio hpcc/shell: $(ratio $t_hpr $t_sh)"
+
+echo
+echo "== reading ${READ_MB} MB from the image (fresh mount each time, .sqfs warm in the page cache), median of $READ_RUNS"
+cat $WORK/big.sqfs > /dev/null
+read_fs() {  # $1 = how: squashfuse | squashfuse_ll | kernel
+    local m=$WORK/mnt-$1
+    mkdir -p $m
+    case $1 in
+        kernel) mount -t squashfs -o ro,loop $WORK/big.sqfs $m ;;
+        *) $1 $WORK/big.sqfs $m ;;
+    esac
+    local t0=$($PY -c 'import time; print(time.perf_counter())')
+    cat $m/data/blob > /dev/null
+    local t1=$($PY -c 'import time; print(time.perf_counter())')
+    umount $m
+    $PY -c "print(f'{$t1 - $t0:.2f}')"
+}
+median() { printf "%s\n" "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+timed() { local t0=$($PY -c 'import time; print(time.perf_counter())'); "$@" > /dev/null
+          local t1=$($PY -c 'import time; print(time.perf_counter())'); $PY -c "print(f'{$t1 - $t0:.2f}')"; }
+declare -A R
+for how in squashfuse squashfuse_ll kernel; do
+    vals=(); for i in $(seq $READ_RUNS); do vals+=($(read_fs $how)); done; R[$how]=$(median "${vals[@]}")
+done
+vals=(); for i in $(seq $READ_RUNS); do vals+=($(as_user bash -c "$(declare -f timed); PY=$PY; timed ch-run $WORK/big.sqfs -- cat /data/blob")); done
+R[ch-run]=$(median "${vals[@]}")
+vals=(); for i in $(seq $READ_RUNS); do vals+=($(as_user bash -c "$(declare -f timed); PY=$PY; timed $HPCC exec $WORK/big.sqfs cat /data/blob")); done
+R[hpcc-user]=$(median "${vals[@]}")
+vals=(); for i in $(seq $READ_RUNS); do vals+=($(timed $HPCC exec $WORK/big.sqfs cat /data/blob)); done
+R[hpcc-root]=$(median "${vals[@]}")
+printf "  %-44s %8s s\n" "squashfuse (high-level FUSE)" ${R[squashfuse]} \
+    "squashfuse_ll (low-level FUSE)" ${R[squashfuse_ll]} "kernel squashfs (loop)" ${R[kernel]} \
+    "ch-run (unprivileged)" ${R[ch-run]} "hpcc exec, unprivileged (squashfuse_ll)" ${R[hpcc-user]} \
+    "hpcc exec, root (kernel)" ${R[hpcc-root]}
+echo "  ratio hpcc-unprivileged/ch-run: $(ratio ${R[hpcc-user]} ${R[ch-run]})   hpcc-root/kernel: $(ratio ${R[hpcc-root]} ${R[kernel]})"
