@@ -246,6 +246,28 @@ class SlurmCluster:
                 continue
         return out
 
+    def helper_server_pids(self):
+        """hpcc.stepd servers started for this cluster's plugin (matched by their config)."""
+        configs = set()
+        for line in self.plugstack_lines:
+            for word in line.split():
+                if word.startswith("config="):
+                    configs.add(b"HPCC_CONFIG=" + word[len("config="):].encode())
+        out = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if b"hpcc.stepd\0--serve" not in f.read():
+                        continue
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    if configs & set(f.read().split(b"\0")):
+                        out.append(int(d))
+            except OSError:
+                continue
+        return out
+
     def stop(self):
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
             subprocess.run(["scancel", "--full", "--partition=debug"], env=self.env,
@@ -256,6 +278,11 @@ class SlurmCluster:
         for pid in self.stepd_pids():
             try:
                 os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in self.helper_server_pids():
+            try:
+                os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
         for key in [k for k in self.procs if k.startswith("slurmd-")] + ["slurmctld", "munged"]:

@@ -195,6 +195,12 @@ def _cache_dir_ok():
     return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o077
 
 
+def config_cache_path(path):
+    """Where the JSON copy of the config file `path` is kept."""
+    return os.path.join(CACHE_DIR, os.path.abspath(path).replace("%", "%25")
+                        .replace("/", "%2F")[-200:] + ".json")
+
+
 def load_config_cached():
     """The site config without TOML parsing on every step: a JSON copy in a root-only
     directory, valid while the file's identity, size and mtime are unchanged."""
@@ -208,8 +214,7 @@ def load_config_cached():
     except OSError:
         return load_config(validate_schema=False)  # defaults, or the one-line error
     key = f"{os.path.abspath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
-    name = os.path.join(CACHE_DIR, os.path.abspath(path).replace("%", "%25")
-                        .replace("/", "%2F")[-200:] + ".json")
+    name = config_cache_path(path)
     usable = _cache_dir_ok()
     if usable:
         try:
@@ -320,15 +325,15 @@ def send_error(sock, message):
         pass
 
 
-def recv_cwd(sock):
-    """The job's working directory, sent by the plugin from user_init ("cwd=DIR\\0")."""
-    data = b""
-    while not data.endswith(b"\0"):
+def recv_cwd(sock, data=b""):
+    """The job's working directory, sent by the plugin from user_init ("cwd=DIR\\0").
+    `data`: bytes already received after the request (a server reads both at once)."""
+    while b"\0" not in data:
         chunk = sock.recv(8192)
         if not chunk:
             return None  # the step ended before its tasks were started
         data += chunk
-    text = data[:-1].decode(errors="surrogateescape")
+    text = data[:data.index(b"\0")].decode(errors="surrogateescape")
     return text[4:] if text.startswith("cwd=") else None
 
 
@@ -346,9 +351,9 @@ def container_child(spec, sock, payload):
     return handle
 
 
-def run(args, sock):
+def run(args, sock, pending=b""):
     user, config, rec, img_fd = prepare(args)
-    cwd = recv_cwd(sock)
+    cwd = recv_cwd(sock, pending)
     if cwd is None:
         return 0
     args["cwd"] = cwd
@@ -407,21 +412,193 @@ def run(args, sock):
     return os.WEXITSTATUS(st) if os.WIFEXITED(st) and os.WEXITSTATUS(st) else EXIT_LAUNCH
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def handle(args, sock, pending=b""):
+    """One request: set up the container, reply on sock. Returns the exit status."""
     try:
-        sock = _socket.socket(fileno=3)
-    except OSError:
-        print("hpcc.stepd: fd 3 must be the socket from spank_hpcc.so", file=sys.stderr)
-        return 2
-    try:
-        return run(parse_args(argv), sock)
+        return run(args, sock, pending)
     except HpccError as e:
         send_error(sock, f"hpcc: {e}")
         return e.exit_code or 1
     except Exception as e:  # noqa: BLE001 - report, never a traceback
         send_error(sock, f"hpcc: cannot set up the container: {type(e).__name__}: {e}")
         return EXIT_LAUNCH
+
+
+# ---- per-node server --------------------------------------------------------------------
+# Python's start-up and imports are most of a one-shot helper's cost (~50 of ~70 ms CPU).
+# After serving a step, the one-shot helper leaves a small server behind (one per node
+# namespace, hpcc installation and config): it has everything imported and forks a child per
+# step, which does exactly what the one-shot helper does. The plugin connects to it when it
+# exists, and falls back to the one-shot helper otherwise (server=no in plugstack.conf turns
+# it off). The server ends after SERVER_IDLE seconds without a step, or when hpcc's code
+# changed on disk; only root can connect (0700 directory, SO_PEERCRED checked).
+SERVER_IDLE = 300
+
+
+def _code_stamp():
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = []
+    for rel in ("stepd.py", "store.py", "config.py", os.path.join("runtime", "rootfs.py"),
+                os.path.join("runtime", "spec.py")):
+        try:
+            st = os.stat(os.path.join(here, rel))
+            out.append((st.st_ino, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return out
+
+
+def start_server(path):
+    """Start a detached server on `path` (double fork, new session, fresh interpreter)."""
+    if not path.startswith(CACHE_DIR + "/") or not _cache_dir_ok():
+        return
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        devnull = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.closerange(3, 65536)
+        os.execv(sys.executable, [sys.executable, "-I", "-m", "hpcc.stepd", "--serve", path])
+    finally:
+        os._exit(0)
+
+
+def _recv_args(conn):
+    """(args, bytes received after them): records "key=value\\0"..., then an empty one."""
+    data = b""
+    while True:
+        end = data.find(b"\0\0")
+        if end >= 0:
+            break
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None, b""
+        data += chunk
+    items = data[:end].decode(errors="surrogateescape").split("\0")
+    return parse_args([i for i in items if i]), data[end + 2:]
+
+
+def _serve_one(conn):
+    import signal
+    import struct
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    pid, uid, gid = struct.unpack("3i", conn.getsockopt(SOL_SOCKET, _socket.SO_PEERCRED, 12))
+    if uid != 0:
+        return 1
+    try:
+        args, pending = _recv_args(conn)
+    except HpccError as e:
+        send_error(conn, f"hpcc: {e}")
+        return 2
+    if args is None:
+        return 0
+    return handle(args, conn, pending)
+
+
+def serve(path):
+    import fcntl
+    import time
+
+    if not _cache_dir_ok():
+        return 1
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return 0  # another server owns this path
+    # everything a request needs, imported once
+    from . import config, store  # noqa: F401
+    from .runtime import build_spec, enter_namespaces, setup_root  # noqa: F401
+    from .runtime import hooks, spec  # noqa: F401
+    import json  # noqa: F401
+    import re  # noqa: F401
+
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    srv = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    old = os.umask(0o077)
+    try:
+        srv.bind(path)
+    finally:
+        os.umask(old)
+    ino = os.stat(path).st_ino
+    import signal
+
+    def _terminate(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _terminate)
+    srv.listen(64)
+    srv.settimeout(2.0)
+    stamp = _code_stamp()
+    last = time.monotonic()
+    try:
+        while True:
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            except ChildProcessError:
+                pass
+            if time.monotonic() - last > SERVER_IDLE or _code_stamp() != stamp:
+                break
+            try:
+                fd, _ = srv._accept()
+            except TimeoutError:
+                continue
+            except InterruptedError:
+                continue
+            last = time.monotonic()
+            conn = _socket.socket(fileno=fd)
+            conn.setblocking(True)
+            child = os.fork()
+            if child == 0:
+                code = 1
+                try:
+                    srv.close()
+                    code = _serve_one(conn)
+                finally:
+                    os._exit(code)
+            conn.close()
+    finally:
+        try:
+            if os.stat(path).st_ino == ino:
+                os.unlink(path)
+            os.unlink(path + ".lock")
+        except OSError:
+            pass
+        srv.close()
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve"] and len(argv) == 2:
+        return serve(argv[1])
+    try:
+        sock = _socket.socket(fileno=3)
+    except OSError:
+        print("hpcc.stepd: fd 3 must be the socket from spank_hpcc.so", file=sys.stderr)
+        return 2
+    try:
+        args = parse_args(argv)
+    except HpccError as e:
+        send_error(sock, f"hpcc: {e}")
+        return e.exit_code or 1
+    code = handle(args, sock)
+    sock.close()
+    if args.get("serve"):
+        start_server(args["serve"])
+    return code
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -46,6 +47,8 @@ SPANK_PLUGIN(hpcc, 1);
 #define DEFAULT_PYTHON "/opt/hpcc/venv/bin/python3"
 #define MAX_REPLY (4 << 20)
 
+struct argv_b { char **v; int n, cap; };
+
 enum { OPT_IMAGE, OPT_MOUNTS, OPT_WORKDIR, OPT_ENV, OPT_WRITABLE, OPT_MPI, OPT_GPUS, OPT_N };
 
 static const char *opt_envvar[OPT_N] = {
@@ -56,6 +59,7 @@ static const char *opt_envvar[OPT_N] = {
 
 static char *opt_val[OPT_N];        /* option values seen by the callbacks */
 static char *arg_python, *arg_config;
+static int arg_server = 1;          /* server=no: always a one-shot helper */
 static char *inherited_container;   /* srun: SLURM_CONTAINER found in srun's own environment */
 
 /* Remote (slurmstepd) state for this step. */
@@ -66,6 +70,7 @@ static char *keep_env;              /* comma list: --container-env names the job
 static int keep_sock = -1;
 static int setup_failed;            /* the helper failed: tasks exit 125 before exec */
 static pid_t helper_pid;            /* started in init_post_opt, reaped in user_init */
+static struct argv_b helper_args;   /* kept for a fallback when a server vanished */
 static char *start_error;          /* held until slurmstepd exits: a FUSE keeper waits on it */
 
 static int opt_cb(int val, const char *optarg, int remote)
@@ -106,6 +111,11 @@ static struct spank_option options[] = {
 	SPANK_OPTIONS_TABLE_END
 };
 
+static int is_true(const char *v)
+{
+	return v && *v && strcmp(v, "0") && strcasecmp(v, "no") && strcasecmp(v, "false");
+}
+
 static void parse_args(int ac, char **av)
 {
 	for (int i = 0; i < ac; i++) {
@@ -115,9 +125,11 @@ static void parse_args(int ac, char **av)
 		} else if (!strncmp(av[i], "config=", 7)) {
 			free(arg_config);
 			arg_config = strdup(av[i] + 7);
+		} else if (!strncmp(av[i], "server=", 7)) {
+			arg_server = is_true(av[i] + 7);
 		} else {
-			slurm_error("hpcc: unknown plugstack.conf argument '%s' (known: python=, config=)",
-				    av[i]);
+			slurm_error("hpcc: unknown plugstack.conf argument '%s' "
+				    "(known: python=, config=, server=)", av[i]);
 		}
 	}
 }
@@ -206,12 +218,7 @@ static char *get_setting(spank_t sp, int which)
 	return NULL;
 }
 
-static int is_true(const char *v)
-{
-	return v && *v && strcmp(v, "0") && strcasecmp(v, "no") && strcasecmp(v, "false");
-}
 
-struct argv_b { char **v; int n, cap; };
 
 static void argv_add(struct argv_b *a, const char *key, const char *val)
 {
@@ -352,6 +359,60 @@ static pid_t start_helper(int sock, struct argv_b *args)
 }
 
 /*
+ * The per-node helper server (see hpcc/stepd.py): its socket is named after the hpcc
+ * installation, the config and this node's mount namespace.
+ */
+static void server_path(char *out, size_t len)
+{
+	char ns[64] = "";
+	uint64_t h = 1469598103934665603ULL;
+	const char *parts[3];
+	ssize_t n = readlink("/proc/self/ns/mnt", ns, sizeof(ns) - 1);
+
+	if (n > 0)
+		ns[n] = '\0';
+	parts[0] = arg_python ? arg_python : DEFAULT_PYTHON;
+	parts[1] = arg_config ? arg_config : "";
+	parts[2] = ns;
+	for (int i = 0; i < 3; i++) {
+		for (const unsigned char *p = (const unsigned char *)parts[i]; *p; p++)
+			h = (h ^ *p) * 1099511628211ULL;
+		h = (h ^ 0xff) * 1099511628211ULL;
+	}
+	snprintf(out, len, "/run/hpcc-stepd/s-%016llx.sock", (unsigned long long)h);
+}
+
+/* Send the request (argv minus the interpreter part) to a running server; -1 if none. */
+static int server_request(const char *path, struct argv_b *a)
+{
+	struct sockaddr_un addr = { .sun_family = AF_UNIX };
+	int fd;
+
+	if (strlen(path) >= sizeof(addr.sun_path))
+		return -1;
+	strcpy(addr.sun_path, path);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
+		close(fd);
+		return -1;
+	}
+	for (int i = 4; i < a->n; i++) {
+		size_t l = strlen(a->v[i]) + 1;
+		if (send(fd, a->v[i], l, MSG_NOSIGNAL) != (ssize_t)l) {
+			close(fd);
+			return -1;
+		}
+	}
+	if (send(fd, "", 1, MSG_NOSIGNAL) != 1) {
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+/*
  * Phase 1, init_post_opt (slurmstepd, root, early): start the helper now, so that Python's
  * start-up, the config and the image lookup overlap with Slurm's own step set-up.
  */
@@ -368,6 +429,10 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 
 	(void)ac; (void)av;
 	if (!spank_remote(sp))
+		return 0;
+	/* the extern step (PrologFlags=contain) runs no user task */
+	if (spank_get_item(sp, S_JOB_STEPID, &step_id) == ESPANK_SUCCESS &&
+	    step_id == 0xfffffffcU)
 		return 0;
 	image = get_setting(sp, OPT_IMAGE);
 	if (!image) {
@@ -440,6 +505,16 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 		free(val);
 	}
 
+	if (arg_server && geteuid() == 0) {
+		char path[108];
+		server_path(path, sizeof(path));
+		keep_sock = server_request(path, &a);
+		if (keep_sock >= 0) {
+			helper_pid = -1;        /* served: no child of ours to wait for */
+			goto out;
+		}
+		argv_add(&a, "serve", path);  /* the one-shot helper leaves a server behind */
+	}
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
 		snprintf(buf, sizeof(buf), "socketpair: %s", strerror(errno));
 		start_error = strdup(buf);
@@ -456,12 +531,28 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 	}
 	keep_sock = sv[0];
 out:
-	for (int i = 0; i < a.n; i++)
-		free(a.v[i]);
-	free(a.v);
+	helper_args = a;
 	free(image);
 	if (start_error)
 		setup_failed = 1;
+	return 0;
+}
+
+/* Start the one-shot helper with the saved arguments; 0 on success. */
+static int start_oneshot(void)
+{
+	int sv[2];
+
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+		return -1;
+	helper_pid = start_helper(sv[1], &helper_args);
+	close(sv[1]);
+	if (helper_pid < 0) {
+		helper_pid = 0;
+		close(sv[0]);
+		return -1;
+	}
+	keep_sock = sv[0];
 	return 0;
 }
 
@@ -480,6 +571,7 @@ static void print_errors(void)
 int slurm_spank_user_init(spank_t sp, int ac, char **av)
 {
 	char cwd[4096], *msg;
+	const char *msg_cwd;
 	int status = 0, len, failed = 1;
 
 	(void)ac; (void)av;
@@ -494,16 +586,32 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	if (!getcwd(cwd, sizeof(cwd)))
 		strcpy(cwd, "/");
 	len = asprintf(&msg, "cwd=%s", cwd);
-	if (len > 0) {
-		/* the helper may already have exited with an error: ignore EPIPE */
-		if (send(keep_sock, msg, len + 1, MSG_NOSIGNAL) < 0 && errno != EPIPE)
-			fprintf(stderr, "hpcc: talking to the helper: %s\n", strerror(errno));
-		free(msg);
-	}
-	if (read_reply(keep_sock) < 0)
+	if (len < 0)
+		msg = NULL;
+	msg_cwd = msg ? msg : "cwd=/";
+	/* the helper may already have exited with an error: ignore EPIPE */
+	if (send(keep_sock, msg_cwd, strlen(msg_cwd) + 1, MSG_NOSIGNAL) < 0 && errno != EPIPE)
+		fprintf(stderr, "hpcc: talking to the helper: %s\n", strerror(errno));
+	if (read_reply(keep_sock) < 0 && helper_pid > 0)
 		fprintf(stderr, "hpcc: reading the helper's reply: %s\n", strerror(errno));
-	while (waitpid(helper_pid, &status, 0) < 0 && errno == EINTR)
-		;
+	if (helper_pid < 0 && reply_len == 0) {
+		/* the server went away (idle, upgraded) after accepting us: do it ourselves */
+		close(keep_sock);
+		keep_sock = -1;
+		helper_pid = 0;
+		if (start_oneshot() == 0) {
+			if (send(keep_sock, msg_cwd, strlen(msg_cwd) + 1, MSG_NOSIGNAL) < 0 &&
+			    errno != EPIPE)
+				fprintf(stderr, "hpcc: talking to the helper: %s\n", strerror(errno));
+			if (read_reply(keep_sock) < 0)
+				fprintf(stderr, "hpcc: reading the helper's reply: %s\n",
+					strerror(errno));
+		}
+	}
+	if (helper_pid > 0) {
+		while (waitpid(helper_pid, &status, 0) < 0 && errno == EINTR)
+			;
+	}
 	helper_pid = 0;
 	print_errors();
 	if (WIFSIGNALED(status))
@@ -528,6 +636,7 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 		close(keep_sock);
 		keep_sock = -1;
 	}
+	free(msg);
 	return 0;
 }
 

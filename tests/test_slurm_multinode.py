@@ -58,8 +58,10 @@ def helper_processes():
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if b"hpcc.stepd" in f.read():
-                        out.append(int(d))
+                    cmd = f.read()
+                # the per-node helper server stays (idle timeout); its per-step children not
+                if b"hpcc.stepd" in cmd and b"--serve" not in cmd:
+                    out.append(int(d))
             except OSError:
                 pass
     return out

@@ -116,3 +116,31 @@ def test_misconfigured_helper_path_is_one_clear_line(slurm_site):
         assert c.run("srun", "-n1", "true", user=U1).returncode == 0
     finally:
         c.stop()
+
+
+def test_per_node_helper_server_is_reused_and_replaced_when_gone(slurm_cluster):
+    import signal
+
+    p = slurm_cluster.run("srun", "-n1", "--container=hpcctest/busybox:1", "true", user=U1)
+    assert p.returncode == 0, p.stderr
+    deadline = time.monotonic() + 20
+    while not slurm_cluster.helper_server_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    servers = slurm_cluster.helper_server_pids()
+    assert len(servers) == 1
+    # served steps work, and do not start more servers
+    for _ in range(3):
+        p = slurm_cluster.run("srun", "-n2", "--container=hpcctest/other:1", "grep", "-c",
+                              "hpcc other", "/etc/os-release", user=U1)
+        assert p.stdout.split() == ["1", "1"], p.stderr
+    assert slurm_cluster.helper_server_pids() == servers
+    # a dead server (stale socket left behind) costs nothing but a one-shot helper
+    os.kill(servers[0], signal.SIGKILL)
+    time.sleep(0.2)
+    p = slurm_cluster.run("srun", "-n1", "--container=hpcctest/busybox:1", "cat",
+                          "/etc/os-release", user=U1)
+    assert 'NAME="hpcc test image"' in p.stdout, p.stderr
+    # errors from a served step are the same one line
+    p = slurm_cluster.run("srun", "-n1", "--container=hpcctest/nothere:1", "true", user=U1)
+    assert p.returncode == 125
+    assert "hpcc: image 'hpcctest/nothere:1' not found in the store" in p.stderr
