@@ -174,7 +174,7 @@ class SlurmCluster:
             # Own mount + UTS namespace, own host name; the mount namespace is private, so
             # what the node mounts stays on the node.
             argv = ["unshare", "--mount", "--uts", "--propagation", "private", "--",
-                    "sh", "-c", f'hostname "$0" && exec "$@"', name, *argv]
+                    "sh", "-c", 'hostname "$0" && exec "$@"', name, *argv]
         self._spawn(f"slurmd-{name}", argv, env=env)
 
     def _wait(self, cond, timeout, what):

@@ -1,6 +1,5 @@
 """srun steps in hpcc containers through spank_hpcc.so, on a real Slurm cluster."""
 import os
-import time
 
 import pytest
 
