@@ -254,7 +254,6 @@ def _launch(cmd, argv, verbose, quiet):
     cache = _LaunchCache()
     config = _load_config_cached(cache)
     image = resolve_image(o.image, config, cache)
-    cache.save()
     log(f"image {image.sqfs_path}")
     annotations = dict(a.split("=", 1) for a in o.annotations)
     if o.mpi:
@@ -266,7 +265,9 @@ def _launch(cmd, argv, verbose, quiet):
                       env=o.env, env_files=o.env_files, mounts=o.mounts, workdir=o.workdir,
                       writable=o.writable, bind_home=False if o.no_home else None,
                       bind_cwd=False if o.no_cwd else None, user=o.user,
-                      annotations=annotations, config=config, image_name=o.image)
+                      annotations=annotations, config=config, image_name=o.image,
+                      cache=cache)
+    cache.save()
     log(f"spec built: {spec['process']['args']!r} in {spec['process']['cwd']}")
     return run_container(spec, log=log)
 

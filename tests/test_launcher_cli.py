@@ -3,6 +3,7 @@ none of the heavy libraries."""
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -77,3 +78,35 @@ def test_launch_path_imports_no_heavy_library(images, launcher_env):
         if warm:  # config and image metadata come from the launch cache
             for mod in ("json", "tomllib", "re", "enum", "typing"):
                 assert mod not in imported, mod
+
+
+def test_shipped_hook_configs_cost_a_plain_launch_no_json_or_re(images, tmp_path):
+    """With the MPI and GPU hook configs installed (as `make install` does), a warm launch
+    without --mpi/--gpus still imports neither json nor re: the parsed configs come from
+    the launch cache and annotation keys are matched without regular expressions."""
+    import shutil
+
+    from tests.conftest import REPO
+
+    d = tempfile.mkdtemp(prefix="hpcc-hooks-cost-")
+    try:
+        os.chmod(d, 0o755)
+        hooks = os.path.join(d, "hooks.d")
+        os.mkdir(hooks, 0o755)
+        for name in ("mpi.json", "nvidia.json"):
+            shutil.copy(REPO / "etc" / "hooks.d" / name, os.path.join(hooks, name))
+        cfg = os.path.join(d, "hpcc.toml")
+        with open(cfg, "w") as f:
+            f.write(f'[launcher]\nhooks_dir = "{hooks}"\nbinds = []\n')
+        env = dict(os.environ, HPCC_CONFIG=cfg)
+        for warm in (False, True):
+            p = subprocess.run([sys.executable, "-X", "importtime", HPCC, "exec",
+                                images["base"], "true"], capture_output=True, text=True,
+                               env=env, cwd="/")
+            assert p.returncode == 0, p.stderr
+            imported = {line.split("|")[-1].strip() for line in p.stderr.splitlines()
+                        if line.startswith("import time:")}
+            if warm:
+                assert "json" not in imported and "re" not in imported
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

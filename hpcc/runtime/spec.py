@@ -176,7 +176,7 @@ def pmi_fds(env):
 def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_files=(),
                mounts=(), workdir=None, writable=False, bind_home=None, bind_cwd=None,
                user=None, annotations=None, config=None, privileged=None, host_env=None,
-               cwd=None, image_name=None):
+               cwd=None, image_name=None, cache=None):
     """Return the OCI-shaped spec dict for one container (see the module docstring).
 
     image: an object with .sqfs_path, .digest and .meta (hpcc.store.ImageRecord);
@@ -322,7 +322,8 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
     hooks_dir = launcher.get("hooks_dir")
     if hooks_dir and os.path.isdir(hooks_dir):
         from .hooks import load_hooks, select_hooks
-        spec["hooks"] = select_hooks(load_hooks(hooks_dir, privileged=os.geteuid() == 0), spec)
+        spec["hooks"] = select_hooks(load_hooks(hooks_dir, privileged=os.geteuid() == 0,
+                                                cache=cache), spec)
     return spec
 
 
