@@ -41,6 +41,15 @@ venv: deps $(VENV)/bin/python
 # the checkout being readable. The package is rebuilt every time (cheap; keeps tests honest).
 install: venv spank
 	$(VENV)/bin/pip install -q --no-build-isolation '.[test]'
+	@# The launcher's entry script without site.py (-S saves ~9 ms per launch) and isolated
+	@# from PYTHON* variables (-I); it puts the venv's packages on sys.path itself.
+	@purelib=$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	printf '%s\n' "#!$(VENV)/bin/python3 -IS" \
+		"# hpcc launcher written by 'make install': -I ignores PYTHON* variables and the user's" \
+		"# site directory, -S skips site.py (about 9 ms of every launch)." \
+		"import sys" "sys.path.append('$$purelib')" "from hpcc.cli import main" \
+		"sys.exit(main())" > $(VENV)/bin/hpcc.tmp && chmod 0755 $(VENV)/bin/hpcc.tmp && \
+	mv $(VENV)/bin/hpcc.tmp $(VENV)/bin/hpcc
 	@for s in hpcc gateway hpcc-hook; do ln -sf $(VENV)/bin/$$s $(BINDIR)/$$s; done
 	@install -d -m 0755 /etc/hpcc
 	@[ -e /etc/hpcc/hpcc.toml ] || install -m 0644 etc/hpcc.toml /etc/hpcc/hpcc.toml
