@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from .errors import EXIT_LAUNCH, EXIT_USAGE, HpccError, ImageNotFound, UsageError
+from .errors import EXIT_LAUNCH, EXIT_USAGE, HpccError, UsageError
 
 USAGE = """\
 usage: hpcc [-v|-q] COMMAND ...
@@ -198,49 +198,12 @@ def _load_config_cached(cache):
     return cache.get(path, lambda: load_config(path, validate_schema=False))
 
 
-class _LocalImage:
-    """A .sqfs file given by path; its image config from NAME.json beside it, if any."""
-
-    def __init__(self, path, cache=None):
-        self.sqfs_path = os.path.abspath(path)
-        self.digest = ""
-        self.meta = {}
-        meta_path = self.sqfs_path[:-5] + ".json" if path.endswith(".sqfs") else path + ".json"
-        if not os.path.exists(meta_path):
-            return
-
-        def load():
-            try:
-                with open(meta_path, "rb") as f:
-                    raw = f.read()
-            except OSError:
-                return {}
-            import json
-            try:
-                return json.loads(raw)
-            except ValueError:
-                raise HpccError(f"{meta_path}: not valid JSON (the image config beside "
-                                f"{path})") from None
-        self.meta = cache.get(meta_path, load) if cache else load()
-        self.digest = self.meta.get("digest", "")
-
-
 def resolve_image(arg, config, cache=None):
-    if arg.endswith(".sqfs") or (os.sep in arg and os.path.isfile(arg)):
-        if not os.path.isfile(arg):
-            raise ImageNotFound(f"image file {arg} does not exist")
-        return _LocalImage(arg, cache)
-    try:
-        from .store import resolve_image as store_resolve
-    except ImportError:
-        raise ImageNotFound(f"image '{arg}' not found: this installation has no image store",
-                            hint=f"pull it first (hpcc pull {arg}) or give a path to a .sqfs "
-                                 "file") from None
-    try:
-        return store_resolve(arg, config)
-    except ImageNotFound as e:
-        raise ImageNotFound(f"image '{arg}' is not in your store or the site store ({e.message})",
-                            hint=f"pull it first: hpcc pull {arg}") from None
+    from .image import is_image_path, local_image
+    if is_image_path(arg):
+        return local_image(arg, cache)
+    from .store import resolve_image as store_resolve
+    return store_resolve(arg, config)
 
 
 def _launch(cmd, argv, verbose, quiet):

@@ -25,6 +25,7 @@ import time
 from contextlib import contextmanager
 
 from .errors import ImageNotFound, StoreError
+from .image import ImageRecord, is_image_path, local_image
 from .reference import DIGEST_RE, parse_reference
 
 META_SCHEMA = 1
@@ -37,26 +38,6 @@ def digest_stem(digest):
 
 def _stem_digest(stem):
     return stem.replace("-", ":", 1)
-
-
-class ImageRecord:
-    """A published image: its digest, squashfs path and metadata (a plain class: this module
-    is on the launch path, where importing dataclasses costs ~10 ms)."""
-
-    __slots__ = ("digest", "sqfs_path", "meta", "store")
-
-    def __init__(self, digest, sqfs_path, meta=None, store=None):
-        self.digest = digest
-        self.sqfs_path = sqfs_path
-        self.meta = {} if meta is None else meta
-        self.store = store
-
-    def __repr__(self):
-        return f"ImageRecord({self.digest!r}, {self.sqfs_path!r})"
-
-    @property
-    def config(self):
-        return self.meta.get("config") or {}
 
 
 def _fsync_dir(path):
@@ -405,23 +386,11 @@ class Store:
         return removed
 
 
-def resolve_image(arg, config):
+def resolve_image(arg, config, cache=None):
     """Resolve what a user typed: a path to a .sqfs file, else the user's store, then the
     site store. O(1) file operations; never lists a store."""
-    if "/" in arg and (arg.endswith(".sqfs") or arg.startswith(("/", "./", "../"))):
-        path = os.path.abspath(arg)
-        if not os.path.isfile(path):
-            raise ImageNotFound(f"image file {arg} does not exist")
-        meta = {}
-        side = path[:-5] + ".json" if path.endswith(".sqfs") else path + ".json"
-        try:
-            with open(side, "rb") as f:
-                meta = json.loads(f.read())
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as e:
-            raise StoreError(f"cannot read image metadata {side}: {e}") from None
-        return ImageRecord(meta.get("digest", ""), path, meta, None)
+    if is_image_path(arg):
+        return local_image(arg, cache)
     user = Store.user(config)
     site = Store.site(config)
     for store in (user, site):
