@@ -27,7 +27,6 @@ import gzip
 import io
 import stat
 import tarfile
-import time
 import zlib
 
 from hpcc.errors import ImageError
@@ -448,7 +447,7 @@ class Flattener:
             node = File(mode=0, uid=0, gid=0, mtime=0, xattrs=None, data=None)
             self._set_meta(node, m, path)
             if m.size:
-                node.data = self._write_data(member_data(tf, m), m.size, path, label)
+                node.data = self._write_data(member_data(tf, m), m.size)
             rep.files += 1
             rep.bytes += m.size
             return node
@@ -484,7 +483,7 @@ class Flattener:
         rep.drop(f"unsupported tar entry type {m.type!r}", path)
         return None
 
-    def _write_data(self, fobj, size, path, label):
+    def _write_data(self, fobj, size):
         data = self.writer.add_file_data(fobj, size)
         if self.progress:
             self.progress(size)
@@ -544,7 +543,7 @@ class Flattener:
                     node = File(mode=0, uid=0, gid=0, mtime=0, xattrs=None, data=None)
                     self._set_meta(node, m, path)
                     if m.size:
-                        node.data = self._write_data(member_data(tf, m), m.size, path, label)
+                        node.data = self._write_data(member_data(tf, m), m.size)
                     for link in links:
                         parent, _, base = link.rpartition("/")
                         parent_dir = self._parent_dir(parent, link)
@@ -580,15 +579,4 @@ def _why(e):
     return s.splitlines()[0][:200]
 
 
-def flatten_to_squashfs(layers, writer, **options):
-    """Flatten `layers` (oldest first) into `writer`; returns (stats, report dict)."""
-    t0 = time.monotonic()
-    fl = Flattener(writer, **options)
-    root = fl.add_layers(layers)
-    stats = writer.finish(root)
-    report = fl.report.as_dict()
-    report["seconds"] = round(time.monotonic() - t0, 3)
-    return stats, report
-
-
-__all__ = ["LayerSource", "Flattener", "flatten_to_squashfs", "normalize_path", "Report"]
+__all__ = ["LayerSource", "Flattener", "normalize_path", "Report"]

@@ -147,29 +147,19 @@ def _load_oci(blobs, platform):
         name = _verified_blob(blobs, desc.get("digest"), "manifest")
         doc = _json(blobs.read(name), "the manifest")
         if mt in _INDEX_TYPES or doc.get("mediaType") in _INDEX_TYPES or "manifests" in doc:
-            desc = _pick_platform(doc.get("manifests") or [], platform, blobs.path)
+            desc = _pick_platform(doc, platform, blobs.path)
             continue
         return desc["digest"], doc, tag
     raise ImageError(f"{blobs.path}: image indexes nested too deeply")
 
 
-def _pick_platform(manifests, platform, where):
-    from .registry import host_platform
+def _pick_platform(index, platform, where):
+    from .registry import host_platform, parse_platform, select_platform
 
-    want = platform or host_platform()
-    parts = want.split("/")
-    avail = []
-    for m in manifests:
-        p = m.get("platform") or {}
-        s = f"{p.get('os')}/{p.get('architecture')}" + (f"/{p['variant']}" if p.get("variant") else "")
-        avail.append(s)
-        if p.get("os") == parts[0] and p.get("architecture") == parts[1] and \
-                (len(parts) < 3 or p.get("variant") == parts[2]):
-            return m
+    manifests = index.get("manifests") or []
     if len(manifests) == 1 and not manifests[0].get("platform"):
-        return manifests[0]
-    raise ImageError(f"{where} has no image for platform {want} (it has: {', '.join(avail)})",
-                     hint="choose one with --platform")
+        return manifests[0]  # a one-image index without platform data (skopeo writes these)
+    return select_platform(where, index, parse_platform(platform or host_platform()))
 
 
 def import_image(path, *, store, config, tag=None, platform=None, reporter=None):

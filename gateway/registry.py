@@ -142,6 +142,35 @@ def _variant_matches(want, have, arch):
 
 
 # Helpers ---------------------------------------------------------------------------------
+def select_platform(ref, index, want):
+    """The entry of a manifest list / OCI index for platform `want` (os, arch, variant);
+    `ref` names the image in the error, which lists the platforms there are."""
+    os_, arch, variant = want
+    entries = index.get("manifests")
+    if not isinstance(entries, list):
+        raise ImageError(f"manifest list of {ref} has no 'manifests' array")
+    available = []
+    candidates = []
+    for d in entries:
+        if not isinstance(d, dict):
+            continue
+        p = d.get("platform") or {}
+        if p.get("os") in (None, "unknown") or p.get("architecture") in (None, "unknown"):
+            continue      # attestations and other non-image entries
+        available.append(_platform_str(p))
+        if p.get("os") == os_ and p.get("architecture") == arch and \
+                _variant_matches(variant, p.get("variant"), arch):
+            candidates.append(d)
+    if not candidates:
+        wanted = f"{os_}/{arch}" + (f"/{variant}" if variant else "")
+        avail = ", ".join(dict.fromkeys(available)) or "none"
+        raise ImageError(f"image {ref} has no variant for platform {wanted}; "
+                         f"available platforms: {avail}",
+                         hint="choose one with --platform")
+    # Prefer the entry with no os.version/features constraint, then the first listed.
+    return candidates[0]
+
+
 def is_loopback(host):
     """host[:port] names a loopback address (127.0.0.0/8, ::1, localhost)."""
     h = host
@@ -624,32 +653,6 @@ class RegistryClient:
         raise ImageError(f"{what} has an unsupported media type '{mt or ctype}'",
                          hint="hpcc pulls Docker schema 2 and OCI images")
 
-    def _select_platform(self, ref, index, want):
-        os_, arch, variant = want
-        entries = index.get("manifests")
-        if not isinstance(entries, list):
-            raise ImageError(f"manifest list of {ref} has no 'manifests' array")
-        available = []
-        candidates = []
-        for d in entries:
-            if not isinstance(d, dict):
-                continue
-            p = d.get("platform") or {}
-            if p.get("os") in (None, "unknown") or p.get("architecture") in (None, "unknown"):
-                continue      # attestations and other non-image entries
-            available.append(_platform_str(p))
-            if p.get("os") == os_ and p.get("architecture") == arch and \
-                    _variant_matches(variant, p.get("variant"), arch):
-                candidates.append(d)
-        if not candidates:
-            wanted = f"{os_}/{arch}" + (f"/{variant}" if variant else "")
-            avail = ", ".join(dict.fromkeys(available)) or "none"
-            raise ImageError(f"image {ref} has no variant for platform {wanted}; "
-                             f"available platforms: {avail}",
-                             hint="choose one with --platform")
-        # Prefer the entry with no os.version/features constraint, then the first listed.
-        return candidates[0]
-
     def resolve(self, ref, platform=None):
         """Fetch and check the manifest (following a manifest list / index to the entry of
         `platform`, default the config's gateway.platform or this machine) and the image
@@ -668,7 +671,7 @@ class RegistryClient:
             if depth > 2:
                 raise ImageError(f"manifest list of {ref} nests too deeply")
             index_digest = index_digest or digest
-            entry = self._select_platform(ref, data, want)
+            entry = select_platform(ref, data, want)
             child = entry.get("digest", "")
             if not DIGEST_RE.match(str(child)):
                 raise ImageError(f"manifest list of {ref} has an entry with a malformed "
@@ -918,4 +921,4 @@ def blob_cache_dir(config, store_root=None):
 
 
 __all__ = ["RegistryClient", "ResolvedImage", "Layer", "host_platform", "parse_platform",
-           "is_loopback", "sniff_compression", "blob_cache_dir"]
+           "is_loopback", "select_platform", "sniff_compression", "blob_cache_dir"]

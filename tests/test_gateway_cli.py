@@ -321,3 +321,16 @@ def test_gc_blobs_prunes_only_unused_layers_and_dry_run_keeps_them(registry, sit
     out = site.json("gc", "--blobs")
     assert str(dropped) in out["removed"]
     assert not dropped.exists() and kept.exists()
+
+
+def test_import_of_a_multi_platform_layout_picks_the_platform(tmp_path, site):
+    from hpcc.gateway.testing import image_index, simple_image
+
+    idx = image_index([simple_image("amd", oci=True, architecture="amd64"),
+                       simple_image("arm", oci=True, architecture="arm64")])
+    layout = tmp_path / "multi"
+    write_oci_layout(str(layout), idx)
+    res = site.json("import", layout, "--platform", "linux/arm64", "--tag", "local/multi:arm")
+    assert res["digest"] == idx.images[1].digest
+    p = site.run("import", layout, "--platform", "linux/s390x")
+    assert_one_line_error(p, 1, "linux/s390x", "linux/amd64, linux/arm64")
