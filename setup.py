@@ -1,12 +1,14 @@
-"""Build glue: the cffi extension for libsquashfs and the packaged copies of etc/ files.
+"""Build glue: the cffi extension for libsquashfs, the runtime's C extension for Linux
+system calls, and the packaged copies of etc/ files.
 
 Everything declarative lives in pyproject.toml; setup.py only exists because cffi's
-`cffi_modules` hook and the copy of the config schema into the package need code.
+`cffi_modules` hook, the extension and the copy of the config schema into the package need
+code.
 """
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py as _build_py
 
 ETC_FILES = ("hpcc.schema.json", "hpcc.toml")
@@ -26,5 +28,7 @@ class build_py(_build_py):
 
 setup(
     cffi_modules=["hpcc/squashfs/build_ffi.py:ffibuilder"],
+    ext_modules=[Extension("hpcc.runtime._linux", ["hpcc/runtime/_linux.c"],
+                           extra_compile_args=["-O2", "-Wall"])],
     cmdclass={"build_py": build_py},
 )
