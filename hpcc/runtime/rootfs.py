@@ -630,6 +630,7 @@ class RootHandle:
         self.bundle = os.path.join(stage, "bundle")
         self.fuse_pid = fuse_pid
         self.host_root_fd = None
+        self.prefetch = None  # prefetch.Prefetch of the command's files (squashfuse only)
 
     def close(self):
         """Stop the FUSE daemon (call when the container's processes are gone)."""
@@ -667,6 +668,14 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
         handle.fuse_pid = mount_image(spec["hpcc"]["image"], os.path.join(stage, "img"),
                                       privileged)
         t("image mounted" + (" (squashfuse_ll)" if handle.fuse_pid else " (kernel)"))
+        budget = spec["hpcc"].get("prefetch_bytes", 0)
+        if handle.fuse_pid and budget > 0 and spec["process"]["args"]:
+            from . import prefetch
+            from .spec import spec_env
+            handle.prefetch = prefetch.start(
+                os.open(f"{stage}/img", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
+                spec["process"]["args"][0],
+                spec_env(spec).get("PATH", "/usr/local/bin:/usr/bin:/bin"), budget)
         opts = (f"lowerdir={stage}/img,upperdir={stage}/upper,workdir={stage}/work"
                 + ("" if privileged else ",userxattr"))
         try:
