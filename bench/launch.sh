@@ -57,11 +57,20 @@ chmod 0644 $WORK/hpcc.toml
 export HPCC_CONFIG=$WORK/hpcc.toml
 echo "images: $(du -h $WORK/img.sqfs | cut -f1) (busybox), $(du -h $WORK/big.sqfs | cut -f1) (+${READ_MB} MB file)"
 
-# --- timer: N runs of a command after warm-up, prints the median wall time ---------------
+# --- timer: N runs of each command after warm-up, interleaved (one run of each per round, so
+# that a slow spell of this shared machine hits every command alike); prints the medians of
+# wall time in ms, one per command. Commands are separated by "---".
 cat > $WORK/timer.py <<'EOF'
 import os, statistics, sys, time
-runs = int(sys.argv[1]); cmd = sys.argv[2:]
-def once():
+runs = int(sys.argv[1])
+cmds, cur = [], []
+for a in sys.argv[2:]:
+    if a == "---":
+        cmds.append(cur); cur = []
+    else:
+        cur.append(a)
+cmds.append(cur)
+def once(cmd):
     t = time.perf_counter()
     pid = os.fork()
     if pid == 0:
@@ -73,8 +82,13 @@ def once():
         sys.exit(f"timer: {' '.join(cmd)} failed ({st})")
     return (time.perf_counter() - t) * 1000
 for _ in range(max(3, runs // 10)):
-    once()
-print(f"{statistics.median([once() for _ in range(runs)]):.2f}")
+    for c in cmds:
+        once(c)
+times = [[] for _ in cmds]
+for _ in range(runs):
+    for i, c in enumerate(cmds):
+        times[i].append(once(c))
+print(" ".join(f"{statistics.median(t):.2f}" for t in times))
 EOF
 chmod 0644 $WORK/timer.py
 as_user() { setpriv --reuid="$BENCH_USER" --regid="$(id -g "$BENCH_USER")" --init-groups \
@@ -87,9 +101,8 @@ echo "== start cost, unprivileged ($BENCH_USER), warm, median of $RUNS runs"
 cd /
 t_host=$(as_user $PY $WORK/timer.py $RUNS /bin/true)
 t_py=$(as_user $PY $WORK/timer.py $RUNS $PY -c pass)
-t_ch=$(as_user $PY $WORK/timer.py $RUNS ch-run $WORK/img.sqfs -- /bin/true)
-t_hp=$(as_user $PY $WORK/timer.py $RUNS $HPCC exec $WORK/img.sqfs /bin/true)
-t_hp_run=$(as_user $PY $WORK/timer.py $RUNS $HPCC run $WORK/img.sqfs -- true)
+read -r t_ch t_hp t_hp_run <<<"$(as_user $PY $WORK/timer.py $RUNS ch-run $WORK/img.sqfs -- /bin/true \
+    --- $HPCC exec $WORK/img.sqfs /bin/true --- $HPCC run $WORK/img.sqfs -- true)"
 printf "  %-44s %8s ms\n" "host true" $t_host "python3 -c pass (interpreter start)" $t_py \
     "ch-run IMG.sqfs -- true" $t_ch "hpcc exec IMG.sqfs true" $t_hp "hpcc run IMG.sqfs -- true" $t_hp_run
 echo "  ratio hpcc/ch-run: $(ratio $t_hp $t_ch)   (target <= 1.5)"
@@ -103,8 +116,8 @@ exec unshare --mount --propagation private sh -c \
   'mount -t squashfs -o ro,loop,nodev,nosuid $WORK/img.sqfs $WORK/mnt-sh && exec chroot $WORK/mnt-sh /bin/true'
 EOF
 chmod 0755 $WORK/shell-container.sh
-t_sh=$($PY $WORK/timer.py $RUNS $WORK/shell-container.sh)
-t_hpr=$($PY $WORK/timer.py $RUNS $HPCC exec $WORK/img.sqfs /bin/true)
+read -r t_sh t_hpr <<<"$($PY $WORK/timer.py $RUNS $WORK/shell-container.sh \
+    --- $HPCC exec $WORK/img.sqfs /bin/true)"
 printf "  %-44s %8s ms\n" "unshare + mount -o loop + chroot (sh)" $t_sh "hpcc exec IMG.sqfs true (root)" $t_hpr
 echo "  ratio hpcc/shell: $(ratio $t_hpr $t_sh)"
 
