@@ -7,7 +7,8 @@ Accepted inputs:
 
 Archives are read in place: each layer is streamed from its byte range inside the
 (uncompressed) archive, so nothing is extracted. Every blob is verified before use: OCI
-blobs against their digests, docker-archive layers against the config's diff_ids.
+blobs against their digests, docker-archive layers (compressed or not) against the
+config's diff_ids, which name the uncompressed tar.
 The store key is the manifest digest (OCI) or the config digest, Docker's image ID
 (docker-archive, which has no manifest).
 """
@@ -94,6 +95,21 @@ class _Blobs:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         return "sha256:" + h.hexdigest()
+
+
+def _uncompressed_sha256(source, name):
+    h = hashlib.sha256()
+    try:
+        with source.open() as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except (OSError, EOFError, ValueError) as e:
+        raise ImageError(f"layer {name} cannot be decompressed ({e}); the archive is "
+                         "corrupt") from None
+    except Exception as e:  # zstandard.ZstdError and isal's errors are not OSErrors
+        raise ImageError(f"layer {name} cannot be decompressed ({type(e).__name__}: {e}); "
+                         "the archive is corrupt") from None
+    return "sha256:" + h.hexdigest()
 
 
 def _json(data, what):
@@ -241,11 +257,13 @@ def _docker_archive(blobs):
         if not isinstance(lname, str) or not blobs.has(lname):
             raise ImageError(f"{blobs.path}: layer {lname} is missing")
         comp = _sniff(blobs, lname)
-        if comp == "none":
-            actual = blobs.sha256(lname)
-            if actual != diff_id:
-                raise ImageError(f"layer {lname} has digest {actual} instead of {diff_id}; "
-                                 "the archive is corrupt")
-        layers.append(blobs.layer_source(lname, comp, diff_id))
+        source = blobs.layer_source(lname, comp, diff_id)
+        # diff_ids name the uncompressed tar: a compressed layer (skopeo and other tools
+        # write them; `docker save` does not) is checked after decompression
+        actual = blobs.sha256(lname) if comp == "none" else _uncompressed_sha256(source, lname)
+        if actual != diff_id:
+            raise ImageError(f"layer {lname} has digest {actual} instead of {diff_id}; "
+                             "the archive is corrupt")
+        layers.append(source)
     return digest, image_config, layers, [t for t in entry.get("RepoTags") or []
                                           if isinstance(t, str)]

@@ -875,15 +875,20 @@ def write_oci_archive(tarpath, image, tag="latest"):
     return Path(tarpath)
 
 
-def write_docker_archive(tarpath, image, repo_tag="hpcc-test/image:latest"):
+def write_docker_archive(tarpath, image, repo_tag="hpcc-test/image:latest", compressed=False):
     """A `docker save` archive: manifest.json, <config hex>.json, <diff_id hex>/layer.tar
-    (uncompressed), and the legacy `repositories` file."""
+    (uncompressed), and the legacy `repositories` file. compressed=True stores the layers
+    as their registry blobs, <digest hex>.tar, as skopeo's docker-archive does."""
     cfg_hex = image.config_digest.split(":", 1)[1]
     files = {f"{cfg_hex}.json": image.config_bytes}
     layer_paths = []
     for lay in image.layers:
-        p = f"{lay.diff_id.split(':', 1)[1]}/layer.tar"
-        files[p] = lay.tar
+        if compressed:
+            p = f"{lay.digest.split(':', 1)[1]}.tar"
+            files[p] = lay.blob
+        else:
+            p = f"{lay.diff_id.split(':', 1)[1]}/layer.tar"
+            files[p] = lay.tar
         layer_paths.append(p)
     manifest = [{"Config": f"{cfg_hex}.json", "RepoTags": [repo_tag] if repo_tag else [],
                  "Layers": layer_paths}]

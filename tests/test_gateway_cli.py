@@ -1,5 +1,7 @@
 """`gateway` end to end against a real docker-registry: pull, images, inspect, rm, gc,
 import, concurrency and crash safety, and one-line errors."""
+import dataclasses
+import gzip
 import json
 import os
 import signal
@@ -202,6 +204,24 @@ def test_import_air_gapped_formats(tmp_path, site, fmt):
     info = site.json("inspect", "local/imported:1")
     assert info["config"]["Cmd"] == ["/bin/sh"]
     assert info["import_format"] == fmt
+
+
+def test_docker_archive_with_compressed_layers_is_checked_against_diff_ids(tmp_path, site):
+    img = busybox_image(oci=False)
+    good = write_docker_archive(str(tmp_path / "good.tar"), img, compressed=True)
+    res = site.json("import", good, "--tag", "local/compressed:1")
+    assert res["digest"] == img.config_digest
+    assert site.json("inspect", "local/compressed:1")["config"]["Cmd"] == ["/bin/sh"]
+    # a well-formed gzip layer whose tar is not the one the config's diff_id names
+    lay = img.layers[-1]
+    swapped = dataclasses.replace(lay, blob=gzip.compress(lay.tar + bytes(10240), mtime=0))
+    bad = write_docker_archive(str(tmp_path / "bad.tar"),
+                               dataclasses.replace(img, layers=img.layers[:-1] + [swapped]),
+                               compressed=True)
+    p = site.run("import", bad, "--tag", "local/compressed:2")
+    assert_one_line_error(p, 1, "corrupt")
+    assert "compressed:2" not in json.dumps(site.json("images"))
+    assert site.debris() == []
 
 
 def test_import_of_a_corrupt_archive_is_refused(tmp_path, site):
