@@ -11,9 +11,17 @@ upper ones deleting files of the lower (whiteouts). It is built once and cached 
 /var/cache/hpcc-bench. Every tool starts with empty caches; all talk to the same local
 registry (https with a throw-away CA, which Charliecloud needs; the others are told to trust
 it). Prints times, image sizes and the ratios a/min(b,c) and a/d.
+
+Options (for iterating on one side): `--only a,d` (or BENCH_ONLY=a,d) runs only those
+(d needs a's image: when only d is asked for, a still runs, untimed); `--repeat N` (or
+BENCH_REPEAT=N) runs the selection N times, alternating, and reports each side's median,
+with its user+sys CPU seconds.
 """
+import argparse
 import gzip
 import json
+import resource
+import statistics
 import os
 import shutil
 import subprocess
@@ -108,14 +116,43 @@ def timed(fn):
     return time.monotonic() - t0
 
 
-def main():
+def _children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed_cpu(fn):
+    """(wall seconds, user+sys CPU seconds of the child processes fn ran)."""
+    c0 = _children_cpu()
+    t = timed(fn)
+    return t, _children_cpu() - c0
+
+
+def options(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default=os.environ.get("BENCH_ONLY", "a,b,c,d"),
+                   help="comma-separated subset of a,b,c,d (default all)")
+    p.add_argument("--repeat", type=int, default=int(os.environ.get("BENCH_REPEAT", "1")),
+                   help="run the selection this many times; report medians")
+    o = p.parse_args(argv)
+    o.only = {k.strip() for k in o.only.split(",") if k.strip()}
+    if not o.only or o.only - set("abcd"):
+        p.error("--only takes a comma-separated subset of a,b,c,d")
+    if o.repeat < 1:
+        p.error("--repeat must be at least 1")
+    return o
+
+
+def main(argv=None):
     from hpcc.gateway.testing import LocalRegistry
 
+    opts = options(sys.argv[1:] if argv is None else argv)
     files = layers()
     image = build_image(files)
     total = sum(f.stat().st_size for f in files)
     work = Path(tempfile.mkdtemp(prefix="hpcc-bench-pull-"))
-    results = {}
+    runs = {}      # key -> [(seconds, cpu seconds, size)]
+    what = {}
     try:
         with LocalRegistry(tls=True) as reg:
             reg.push("bench/debian", "latest", image)
@@ -123,78 +160,106 @@ def main():
             env = dict(os.environ, SSL_CERT_FILE=reg.ca_file, REQUESTS_CA_BUNDLE=reg.ca_file)
             print(f"image: {len(files)} layers, {total / 1e6:.0f} MB compressed, at {ref}",
                   flush=True)
-
-            # (a) gateway pull, defaults, empty store and blob cache
+            certs = work / "certs"
+            certs.mkdir()
+            shutil.copy(reg.ca_file, certs / "ca.crt")
             cfg = work / "hpcc.toml"
             cfg.write_text(f'[store]\npath = "{work}/store"\n'
                            f'[registries."{reg.host}"]\nca_file = "{reg.ca_file}"\n')
             env_a = dict(env, HPCC_CONFIG=str(cfg))
-            t = timed(lambda: sh([BIN / "gateway", "pull", "-q", ref], env=env_a))
-            sqfs_a = next((work / "store").glob("sha256-*.sqfs"))
-            results["a"] = (t, sqfs_a.stat().st_size, "gateway pull (hpcc defaults)")
-            print(f"(a) {t:.2f} s", flush=True)
-
-            # (b) skopeo + umoci raw unpack + mksquashfs
-            certs = work / "certs"
-            certs.mkdir()
-            shutil.copy(reg.ca_file, certs / "ca.crt")
-
-            def b():
-                sh(["skopeo", "copy", "--quiet", "--src-cert-dir", certs,
-                    f"docker://{ref}", f"oci:{work}/oci:latest"], env=env)
-                sh(["umoci", "raw", "unpack", "--image", f"{work}/oci:latest", work / "rootfs-b"])
-                sh(["mksquashfs", work / "rootfs-b", work / "b.sqfs", "-noappend", "-quiet",
-                    "-no-progress"], stdout=subprocess.DEVNULL)
-            results["b"] = (timed(b), (work / "b.sqfs").stat().st_size,
-                            "skopeo + umoci raw unpack + mksquashfs")
-            print(f"(b) {results['b'][0]:.2f} s", flush=True)
-            shutil.rmtree(work / "rootfs-b", ignore_errors=True)
-
-            # (c) Charliecloud: ch-image pull + ch-convert
-            if shutil.which("ch-image") and shutil.which("ch-convert"):
-                # Debian's ch-image needs Debian's python3 (python3-lark) and $USER; its
-                # storage directory must not exist yet; ch-convert finds it by env.
-                env_c = dict(env, USER="root", CH_IMAGE_STORAGE=str(work / "ch-storage"),
-                             PATH="/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin")
-
-                def c():
-                    sh(["ch-image", "--tls-no-verify", "pull", ref, "bench"], env=env_c,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    sh(["ch-convert", "-i", "ch-image", "-o", "squash", "bench",
-                        work / "c.sqfs"], env=env_c, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-                try:
-                    results["c"] = (timed(c), (work / "c.sqfs").stat().st_size,
-                                    "ch-image pull + ch-convert")
-                    print(f"(c) {results['c'][0]:.2f} s", flush=True)
-                except subprocess.CalledProcessError as e:
-                    print(f"(c) Charliecloud failed: {e}; left out", flush=True)
-
-            # (d) floor: tar2sqfs of the flattened tree, same compressor settings as (a)
-            meta = json.loads(sqfs_a.with_suffix(".json").read_text())["squashfs"]
             flat = work / "flat.tar"
-            sh(["sqfs2tar", sqfs_a], stdout=open(flat, "wb"), stderr=subprocess.DEVNULL)
-            opts = ["-c", meta["compressor"], "-b", str(meta["block_size"]),
-                    "-j", str(os.cpu_count()), "-q", "-f"]
-            if meta.get("level"):
-                opts += ["-X", f"level={meta['level']}"]
-            t = timed(lambda: sh(["tar2sqfs", *opts, work / "d.sqfs"], stdin=open(flat, "rb")))
-            results["d"] = (t, (work / "d.sqfs").stat().st_size,
-                            f"tar2sqfs of a flat tar ({meta['compressor']} {meta.get('level')})")
+            meta = None
+
+            def record(key, t, cpu, size, label):
+                runs.setdefault(key, []).append((t, cpu, size))
+                what[key] = label
+                print(f"({key}) {t:.2f} s  ({cpu:.2f} CPU-s)", flush=True)
+
+            for _ in range(opts.repeat):
+                # (a) gateway pull, defaults, empty store and blob cache
+                if "a" in opts.only or meta is None and "d" in opts.only:
+                    shutil.rmtree(work / "store", ignore_errors=True)
+                    t, cpu = timed_cpu(lambda: sh([BIN / "gateway", "pull", "-q", ref],
+                                                  env=env_a))
+                    sqfs_a = next((work / "store").glob("sha256-*.sqfs"))
+                    if "a" in opts.only:
+                        record("a", t, cpu, sqfs_a.stat().st_size,
+                               "gateway pull (hpcc defaults)")
+                    if meta is None and "d" in opts.only:
+                        meta = json.loads(sqfs_a.with_suffix(".json").read_text())["squashfs"]
+                        with open(flat, "wb") as out:
+                            sh(["sqfs2tar", sqfs_a], stdout=out, stderr=subprocess.DEVNULL)
+
+                # (b) skopeo + umoci raw unpack + mksquashfs
+                if "b" in opts.only:
+                    for p in ("oci", "rootfs-b", "b.sqfs"):
+                        shutil.rmtree(work / p, ignore_errors=True)
+
+                    def b():
+                        sh(["skopeo", "copy", "--quiet", "--src-cert-dir", certs,
+                            f"docker://{ref}", f"oci:{work}/oci:latest"], env=env)
+                        sh(["umoci", "raw", "unpack", "--image", f"{work}/oci:latest",
+                            work / "rootfs-b"])
+                        sh(["mksquashfs", work / "rootfs-b", work / "b.sqfs", "-noappend",
+                            "-quiet", "-no-progress"], stdout=subprocess.DEVNULL)
+                    t, cpu = timed_cpu(b)
+                    record("b", t, cpu, (work / "b.sqfs").stat().st_size,
+                           "skopeo + umoci raw unpack + mksquashfs")
+                    shutil.rmtree(work / "rootfs-b", ignore_errors=True)
+
+                # (c) Charliecloud: ch-image pull + ch-convert
+                if "c" in opts.only and shutil.which("ch-image") and shutil.which("ch-convert"):
+                    # Debian's ch-image needs Debian's python3 (python3-lark) and $USER; its
+                    # storage directory must not exist yet; ch-convert finds it by env.
+                    shutil.rmtree(work / "ch-storage", ignore_errors=True)
+                    env_c = dict(env, USER="root", CH_IMAGE_STORAGE=str(work / "ch-storage"),
+                                 PATH="/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin")
+
+                    def c():
+                        sh(["ch-image", "--tls-no-verify", "pull", ref, "bench"], env=env_c,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        sh(["ch-convert", "-i", "ch-image", "-o", "squash", "bench",
+                            work / "c.sqfs"], env=env_c, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+                    try:
+                        (work / "c.sqfs").unlink(missing_ok=True)
+                        t, cpu = timed_cpu(c)
+                        record("c", t, cpu, (work / "c.sqfs").stat().st_size,
+                               "ch-image pull + ch-convert")
+                    except subprocess.CalledProcessError as e:
+                        print(f"(c) Charliecloud failed: {e}; left out", flush=True)
+
+                # (d) floor: tar2sqfs of the flattened tree, same compressor settings as (a)
+                if "d" in opts.only:
+                    args = ["-c", meta["compressor"], "-b", str(meta["block_size"]),
+                            "-j", str(os.cpu_count()), "-q", "-f"]
+                    if meta.get("level"):
+                        args += ["-X", f"level={meta['level']}"]
+                    with open(flat, "rb") as inp:
+                        t, cpu = timed_cpu(lambda: sh(["tar2sqfs", *args, work / "d.sqfs"],
+                                                      stdin=inp))
+                    record("d", t, cpu, (work / "d.sqfs").stat().st_size,
+                           f"tar2sqfs of a flat tar ({meta['compressor']} {meta.get('level')})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
+               v[-1][2]) for k, v in runs.items()}
     print()
-    print(f"{'':3}{'seconds':>9}  {'squashfs MB':>11}  what")
-    for k in sorted(results):
-        t, size, what = results[k]
-        print(f"({k}){t:9.2f}  {size / 1e6:11.1f}  {what}")
-    a = results["a"][0]
-    peers = [results[k][0] for k in ("b", "c") if k in results]
+    head = "median seconds" if opts.repeat > 1 else "seconds"
+    print(f"{'':3}{head:>14}  {'CPU-s':>6}  {'squashfs MB':>11}  what")
+    for k in sorted(med):
+        t, cpu, size = med[k]
+        print(f"({k}){t:14.2f}  {cpu:6.2f}  {size / 1e6:11.1f}  {what[k]}")
     print()
-    print(f"ratio a/min(b,c) = {a / min(peers):.3f}   (target <= 0.25)")
-    print(f"ratio a/d        = {a / results['d'][0]:.3f}   (target <= 1.1)")
-    print(f"size a/b         = {results['a'][1] / results['b'][1]:.3f}   (target <= 1.0)")
+    if "a" in med:
+        peers = [med[k][0] for k in ("b", "c") if k in med]
+        if peers:
+            print(f"ratio a/min(b,c) = {med['a'][0] / min(peers):.3f}   (target <= 0.25)")
+        if "d" in med:
+            print(f"ratio a/d        = {med['a'][0] / med['d'][0]:.3f}   (target <= 1.1)")
+        if "b" in med:
+            print(f"size a/b         = {med['a'][2] / med['b'][2]:.3f}   (target <= 1.0)")
 
 
 if __name__ == "__main__":
