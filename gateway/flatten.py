@@ -32,115 +32,33 @@ import zlib
 from hpcc.errors import ImageError
 from hpcc.squashfs.tree import Dir, Fifo, File, Symlink
 
+from .tarstream import TarReader
+
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
 
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 
 
-class _ForwardReader(io.RawIOBase):
-    """A decompressed layer stream that tarfile can open in its random-access mode ("r:"):
-    tell() and forward seek() (by reading and discarding) are enough, because the flattener
-    reads members strictly in order. tarfile's own stream mode ("r|") re-copies its whole
-    buffer on every header read, which made it 2-3x slower than this."""
-
-    def __init__(self, stream):
-        self._s = io.BufferedReader(stream, 1 << 16) if not hasattr(stream, "peek") else stream
-        self._pos = 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self._pos
-
-    def read(self, n=-1):
-        b = self._s.read(n)
-        self._pos += len(b)
-        return b
-
-    def readinto(self, b):
-        n = self._s.readinto(b) or 0
-        self._pos += n
-        return n
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        if whence == io.SEEK_CUR:
-            offset += self._pos
-        elif whence != io.SEEK_SET:
-            raise io.UnsupportedOperation("layer streams cannot seek from the end")
-        if offset < self._pos:
-            raise io.UnsupportedOperation("layer streams cannot seek backwards")
-        while offset > self._pos:
-            b = self._s.read(min(offset - self._pos, 1 << 20))
-            if not b:
-                break
-            self._pos += len(b)
-        return self._pos
-
-
-class _MemberData:
-    """The data of the current tar member, read straight from the layer stream into the
-    caller's buffer (tarfile's extractfile adds two buffered layers and a copy per read)."""
-
-    __slots__ = ("_fwd", "_left")
-
-    def __init__(self, fwd, member):
-        fwd.seek(member.offset_data)
-        self._fwd = fwd
-        self._left = member.size
-
-    def readinto(self, b):
-        if self._left <= 0:
-            return 0
-        view = memoryview(b)
-        if len(view) > self._left:
-            view = view[:self._left]
-        n = self._fwd.readinto(view)
-        if not n:
-            raise EOFError("unexpected end of data in a tar member")
-        self._left -= n
-        return n
-
-    def read(self, n=-1):
-        if n is None or n < 0 or n > self._left:
-            n = self._left
-        data = self._fwd.read(n)
-        if len(data) < n:
-            raise EOFError("unexpected end of data in a tar member")
-        self._left -= len(data)
-        return data
-
-
-def member_data(tf, member):
-    """A readable for a regular member's data (sparse members go through tarfile)."""
-    if member.sparse is None and isinstance(tf.fileobj, _ForwardReader):
-        return _MemberData(tf.fileobj, member)
-    return tf.extractfile(member)
-
-
 def iter_tar(stream):
-    """TarInfo objects of a layer stream, in order; the current member's data can be read
-    with the returned TarFile's extractfile() before the next one is requested."""
+    """(reader, members) of a layer stream: the TarReader and an iterator of its members,
+    in order; the current member's data can be taken from the reader before the next one is
+    requested. (None, empty iterator) for a zero-byte layer."""
+    tr = TarReader(stream)
     try:
-        tf = tarfile.open(fileobj=_ForwardReader(stream), mode="r:", errorlevel=2)
+        first = tr.next()
     except tarfile.ReadError as e:
         if str(e) == "empty file":  # a zero-byte layer: nothing in it
             return None, iter(())
         raise
 
     def members():
-        while True:
-            m = tf.next()
-            if m is None:
-                return
-            tf.members.clear()  # tarfile keeps every TarInfo otherwise
+        m = first
+        while m is not None:
             yield m
+            m = tr.next()
 
-    return tf, members()
+    return tr, members()
 
 
 class _Slice(io.RawIOBase):
@@ -447,7 +365,7 @@ class Flattener:
             node = File(mode=0, uid=0, gid=0, mtime=0, xattrs=None, data=None)
             self._set_meta(node, m, path)
             if m.size:
-                node.data = self._write_data(member_data(tf, m), m.size)
+                node.data = self._write_data(tf, m)
             rep.files += 1
             rep.bytes += m.size
             return node
@@ -483,8 +401,15 @@ class Flattener:
         rep.drop(f"unsupported tar entry type {m.type!r}", path)
         return None
 
-    def _write_data(self, fobj, size):
-        data = self.writer.add_file_data(fobj, size)
+    def _write_data(self, tr, m):
+        """The data of regular member m, straight from the reader's buffer for small files
+        (no copy on the Python side), else streamed."""
+        size = m.size
+        view = tr.small_data(m)
+        if view is not None:
+            data = self.writer.add_bytes(view)
+        else:
+            data = self.writer.add_file_data(tr.data_reader(), size)
         if self.progress:
             self.progress(size)
         return data
@@ -543,7 +468,7 @@ class Flattener:
                     node = File(mode=0, uid=0, gid=0, mtime=0, xattrs=None, data=None)
                     self._set_meta(node, m, path)
                     if m.size:
-                        node.data = self._write_data(member_data(tf, m), m.size)
+                        node.data = self._write_data(tf, m)
                     for link in links:
                         parent, _, base = link.rpartition("/")
                         parent_dir = self._parent_dir(parent, link)
