@@ -37,7 +37,7 @@ DEFAULTS = {
         "devices": [],
         "env_passthrough": ["TERM", "LANG", "LC_ALL", "TZ"],
         "hooks_dir": "/etc/hpcc/hooks.d",
-        "prefetch_mb": 64,
+        "prefetch_mb": 32,
     },
     "mpi": {"libraries": [], "extra_files": [], "devices": [], "abi_check": "minor"},
     "gpu": {"library_paths": [], "allowed_devices": []},

@@ -311,7 +311,7 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
             "keep_fds": pmi_fds(envd),
             "fallback_args": ["/bin/sh"] if mode == "shell" else [],
             "has_bind_mounts": bool(user_mounts),
-            "prefetch_bytes": int(launcher.get("prefetch_mb", 64)) << 20,
+            "prefetch_bytes": int(launcher.get("prefetch_mb", 32)) << 20,
         },
     }
     if not privileged:
