@@ -1,8 +1,8 @@
-"""The background prefetch of the command's files from a fresh squashfuse mount.
+"""The background prefetch of the command's files from the freshly mounted image.
 
 The unit tests use a plain directory as the image root (the prefetch only reads through
-open_in_root); the end-to-end tests launch real images through squashfuse_ll as the test user
-and read what `hpcc -v` reports.
+open_in_root); the end-to-end tests launch real images (squashfuse_ll as the test user, the
+kernel as root) and read what `hpcc -v` reports.
 """
 import os
 import shutil
@@ -152,15 +152,16 @@ def test_a_script_prefetches_its_interpreter_and_a_missing_command_is_still_127(
 
 
 @pytest.mark.root
-def test_prefetch_off_in_the_config_and_none_for_kernel_mounts(images, launcher_env, test_user,
+def test_prefetch_for_kernel_mounts_too_and_off_in_the_config(images, launcher_env, test_user,
                                                                config_without_prefetch):
-    p = run_hpcc(["-v", "exec", images["base"], "true"], user=test_user.pw_name,
-                 config=config_without_prefetch)
-    assert p.returncode == 0, p.stderr
-    assert "(squashfuse_ll)" in p.stderr and "prefetched" not in p.stderr
     p = run_hpcc(["-v", "exec", images["base"], "true"], config=launcher_env["HPCC_CONFIG"])
     assert p.returncode == 0, p.stderr
-    assert "(kernel)" in p.stderr and "prefetched" not in p.stderr
+    assert "(kernel)" in p.stderr and "prefetched 1 file(s)" in p.stderr
+    for user in (None, test_user.pw_name):
+        p = run_hpcc(["-v", "exec", images["base"], "true"], user=user,
+                     config=config_without_prefetch)
+        assert p.returncode == 0, p.stderr
+        assert "image mounted" in p.stderr and "prefetched" not in p.stderr
 
 
 @pytest.mark.root

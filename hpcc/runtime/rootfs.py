@@ -669,7 +669,7 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
                                       privileged)
         t("image mounted" + (" (squashfuse_ll)" if handle.fuse_pid else " (kernel)"))
         budget = spec["hpcc"].get("prefetch_bytes", 0)
-        if handle.fuse_pid and budget > 0 and spec["process"]["args"]:
+        if budget > 0 and spec["process"]["args"]:
             from . import prefetch
             from .spec import spec_env
             handle.prefetch = prefetch.start(
