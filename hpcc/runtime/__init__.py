@@ -1,6 +1,6 @@
 """hpcc's container runtime: an OCI-shaped spec, a root assembled from a squashfs image,
-OCI hooks, and the container process. Pure Python (ctypes for the system calls); nothing
-here is or needs to be setuid.
+OCI hooks, and the container process. Python, with the system calls Python 3.11 lacks in a
+small C extension (`_linux.c`); nothing here is or needs to be setuid.
 
 API (usable on its own, e.g. by the Slurm helper as root in slurmstepd):
 
