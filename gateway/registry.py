@@ -66,7 +66,8 @@ LAYER_TYPES = {
 }
 
 MAX_MANIFEST = 4 << 20        # manifests and configs larger than this are refused
-_CHUNK = 1 << 20
+_CHUNK = 1 << 20              # blob data handed to the cache (write, hash, progress) at once
+_READ = 1 << 16               # one read from the connection (a TLS record is 16 KiB)
 _RETRY_STATUS = (500, 502, 503, 504)
 
 
@@ -249,19 +250,46 @@ def _describe_conn_error(exc):
     return str(root) or type(root).__name__
 
 
-def _iter_body(r):
-    """Yield a streamed response body as it arrives. Unlike iter_content(), whose reads
-    block for a whole chunk and lose what they buffered when the connection drops, read1()
-    hands over every byte received before a cut, so a resume starts right after them."""
+def _iter_body(r, abort=None):
+    """Yield a streamed response body in pieces of about _CHUNK bytes (views of one reused
+    buffer: use each before asking for the next).
+
+    Reads go through read1(_READ): each hands over what one socket (or TLS record) read
+    brought, so when the connection drops, every byte received before the cut is yielded
+    (then the error is raised) and a resume starts right after them. The bytes are
+    gathered into _CHUNK pieces so the caller's per-piece work (file write, hash update,
+    progress) is done ~300 times for a 300 MB layer, not once per 16 KiB TLS record.
+    read1() with a small size also keeps urllib3 from allocating a _CHUNK-sized buffer
+    per call (a 1 MiB read1() costs ~90 µs each, 1.8 CPU-s for a 300 MB layer over TLS).
+    When `abort` (a threading.Event) is set, what arrived is yielded and the body ends."""
     raw = r.raw
-    if hasattr(raw, "read1"):
+    read1 = getattr(raw, "read1", None)
+    if read1 is None:  # urllib3 < 2.1
+        chunks = r.iter_content(_READ)
+        read1 = lambda _n: next(chunks, b"")  # noqa: E731
+    buf = bytearray(_CHUNK + _READ)
+    view = memoryview(buf)
+    got = 0
+    try:
         while True:
-            chunk = raw.read1(_CHUNK)
+            chunk = read1(_READ)
             if not chunk:
-                return
-            yield chunk
-    else:  # urllib3 < 2.1
-        yield from r.iter_content(64 * 1024)
+                break
+            n = len(chunk)
+            view[got:got + n] = chunk
+            got += n
+            if got >= _CHUNK or abort is not None and abort.is_set():
+                piece, got = view[:got], 0
+                yield piece
+                if abort is not None and abort.is_set():
+                    return
+    except BaseException:
+        if got:
+            piece, got = view[:got], 0
+            yield piece          # what arrived before the error, then the error
+        raise
+    if got:
+        yield view[:got]
 
 
 class _HostState:
@@ -818,14 +846,14 @@ class RegistryClient:
             else:
                 raise self._http_error(ref, r, what, "blob")
             try:
-                for chunk in _iter_body(r):
-                    if abort is not None and abort.is_set():
-                        r.close()
-                        ing.flush()
-                        raise DownloadAborted(f"download of {what} was stopped")
+                for chunk in _iter_body(r, abort):
                     ing.write(chunk)
                     if progress:
                         progress("progress", digest, ing.offset, size)
+                if abort is not None and abort.is_set() and (size is None or ing.offset < size):
+                    r.close()
+                    ing.flush()
+                    raise DownloadAborted(f"download of {what} was stopped")
                 r.close()
             except (requests.exceptions.ChunkedEncodingError,
                     requests.exceptions.ConnectionError, requests.exceptions.Timeout,
