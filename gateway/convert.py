@@ -68,6 +68,45 @@ def created_epoch(image_config):
         return 0
 
 
+class _Syncer:
+    """fdatasync the image being written every SYNC_STEP bytes, in a thread of its own.
+
+    Publishing needs the image on stable storage (fsync, then rename). Flushing 300 MB at
+    the end took 0.3 s on the development VM even with writeback already started (a
+    virtual disk flushes its host's cache then); flushed as it grows, the final fsync is
+    ~30 ms. The thread sleeps in the kernel, so it costs the conversion nothing."""
+
+    SYNC_STEP = 32 << 20
+    INTERVAL = 0.1
+
+    def __init__(self, fd):
+        import threading
+
+        self.fd = fd
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="hpcc-sync", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        return False
+
+    def _run(self):
+        synced = 0
+        while not self.stop.wait(self.INTERVAL):
+            try:
+                size = os.fstat(self.fd).st_size
+                if size - synced >= self.SYNC_STEP:
+                    os.fdatasync(self.fd)
+                    synced = size
+            except OSError:
+                return      # the final fsync reports what is wrong
+
+
 def convert_image(store, digest, layer_getters, *, config, image_config, meta, refs=(),
                   progress=None, before_publish=None):
     """Flatten and publish. `layer_getters` (oldest first) return LayerSource objects.
@@ -79,7 +118,7 @@ def convert_image(store, digest, layer_getters, *, config, image_config, meta, r
     tmp = store.temp_path(digest, ".sqfs")
     t0 = time.monotonic()
     try:
-        with SquashfsWriter(tmp, **wopts) as writer:
+        with SquashfsWriter(tmp, **wopts) as writer, _Syncer(writer.fileno()):
             fl = Flattener(writer, default_mtime=created_epoch(image_config),
                            progress=progress, **flatten_options(config))
             for get in reversed(layer_getters):

@@ -137,6 +137,7 @@ int hpcc_reader_next(hpcc_reader_t *r, sqfs_dir_entry_t **ent, sqfs_inode_generi
 """
 
 GLUE = r"""
+#define _GNU_SOURCE 1   /* sync_file_range */
 #include <sqfs/predef.h>
 #include <sqfs/error.h>
 #include <sqfs/io.h>
@@ -158,6 +159,7 @@ GLUE = r"""
 #include <sqfs/xattr_reader.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -166,14 +168,19 @@ GLUE = r"""
 #include <unistd.h>
 
 /* An sqfs_file_t over a file descriptor that Python owns: destroy never closes the fd.
-   The last errno of a failed I/O is kept so the Python side can say *why* (ENOSPC...). */
+   The last errno of a failed I/O is kept so the Python side can say *why* (ENOSPC...).
+   Writeback of what was written starts every WRITEBACK_STEP bytes (sync_file_range,
+   asynchronous), so the fsync that publishing an image needs finds little left to do. */
 typedef struct {
     sqfs_file_t base;
     int fd;
     int readonly;
     int last_errno;
     sqfs_u64 size;
+    sqfs_u64 flushed;     /* writeback started for [0, flushed) */
 } fdfile_t;
+
+#define WRITEBACK_STEP (4u << 20)
 
 static void fdfile_destroy(sqfs_object_t *obj) { free(obj); }
 
@@ -232,6 +239,12 @@ static int fdfile_write_at(sqfs_file_t *base, sqfs_u64 off, const void *buf, siz
     }
     if (off > f->size)
         f->size = off;
+    if (f->size >= f->flushed + WRITEBACK_STEP) {
+        /* a hint only: an error here (e.g. a file system without it) changes nothing */
+        (void)sync_file_range(f->fd, (off_t)f->flushed, (off_t)(f->size - f->flushed),
+                              SYNC_FILE_RANGE_WRITE);
+        f->flushed = f->size;
+    }
     return 0;
 }
 
