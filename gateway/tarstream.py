@@ -204,6 +204,19 @@ def parse_header(blk):
     return m
 
 
+_BYTE = [bytes((i,)) for i in range(256)]
+
+
+def _c_parser():
+    """The C fast path for headers (hpcc.squashfs._sqfs), or None."""
+    try:
+        from hpcc.squashfs._sqfs import ffi, lib
+
+        return ffi, lib.hpcc_tar_header
+    except (ImportError, AttributeError):
+        return None
+
+
 class TarReader:
     """Members of an uncompressed tar stream, in order, read through one buffer.
 
@@ -231,6 +244,14 @@ class TarReader:
         self._first = True
         self._done = False
         self.bufsize = bufsize
+        c = _c_parser()
+        if c is not None:
+            ffi, self._c_header = c
+            self._c_ptr = ffi.from_buffer(self._buf)
+            self._c_out = ffi.new("int64_t[13]")
+            self._c_unpack = ffi.unpack
+        else:
+            self._c_header = None
 
     # ---- buffer ------------------------------------------------------------------------
     def tell(self):
@@ -343,7 +364,43 @@ class TarReader:
             have = BLOCK
         p = self._pos
         self._pos = p + have
+        if have == BLOCK and self._c_header is not None:
+            rc = self._c_header(self._c_ptr + p, self._c_out)
+            if rc == 0:
+                return self._fast_member(p)
+            if rc == 1:
+                raise _Zero("end of file header")
+            if rc == 2:
+                raise _HeaderError("bad checksum")
         return parse_header(bytes(self._mv[p:p + have]))
+
+    def _fast_member(self, p):
+        """parse_header() of the block at p, from the numbers the C parser found."""
+        (mode, uid, gid, size, mtime, devmajor, devminor, _chk, nlen, llen, ulen, glen,
+         plen) = self._c_unpack(self._c_out, 13)
+        buf = self._buf
+        m = Member()
+        m.name = name = buf[p:p + nlen].decode(_ENC, _ERR)
+        m.mode = mode
+        m.uid = uid
+        m.gid = gid
+        m.size = size
+        m.mtime = mtime
+        m.type = typ = _BYTE[buf[p + 156]]
+        m.linkname = buf[p + 157:p + 157 + llen].decode(_ENC, _ERR) if llen else ""
+        m.uname = buf[p + 265:p + 265 + ulen].decode(_ENC, _ERR) if ulen else ""
+        m.gname = buf[p + 297:p + 297 + glen].decode(_ENC, _ERR) if glen else ""
+        m.devmajor = devmajor
+        m.devminor = devminor
+        m.pax_headers = {}
+        m.sparse = None
+        if typ == AREGTYPE and name.endswith("/"):
+            m.type = typ = DIRTYPE
+        if typ == DIRTYPE:
+            m.name = name = name.rstrip("/")
+        if plen and typ not in GNU_TYPES:
+            m.name = buf[p + 345:p + 345 + plen].decode(_ENC, _ERR) + "/" + name
+        return m
 
     def _member(self):
         """One member with everything that precedes it (pax and GNU headers), as

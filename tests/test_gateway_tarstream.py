@@ -10,6 +10,7 @@ import tarfile
 
 import pytest
 
+from hpcc.gateway import tarstream
 from hpcc.gateway.tarstream import TarReader
 
 MTIME = 1_600_000_000
@@ -30,6 +31,17 @@ class Trickle(io.RawIOBase):
     def readinto(self, b):
         view = memoryview(b)[:self._step]
         return self._b.readinto(view)
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def header_parser(request, monkeypatch):
+    """Every test twice: with the C fast path for headers, and with the Python parser alone
+    (the one the fast path leaves unusual headers to)."""
+    if request.param == "python":
+        monkeypatch.setattr(tarstream, "_c_parser", lambda: None)
+    elif tarstream._c_parser() is None:
+        pytest.skip("the C header parser is not built")
+    return request.param
 
 
 def with_tarfile(data):
