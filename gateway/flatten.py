@@ -284,6 +284,9 @@ class Report:
 
 def normalize_path(name, layer):
     """Tar member name -> relative path ('' for the root). Refuse traversal."""
+    if "/." not in name and "//" not in name and name[:1] not in ("/", ".", "") and \
+            name[-1] != "/":
+        return name     # no empty, "." or ".." component: already normal
     parts = []
     for comp in name.split("/"):
         if comp in ("", "."):
@@ -320,6 +323,9 @@ class Flattener:
         # explicit entry for them still supplies their metadata.
         self._implied = {""}
         self._root_explicit = False
+        self._hides_below = {}    # directory -> _hides_children(directory)
+        self._last_parent = None  # the last directory _parent_dir() found, and its Dir
+        self._last_parent_dir = None
 
     # ---- public --------------------------------------------------------------------
     def add_layers(self, layers):
@@ -353,6 +359,7 @@ class Flattener:
             self._recover_hidden_link_targets(layer, label, wanted)
         self._deleted |= pending_deleted
         self._opaque |= pending_opaque
+        self._hides_below.clear()
 
     # ---- one tar entry ----------------------------------------------------------------
     def _entry(self, tf, m, label, pending_deleted, pending_opaque, in_layer, shadowed_files,
@@ -423,18 +430,26 @@ class Flattener:
             return False
         if path in self._deleted:
             return True
-        p = path
-        while p:
-            p = p.rpartition("/")[0]
-            if p in self._opaque or (p and p in self._deleted):
-                return True
-        return False
+        return self._hides_children(path.rpartition("/")[0])
+
+    def _hides_children(self, d):
+        """Does an upper layer hide what lies below directory path `d` (d or one of its
+        parents whited out or opaque)? Cached per directory: a layer's entries come
+        directory by directory."""
+        hidden = self._hides_below.get(d)
+        if hidden is None:
+            hidden = d in self._opaque or (d != "" and (
+                d in self._deleted or self._hides_children(d.rpartition("/")[0])))
+            self._hides_below[d] = hidden
+        return hidden
 
     def _parent_dir(self, parent, path):
         """The Dir for `parent`, creating implied directories; None if the entry must go."""
         node = self.root
         if not parent:
             return node
+        if parent == self._last_parent:   # entries come directory by directory
+            return self._last_parent_dir
         walked = []
         for comp in parent.split("/"):
             walked.append(comp)
@@ -451,11 +466,14 @@ class Flattener:
                     self.report.shadowed += 1
                 return None
             node = child
+        self._last_parent, self._last_parent_dir = parent, node
         return node
 
     def _forget_subtree(self, path):
+        """A directory at `path` is being replaced: forget what was known below it."""
         prefix = path + "/"
         self._implied = {p for p in self._implied if not p.startswith(prefix)}
+        self._last_parent = self._last_parent_dir = None
 
     def _make_node(self, tf, m, path, label, in_layer, shadowed_files, wanted):
         rep = self.report

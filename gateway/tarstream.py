@@ -282,6 +282,10 @@ class TarReader:
 
     def _read(self, n):
         """n bytes (fewer at the end of the stream) as bytes: headers, long names."""
+        p = self._pos
+        if p + n <= self._end:
+            self._pos = p + n
+            return bytes(self._mv[p:p + n])
         if n > MAX_META:
             raise tarfile.ReadError(f"a tar header of {n} bytes (more than {MAX_META})")
         parts = []
@@ -336,9 +340,12 @@ class TarReader:
         self._cur = None
         if self._done:
             return None
-        if self._base + self._pos != self._next:
+        target = self._next - self._base
+        if target != self._pos:
             # like tarfile: the data before the next header must exist, read or not
-            if not self._skip_to(self._next - 1) or not self._read(1):
+            if self._pos < target <= self._end:
+                self._pos = target
+            elif not self._skip_to(self._next - 1) or not self._read(1):
                 raise tarfile.ReadError("unexpected end of data")
         first, self._first = self._first, False
         try:
@@ -483,9 +490,15 @@ class TarReader:
         if encoding is None:
             encoding = "utf-8"
         for raw_keyword, raw_value in raw_headers:
-            keyword = _decode(raw_keyword, "utf-8")
-            pax[keyword] = _decode(raw_value, encoding if keyword in _PAX_NAME_FIELDS
-                                   else "utf-8")
+            try:
+                keyword = raw_keyword.decode("utf-8")
+            except UnicodeDecodeError:
+                keyword = raw_keyword.decode(_ENC, _ERR)
+            try:
+                pax[keyword] = raw_value.decode(encoding if keyword in _PAX_NAME_FIELDS
+                                                else "utf-8")
+            except UnicodeDecodeError:
+                pax[keyword] = raw_value.decode(_ENC, _ERR)
         nxt = self._subsequent()
         if "GNU.sparse.map" in pax:
             sp = [int(x) for x in pax["GNU.sparse.map"].split(",")]
@@ -655,13 +668,6 @@ class _SparseReader:
         return n
 
     read = _DataReader.read
-
-
-def _decode(value, encoding):
-    try:
-        return value.decode(encoding, "strict")
-    except UnicodeDecodeError:
-        return value.decode(_ENC, _ERR)
 
 
 __all__ = ["TarReader", "Member", "parse_header"]
