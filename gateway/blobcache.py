@@ -24,26 +24,23 @@ from hpcc.reference import DIGEST_RE
 
 _CHUNK = 1 << 20
 _WRITEBACK_STEP = 16 << 20    # start writeback of a download every this many bytes
-_sync_file_range = None
+_start_writeback_fn = None
 
 
 def _start_writeback(fd, offset, length):
     """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing [offset, offset+length) to disk
     now, asynchronously, so the fsync before publishing a blob has little left to do (a
     300 MB layer: 0.6 s less at the end of its download). Only a hint: no error."""
-    global _sync_file_range
-    if _sync_file_range is None:
+    global _start_writeback_fn
+    if _start_writeback_fn is None:
         try:
-            import ctypes
+            from hpcc.squashfs._sqfs import lib
 
-            f = ctypes.CDLL(None, use_errno=True).sync_file_range
-            f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-            f.restype = ctypes.c_int
-            _sync_file_range = f
-        except (OSError, AttributeError):
-            _sync_file_range = False
-    if _sync_file_range:
-        _sync_file_range(fd, offset, length, 2)   # SYNC_FILE_RANGE_WRITE
+            _start_writeback_fn = lib.hpcc_start_writeback
+        except (ImportError, AttributeError):
+            _start_writeback_fn = False
+    if _start_writeback_fn:
+        _start_writeback_fn(fd, offset, length)
 
 
 def _split(digest):

@@ -137,6 +137,9 @@ int hpcc_reader_next(hpcc_reader_t *r, sqfs_dir_entry_t **ent, sqfs_inode_generi
 
 /* ---- tar headers (the gateway feeds layer streams into the writer) ---- */
 int hpcc_tar_header(const unsigned char *block, int64_t *out);
+
+/* ---- start writeback of a file range (the gateway's blob cache uses it too) ---- */
+int hpcc_start_writeback(int fd, int64_t offset, int64_t length);
 """
 
 GLUE = r"""
@@ -1045,6 +1048,15 @@ int hpcc_reader_next(hpcc_reader_t *r, sqfs_dir_entry_t **ent, sqfs_inode_generi
     return ret;
 }
 
+
+/* ------------------------------------------------------------------ writeback */
+
+/* sync_file_range(SYNC_FILE_RANGE_WRITE): asynchronous; -1 with errno on failure. Here so
+   that Python callers need not load ctypes (20 ms) for one system call. */
+int hpcc_start_writeback(int fd, int64_t offset, int64_t length)
+{
+    return sync_file_range(fd, (off_t)offset, (off_t)length, SYNC_FILE_RANGE_WRITE);
+}
 
 /* ------------------------------------------------------------------ tar headers */
 
