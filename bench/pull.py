@@ -258,6 +258,11 @@ def main(argv=None):
             print(f"ratio a/min(b,c) = {med['a'][0] / min(peers):.3f}   (target <= 0.25)")
         if "d" in med:
             print(f"ratio a/d        = {med['a'][0] / med['d'][0]:.3f}   (target <= 1.1)")
+            if opts.repeat > 1:   # a and d of one round ran back to back: less noise
+                pairs = [ra[0] / rd[0] for ra, rd in zip(runs["a"], runs["d"])]
+                print(f"  median of the {len(pairs)} rounds' a/d = "
+                      f"{statistics.median(pairs):.3f}  "
+                      f"(range {min(pairs):.3f}-{max(pairs):.3f})")
         if "b" in med:
             print(f"size a/b         = {med['a'][2] / med['b'][2]:.3f}   (target <= 1.0)")
 
