@@ -20,7 +20,7 @@ DEFAULTS = {
     "gateway": {
         "compressor": "zstd",
         "level": 0,
-        "block_size": 524288,
+        "block_size": 131072,
         "workers": 0,
         "concurrent_downloads": 4,
         "retries": 5,
