@@ -211,9 +211,11 @@ def _make_group(prog, user_mode):
             obj.emit(out)
 
     if not user_mode:
-        @group.command(help="Pull the images named by pending Slurm jobs (--container=IMAGE) "
-                            "that the store lacks, so the jobs do not wait for a conversion "
-                            "when they start. Run it from cron or a systemd timer.")
+        @group.command(help="Pull the images named by pending Slurm jobs (--container=IMAGE, "
+                            "or #SBATCH --container-image=IMAGE in a batch script) that the "
+                            "store lacks, so the jobs do not wait for a conversion when they "
+                            "start. Run it as root from cron or a systemd timer (root reads "
+                            "every job's batch script).")
         @click.option("--dry-run", is_flag=True, help="Only list what would be pulled.")
         @_common
         @click.pass_obj

@@ -169,8 +169,55 @@ def nodes(*, env=None):
     return [_node_from_json(n) for n in data.get("nodes") or []]
 
 
+def script_container_image(script):
+    """The IMAGE of a `#SBATCH --container-image=IMAGE` (or `--container-image IMAGE`)
+    directive in a batch script, read as sbatch does: directives count only before the first
+    command. None when there is none."""
+    import shlex
+
+    image = None
+    lines = script.splitlines()
+    if lines and lines[0].startswith("#!"):
+        lines = lines[1:]
+    for line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        if not text.startswith("#"):
+            break  # the first command ends the directives
+        if not text.startswith("#SBATCH"):
+            continue
+        try:
+            words = shlex.split(text[len("#SBATCH"):], comments=True)
+        except ValueError:
+            continue
+        for i, w in enumerate(words):
+            if w.startswith("--container-image="):
+                image = w.split("=", 1)[1]
+            elif w == "--container-image" and i + 1 < len(words):
+                image = words[i + 1]
+    return image or None
+
+
+def batch_script(job_id, env=None):
+    """The batch script of a job (`scontrol write batch_script ID -`), or "" when it cannot be
+    read (not a batch job, or not allowed: the script is readable by root, SlurmUser and the
+    job's owner)."""
+    exe = shutil.which("scontrol", path=(env or os.environ).get("PATH"))
+    if not exe:
+        return ""
+    try:
+        p = subprocess.run([exe, "write", "batch_script", str(job_id), "-"], capture_output=True,
+                           text=True, errors="replace", env=env, timeout=30)
+    except subprocess.TimeoutExpired:
+        return ""
+    return p.stdout if p.returncode == 0 else ""
+
+
 def pending_job_images(*, env=None):
-    """Images named by pending jobs (`--container=IMAGE`), each once, in job order.
+    """Images named by pending jobs, each once, in job order: `--container=IMAGE` (in the
+    job record), else a `#SBATCH --container-image=IMAGE` line of a batch job's script (the
+    SPANK option is not in the job record; one given on sbatch's command line is not seen).
 
     The prefetcher pulls these before the jobs start. Values that are paths (Slurm OCI
     bundles, .sqfs files) are not registry images and are left out.
@@ -178,6 +225,8 @@ def pending_job_images(*, env=None):
     seen = []
     for j in jobs(states={PENDING}, env=env):
         image = j.container.strip()
+        if not image and j.extra.get("batch_flag", True):
+            image = (script_container_image(batch_script(j.job_id, env)) or "").strip()
         if not image or image.startswith(("/", "./", "../")) or image in seen:
             continue
         seen.append(image)

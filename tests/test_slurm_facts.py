@@ -44,6 +44,12 @@ def test_pending_jobs_and_their_images(slurm_cluster):
     p = slurm_cluster.run("sbatch", "--hold", "--parsable", "--wrap", "true",
                           user="slurmuser2")
     ids.append(int(p.stdout.strip()))
+    # the SPANK option is not in the job record: it is read from the batch script
+    p = slurm_cluster.run("sbatch", "--hold", "--parsable", user="slurmuser2",
+                          input="#!/bin/sh\n#SBATCH --container-image=hpcctest/prefetch-c:3\n"
+                                "true\n#SBATCH --container-image=hpcctest/not-a-directive:1\n")
+    assert p.returncode == 0, p.stderr
+    ids.append(int(p.stdout.strip().split(";")[0]))
     try:
         pending = {j.job_id: j for j in slurm.jobs(states={"PENDING"}, env=env)}
         assert set(ids) <= set(pending)
@@ -52,9 +58,28 @@ def test_pending_jobs_and_their_images(slurm_cluster):
         assert pending[ids[0]].reason == "JobHeldUser"
         assert pending[ids[4]].container == ""
         assert slurm.pending_job_images(env=env) == ["hpcctest/prefetch-a:1",
-                                                     "hpcctest/prefetch-b:2"]
+                                                     "hpcctest/prefetch-b:2",
+                                                     "hpcctest/prefetch-c:3"]
     finally:
         slurm_cluster.run("scancel", *ids)
+
+
+@pytest.mark.parametrize("script, image", [
+    ("#!/bin/bash\n#SBATCH -N1\n#SBATCH --container-image=repo/img:1\nsrun hostname\n",
+     "repo/img:1"),
+    ("#!/bin/sh\n\n# a comment\n#SBATCH --time=5 --container-image reg:5000/a/b@sha256:"
+     + "0" * 64 + "\n", "reg:5000/a/b@sha256:" + "0" * 64),
+    ('#SBATCH --container-image="quoted/img:2" # trailing comment\n', "quoted/img:2"),
+    ("#!/bin/sh\n#SBATCH --container-image=first:1\n#SBATCH --container-image=last:2\n",
+     "last:2"),
+    ("#!/bin/sh\necho hi\n#SBATCH --container-image=after/a-command:1\n", None),
+    ("#!/bin/sh\n# SBATCH --container-image=spaced/out:1\n#SBATCH --container=other\n", None),
+    ("#!/bin/sh\n#SBATCH --container-image\n", None),
+    ('#!/bin/sh\n#SBATCH --container-image="unterminated\n', None),
+    ("", None),
+])
+def test_container_image_directive_of_a_batch_script(script, image):
+    assert slurm.script_container_image(script) == image
 
 
 def test_running_job_is_not_pending(slurm_cluster):
