@@ -123,32 +123,34 @@ out:
 
 static PyObject *py_umount2(PyObject *self, PyObject *args)
 {
-    PyObject *tgt = NULL;
+    PyObject *tgt = NULL, *tgt_obj;
     int flags = 0, r, err;
-    if (!PyArg_ParseTuple(args, "O&|i:umount2", PyUnicode_FSConverter, &tgt, &flags))
+    if (!PyArg_ParseTuple(args, "O|i:umount2", &tgt_obj, &flags))
+        return NULL;
+    if (!PyUnicode_FSConverter(tgt_obj, &tgt))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     r = umount2(PyBytes_AS_STRING(tgt), flags);
     err = errno;
     Py_END_ALLOW_THREADS
-    PyObject *ret = r < 0 ? raise_errno(err, tgt) : Py_NewRef(Py_None);
     Py_DECREF(tgt);
-    return ret;
+    return r < 0 ? raise_errno(err, tgt_obj) : Py_NewRef(Py_None);
 }
 
 static PyObject *py_pivot_root(PyObject *self, PyObject *args)
 {
-    PyObject *new_root = NULL, *put_old = NULL, *ret = NULL;
+    PyObject *new_root = NULL, *put_old = NULL, *ret = NULL, *new_obj;
     long r;
     int err;
-    if (!PyArg_ParseTuple(args, "O&O&:pivot_root", PyUnicode_FSConverter, &new_root,
-                          PyUnicode_FSConverter, &put_old))
+    if (!PyArg_ParseTuple(args, "OO&:pivot_root", &new_obj, PyUnicode_FSConverter, &put_old))
+        goto out;
+    if (!PyUnicode_FSConverter(new_obj, &new_root))
         goto out;
     Py_BEGIN_ALLOW_THREADS
     r = syscall(SYS_pivot_root, PyBytes_AS_STRING(new_root), PyBytes_AS_STRING(put_old));
     err = errno;
     Py_END_ALLOW_THREADS
-    ret = r < 0 ? raise_errno(err, new_root) : Py_NewRef(Py_None);
+    ret = r < 0 ? raise_errno(err, new_obj) : Py_NewRef(Py_None);
 out:
     Py_XDECREF(new_root);
     Py_XDECREF(put_old);
