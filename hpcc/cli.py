@@ -238,7 +238,7 @@ def _launch(cmd, argv, verbose, quiet):
 def _config_check(argv):
     from .config import config_path, load_config
     path, _ = config_path(argv[0] if argv else None)
-    load_config(argv[0] if argv else None, validate_schema=True)
+    load_config(argv[0] if argv else None, validate_schema=True, memo=False)
     hooks_dir = load_config(argv[0] if argv else None, validate_schema=False)["launcher"].get(
         "hooks_dir")
     n = 0

@@ -65,3 +65,28 @@ def test_references_normalise_like_docker(ref, expected):
 def test_bad_references_are_rejected(ref):
     with pytest.raises(ReferenceError_):
         parse_reference(ref)
+
+
+def test_a_config_text_that_passed_is_not_validated_again_until_it_changes(
+        tmp_path, monkeypatch):
+    import hpcc.config as config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calls = []
+    real = config.validate
+    monkeypatch.setattr(config, "validate", lambda data, source: (calls.append(source),
+                                                                  real(data, source)))
+    p = tmp_path / "c.toml"
+    p.write_text('[gateway]\nlevel = 4\n')
+    assert load_config(str(p))["gateway"]["level"] == 4
+    assert load_config(str(p))["gateway"]["level"] == 4
+    assert len(calls) == 1                                  # the second load trusted it
+    assert len(list((tmp_path / "cache" / "hpcc" / "valid-config").iterdir())) == 1
+    load_config(str(p), memo=False)                         # `hpcc config check` always checks
+    assert len(calls) == 2
+    p.write_text('[gateway]\nlevel = "high"\n')              # changed: validated again
+    with pytest.raises(ConfigError, match="gateway.level"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="gateway.level"):
+        load_config(str(p))                                 # and a bad text never passes
+    assert len(calls) == 4
