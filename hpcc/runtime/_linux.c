@@ -251,18 +251,33 @@ static PyObject *py_mount_setattr(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static PyObject *py_drop_all_capabilities(PyObject *self, PyObject *unused)
+/* Empty the ambient and bounding sets; -1 with errno on an unexpected error. */
+static int drop_bounding(void)
 {
-    /* ambient, bounding, then effective/permitted/inheritable */
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
     for (int cap = 0; cap < 64; cap++) {
         if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
             if (errno == EINVAL)  /* past the last capability this kernel knows */
                 break;
             if (errno != EPERM)   /* EPERM: no CAP_SETPCAP (already unprivileged) */
-                return raise_errno(errno, NULL);
+                return -1;
         }
     }
+    return 0;
+}
+
+static PyObject *py_drop_bounding(PyObject *self, PyObject *unused)
+{
+    if (drop_bounding() < 0)
+        return raise_errno(errno, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_drop_all_capabilities(PyObject *self, PyObject *unused)
+{
+    /* ambient, bounding, then effective/permitted/inheritable */
+    if (drop_bounding() < 0)
+        return raise_errno(errno, NULL);
     struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
     struct __user_cap_data_struct data[2] = {{0, 0, 0}, {0, 0, 0}};
     if (syscall(SYS_capset, &hdr, data) < 0)
@@ -293,6 +308,8 @@ static PyMethodDef methods[] = {
      "move_mount(from_fd, from_path, to_fd, to_path, flags)"},
     {"mount_setattr", py_mount_setattr, METH_VARARGS,
      "mount_setattr(dirfd, path, flags, attr_set, attr_clr=0)"},
+    {"drop_bounding", py_drop_bounding, METH_NOARGS,
+     "Empty the ambient and bounding sets (while the process still may: before setuid)."},
     {"drop_all_capabilities", py_drop_all_capabilities, METH_NOARGS,
      "Empty the ambient, bounding, effective, permitted and inheritable sets."},
     {"close_range", py_close_range, METH_VARARGS,

@@ -6,8 +6,9 @@ launch). Every call raises OSError with errno set, like the os module does.
 """
 import os
 
-from ._linux import (drop_all_capabilities, mount, mount_setattr, move_mount,  # noqa: F401
-                     open_tree, openat2, pivot_root, prctl, setns, umount2, unshare)
+from ._linux import (drop_all_capabilities, drop_bounding, mount,  # noqa: F401
+                     mount_setattr, move_mount, open_tree, openat2, pivot_root, prctl, setns,
+                     umount2, unshare)
 from ._linux import close_range as _close_range
 
 CLONE_NEWNS = 0x00020000
@@ -46,10 +47,7 @@ RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 
 PR_SET_PDEATHSIG = 1
-PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 
 def capabilities_effective():

@@ -44,21 +44,6 @@ def _set_identity(user, privileged):
     os.setresuid(user["uid"], user["uid"], user["uid"])
 
 
-def _drop_bounding():
-    try:
-        _sys.prctl(_sys.PR_CAP_AMBIENT, _sys.PR_CAP_AMBIENT_CLEAR_ALL)
-    except OSError:
-        pass
-    for cap in range(64):
-        try:
-            _sys.prctl(_sys.PR_CAPBSET_DROP, cap)
-        except OSError as e:
-            if e.errno == errno.EINVAL:
-                break
-            if e.errno == errno.EPERM:
-                break
-
-
 def _close_fds(keep):
     keep = sorted({0, 1, 2, *keep})
     lo = 0
@@ -111,7 +96,7 @@ def exec_process(spec, *, privileged=None):
         from .hooks import run_hooks, state
         run_hooks(spec, "startContainer", state(spec, "created", os.getpid(), "", ""))
     try:
-        _drop_bounding()
+        _sys.drop_bounding()  # while CAP_SETPCAP is still ours (before the uid changes)
         _set_identity(p["user"], privileged)
     except OSError as e:
         raise LaunchError(f"cannot switch to the container's user: {e}") from None

@@ -630,7 +630,7 @@ class RootHandle:
         self.bundle = os.path.join(stage, "bundle")
         self.fuse_pid = fuse_pid
         self.host_root_fd = None
-        self.prefetch = None  # prefetch.Prefetch of the command's files (squashfuse only)
+        self.prefetch = None  # prefetch.Prefetch of the command's files, when one runs
 
     def close(self):
         """Stop the FUSE daemon (call when the container's processes are gone)."""
