@@ -90,26 +90,24 @@ class _Blobs:
         return LayerSource(self.path, compression, digest, off, size)
 
     def sha256(self, name):
-        h = hashlib.sha256()
         with self.open(name) as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return "sha256:" + h.hexdigest()
+            return _stream_sha256(f)
+
+
+def _stream_sha256(f):
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 def _uncompressed_sha256(source, name):
-    h = hashlib.sha256()
     try:
         with source.open() as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except (OSError, EOFError, ValueError) as e:
-        raise ImageError(f"layer {name} cannot be decompressed ({e}); the archive is "
-                         "corrupt") from None
-    except Exception as e:  # zstandard.ZstdError and isal's errors are not OSErrors
+            return _stream_sha256(f)
+    except Exception as e:  # OSError, EOFError, zstandard.ZstdError, isal's errors...
         raise ImageError(f"layer {name} cannot be decompressed ({type(e).__name__}: {e}); "
                          "the archive is corrupt") from None
-    return "sha256:" + h.hexdigest()
 
 
 def _json(data, what):
