@@ -255,7 +255,7 @@ def rm(obj, refs, json_output, quiet):
 @click.pass_obj
 def prefetch(obj, dry_run, json_output, quiet):
     from hpcc.errors import HpccError as _E
-    from hpcc.slurm import pending_job_images
+    from hpcc.slurm.jobs import pending_job_images
 
     from .pull import pull as do_pull
 
