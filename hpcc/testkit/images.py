@@ -243,7 +243,7 @@ class ImageBuilder:
         self._layers.append(LayerBlob(tar, blob, compression, types[compression],
                                       sha256(blob), sha256(tar)))
         self._history.append({"created": self.created, "created_by": comment or
-                              f"hpcc.gateway.testing layer {len(self._layers)}"})
+                              f"hpcc.testkit layer {len(self._layers)}"})
         return self
 
     def add_layer(self, layer_blob):
