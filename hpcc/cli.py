@@ -144,7 +144,7 @@ class _LaunchCache:
         self.data = {}
         self.dirty = False
         try:
-            from .runtime.rootfs import stage_dir
+            from .runtime.namespaces import stage_dir
             self.path = os.path.join(stage_dir(os.geteuid() == 0), "launch-cache")
             import marshal
             with open(self.path, "rb") as f:
@@ -243,7 +243,7 @@ def _config_check(argv):
         "hooks_dir")
     n = 0
     if hooks_dir and os.path.isdir(hooks_dir):
-        from .runtime.hooks import load_hooks
+        from .runtime.ocihooks import load_hooks
         n = len(load_hooks(hooks_dir))
     print(f"{path}: ok" + (f"; {n} hook config(s) in {hooks_dir}: ok" if n else ""))
     return 0
