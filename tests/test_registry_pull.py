@@ -9,6 +9,7 @@ import pytest
 
 from hpcc.errors import ConfigError, ImageError, RegistryError
 from hpcc.gateway.blobcache import BlobCache
+from hpcc.gateway.manifest import media_type
 from hpcc.gateway.registry import RegistryClient, host_platform, sniff_compression
 from hpcc.gateway.testing import (ImageBuilder, busybox_image, directory, file, image_index,
                                   simple_image)
@@ -181,8 +182,8 @@ def test_schema1_manifest_is_refused(registry, client):
     # refusal logic is checked on the manifest as a registry would serve it.
     body = json.dumps({"schemaVersion": 1, "name": "x", "tag": "v", "fsLayers": []}).encode()
     with pytest.raises(ImageError, match="schema 1"):
-        RegistryClient._media_type("application/vnd.docker.distribution.manifest.v1+prettyjws",
-                                   json.loads(body), "manifest of x")
+        media_type("application/vnd.docker.distribution.manifest.v1+prettyjws",
+                   json.loads(body), "manifest of x")
 
 
 def test_connection_refused_is_a_registry_error(client):
