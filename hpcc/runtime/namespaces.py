@@ -29,15 +29,20 @@ def enter_namespaces(privileged):
         try:
             _sys.unshare(_sys.CLONE_NEWUSER | _sys.CLONE_NEWNS)
         except OSError as e:
-            raise LaunchError(
-                f"cannot create a user namespace: {e.strerror}",
-                hint="the admin must allow unprivileged user namespaces "
-                     "(sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone=1)"
-            ) from None
+            from .userns import launch_message
+            raise LaunchError(launch_message(e.errno, e.strerror)) from None
         # Setup namespace: the caller is root in it, so that image files owned by root
         # (uid 0 in the squashfs) map to the caller and the overlay can copy them up.
         # exec_process nests a second user namespace that maps the caller to themselves.
-        write_id_maps(0, uid, 0, gid)
+        try:
+            write_id_maps(0, uid, 0, gid)
+            _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
+        except PermissionError as e:
+            # AppArmor's restriction lets unshare succeed and takes the namespace's
+            # capabilities away: the first mount is where it shows.
+            from .userns import launch_message
+            raise LaunchError(launch_message(e.errno, e.strerror)) from None
+        return
     _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
 
 
