@@ -181,7 +181,7 @@ def _config_check(argv):
         "hooks_dir")
     n = 0
     if hooks_dir and os.path.isdir(hooks_dir):
-        from .runtime.hooks import load_hooks
+        from .runtime.ocihooks import load_hooks
         n = len(load_hooks(hooks_dir))
     print(f"{path}: ok" + (f"; {n} hook config(s) in {hooks_dir}: ok" if n else ""))
     return 0
