@@ -133,7 +133,7 @@ def _probe_image(path):
 def _unprivileged_probe(work, image):
     """As the caller (or nobody): /dev/fuse, a user namespace, its capabilities, overlayfs,
     openat2, the new mount API, squashfuse_ll on the probe image."""
-    from .runtime import _sys, rootfs
+    from .runtime import _sys, imagemount, namespaces
 
     _drop_to_nobody()
     out = {"uid": os.getuid()}
@@ -150,7 +150,7 @@ def _unprivileged_probe(work, image):
         out["userns"] = _err(e)
         return out
     try:
-        rootfs.write_id_maps(0, uid, 0, gid)
+        namespaces.write_id_maps(0, uid, 0, gid)
         _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
         _sys.mount("doctor", work, "tmpfs", 0, "mode=0755")
         out["userns_mount"] = {"ok": True}
@@ -188,7 +188,7 @@ def _unprivileged_probe(work, image):
         try:
             fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                pid = rootfs._fuse_mount(fd, f"{work}/img", image, False)
+                pid = imagemount._fuse_mount(fd, f"{work}/img", image, False)
             finally:
                 os.close(fd)
             try:
@@ -207,14 +207,14 @@ def _unprivileged_probe(work, image):
 
 def _kernel_probe(work, image):
     """As root: a loop device and a kernel squashfs mount of the zstd probe image."""
-    from .runtime import _sys, rootfs
+    from .runtime import _sys, imagemount
 
     out = {}
     _sys.unshare(_sys.CLONE_NEWNS)
     _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        rootfs._loop_mount(fd, work, image)
+        imagemount._loop_mount(fd, work, image)
         with open(f"{work}/probe", "rb") as f:
             ok = f.read() == b"hpcc doctor\n" * 64
         out["kernel_squashfs"] = {"ok": ok} if ok else {"error": "read back wrong bytes"}
@@ -297,9 +297,9 @@ def squashfuse_version(exe):
 
 
 def check_squashfuse(probe):
-    from .runtime import rootfs
+    from .runtime.imagemount import _find_exe
 
-    exe = rootfs._find_exe("squashfuse_ll")
+    exe = _find_exe("squashfuse_ll")
     if not exe:
         return Check("host.squashfuse", "squashfuse_ll", "fail",
                      "squashfuse_ll is not installed (it serves images to unprivileged "
@@ -621,7 +621,7 @@ def check_slurm(facts):
 
 
 def check_mpi(config):
-    from .hooks.common import HostLibraries
+    from .hooks.libraries import HostLibraries
     from .hooks.mpi import host_mpi_libraries
     configured = bool((config.get("mpi") or {}).get("libraries"))
     try:
@@ -677,7 +677,8 @@ def _image_probe(image_arg, config):
     """In a child: the image mounted as `hpcc exec` would, then the MPI and GPU hooks'
     plans on it (nothing applied)."""
     from .cli import resolve_image
-    from .hooks.common import Container, Root
+    from .hooks.oci import Container
+    from .hooks.root import Root
     from .hooks.mpi import plan_mpi
     from .hooks.nvidia import plan_nvidia
     from .runtime import build_spec, enter_namespaces, setup_root
