@@ -237,7 +237,12 @@ def _slurm_plugin_configured(slurm):
 
 def check_userns(probe, slurm):
     values = userns.settings()
-    details = {"sysctls": values, "probe": probe.get("userns"), "as_uid": probe.get("uid")}
+    from .apparmor import profile_path
+    aa = profile_path(sys.executable)
+    details = {"sysctls": values, "probe": probe.get("userns"), "as_uid": probe.get("uid"),
+               "interpreter": sys.executable,
+               "interpreter_is_link": os.path.islink(sys.executable),
+               "apparmor_profile": aa if os.path.exists(aa) else None}
     res = probe.get("userns") or {}
     mnt = probe.get("userns_mount") or {}
     if res.get("ok") and mnt.get("ok"):
