@@ -222,10 +222,10 @@ def refuse_unless_writable(dir_fd, cpath, writable_devs, what="create"):
     """The one rule for changes: `dir_fd` (the directory that would change) must be on a
     filesystem in writable_devs; otherwise one line naming the path."""
     if os.fstat(dir_fd).st_dev not in writable_devs:
-        raise MountError(f"refusing to {what} {cpath} in the container: it is not on the "
-                         "container's own writable layer (a host directory bound into the "
-                         "container, or the image)",
-                         hint="bind over an existing file there, or use another directory")
+        raise MountError(f"refusing to {what} {cpath} in the container: its directory is not "
+                         "on the container's own writable layer (it is a host directory bound "
+                         "into the container, or the image), and hpcc never writes there",
+                         hint="bind that host directory elsewhere in the container")
 
 
 def parent_in_root(root_fd, cpath, writable_devs, *, create=True):

@@ -55,7 +55,10 @@ def _bind(src_fd, tgt_fd, options):
 
 
 def _open_source(m, user_ctx):
-    """O_PATH fd of a bind source on the host; a user's source must be readable by them."""
+    """(O_PATH fd of a bind source on the host, whether it must be read-only). A user's
+    source (origin user, home, cwd) is opened with the user's rights and must be readable
+    by them; as root it is bound read-only unless the user may write it, so the bind gives
+    nobody (root's hooks included) more than the user has on the host."""
     src = m["source"]
     check = m.get("x-hpcc-origin") in ("user", "home", "cwd")
     with user_ctx if check else NoChange():
@@ -63,18 +66,23 @@ def _open_source(m, user_ctx):
             fd = os.open(src, O_PATH_FLAGS)
         except OSError as e:
             raise MountError(f"cannot bind {src}: {e.strerror}") from None
+        readonly = False
         if check:
             want = os.R_OK | (os.X_OK if stat.S_ISDIR(os.fstat(fd).st_mode) else 0)
             if not os.access(f"/proc/self/fd/{fd}", want, effective_ids=True):
                 os.close(fd)
                 raise MountError(f"refusing to bind {src}: you cannot read it")
-    return fd
+            readonly = getattr(user_ctx, "active", False) and not os.access(
+                f"/proc/self/fd/{fd}", os.W_OK, effective_ids=True)
+    return fd, readonly
 
 
 def _apply_mount(root_fd, m, privileged, writable_devs, user_ctx):
     dest, typ, opts = m["destination"], m["type"], m.get("options", [])
     if typ == "bind":
-        src_fd = _open_source(m, user_ctx)
+        src_fd, readonly = _open_source(m, user_ctx)
+        if readonly and "ro" not in opts:
+            opts = [*opts, "ro"]
         try:
             is_dir = stat.S_ISDIR(os.fstat(src_fd).st_mode)
             tgt = resolve_target(root_fd, dest, "dir" if is_dir else "file", writable_devs)
