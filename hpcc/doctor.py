@@ -237,7 +237,12 @@ def _slurm_plugin_configured(slurm):
 
 def check_userns(probe, slurm):
     values = userns.settings()
-    details = {"sysctls": values, "probe": probe.get("userns"), "as_uid": probe.get("uid")}
+    from .apparmor import profile_path
+    aa = profile_path(sys.executable)
+    details = {"sysctls": values, "probe": probe.get("userns"), "as_uid": probe.get("uid"),
+               "interpreter": sys.executable,
+               "interpreter_is_link": os.path.islink(sys.executable),
+               "apparmor_profile": aa if os.path.exists(aa) else None}
     res = probe.get("userns") or {}
     mnt = probe.get("userns_mount") or {}
     if res.get("ok") and mnt.get("ok"):
@@ -289,7 +294,8 @@ def check_fuse(probe):
 
 def squashfuse_version(exe):
     try:
-        p = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10)
+        p = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10,
+                           check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"squashfuse\S*\s+(\d+(?:\.\d+)+)", p.stdout + p.stderr)
@@ -338,7 +344,7 @@ def _kernel_config(option):
                     text = f.read()
         except OSError:
             continue
-        m = re.search(rf"^CONFIG_{option}=(\w)", text, re.M)
+        m = re.search(rf"^CONFIG_{option}=(\w)", text, re.MULTILINE)
         return m.group(1) if m else "n"
     return None
 
@@ -588,7 +594,7 @@ def check_slurm(facts):
             env = dict(os.environ, SLURM_CONF=_slurm_conf())
             try:
                 p = subprocess.run([facts["srun"], "--help"], capture_output=True, text=True,
-                                   env=env, timeout=30)
+                                   env=env, timeout=30, check=False)
                 text = p.stdout + p.stderr
             except (OSError, subprocess.SubprocessError) as e:
                 text = f"srun --help failed: {e}"
@@ -677,10 +683,10 @@ def _image_probe(image_arg, config):
     """In a child: the image mounted as `hpcc exec` would, then the MPI and GPU hooks'
     plans on it (nothing applied)."""
     from .cli import resolve_image
-    from .hooks.oci import Container
-    from .hooks.root import Root
     from .hooks.mpi import plan_mpi
     from .hooks.nvidia import plan_nvidia
+    from .hooks.oci import Container
+    from .hooks.root import Root
     from .runtime import build_spec, enter_namespaces, setup_root
 
     privileged = os.geteuid() == 0
