@@ -156,7 +156,15 @@ def test_a_script_warms_its_interpreter_and_a_missing_command_is_still_127(
 @pytest.mark.root
 def test_warming_for_kernel_mounts_too_and_off_in_the_config(images, launcher_env, test_user,
                                                               config_without_warming):
-    p = run_hpcc(["-v", "exec", images["base"], "true"], config=launcher_env["HPCC_CONFIG"])
+    # the kernel mounts only images reached through root-only directories (not /tmp's)
+    site = tempfile.mkdtemp(dir="/run")
+    try:
+        os.chmod(site, 0o755)
+        shutil.copy(images["base"], os.path.join(site, "base.sqfs"))
+        p = run_hpcc(["-v", "exec", os.path.join(site, "base.sqfs"), "true"],
+                     config=launcher_env["HPCC_CONFIG"])
+    finally:
+        shutil.rmtree(site)
     assert p.returncode == 0, p.stderr
     assert "(kernel)" in p.stderr and "warmed 1 file(s)" in p.stderr
     for user in (None, test_user.pw_name):
