@@ -9,12 +9,13 @@ Every command takes --json (machine output on stdout) and -q/--quiet; errors are
 on stderr with the exit codes of DESIGN.md (1 user error, 2 usage, 3 registry/network).
 """
 import json
+import os
 import sys
 
 import click
 
 from hpcc.config import load_config
-from hpcc.errors import EXIT_USAGE, HpccError
+from hpcc.errors import EXIT_USAGE, HpccError, StoreError
 from hpcc.store import Store
 
 
@@ -69,6 +70,7 @@ def _make_group(prog, user_mode):
         else:
             store = Store.site(config)
         ctx.obj = Ctx(config, store, False, False, prog, user_mode)
+        ctx.obj.explicit_store = bool(store_path)
 
     @group.command(help="Pull an image from a registry and convert it to one squashfs file "
                         "in the store. REF is like Docker's: ubuntu, ubuntu:22.04, "
@@ -85,6 +87,15 @@ def _make_group(prog, user_mode):
         from .pull import pull as do_pull
 
         obj.json, obj.quiet = json_output, quiet
+        if obj.user_mode and not obj.explicit_store:
+            from .userpull import pull_for_user
+
+            res = pull_for_user(obj.config, obj.store, ref, platform=platform,
+                                insecure=insecure, force=force, reporter=obj.reporter())
+            if json_output:
+                obj.emit(res)
+            return
+        _admin_store(obj, f"hpcc pull {ref}")
         obj.store.ensure()
         res = do_pull(ref, store=obj.store, config=obj.config, platform=platform,
                       insecure=insecure, force=force, reporter=obj.reporter())
@@ -102,6 +113,7 @@ def _make_group(prog, user_mode):
         from .importer import import_image
 
         obj.json, obj.quiet = json_output, quiet
+        _admin_store(obj, "hpcc pull REF")
         rec, report = import_image(path, store=obj.store, config=obj.config, tag=tag,
                                    platform=platform, reporter=obj.reporter())
         if json_output:
@@ -198,6 +210,7 @@ def _make_group(prog, user_mode):
     @_common
     @click.pass_obj
     def rm(obj, refs, json_output, quiet):
+        _admin_store(obj, "hpcc rm REF")
         out = []
         for ref in refs:
             tags, digest = obj.store.remove(ref)
@@ -224,6 +237,8 @@ def _make_group(prog, user_mode):
             from hpcc.slurm import pending_job_images
 
             from .pull import pull as do_pull
+            from .service_client import enabled as service_enabled
+            from .service_client import pull as service_pull
 
             obj.json, obj.quiet = json_output, quiet
             results, failed = [], 0
@@ -234,6 +249,10 @@ def _make_group(prog, user_mode):
                         entry["status"] = "present"
                     elif dry_run:
                         entry["status"] = "would pull"
+                    elif service_enabled(obj.config):
+                        res = service_pull(obj.config, image, reporter=obj.reporter())
+                        entry.update(status="pulled" if res.get("converted") else "present",
+                                     digest=res.get("digest"))
                     else:
                         obj.store.ensure()
                         res = do_pull(image, store=obj.store, config=obj.config,
@@ -260,6 +279,7 @@ def _make_group(prog, user_mode):
         @_common
         @click.pass_obj
         def gc(obj, dry_run, blobs, json_output, quiet):
+            _admin_store(obj, "hpcc gc")
             removed = obj.store.gc(dry_run=dry_run)
             if blobs:
                 from .blobcache import BlobCache
@@ -277,13 +297,32 @@ def _make_group(prog, user_mode):
                 click.echo(f"{len(removed)} item(s) {'to remove' if dry_run else 'removed'}",
                            err=True)
 
+    from .servecli import add_commands
+
+    add_commands(group, _common, user_mode)
     return group
+
+
+def _admin_store(obj, instead):
+    """A user who cannot write the site store gets one line, not a traceback."""
+    if obj.user_mode or os.geteuid() == 0:
+        return
+    d = obj.store.root
+    while not os.path.exists(d) and os.path.dirname(d) != d:
+        d = os.path.dirname(d)
+    if not os.access(d, os.W_OK):
+        raise StoreError(f"the store {obj.store.root} is the site admins' (you cannot write it)",
+                         hint=f"use '{instead}' for your own images")
 
 
 def _find(obj, ref):
     rec = obj.store.find(ref)
     if rec is None and obj.user_mode:
-        rec = Store.site(obj.config).find(ref)
+        from hpcc.store import shared_image
+
+        site = Store.site(obj.config)
+        private = Store.private(site.root, os.getuid())
+        rec = private.find(ref) or site.find(ref) or shared_image(obj.store, (private, site), ref)
     if rec is None:
         obj.store.resolve(ref)  # raises ImageNotFound with the hint
     return rec
