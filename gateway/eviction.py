@@ -16,7 +16,7 @@ RUNNING = "RUNNING"
 
 def job_image_digests(store, env=None):
     """Digests in `store` of the images named by pending and running jobs."""
-    from hpcc.slurm import jobs, pending_job_images
+    from hpcc.slurm.jobs import jobs, pending_job_images
 
     names = set(pending_job_images(env=env))
     names.update(j.container.strip() for j in jobs(states={RUNNING}, env=env)

@@ -47,10 +47,9 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
          client=None, check_size=None, shared=()):
     """`check_size(bytes)` may refuse the finished squashfs (raise) before it is published.
     `shared`: stores (the site's) whose copy of the image is used instead of converting."""
-    from .blobcache import BlobCache
-    from .registry import RegistryClient, blob_cache_dir
-
+    from .blobcache import BlobCache, blob_cache_dir
     from .progress import Reporter
+    from .registry import RegistryClient
 
     reporter = reporter or Reporter(quiet=True)
     t0 = time.monotonic()
@@ -177,7 +176,7 @@ class _Feed:
                            self.layer.digest, opener=self._open_growing)
 
     def _sniffed(self):
-        from .registry import sniff_compression
+        from .manifest import sniff_compression
 
         with _Growing(self) as f:
             head = f.read(512)
