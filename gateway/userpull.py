@@ -41,8 +41,7 @@ def pull_for_user(config, store, ref, *, platform=None, insecure=False, force=Fa
 def trim_blobs(config, store, cap=None):
     """Keep at most `cap` bytes (default store.user_blob_cache_mb) of the user's blob cache,
     newest blobs first; returns the paths removed."""
-    from .blobcache import BlobCache
-    from .registry import blob_cache_dir
+    from .blobcache import BlobCache, blob_cache_dir
 
     if cap is None:
         cap = int(config["store"].get("user_blob_cache_mb") or 0) * MB

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcc.gateway.testing import (BUSYBOX, ImageBuilder, directory, file, simple_image,
-                                  symlink)
+from hpcc.testkit.busybox import BUSYBOX
+from hpcc.testkit.images import ImageBuilder, directory, file, simple_image, symlink
 
 pytestmark = [pytest.mark.root]
 

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from hpcc.gateway.testing import simple_image
+from hpcc.testkit.images import simple_image
 from tests.conftest import tool
 
 pytestmark = [pytest.mark.root]
