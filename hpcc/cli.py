@@ -24,6 +24,7 @@ commands:
   pull REF                                  pull an image into your own store
   images | inspect REF | rm REF             list, show, remove images (--json for output)
   config check                              validate the site configuration
+  doctor [--json] [--image IMAGE]           check this host and say how to fix problems
   version                                   print hpcc's version
 
 Run `hpcc COMMAND --help` for the options of a command.
@@ -180,7 +181,7 @@ def _config_check(argv):
         "hooks_dir")
     n = 0
     if hooks_dir and os.path.isdir(hooks_dir):
-        from .runtime.hooks import load_hooks
+        from .runtime.ocihooks import load_hooks
         n = len(load_hooks(hooks_dir))
     print(f"{path}: ok" + (f"; {n} hook config(s) in {hooks_dir}: ok" if n else ""))
     return 0
@@ -215,6 +216,9 @@ def main(argv=None):
             if rest[:1] == ["check"]:
                 return _config_check(rest[1:])
             raise UsageError("usage: hpcc config check [FILE]")
+        if cmd == "doctor":
+            from .doctor import main as doctor_main
+            return doctor_main(rest)
         if cmd in ("version", "--version"):
             from . import __version__
             print(f"hpcc {__version__}")

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from hpcc.gateway.testing import ImageBuilder, file
+from hpcc.testkit.images import ImageBuilder, file
 from hpcc.squashfs import SquashfsReader
 from tests.conftest import tool
 

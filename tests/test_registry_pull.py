@@ -6,20 +6,14 @@ import json
 import uuid
 
 import pytest
+
+from hpcc.errors import ConfigError, ImageError, NotInRegistry, RegistryError
 from hpcc.gateway.blobcache import BlobCache
 from hpcc.gateway.manifest import media_type
 from hpcc.gateway.registry import RegistryClient, host_platform, sniff_compression
-from hpcc.gateway.testing import (
-    ImageBuilder,
-    busybox_image,
-    directory,
-    file,
-    image_index,
-    simple_image,
-)
-
-from hpcc.errors import ConfigError, ImageError, NotInRegistry, RegistryError
 from hpcc.reference import parse_reference
+from hpcc.testkit.busybox import busybox_image
+from hpcc.testkit.images import ImageBuilder, directory, file, image_index, simple_image
 
 
 def repo(name):
@@ -94,7 +88,7 @@ def test_layer_compressions(registry, client, cache, compression):
 def test_mislabelled_layer_takes_compression_from_magic_bytes(registry, client, cache):
     """Uncompressed tar data under a gzip media type: the bytes decide."""
     b = ImageBuilder()
-    from hpcc.gateway.testing import layer_tar
+    from hpcc.testkit.images import layer_tar
     tar = layer_tar([directory("x"), file("x/y", b"z")])
     b.raw_layer(tar, "application/vnd.docker.image.rootfs.diff.tar.gzip", tar=tar)
     built = b.build()
@@ -250,7 +244,7 @@ def test_image_config_not_matching_layers_is_refused(registry, client):
     b = ImageBuilder().layer([file("a", b"1")]).layer([file("b", b"2")])
     built = b.build()
     # rewrite the config so diff_ids lists one layer only, re-sign the manifest
-    from hpcc.gateway.testing import Image, sha256
+    from hpcc.testkit.images import Image, sha256
     cfg = dict(built.config, rootfs={"type": "layers", "diff_ids": built.config["rootfs"]["diff_ids"][:1]})
     cfg_bytes = json.dumps(cfg).encode()
     man = dict(built.manifest, config=dict(built.manifest["config"], size=len(cfg_bytes),
