@@ -45,7 +45,9 @@ class PullResult:
 
 
 def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, reporter=None,
-         client=None):
+         client=None, check_size=None, shared=()):
+    """`check_size(bytes)` may refuse the finished squashfs (raise) before it is published.
+    `shared`: stores (the site's) whose copy of the image is used instead of converting."""
     from .blobcache import BlobCache, blob_cache_dir
     from .progress import Reporter
     from .registry import RegistryClient
@@ -65,6 +67,9 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
         store.ensure()
         if not force:
             rec = store.get(digest)
+            for other in shared:
+                if rec is None:
+                    rec = other.get(digest)  # the site store has it: only tag it here
             if rec is not None:
                 for r in refs:
                     store.tag(r, digest)
@@ -94,7 +99,7 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
                 try:
                     try:
                         rec, stats, report = _convert(store, digest, img, ref, refs, config,
-                                                      feeds, futures, reporter)
+                                                      feeds, futures, reporter, check_size)
                     except _Restarted:
                         # A download threw away bytes the conversion had already read
                         # (they failed their check; the blob is fetched again): convert
@@ -103,7 +108,7 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
                             f.result()
                         reporter.line("a layer was downloaded again; converting again")
                         rec, stats, report = _convert(store, digest, img, ref, refs, config,
-                                                      feeds, futures, reporter)
+                                                      feeds, futures, reporter, check_size)
                 except BaseException as e:
                     abort.set()
                     for f in futures:
@@ -129,10 +134,10 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
             client.close()
 
 
-def _convert(store, digest, img, ref, refs, config, feeds, futures, reporter):
+def _convert(store, digest, img, ref, refs, config, feeds, futures, reporter, check_size):
     return convert_image(store, digest, [feed.source for feed in feeds], config=config,
                          image_config=img.config, meta=_meta(img, ref), refs=refs,
-                         progress=reporter.converted_bytes,
+                         progress=reporter.converted_bytes, check_size=check_size,
                          before_publish=lambda: [f.result() for f in futures])
 
 

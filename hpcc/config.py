@@ -16,6 +16,7 @@ DEFAULTS = {
         "path": "/var/lib/hpcc/images",
         "user_path": "$XDG_DATA_HOME/hpcc/images",
         "blob_cache": "",
+        "user_blob_cache_mb": 0,
     },
     "gateway": {
         "compressor": "zstd",
@@ -30,6 +31,24 @@ DEFAULTS = {
         "platform": "",
     },
     "registries": {},
+    "service": {
+        "enabled": False,
+        "socket": "/run/hpcc/gateway.sock",
+        "listen": "",
+        "address": "",
+        "munge_socket": "",
+    },
+    "policy": {
+        "allow": [],
+        "deny": [],
+        "max_compressed_mb": 0,
+        "max_squashfs_mb": 0,
+        "user_concurrent_pulls": 0,
+        "user_pulls_per_hour": 0,
+        "store_budget_mb": 0,
+        "audit_log": "/var/log/hpcc/gateway-audit.jsonl",
+        "signatures": [],
+    },
     "launcher": {
         "binds": [],
         "mount_home": True,
