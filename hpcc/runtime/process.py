@@ -36,7 +36,7 @@ def _set_identity(spec, privileged):
     """Become the container's user. remap_root: uid and gid 0 in a user namespace of the
     command's own that maps them to the user's ids outside (its capabilities count only in
     that namespace, whose mount namespace it does not own: it cannot mount)."""
-    from .rootfs import write_id_maps
+    from .namespaces import write_id_maps
     user = spec["process"]["user"]
     h = spec.get("hpcc", {})
     remap = h.get("remap_root")
@@ -108,7 +108,7 @@ def exec_process(spec, *, privileged=None):
         privileged = spec.get("hpcc", {}).get("privileged", os.geteuid() == 0)
     env = spec_env(spec)
     if spec.get("hooks", {}).get("startContainer"):
-        from .hooks import run_hooks, state
+        from .ocihooks import run_hooks, state
         run_hooks(spec, "startContainer", state(spec, "created", os.getpid(), "", ""))
     try:
         _sys.drop_bounding()  # while CAP_SETPCAP is still ours (before the uid changes)
@@ -199,7 +199,7 @@ def run_container(spec, *, privileged=None, log=None, supervise=True, named=None
     squashfs image (hpcc.runtime.save), as the user; a failure to save makes the status 125
     when the command itself succeeded."""
     from . import rootfs
-    from .hooks import run_hooks, state
+    from .ocihooks import run_hooks, state
 
     if privileged is None:
         privileged = os.geteuid() == 0
@@ -225,8 +225,8 @@ def run_container(spec, *, privileged=None, log=None, supervise=True, named=None
     code = _supervise(pid, handle)
     _kill_leftovers({os.getpid(), handle.fuse_pid})
     warn(f"command exited ({code})")
-    if handle.prefetch:
-        warn(handle.prefetch.summary())
+    if handle.warming:
+        warn(handle.warming.summary())
     if save_to is not None:
         problem = _save(spec, save_to, privileged)
         if problem:
