@@ -2,6 +2,7 @@
 rootless, as root, and as root for another user. Real images, namespaces and squashfs.
 """
 import os
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -26,6 +27,17 @@ def cfg(launcher_env):
     os.chmod(path, 0o644)
     yield {"config": path, "dir": d, "containers": f"{d}/containers"}
     subprocess.run(["rm", "-rf", d])
+
+
+@pytest.fixture(scope="module")
+def site_base(images):
+    """images["base"] where root's launches kernel-mount it (a root-only directory chain):
+    the image's files are then idmapped to the user of a writable container."""
+    d = tempfile.mkdtemp(prefix="hpcc-site-img-", dir="/run")
+    os.chmod(d, 0o755)
+    shutil.copy(images["base"], os.path.join(d, "base.sqfs"))
+    yield os.path.join(d, "base.sqfs")
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def hpcc(cfg, who, *args, **kw):
@@ -112,11 +124,11 @@ def test_exec_attaches_to_the_running_container(images, cfg, who, xdg):
     assert p.returncode == 125 and "is not running" in p.stderr
 
 
-def test_root_keeps_named_state_in_a_root_only_directory(images, cfg, test_user):
+def test_root_keeps_named_state_in_a_root_only_directory(site_base, cfg, test_user):
     """As root for a user: every directory above the layer is root's (0700); the user's
     files are theirs only inside the layer; the user may write anywhere in the container."""
     u = test_user
-    p = hpcc(cfg, None, "run", "--user", u.pw_name, "--name", "job", images["base"], "--",
+    p = hpcc(cfg, None, "run", "--user", u.pw_name, "--name", "job", site_base, "--",
              "sh", "-c", "touch /made-by-user && id -u")
     assert (p.returncode, p.stdout) == (0, f"{u.pw_uid}\n"), p.stderr
     base = cfg["containers"]
@@ -184,20 +196,20 @@ def _uid(who):
     return pwd.getpwnam(who).pw_uid
 
 
-def test_save_as_root_for_a_user_writes_as_the_user(images, cfg, test_user, shared_dir):
+def test_save_as_root_for_a_user_writes_as_the_user(site_base, cfg, test_user, shared_dir):
     """Root never writes into a path the user chose: the image is written with the user's
     rights (a directory only root may write is refused), owned by the user."""
     u = test_user
     out = os.path.join(shared_dir, "mine.sqfs")
     p = hpcc(cfg, None, "run", "--user", u.pw_name, "--writable", "--save", out,
-             images["base"], "--", "sh", "-c", "echo x > /x")
+             site_base, "--", "sh", "-c", "echo x > /x")
     assert p.returncode == 0, p.stderr
     assert os.stat(out).st_uid == u.pw_uid
     rootonly = tempfile.mkdtemp(prefix="hpcc-rootonly-")
     os.chmod(rootonly, 0o755)
     try:
         p = hpcc(cfg, None, "run", "--user", u.pw_name, "--writable", "--save",
-                 f"{rootonly}/x.sqfs", images["base"], "--", "true")
+                 f"{rootonly}/x.sqfs", site_base, "--", "true")
         assert p.returncode == 125 and "Permission denied" in p.stderr, p.stderr
         assert os.listdir(rootonly) == []
     finally:

@@ -21,8 +21,10 @@ def hpcc(launcher_env, who, *args, config=None, **kw):
 
 @pytest.fixture(scope="module")
 def apt_image():
-    """A busybox image with /etc/apt/apt.conf.d (as Debian's) and a root-only /secret."""
-    d = tempfile.mkdtemp(prefix="hpcc-apt-img-")
+    """A busybox image with /etc/apt/apt.conf.d (as Debian's) and a root-only /secret, in a
+    directory chain only root may write (/run), so that root's launches kernel-mount it as
+    a site image (an image under /tmp is served by squashfuse_ll)."""
+    d = tempfile.mkdtemp(prefix="hpcc-apt-img-", dir="/run")
     os.chmod(d, 0o755)
 
     def tweak(tree):
