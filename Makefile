@@ -13,7 +13,13 @@ PYTEST_ARGS ?=
 APT_PKGS := libsquashfs-dev squashfs-tools-ng squashfs-tools squashfuse fuse3 \
 	docker-registry umoci busybox-static zstd apache2-utils openssl \
 	python3-venv python3-dev build-essential pkg-config iproute2 util-linux \
-	slurm-wlm slurmd slurmctld libslurm-dev munge mpich libmpich-dev libopenmpi3 skopeo
+<<<<<<< HEAD
+	slurm-wlm slurmd slurmctld libslurm-dev munge mpich libmpich-dev libopenmpi3 skopeo \
+	apparmor procps strace
+=======
+	slurm-wlm slurmd slurmctld libslurm-dev munge libmunge-dev mpich libmpich-dev libopenmpi3 \
+	skopeo apparmor
+>>>>>>> main
 BENCH_APT_PKGS := charliecloud charliecloud-builders debootstrap hyperfine
 
 .PHONY: all deps bench-deps venv install spank test demo bench clean
@@ -31,16 +37,30 @@ bench-deps: deps
 	@missing=$$(for p in $(BENCH_APT_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
 
-$(VENV)/bin/python:
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip setuptools wheel cffi
+# The stamp is written only once the build tools are in: a venv whose upgrade failed (no
+# network, a proxy's CA missing) is completed by the next run instead of being taken as done.
+# setuptools >= 77 reads pyproject.toml's SPDX `license` string (Debian 12 ships 66).
+$(VENV)/.hpcc-venv-ready:
+	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip 'setuptools>=77' wheel cffi
+	touch $@
 
-venv: deps $(VENV)/bin/python
+venv: deps $(VENV)/.hpcc-venv-ready
 
 # A real (non-editable) install: the launcher runs as any user, so it must not depend on
 # the checkout being readable. The package is rebuilt every time (cheap; keeps tests honest).
 install: venv spank
 	$(VENV)/bin/pip install -q --no-build-isolation '.[test]'
+	@# The venv's python3 as a real file, not a symlink to the system's: AppArmor attaches
+	@# profiles by the executable's resolved path, and the profile below must grant user
+	@# namespaces to hpcc's interpreter only. Refreshed when the system's python3 changes.
+	@base=$$(readlink -f "$$($(VENV)/bin/python3 -c 'import sys; print(sys._base_executable)')"); \
+	if [ -L $(VENV)/bin/python3 ] || ! cmp -s "$$base" $(VENV)/bin/python3; then \
+		cp -p "$$base" $(VENV)/bin/python3.tmp && mv -f $(VENV)/bin/python3.tmp $(VENV)/bin/python3; \
+	fi
+	@# Ubuntu >= 23.10 (kernel.apparmor_restrict_unprivileged_userns=1): a profile granting
+	@# `userns` to that interpreter (README, "Ubuntu"); nothing elsewhere.
+	@$(VENV)/bin/python3 -I -m hpcc.apparmor install $(VENV)/bin/python3
 	@# The launcher's entry script without site.py (-S saves ~9 ms per launch) and isolated
 	@# from PYTHON* variables (-I); it puts the venv's packages on sys.path itself.
 	@purelib=$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
@@ -50,6 +70,7 @@ install: venv spank
 		"import sys" "sys.path.append('$$purelib')" "from hpcc.cli import main" \
 		"sys.exit(main())" > $(VENV)/bin/hpcc.tmp && chmod 0755 $(VENV)/bin/hpcc.tmp && \
 	mv $(VENV)/bin/hpcc.tmp $(VENV)/bin/hpcc
+	@install -d -m 0755 $(BINDIR)
 	@for s in hpcc gateway hpcc-hook; do ln -sf $(VENV)/bin/$$s $(BINDIR)/$$s; done
 	@install -d -m 0755 /etc/hpcc
 	@[ -e /etc/hpcc/hpcc.toml ] || install -m 0644 etc/hpcc.toml /etc/hpcc/hpcc.toml

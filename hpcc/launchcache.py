@@ -21,7 +21,7 @@ class LaunchCache:
         self.dirty = False
         try:
             if self.path is None:
-                from .runtime.rootfs import stage_dir
+                from .runtime.namespaces import stage_dir
                 self.path = os.path.join(stage_dir(os.geteuid() == 0), "launch-cache")
             import marshal
             with open(self.path, "rb") as f:

@@ -7,12 +7,13 @@ import uuid
 
 import pytest
 
-from hpcc.errors import ConfigError, ImageError, RegistryError
+from hpcc.errors import ConfigError, ImageError, NotInRegistry, RegistryError
 from hpcc.gateway.blobcache import BlobCache
+from hpcc.gateway.manifest import media_type
 from hpcc.gateway.registry import RegistryClient, host_platform, sniff_compression
-from hpcc.gateway.testing import (ImageBuilder, busybox_image, directory, file, image_index,
-                                  simple_image)
 from hpcc.reference import parse_reference
+from hpcc.testkit.busybox import busybox_image
+from hpcc.testkit.images import ImageBuilder, directory, file, image_index, simple_image
 
 
 def repo(name):
@@ -87,7 +88,7 @@ def test_layer_compressions(registry, client, cache, compression):
 def test_mislabelled_layer_takes_compression_from_magic_bytes(registry, client, cache):
     """Uncompressed tar data under a gzip media type: the bytes decide."""
     b = ImageBuilder()
-    from hpcc.gateway.testing import layer_tar
+    from hpcc.testkit.images import layer_tar
     tar = layer_tar([directory("x"), file("x/y", b"z")])
     b.raw_layer(tar, "application/vnd.docker.image.rootfs.diff.tar.gzip", tar=tar)
     built = b.build()
@@ -166,14 +167,16 @@ def test_bad_platform_string_is_a_config_error(registry, client):
 def test_unknown_tag_and_repository_are_not_found(registry, client):
     name = repo("exists")
     registry.push(name, "v", simple_image("x"))
-    with pytest.raises(RegistryError) as ei:
+    with pytest.raises(NotInRegistry) as ei:
         client.resolve(parse_reference(registry.ref(name, "nosuchtag")))
     assert str(ei.value).startswith(f"image {registry.host}/{name}:nosuchtag not found in "
                                     f"registry {registry.host} (manifest unknown)")
-    assert ei.value.exit_code == 3
+    assert ei.value.exit_code == 1       # a user error: scripts retry exit 3, this never heals
     # docker-registry 2.8 answers MANIFEST_UNKNOWN (not NAME_UNKNOWN) for a missing repo
-    with pytest.raises(RegistryError, match=r"no/such-repo:v not found in registry .* unknown\)"):
+    with pytest.raises(NotInRegistry,
+                       match=r"no/such-repo:v not found in registry .* unknown\)") as ei:
         client.resolve(parse_reference(registry.ref("no/such-repo", "v")))
+    assert ei.value.exit_code == 1
 
 
 def test_schema1_manifest_is_refused(registry, client):
@@ -181,8 +184,8 @@ def test_schema1_manifest_is_refused(registry, client):
     # refusal logic is checked on the manifest as a registry would serve it.
     body = json.dumps({"schemaVersion": 1, "name": "x", "tag": "v", "fsLayers": []}).encode()
     with pytest.raises(ImageError, match="schema 1"):
-        RegistryClient._media_type("application/vnd.docker.distribution.manifest.v1+prettyjws",
-                                   json.loads(body), "manifest of x")
+        media_type("application/vnd.docker.distribution.manifest.v1+prettyjws",
+                   json.loads(body), "manifest of x")
 
 
 def test_connection_refused_is_a_registry_error(client):
@@ -241,7 +244,7 @@ def test_image_config_not_matching_layers_is_refused(registry, client):
     b = ImageBuilder().layer([file("a", b"1")]).layer([file("b", b"2")])
     built = b.build()
     # rewrite the config so diff_ids lists one layer only, re-sign the manifest
-    from hpcc.gateway.testing import Image, sha256
+    from hpcc.testkit.images import Image, sha256
     cfg = dict(built.config, rootfs={"type": "layers", "diff_ids": built.config["rootfs"]["diff_ids"][:1]})
     cfg_bytes = json.dumps(cfg).encode()
     man = dict(built.manifest, config=dict(built.manifest["config"], size=len(cfg_bytes),

@@ -101,7 +101,7 @@ def test_oci_conf_on_the_site_is_reported_not_ignored(slurm_cluster):
 def test_misconfigured_helper_path_is_one_clear_line(slurm_site):
     import tempfile
 
-    from hpcc.slurmcluster import SlurmCluster
+    from hpcc.testkit.slurmcluster import SlurmCluster
 
     line = (f"required {slurm_site.plugin} python=/nonexistent/python3 "
             f"config={slurm_site.config}")

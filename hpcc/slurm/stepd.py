@@ -29,6 +29,7 @@ import sys
 from _socket import SCM_RIGHTS, SOL_SOCKET
 
 from ..errors import EXIT_LAUNCH, HpccError, ImageNotFound, LaunchError, UsageError
+from ..runtime.identity import AsUser
 
 # Variables of Slurm and of the PMI servers always keep the job's values.
 JOB_PREFIXES = ("SLURM_", "SLURMD_", "PMI_", "PMIX_", "PMI2_", "SPANK_", "_SLURM_")
@@ -45,25 +46,6 @@ def parse_args(argv):
         if k not in out:
             raise UsageError(f"hpcc.stepd: missing argument {k}=")
     return out
-
-
-class AsUser:
-    """Effective identity of the job user (groups, gid, uid) within a root process."""
-
-    def __init__(self, uid, gid, groups):
-        self.uid, self.gid, self.groups = uid, gid, groups
-
-    def __enter__(self):
-        os.setgroups(self.groups)
-        os.setresgid(-1, self.gid, -1)
-        os.setresuid(-1, self.uid, -1)
-        return self
-
-    def __exit__(self, *exc):
-        os.setresuid(-1, 0, -1)
-        os.setresgid(-1, 0, -1)
-        os.setgroups([])
-        return False
 
 
 def resolve_as_user(name, user, config):
@@ -300,8 +282,8 @@ def container_child(spec, sock, payload):
 
     enter_namespaces(True)
     nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    # no prefetch of the command: this process is gone before the tasks exec
-    spec["hpcc"]["prefetch_bytes"] = 0
+    # no page cache warming for the command: this process is gone before the tasks exec
+    spec["hpcc"]["warm_bytes"] = 0
     handle = setup_root(spec, privileged=True)
     send_fd(sock, payload[:1], nsfd)
     sock.sendall(payload[1:])
