@@ -38,6 +38,7 @@ DEFAULTS = {
         "env_passthrough": ["TERM", "LANG", "LC_ALL", "TZ"],
         "hooks_dir": "/etc/hpcc/hooks.d",
         "prefetch_mb": 32,
+        "mount_helper": "/opt/hpcc/libexec/hpcc-mount",
     },
     "mpi": {"libraries": [], "extra_files": [], "devices": [], "abi_check": "minor"},
     "gpu": {"library_paths": [], "allowed_devices": []},
