@@ -16,7 +16,8 @@ SUID    ?= yes
 APT_PKGS := libsquashfs-dev squashfs-tools-ng squashfs-tools squashfuse fuse3 \
 	docker-registry umoci busybox-static zstd apache2-utils openssl \
 	python3-venv python3-dev build-essential pkg-config iproute2 util-linux \
-	slurm-wlm slurmd slurmctld libslurm-dev munge mpich libmpich-dev libopenmpi3 skopeo
+	slurm-wlm slurmd slurmctld libslurm-dev munge mpich libmpich-dev libopenmpi3 skopeo \
+	apparmor
 BENCH_APT_PKGS := charliecloud charliecloud-builders debootstrap hyperfine
 
 .PHONY: all deps bench-deps venv install spank libexec test demo bench clean
@@ -44,6 +45,16 @@ venv: deps $(VENV)/bin/python
 # the checkout being readable. The package is rebuilt every time (cheap; keeps tests honest).
 install: venv spank libexec
 	$(VENV)/bin/pip install -q --no-build-isolation '.[test]'
+	@# The venv's python3 as a real file, not a symlink to the system's: AppArmor attaches
+	@# profiles by the executable's resolved path, and the profile below must grant user
+	@# namespaces to hpcc's interpreter only. Refreshed when the system's python3 changes.
+	@base=$$(readlink -f "$$($(VENV)/bin/python3 -c 'import sys; print(sys._base_executable)')"); \
+	if [ -L $(VENV)/bin/python3 ] || ! cmp -s "$$base" $(VENV)/bin/python3; then \
+		cp -p "$$base" $(VENV)/bin/python3.tmp && mv -f $(VENV)/bin/python3.tmp $(VENV)/bin/python3; \
+	fi
+	@# Ubuntu >= 23.10 (kernel.apparmor_restrict_unprivileged_userns=1): a profile granting
+	@# `userns` to that interpreter (README, "Ubuntu"); nothing elsewhere.
+	@$(VENV)/bin/python3 -I -m hpcc.apparmor install $(VENV)/bin/python3
 	@# The launcher's entry script without site.py (-S saves ~9 ms per launch) and isolated
 	@# from PYTHON* variables (-I); it puts the venv's packages on sys.path itself.
 	@purelib=$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
@@ -53,6 +64,7 @@ install: venv spank libexec
 		"import sys" "sys.path.append('$$purelib')" "from hpcc.cli import main" \
 		"sys.exit(main())" > $(VENV)/bin/hpcc.tmp && chmod 0755 $(VENV)/bin/hpcc.tmp && \
 	mv $(VENV)/bin/hpcc.tmp $(VENV)/bin/hpcc
+	@install -d -m 0755 $(BINDIR)
 	@for s in hpcc gateway hpcc-hook; do ln -sf $(VENV)/bin/$$s $(BINDIR)/$$s; done
 	@install -d -m 0755 /etc/hpcc
 	@[ -e /etc/hpcc/hpcc.toml ] || install -m 0644 etc/hpcc.toml /etc/hpcc/hpcc.toml

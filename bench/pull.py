@@ -95,7 +95,7 @@ def layers():
 
 
 def build_image(layer_files):
-    from hpcc.gateway.testing import ImageBuilder, LayerBlob, sha256
+    from hpcc.testkit.images import ImageBuilder, LayerBlob, sha256
 
     b = ImageBuilder(oci=False)
     for f in layer_files:
@@ -144,7 +144,7 @@ def options(argv):
 
 
 def main(argv=None):
-    from hpcc.gateway.testing import LocalRegistry
+    from hpcc.testkit.registry import LocalRegistry
 
     opts = options(sys.argv[1:] if argv is None else argv)
     files = layers()

@@ -1,6 +1,6 @@
 """bench/srun.sh: container steps vs plain steps, and MPI ping-pong in containers vs native.
 
-Everything runs on one embedded Slurm cluster started here (hpcc.slurmcluster), as an
+Everything runs on one embedded Slurm cluster started here (hpcc.testkit.slurmcluster), as an
 unprivileged user; both variants alternate within the same run so machine noise hits both.
 """
 import argparse
@@ -35,18 +35,12 @@ def make_store(work):
     """A site store with a busybox image and an MPI image (no MPI inside: --container-mpi)."""
     from hpcc.reference import parse_reference
     from hpcc.store import Store
+    from hpcc.testkit.busybox import busybox_tree
 
     store = Store(work / "store", create=True)
     images = {}
     trees = {}
-    t = work / "t-busybox"
-    (t / "bin").mkdir(parents=True)
-    for d in ("etc", "tmp", "proc", "sys", "dev", "home"):
-        (t / d).mkdir()
-    shutil.copy("/usr/bin/busybox", t / "bin" / "busybox")
-    for a in ("sh", "true", "cat"):
-        os.symlink("busybox", t / "bin" / a)
-    trees["bench/busybox:1"] = t
+    trees["bench/busybox:1"] = busybox_tree(work / "t-busybox", extra_dirs=("home",))
     # MPI image: glibc + ping-pong built with Debian's mpicc, MPI itself comes from the host
     sys.path.insert(0, str(REPO))
     from tests.hooks_images import base_tree, build_programs
@@ -96,7 +90,7 @@ def main():
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/srun.sh: run as root (it starts a Slurm cluster)")
-    from hpcc.slurmcluster import SlurmCluster, find_plugin
+    from hpcc.testkit.slurmcluster import SlurmCluster, find_plugin
 
     plugin = find_plugin() or str(REPO / "spank" / "spank_hpcc.so")
     if not os.path.exists(plugin):

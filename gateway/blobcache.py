@@ -335,3 +335,13 @@ class BlobCache:
         except FileNotFoundError:
             return []
         return sorted("sha256:" + n for n in names if len(n) == 64 and "." not in n)
+
+
+def blob_cache_dir(config, store_root=None):
+    """The blob cache root from config store.blob_cache, else <store>/.blobs."""
+    from hpcc.config import expand_path
+    configured = (config.get("store", {}) or {}).get("blob_cache") or ""
+    if configured:
+        return Path(expand_path(configured))
+    root = store_root or expand_path((config.get("store", {}) or {}).get("path", ""))
+    return Path(root) / ".blobs"

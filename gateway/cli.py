@@ -19,6 +19,9 @@ from hpcc.store import Store
 
 
 class Ctx:
+    """What the group hands its commands: config, the store written to, output mode. In
+    user mode (`hpcc`) the store is the user's own and the site store is read as well."""
+
     def __init__(self, config, store, json_output, quiet, prog, user_mode):
         self.config = config
         self.store = store
@@ -35,6 +38,24 @@ class Ctx:
     def emit(self, obj):
         click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
+    def read_stores(self):
+        """The stores whose images are listed and found: the own one, then (user mode) the
+        site store."""
+        stores = [self.store]
+        if self.user_mode:
+            site = Store.site(self.config)
+            if site.root != self.store.root:
+                stores.append(site)
+        return stores
+
+    def find(self, ref):
+        """The image `ref` names in the read stores; ImageNotFound (with its hint) if none."""
+        for st in self.read_stores():
+            rec = st.find(ref)
+            if rec is not None:
+                return rec
+        return self.store.resolve(ref)  # raises ImageNotFound with the hint
+
 
 def _human(n):
     if n is None:
@@ -46,12 +67,15 @@ def _human(n):
 
 
 def _common(f):
-    f = click.option("--json", "json_output", is_flag=True, help="Machine-readable JSON on stdout.")(f)
+    f = click.option("--json", "json_output", is_flag=True,
+                     help="Machine-readable JSON on stdout.")(f)
     f = click.option("-q", "--quiet", is_flag=True, help="No progress or informational output.")(f)
     return f
 
 
 def _make_group(prog, user_mode):
+    """The `gateway` command group (site store, admin commands) or, with user_mode, the
+    image commands of `hpcc` (the user's own store; the site store is read as well)."""
     @click.group(name=prog, context_settings={"help_option_names": ["-h", "--help"]},
                  help=(_USER_HELP if user_mode else _ADMIN_HELP))
     @click.option("--config", "config_path", metavar="FILE", envvar="HPCC_CONFIG",
@@ -70,223 +94,227 @@ def _make_group(prog, user_mode):
             store = Store.site(config)
         ctx.obj = Ctx(config, store, False, False, prog, user_mode)
 
-    @group.command(help="Pull an image from a registry and convert it to one squashfs file "
-                        "in the store. REF is like Docker's: ubuntu, ubuntu:22.04, "
-                        "host:port/ns/name@sha256:...")
-    @click.argument("ref")
-    @click.option("--platform", metavar="OS/ARCH[/VARIANT]",
-                  help="Platform to choose from a multi-platform image (default: this machine).")
-    @click.option("--insecure", is_flag=True,
-                  help="Allow plain HTTP / unverified TLS for this registry.")
-    @click.option("--force", is_flag=True, help="Convert again even if the store has the digest.")
-    @_common
-    @click.pass_obj
-    def pull(obj, ref, platform, insecure, force, json_output, quiet):
-        from .pull import pull as do_pull
-
-        obj.json, obj.quiet = json_output, quiet
-        obj.store.ensure()
-        res = do_pull(ref, store=obj.store, config=obj.config, platform=platform,
-                      insecure=insecure, force=force, reporter=obj.reporter())
-        if json_output:
-            obj.emit(res.as_dict())
-
-    @group.command(name="import", help="Import a docker-archive (docker save), an oci-archive "
-                                       "or an OCI layout directory into the store.")
-    @click.argument("path", type=click.Path())
-    @click.option("--tag", "tag", metavar="REF", help="Name to give the image in the store.")
-    @click.option("--platform", metavar="OS/ARCH", help="Platform to choose from an index.")
-    @_common
-    @click.pass_obj
-    def import_(obj, path, tag, platform, json_output, quiet):
-        from .importer import import_image
-
-        obj.json, obj.quiet = json_output, quiet
-        rec, report = import_image(path, store=obj.store, config=obj.config, tag=tag,
-                                   platform=platform, reporter=obj.reporter())
-        if json_output:
-            obj.emit({"digest": rec.digest, "path": rec.sqfs_path, "size": rec.meta.get("size"),
-                      "tags": [str(t) for t in ([tag] if tag else [])], "conversion": report})
-
-    @group.command(help="List the images in the store.")
-    @_common
-    @click.pass_obj
-    def images(obj, json_output, quiet):
-        stores = [obj.store]
-        if obj.user_mode:
-            site = Store.site(obj.config)
-            if site.root != obj.store.root:
-                stores.append(site)
-        rows = []
-        for st in stores:
-            for rec in st.images():
-                rows.append({
-                    "digest": rec.digest,
-                    "tags": rec.meta.get("tags", []),
-                    "size": rec.meta.get("size"),
-                    "created": rec.meta.get("created"),
-                    "converted_at": rec.meta.get("converted_at"),
-                    "path": rec.sqfs_path,
-                    "store": st.root,
-                })
-        if json_output:
-            obj.emit(rows)
-            return
-        if not rows:
-            if not quiet:
-                click.echo(f"no images in {', '.join(s.root for s in stores)}", err=True)
-            return
-        header = ("IMAGE", "DIGEST", "SIZE", "CONVERTED")
-        lines = [header]
-        for r in rows:
-            names = r["tags"] or ["<none>"]
-            for name in names:
-                lines.append((name, r["digest"][7:19], _human(r["size"]),
-                              (r["converted_at"] or "-").replace("T", " ").rstrip("Z")))
-        widths = [max(len(l[i]) for l in lines) for i in range(4)]
-        for l in lines:
-            click.echo("  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip())
-
-    @group.command(help="Show an image's metadata (config, layers, squashfs details).")
-    @click.argument("ref")
-    @_common
-    @click.pass_obj
-    def inspect(obj, ref, json_output, quiet):
-        rec = _find(obj, ref)
-        info = dict(rec.meta)
-        info["path"] = rec.sqfs_path
-        try:
-            from hpcc.squashfs import SquashfsReader
-
-            with SquashfsReader(rec.sqfs_path) as r:
-                info["squashfs_info"] = r.info()
-        except HpccError as e:
-            info["squashfs_info"] = {"error": str(e)}
-        if json_output:
-            obj.emit(info)
-            return
-        c = info.get("config") or {}
-        click.echo(f"Image:       {', '.join(info.get('tags') or []) or info.get('source', '-')}")
-        click.echo(f"Digest:      {rec.digest}")
-        click.echo(f"File:        {rec.sqfs_path} ({_human(info.get('size'))})")
-        click.echo(f"Source:      {info.get('source', '-')}")
-        click.echo(f"Platform:    {info.get('platform') or '-'}   Created: {info.get('created') or '-'}")
-        click.echo(f"Entrypoint:  {json.dumps(c.get('Entrypoint'))}")
-        click.echo(f"Cmd:         {json.dumps(c.get('Cmd'))}")
-        click.echo(f"WorkingDir:  {c.get('WorkingDir') or '/'}   User: {c.get('User') or '-'}")
-        click.echo("Env:")
-        for e in c.get("Env") or []:
-            click.echo(f"  {e}")
-        if c.get("Labels"):
-            click.echo("Labels:")
-            for k, v in sorted(c["Labels"].items()):
-                click.echo(f"  {k}={v}")
-        layers = info.get("layers") or []
-        click.echo(f"Layers:      {len(layers)}")
-        for l in layers:
-            click.echo(f"  {l.get('digest')}  {_human(l.get('size'))}")
-        sq = info.get("squashfs_info") or {}
-        if sq and "error" not in sq:
-            click.echo(f"Squashfs:    {sq.get('compressor')}, block {sq.get('block_size')}, "
-                       f"{sq.get('inodes')} inodes")
-        conv = info.get("conversion") or {}
-        if conv.get("dropped"):
-            click.echo("Dropped:     " + ", ".join(f"{k}: {v}" for k, v in conv["dropped"].items()))
-
-    @group.command(help="Remove images (by name: the tag; by digest: the image and its tags).")
-    @click.argument("refs", nargs=-1, required=True)
-    @_common
-    @click.pass_obj
-    def rm(obj, refs, json_output, quiet):
-        out = []
-        for ref in refs:
-            tags, digest = obj.store.remove(ref)
-            out.append({"ref": ref, "untagged": tags, "deleted": digest})
-            if not json_output and not quiet:
-                for t in tags:
-                    click.echo(f"untagged {t}")
-                if digest:
-                    click.echo(f"deleted {digest}")
-        if json_output:
-            obj.emit(out)
-
-    if not user_mode:
-        @group.command(help="Pull the images named by pending Slurm jobs (--container=IMAGE, "
-                            "or #SBATCH --container-image=IMAGE in a batch script) that the "
-                            "store lacks, so the jobs do not wait for a conversion when they "
-                            "start. Run it as root from cron or a systemd timer (root reads "
-                            "every job's batch script).")
-        @click.option("--dry-run", is_flag=True, help="Only list what would be pulled.")
-        @_common
-        @click.pass_obj
-        def prefetch(obj, dry_run, json_output, quiet):
-            from hpcc.errors import HpccError as _E
-            from hpcc.slurm import pending_job_images
-
-            from .pull import pull as do_pull
-
-            obj.json, obj.quiet = json_output, quiet
-            results, failed = [], 0
-            for image in pending_job_images():
-                entry = {"image": image}
-                try:
-                    if obj.store.find(image) is not None:
-                        entry["status"] = "present"
-                    elif dry_run:
-                        entry["status"] = "would pull"
-                    else:
-                        obj.store.ensure()
-                        res = do_pull(image, store=obj.store, config=obj.config,
-                                      reporter=obj.reporter())
-                        entry.update(status="pulled", digest=res.digest)
-                except _E as e:
-                    failed += 1
-                    entry.update(status="failed", error=str(e))
-                results.append(entry)
-                if not json_output and not quiet:
-                    click.echo(f"{entry['status']:>10}  {image}"
-                               + (f"  ({entry['error']})" if "error" in entry else ""))
-            if json_output:
-                obj.emit(results)
-            elif not quiet and not results:
-                click.echo("no pending job names an image", err=True)
-            if failed:
-                raise click.exceptions.Exit(1)
-
-        @group.command(help="Remove debris of interrupted conversions, dangling tags and unused "
-                            "locks; with --blobs also layer blobs no image uses.")
-        @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
-        @click.option("--blobs", is_flag=True, help="Also prune the layer blob cache.")
-        @_common
-        @click.pass_obj
-        def gc(obj, dry_run, blobs, json_output, quiet):
-            removed = obj.store.gc(dry_run=dry_run)
-            if blobs:
-                from .blobcache import BlobCache
-                from .registry import blob_cache_dir
-
-                keep = {l["digest"] for rec in obj.store.images()
-                        for l in rec.meta.get("layers", [])}
-                cache = BlobCache(blob_cache_dir(obj.config, obj.store.root))
-                removed += [str(p) for p in cache.prune(keep, dry_run=dry_run)]
-            if json_output:
-                obj.emit({"removed": removed, "dry_run": dry_run})
-            elif not quiet:
-                for p in removed:
-                    click.echo(("would remove " if dry_run else "removed ") + p)
-                click.echo(f"{len(removed)} item(s) {'to remove' if dry_run else 'removed'}",
-                           err=True)
-
+    for cmd in _USER_COMMANDS + ([] if user_mode else _ADMIN_COMMANDS):
+        group.add_command(cmd)
     return group
 
 
-def _find(obj, ref):
-    rec = obj.store.find(ref)
-    if rec is None and obj.user_mode:
-        rec = Store.site(obj.config).find(ref)
-    if rec is None:
-        obj.store.resolve(ref)  # raises ImageNotFound with the hint
-    return rec
+# Commands of both `gateway` and `hpcc` (which store they act on is the group's choice) ----
+@click.command(help="Pull an image from a registry and convert it to one squashfs file "
+                    "in the store. REF is like Docker's: ubuntu, ubuntu:22.04, "
+                    "host:port/ns/name@sha256:...")
+@click.argument("ref")
+@click.option("--platform", metavar="OS/ARCH[/VARIANT]",
+              help="Platform to choose from a multi-platform image (default: this machine).")
+@click.option("--insecure", is_flag=True,
+              help="Allow plain HTTP / unverified TLS for this registry.")
+@click.option("--force", is_flag=True, help="Convert again even if the store has the digest.")
+@_common
+@click.pass_obj
+def pull(obj, ref, platform, insecure, force, json_output, quiet):
+    from .pull import pull as do_pull
+
+    obj.json, obj.quiet = json_output, quiet
+    obj.store.ensure()
+    res = do_pull(ref, store=obj.store, config=obj.config, platform=platform,
+                  insecure=insecure, force=force, reporter=obj.reporter())
+    if json_output:
+        obj.emit(res.as_dict())
+
+
+@click.command(name="import", help="Import a docker-archive (docker save), an oci-archive "
+                                   "or an OCI layout directory into the store.")
+@click.argument("path", type=click.Path())
+@click.option("--tag", "tag", metavar="REF", help="Name to give the image in the store.")
+@click.option("--platform", metavar="OS/ARCH", help="Platform to choose from an index.")
+@_common
+@click.pass_obj
+def import_(obj, path, tag, platform, json_output, quiet):
+    from .importer import import_image
+
+    obj.json, obj.quiet = json_output, quiet
+    rec, report = import_image(path, store=obj.store, config=obj.config, tag=tag,
+                               platform=platform, reporter=obj.reporter())
+    if json_output:
+        obj.emit({"digest": rec.digest, "path": rec.sqfs_path, "size": rec.meta.get("size"),
+                  "tags": [str(t) for t in ([tag] if tag else [])], "conversion": report})
+
+
+@click.command(help="List the images in the store.")
+@_common
+@click.pass_obj
+def images(obj, json_output, quiet):
+    stores = obj.read_stores()
+    rows = []
+    for st in stores:
+        for rec in st.images():
+            rows.append({
+                "digest": rec.digest,
+                "tags": rec.meta.get("tags", []),
+                "size": rec.meta.get("size"),
+                "created": rec.meta.get("created"),
+                "converted_at": rec.meta.get("converted_at"),
+                "path": rec.sqfs_path,
+                "store": st.root,
+            })
+    if json_output:
+        obj.emit(rows)
+        return
+    if not rows:
+        if not quiet:
+            click.echo(f"no images in {', '.join(s.root for s in stores)}", err=True)
+        return
+    header = ("IMAGE", "DIGEST", "SIZE", "CONVERTED")
+    lines = [header]
+    for r in rows:
+        names = r["tags"] or ["<none>"]
+        for name in names:
+            lines.append((name, r["digest"][7:19], _human(r["size"]),
+                          (r["converted_at"] or "-").replace("T", " ").rstrip("Z")))
+    widths = [max(len(row[i]) for row in lines) for i in range(4)]
+    for row in lines:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@click.command(help="Show an image's metadata (config, layers, squashfs details).")
+@click.argument("ref")
+@_common
+@click.pass_obj
+def inspect(obj, ref, json_output, quiet):
+    rec = obj.find(ref)
+    info = dict(rec.meta)
+    info["path"] = rec.sqfs_path
+    try:
+        from hpcc.squashfs import SquashfsReader
+
+        with SquashfsReader(rec.sqfs_path) as r:
+            info["squashfs_info"] = r.info()
+    except HpccError as e:
+        info["squashfs_info"] = {"error": str(e)}
+    if json_output:
+        obj.emit(info)
+        return
+    c = info.get("config") or {}
+    click.echo(f"Image:       {', '.join(info.get('tags') or []) or info.get('source', '-')}")
+    click.echo(f"Digest:      {rec.digest}")
+    click.echo(f"File:        {rec.sqfs_path} ({_human(info.get('size'))})")
+    click.echo(f"Source:      {info.get('source', '-')}")
+    click.echo(f"Platform:    {info.get('platform') or '-'}   "
+               f"Created: {info.get('created') or '-'}")
+    click.echo(f"Entrypoint:  {json.dumps(c.get('Entrypoint'))}")
+    click.echo(f"Cmd:         {json.dumps(c.get('Cmd'))}")
+    click.echo(f"WorkingDir:  {c.get('WorkingDir') or '/'}   User: {c.get('User') or '-'}")
+    click.echo("Env:")
+    for e in c.get("Env") or []:
+        click.echo(f"  {e}")
+    if c.get("Labels"):
+        click.echo("Labels:")
+        for k, v in sorted(c["Labels"].items()):
+            click.echo(f"  {k}={v}")
+    layers = info.get("layers") or []
+    click.echo(f"Layers:      {len(layers)}")
+    for layer in layers:
+        click.echo(f"  {layer.get('digest')}  {_human(layer.get('size'))}")
+    sq = info.get("squashfs_info") or {}
+    if sq and "error" not in sq:
+        click.echo(f"Squashfs:    {sq.get('compressor')}, block {sq.get('block_size')}, "
+                   f"{sq.get('inodes')} inodes")
+    conv = info.get("conversion") or {}
+    if conv.get("dropped"):
+        click.echo("Dropped:     " + ", ".join(f"{k}: {v}" for k, v in conv["dropped"].items()))
+
+
+@click.command(help="Remove images (by name: the tag; by digest: the image and its tags).")
+@click.argument("refs", nargs=-1, required=True)
+@_common
+@click.pass_obj
+def rm(obj, refs, json_output, quiet):
+    out = []
+    for ref in refs:
+        tags, digest = obj.store.remove(ref)
+        out.append({"ref": ref, "untagged": tags, "deleted": digest})
+        if not json_output and not quiet:
+            for t in tags:
+                click.echo(f"untagged {t}")
+            if digest:
+                click.echo(f"deleted {digest}")
+    if json_output:
+        obj.emit(out)
+
+
+
+# Admin-only commands (`gateway`) ---------------------------------------------------------
+
+@click.command(help="Pull the images named by pending Slurm jobs (--container=IMAGE, "
+                    "or #SBATCH --container-image=IMAGE in a batch script) that the "
+                    "store lacks, so the jobs do not wait for a conversion when they "
+                    "start. Run it as root from cron or a systemd timer (root reads "
+                    "every job's batch script).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be pulled.")
+@_common
+@click.pass_obj
+def prefetch(obj, dry_run, json_output, quiet):
+    from hpcc.errors import HpccError as _E
+    from hpcc.slurm.jobs import pending_job_images
+
+    from .pull import pull as do_pull
+
+    obj.json, obj.quiet = json_output, quiet
+    results, failed = [], 0
+    for image in pending_job_images():
+        entry = {"image": image}
+        try:
+            if obj.store.find(image) is not None:
+                entry["status"] = "present"
+            elif dry_run:
+                entry["status"] = "would pull"
+            else:
+                obj.store.ensure()
+                res = do_pull(image, store=obj.store, config=obj.config,
+                              reporter=obj.reporter())
+                entry.update(status="pulled", digest=res.digest)
+        except _E as e:
+            failed += 1
+            entry.update(status="failed", error=str(e))
+        results.append(entry)
+        if not json_output and not quiet:
+            click.echo(f"{entry['status']:>10}  {image}"
+                       + (f"  ({entry['error']})" if "error" in entry else ""))
+    if json_output:
+        obj.emit(results)
+    elif not quiet and not results:
+        click.echo("no pending job names an image", err=True)
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+@click.command(help="Remove debris of interrupted conversions, dangling tags and unused "
+                    "locks; with --blobs also layer blobs no image uses.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--blobs", is_flag=True, help="Also prune the layer blob cache.")
+@_common
+@click.pass_obj
+def gc(obj, dry_run, blobs, json_output, quiet):
+    removed = obj.store.gc(dry_run=dry_run)
+    if blobs:
+        from .blobcache import BlobCache, blob_cache_dir
+
+        keep = {layer["digest"] for rec in obj.store.images()
+                for layer in rec.meta.get("layers", [])}
+        cache = BlobCache(blob_cache_dir(obj.config, obj.store.root))
+        removed += [str(p) for p in cache.prune(keep, dry_run=dry_run)]
+    if json_output:
+        obj.emit({"removed": removed, "dry_run": dry_run})
+    elif not quiet:
+        for p in removed:
+            click.echo(("would remove " if dry_run else "removed ") + p)
+        click.echo(f"{len(removed)} item(s) {'to remove' if dry_run else 'removed'}",
+                   err=True)
+
+
+
+_USER_COMMANDS = [pull, import_, images, inspect, rm]
+_ADMIN_COMMANDS = [prefetch, gc]
 
 
 _ADMIN_HELP = ("hpcc image gateway: pull OCI/Docker images into the site image store as "

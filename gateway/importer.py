@@ -168,7 +168,7 @@ def _load_oci(blobs, platform):
 
 
 def _pick_platform(index, platform, where):
-    from .registry import host_platform, parse_platform, select_platform
+    from .manifest import host_platform, parse_platform, select_platform
 
     manifests = index.get("manifests") or []
     if len(manifests) == 1 and not manifests[0].get("platform"):

@@ -45,10 +45,9 @@ class PullResult:
 
 def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, reporter=None,
          client=None):
-    from .blobcache import BlobCache
-    from .registry import RegistryClient, blob_cache_dir
-
+    from .blobcache import BlobCache, blob_cache_dir
     from .progress import Reporter
+    from .registry import RegistryClient
 
     reporter = reporter or Reporter(quiet=True)
     t0 = time.monotonic()
@@ -172,7 +171,7 @@ class _Feed:
                            self.layer.digest, opener=self._open_growing)
 
     def _sniffed(self):
-        from .registry import sniff_compression
+        from .manifest import sniff_compression
 
         with _Growing(self) as f:
             head = f.read(512)

@@ -6,7 +6,9 @@ format). Each hook reads the OCI state JSON on stdin, finds the container's root
 bundle's config.json, and adds host files to that root by bind mounts and by new files in the
 container's writable layer (tmpfs/overlay upper) -- never by writing into the image.
 
-`common` is the small helper layer both hooks share: OCI state, safe path resolution inside
-the root (openat2 RESOLVE_IN_ROOT), bind mounts from O_PATH fds, ld.so.cache and ELF
-reading, and the placement of libraries where the container's dynamic linker finds them.
+The helper layer both hooks share: `oci` (state, config.json, the container's mount
+namespace), `root` (the root, on the runtime's in-root module: lookups stay inside it,
+changes land only on the container's writable layer, binds from O_PATH fds), `elf` (the
+runtime's ELF reader plus glibc facts), `libraries` (ld.so.cache, what each side's linker
+loads) and `plan` (the actions a hook takes, and where a host library goes).
 """

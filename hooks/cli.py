@@ -49,13 +49,14 @@ def main(argv=None):
 def _run(args):
     from hpcc.config import load_config
 
-    from . import common
+    from .oci import enter_mount_namespace, read_state
+    from .root import Root
 
-    container = common.read_state(sys.stdin)
+    container = read_state(sys.stdin)
     config = load_config(args.config, validate_schema=False)
     if not args.dry_run:
-        common.enter_mount_namespace(container.pid)
-    root = common.Root(container.root)
+        enter_mount_namespace(container.pid)
+    root = Root(container.root, container.writable_devs)
     if args.hook == "mpi":
         from . import mpi
         return mpi.run(container, root, config, dry_run=args.dry_run)

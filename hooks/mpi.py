@@ -27,8 +27,9 @@ import stat
 
 from hpcc.errors import HookError
 
-from .common import (ContainerLibraries, ElfInfo, HostLibraries, Plan, elf_header, is_glibc,
-                     place_library, version_tuple)
+from .elf import ElfInfo, elf_header, is_glibc
+from .libraries import ContainerLibraries, HostLibraries
+from .plan import Plan, place_library, version_tuple
 
 # (ABI initiative name, Debian's name) per language binding.
 FAMILIES = {

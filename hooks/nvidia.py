@@ -24,7 +24,9 @@ import stat
 
 from hpcc.errors import HookError
 
-from .common import ContainerLibraries, ElfInfo, HostLibraries, Plan, place_library
+from .elf import ElfInfo
+from .libraries import ContainerLibraries, HostLibraries
+from .plan import Plan, place_library
 
 BINARIES = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
             "nvidia-cuda-mps-server")

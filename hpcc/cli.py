@@ -24,6 +24,7 @@ commands:
   pull REF                                  pull an image into your own store
   images | inspect REF | rm REF             list, show, remove images (--json for output)
   config check                              validate the site configuration
+  doctor [--json] [--image IMAGE]           check this host and say how to fix problems
   version                                   print hpcc's version
 
 Run `hpcc COMMAND --help` for the options of a command.
@@ -134,70 +135,6 @@ def parse_launch_args(cmd, argv, verbose=False, quiet=False):
     return o
 
 
-class _LaunchCache:
-    """Parsed config and image metadata, keyed by (path, inode, size, mtime), kept with
-    marshal (built in) in the caller's staging directory, so that a warm launch imports
-    neither tomllib nor json (~8 ms). Only the caller (or root) can write that directory."""
-
-    def __init__(self):
-        self.path = None
-        self.data = {}
-        self.dirty = False
-        try:
-            from .runtime.rootfs import stage_dir
-            self.path = os.path.join(stage_dir(os.geteuid() == 0), "launch-cache")
-            import marshal
-            with open(self.path, "rb") as f:
-                self.data = marshal.load(f)
-            if not isinstance(self.data, dict):
-                self.data = {}
-        except (OSError, HpccError, EOFError, ValueError, TypeError):
-            self.data = {}
-
-    @staticmethod
-    def key(path):
-        st = os.stat(path)
-        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_dev)
-
-    def get(self, path, load):
-        try:
-            key = self.key(path)
-        except OSError:
-            return load()
-        hit = self.data.get(path)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        value = load()
-        self.data[path] = (key, value)
-        self.dirty = True
-        return value
-
-    def save(self):
-        if not (self.dirty and self.path):
-            return
-        import marshal
-        tmp = f"{self.path}.{os.getpid()}"
-        try:
-            if len(self.data) > 64:
-                self.data = dict(list(self.data.items())[-32:])
-            with open(tmp, "wb") as f:
-                marshal.dump(self.data, f)
-            os.rename(tmp, self.path)
-        except (OSError, ValueError):
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def _load_config_cached(cache):
-    from .config import config_path, load_config
-    path, _ = config_path()
-    if not os.path.exists(path):
-        return load_config(validate_schema=False)
-    return cache.get(path, lambda: load_config(path, validate_schema=False))
-
-
 def resolve_image(arg, config, cache=None):
     from .image import is_image_path, local_image
     if is_image_path(arg):
@@ -214,8 +151,9 @@ def _launch(cmd, argv, verbose, quiet):
         if o.verbose:
             sys.stderr.write(f"hpcc: [{(time.perf_counter() - t0) * 1000:6.1f} ms] {msg}\n")
 
-    cache = _LaunchCache()
-    config = _load_config_cached(cache)
+    from .launchcache import LaunchCache, load_config_cached
+    cache = LaunchCache()
+    config = load_config_cached(cache)
     image = resolve_image(o.image, config, cache)
     log(f"image {image.sqfs_path}")
     annotations = dict(a.split("=", 1) for a in o.annotations)
@@ -243,7 +181,7 @@ def _config_check(argv):
         "hooks_dir")
     n = 0
     if hooks_dir and os.path.isdir(hooks_dir):
-        from .runtime.hooks import load_hooks
+        from .runtime.ocihooks import load_hooks
         n = len(load_hooks(hooks_dir))
     print(f"{path}: ok" + (f"; {n} hook config(s) in {hooks_dir}: ok" if n else ""))
     return 0
@@ -278,6 +216,9 @@ def main(argv=None):
             if rest[:1] == ["check"]:
                 return _config_check(rest[1:])
             raise UsageError("usage: hpcc config check [FILE]")
+        if cmd == "doctor":
+            from .doctor import main as doctor_main
+            return doctor_main(rest)
         if cmd in ("version", "--version"):
             from . import __version__
             print(f"hpcc {__version__}")

@@ -37,7 +37,8 @@ def tool(name):
 def main():
     if os.geteuid() != 0:
         raise SystemExit("demo: run as root (make demo), it starts a registry and uses the site store")
-    from hpcc.gateway.testing import LocalRegistry, busybox_image
+    from hpcc.testkit.busybox import busybox_image
+    from hpcc.testkit.registry import LocalRegistry
 
     step("starting a local OCI registry (docker-registry) on 127.0.0.1")
     with LocalRegistry(port=_demo_port()) as reg:
@@ -92,15 +93,10 @@ def _demo_user():
 
 
 def _slurm_demo(ref):
-    try:
-        from hpcc import slurmcluster  # noqa: F401  (lands with the Slurm integration)
-    except ImportError:
-        return
-    run_demo = getattr(slurmcluster, "demo", None)
-    if run_demo:
-        step("srun --container on an embedded Slurm cluster")
-        run_demo(ref, show)
+    from hpcc.testkit import slurmcluster
 
+    step("srun --container on an embedded Slurm cluster")
+    slurmcluster.demo(ref, show)
 
 if __name__ == "__main__":
     try:

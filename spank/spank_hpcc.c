@@ -218,8 +218,6 @@ static char *get_setting(spank_t sp, int which)
 	return NULL;
 }
 
-
-
 static void argv_add(struct argv_b *a, const char *key, const char *val)
 {
 	char *s;
@@ -300,7 +298,6 @@ static const char *reply_get(const char *key)
 	return NULL;
 }
 
-/* Start the helper as root (user_init runs with the job user as effective uid). */
 /* An error record for the plugin, from the helper's child when it cannot exec. */
 static void child_error(const char *fmt, const char *a, const char *b)
 {
@@ -359,7 +356,7 @@ static pid_t start_helper(int sock, struct argv_b *args)
 }
 
 /*
- * The per-node helper server (see hpcc/stepd.py): its socket is named after the hpcc
+ * The per-node helper server (see hpcc/slurm/server.py): its socket is named after the hpcc
  * installation, the config and this node's mount namespace.
  */
 static void server_path(char *out, size_t len)

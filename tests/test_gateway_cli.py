@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from hpcc.gateway.testing import (ImageBuilder, busybox_image, directory, file,
-                                  write_docker_archive, write_oci_archive, write_oci_layout)
+from hpcc.testkit.busybox import busybox_image
+from hpcc.testkit.images import (ImageBuilder, directory, file, write_docker_archive,
+                                 write_oci_archive, write_oci_layout)
 from tests.conftest import tool
 from tests.sqfstree import mounted, snapshot
 
@@ -344,7 +345,7 @@ def test_gc_blobs_prunes_only_unused_layers_and_dry_run_keeps_them(registry, sit
 
 
 def test_import_of_a_multi_platform_layout_picks_the_platform(tmp_path, site):
-    from hpcc.gateway.testing import image_index, simple_image
+    from hpcc.testkit.images import image_index, simple_image
 
     idx = image_index([simple_image("amd", oci=True, architecture="amd64"),
                        simple_image("arm", oci=True, architecture="arm64")])

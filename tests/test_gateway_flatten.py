@@ -8,9 +8,10 @@ import pytest
 
 from hpcc.errors import ImageError
 from hpcc.gateway.flatten import Flattener, LayerSource
-from hpcc.gateway.testing import (ImageBuilder, busybox_image, capability_xattr, chardev,
-                                  blockdev, directory, fifo, file, hardlink, opaque, raw,
-                                  symlink, whiteout, write_oci_layout)
+from hpcc.testkit.busybox import busybox_image
+from hpcc.testkit.images import (ImageBuilder, capability_xattr, chardev, blockdev, directory,
+                                 fifo, file, hardlink, opaque, raw, symlink, whiteout,
+                                 write_oci_layout)
 from hpcc.squashfs import SquashfsReader, SquashfsWriter
 from tests.sqfstree import diff, have, mounted, snapshot
 

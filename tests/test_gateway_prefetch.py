@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from hpcc.gateway.testing import busybox_image
+from hpcc.testkit.busybox import busybox_image
 from tests.conftest import tool
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root]

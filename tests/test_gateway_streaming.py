@@ -10,7 +10,7 @@ from hpcc.errors import ImageError
 from hpcc.gateway.progress import Reporter
 from hpcc.gateway.pull import pull
 from hpcc.gateway.registry import RegistryClient
-from hpcc.gateway.testing import ImageBuilder, directory, file
+from hpcc.testkit.images import ImageBuilder, directory, file
 from hpcc.squashfs import SquashfsReader
 from hpcc.store import Store
 

@@ -69,7 +69,7 @@ def mapped(stdout, rank):
 
 
 def test_e2e_shipped_hook_configs_select_on_the_annotations():
-    from hpcc.runtime.hooks import load_hooks, select_hooks
+    from hpcc.runtime.ocihooks import load_hooks, select_hooks
     hooks = load_hooks(str(REPO / "etc/hooks.d"), privileged=False)
     assert select_hooks(hooks, {"annotations": {}}) == {}
     mpi = select_hooks(hooks, {"annotations": {"org.hpcc.mpi": "1"}})

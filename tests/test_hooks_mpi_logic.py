@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 
 from hpcc.errors import HookError
-from hpcc.hooks import common, mpi
+from hpcc.hooks import mpi
+from hpcc.hooks.elf import ElfInfo
+from hpcc.hooks.libraries import HostLibraries
+from hpcc.hooks.oci import Container
+from hpcc.hooks.root import Root
 
 LIB = "usr/lib/x86_64-linux-gnu"
 
@@ -51,11 +55,11 @@ def glibc_tree(root, *, fake_libc_versions=None):
 
 
 def plan_for(root, config=None, args=(), env=()):
-    c = common.Container({"annotations": {"org.hpcc.mpi": "1"}},
+    c = Container({"annotations": {"org.hpcc.mpi": "1"}},
                          {"root": {"path": str(root)},
                           "process": {"args": list(args), "env": list(env), "cwd": "/"}},
                          "/x", str(root))
-    return mpi.plan_mpi(c, common.Root(str(root)), config or {"mpi": {}})
+    return mpi.plan_mpi(c, Root(str(root)), config or {"mpi": {}})
 
 
 FUTURE = """#include <mpi.h>
@@ -87,7 +91,7 @@ def test_mpi_logic_container_glibc_older_than_the_host_mpi_needs_is_refused(tmp_
     # the version nodes of a glibc 2.31 (Debian 11, Ubuntu 20.04): the host's up to 2.31
     def vt(v):
         return tuple(int(x) for x in v[len("GLIBC_"):].split("."))
-    host = common.ElfInfo.from_path("/lib/x86_64-linux-gnu/libc.so.6").verdef
+    host = ElfInfo.from_path("/lib/x86_64-linux-gnu/libc.so.6").verdef
     old = sorted((v for v in host if v.startswith("GLIBC_2") and vt(v) <= (2, 31)), key=vt)
     root = glibc_tree(tmp_path / "c", fake_libc_versions=old)
     with pytest.raises(HookError) as e:
@@ -147,10 +151,10 @@ def test_mpi_logic_abi_name_only_container_gets_the_host_library_under_both_name
 def test_mpi_logic_host_without_mpich_abi_library_says_what_to_do(tmp_path):
     root = glibc_tree(tmp_path / "c")
     host = glibc_tree(tmp_path / "host-without-mpi")        # a host tree with no MPI at all
-    c = common.Container({}, {"root": {"path": str(root)}, "process": {"env": []}}, "/x", str(root))
+    c = Container({}, {"root": {"path": str(root)}, "process": {"env": []}}, "/x", str(root))
     with pytest.raises(HookError, match="this host has no MPICH-ABI MPI library .* set mpi.libraries"):
-        mpi.plan_mpi(c, common.Root(str(root)), {"mpi": {}},
-                     hostlibs=common.HostLibraries(sysroot=str(host)))
+        mpi.plan_mpi(c, Root(str(root)), {"mpi": {}},
+                     hostlibs=HostLibraries(sysroot=str(host)))
 
 
 def test_mpi_logic_configured_library_missing_on_this_node(tmp_path):

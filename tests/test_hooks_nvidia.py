@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from hpcc.errors import HookError
-from hpcc.hooks import common, nvidia
+from hpcc.hooks import nvidia
+from hpcc.hooks.oci import Container
+from hpcc.hooks.root import Root
 from tests.conftest import tool
 
 VER = "535.104.05"
@@ -88,11 +90,11 @@ def croot(tmp_path):
 def container(croot, annotations=None, env=()):
     config = {"root": {"path": str(croot)}, "process": {"env": list(env)},
               "annotations": {}}
-    return common.Container({"annotations": annotations or {}}, config, "/nonexistent", str(croot))
+    return Container({"annotations": annotations or {}}, config, "/nonexistent", str(croot))
 
 
 def plan(croot, host_tree, annotations, env=(), config=None, henv=None):
-    return nvidia.plan_nvidia(container(croot, annotations, env), common.Root(str(croot)),
+    return nvidia.plan_nvidia(container(croot, annotations, env), Root(str(croot)),
                               config or {"gpu": {}}, sysroot=str(host_tree), henv=henv or {})
 
 
@@ -311,11 +313,14 @@ def test_nvidia_prepared_driver_is_loadable_inside_the_container(tmp_path, host_
     subprocess.run(["ldconfig", "-r", str(c)], check=True)
     script = f"""
 import json, subprocess, sys
-from hpcc.hooks import common, nvidia
-cont = common.Container({{"annotations": {{"org.hpcc.gpu": "3"}}}},
+from hpcc.hooks import nvidia
+from hpcc.hooks.oci import Container
+from hpcc.hooks.root import Root
+cont = Container({{"annotations": {{"org.hpcc.gpu": "3"}}}},
                         {{"root": {{"path": "{c}"}}, "process": {{"env": []}}}}, "/x", "{c}")
-root = common.Root("{c}")
 subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "{c}/dev"], check=True)
+# the writable layer as hpcc names it in config.json: the root and its /dev tmpfs
+root = Root("{c}", [__import__("os").stat(p).st_dev for p in ("{c}", "{c}/dev")])
 p = nvidia.plan_nvidia(cont, root, {{"gpu": {{}}}}, sysroot="{host_tree}", henv={{}})
 p.apply(root)
 out = subprocess.run(["chroot", "{c}", "/app/cudaver"], capture_output=True, text=True)

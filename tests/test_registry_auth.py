@@ -12,7 +12,8 @@ from hpcc.errors import ConfigError, RegistryError
 from hpcc.gateway.auth import find_credentials, parse_challenge
 from hpcc.gateway.blobcache import BlobCache
 from hpcc.gateway.registry import RegistryClient, is_loopback
-from hpcc.gateway.testing import LocalRegistry, simple_image
+from hpcc.testkit.images import simple_image
+from hpcc.testkit.registry import LocalRegistry
 from hpcc.reference import parse_reference
 
 from .fixtures.registry import TOKEN_USERS
@@ -284,7 +285,8 @@ def test_environment_proxy_is_used_for_remote_hosts_but_never_for_loopback(monke
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("https_proxy", "http://proxy.example.org:3128")
     monkeypatch.setenv("no_proxy", "internal.example.org")
-    get = RegistryClient._proxies
+    from hpcc.gateway.transport import Transport
+    get = Transport._proxies
     assert get("https://ghcr.io/v2/") == {"https": "http://proxy.example.org:3128"}
     assert get("https://internal.example.org/v2/") == {}
     assert get("https://127.0.0.1:5000/v2/") == {}

@@ -13,7 +13,7 @@ import pytest
 from hpcc.errors import ImageError
 from hpcc.gateway.blobcache import BlobCache
 from hpcc.gateway.registry import RegistryClient
-from hpcc.gateway.testing import ImageBuilder, file
+from hpcc.testkit.images import ImageBuilder, file
 from hpcc.reference import parse_reference
 
 

@@ -9,7 +9,7 @@ import pytest
 from hpcc.errors import ImageError, RegistryError
 from hpcc.gateway.blobcache import BlobCache
 from hpcc.gateway.registry import RegistryClient
-from hpcc.gateway.testing import ImageBuilder, file, simple_image
+from hpcc.testkit.images import ImageBuilder, file, simple_image
 from hpcc.reference import parse_reference
 
 
@@ -137,7 +137,7 @@ def test_server_ignoring_range_falls_back_to_a_full_download(fault_proxy, pushed
 
 
 def test_manifest_500_then_success(fault_proxy, client):
-    from hpcc.gateway.testing import simple_image as si
+    from hpcc.testkit.images import simple_image as si
     built = si("m500")
     fault_proxy.upstream.push("faults/m500", "v", built)
     fault_proxy.fail(1, status=500, what="manifest")

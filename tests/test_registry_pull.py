@@ -9,9 +9,10 @@ import pytest
 
 from hpcc.errors import ConfigError, ImageError, RegistryError
 from hpcc.gateway.blobcache import BlobCache
+from hpcc.gateway.manifest import media_type
 from hpcc.gateway.registry import RegistryClient, host_platform, sniff_compression
-from hpcc.gateway.testing import (ImageBuilder, busybox_image, directory, file, image_index,
-                                  simple_image)
+from hpcc.testkit.busybox import busybox_image
+from hpcc.testkit.images import ImageBuilder, directory, file, image_index, simple_image
 from hpcc.reference import parse_reference
 
 
@@ -87,7 +88,7 @@ def test_layer_compressions(registry, client, cache, compression):
 def test_mislabelled_layer_takes_compression_from_magic_bytes(registry, client, cache):
     """Uncompressed tar data under a gzip media type: the bytes decide."""
     b = ImageBuilder()
-    from hpcc.gateway.testing import layer_tar
+    from hpcc.testkit.images import layer_tar
     tar = layer_tar([directory("x"), file("x/y", b"z")])
     b.raw_layer(tar, "application/vnd.docker.image.rootfs.diff.tar.gzip", tar=tar)
     built = b.build()
@@ -181,8 +182,8 @@ def test_schema1_manifest_is_refused(registry, client):
     # refusal logic is checked on the manifest as a registry would serve it.
     body = json.dumps({"schemaVersion": 1, "name": "x", "tag": "v", "fsLayers": []}).encode()
     with pytest.raises(ImageError, match="schema 1"):
-        RegistryClient._media_type("application/vnd.docker.distribution.manifest.v1+prettyjws",
-                                   json.loads(body), "manifest of x")
+        media_type("application/vnd.docker.distribution.manifest.v1+prettyjws",
+                   json.loads(body), "manifest of x")
 
 
 def test_connection_refused_is_a_registry_error(client):
@@ -241,7 +242,7 @@ def test_image_config_not_matching_layers_is_refused(registry, client):
     b = ImageBuilder().layer([file("a", b"1")]).layer([file("b", b"2")])
     built = b.build()
     # rewrite the config so diff_ids lists one layer only, re-sign the manifest
-    from hpcc.gateway.testing import Image, sha256
+    from hpcc.testkit.images import Image, sha256
     cfg = dict(built.config, rootfs={"type": "layers", "diff_ids": built.config["rootfs"]["diff_ids"][:1]})
     cfg_bytes = json.dumps(cfg).encode()
     man = dict(built.manifest, config=dict(built.manifest["config"], size=len(cfg_bytes),

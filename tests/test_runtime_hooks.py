@@ -9,7 +9,7 @@ import tempfile
 import pytest
 
 from hpcc.errors import HookError
-from hpcc.runtime.hooks import load_hooks, matches, select_hooks
+from hpcc.runtime.ocihooks import load_hooks, matches, select_hooks
 from tests.fixtures.launcher_images import run_hpcc
 
 RECORD_HOOK = """#!/usr/bin/python3

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from hpcc.runtime import prefetch
+from hpcc.runtime import elf, prefetch
 from tests.fixtures.launcher_images import run_hpcc
 
 HOST_LS = shutil.which("ls") or "/bin/ls"
@@ -32,7 +32,7 @@ def _open(r):
 def test_elf_interpreter_and_needed_libraries_are_read_from_a_real_binary():
     fd = os.open(HOST_LS, os.O_RDONLY)
     try:
-        interp, needed = prefetch.elf_deps(os.pread(fd, 64, 0), fd, os.fstat(fd).st_size)
+        interp, needed = elf.elf_deps(os.pread(fd, 64, 0), fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
     assert interp and interp.startswith("/") and "ld-linux" in interp
@@ -50,7 +50,7 @@ def test_malformed_or_foreign_files_give_nothing_and_never_raise(tmp_path, data)
     p.write_bytes(data)
     fd = os.open(p, os.O_RDONLY)
     try:
-        interp, needed = prefetch.elf_deps(data[:64], fd, len(data))
+        interp, needed = elf.elf_deps(data[:64], fd, len(data))
     finally:
         os.close(fd)
     assert (interp, needed) == (None, [])
@@ -72,7 +72,7 @@ def test_program_interpreter_and_libraries_are_read_up_to_the_budget(root):
     # the host's ls with its loader and libraries, laid out as in a Debian image
     shutil.copy(HOST_LS, root / "bin" / "ls")
     fd = os.open(HOST_LS, os.O_RDONLY)
-    interp, needed = prefetch.elf_deps(os.pread(fd, 64, 0), fd, os.fstat(fd).st_size)
+    interp, needed = elf.elf_deps(os.pread(fd, 64, 0), fd, os.fstat(fd).st_size)
     os.close(fd)
     shutil.copy(interp, root / interp.lstrip("/"))
     for name in needed:

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from hpcc.errors import MountError
-from hpcc.runtime import rootfs
+from hpcc.runtime import inroot
 
 
 @pytest.fixture
@@ -29,43 +29,64 @@ def _real(fd):
 @pytest.mark.parametrize("openat2", [True, False])
 def test_plain_paths_resolve(root, monkeypatch, openat2):
     r, fd = root
-    monkeypatch.setattr(rootfs, "_HAVE_OPENAT2", openat2)
-    t = rootfs.open_in_root(fd, "/etc/passwd")
+    monkeypatch.setattr(inroot, "_HAVE_OPENAT2", openat2)
+    t = inroot.open_in_root(fd, "/etc/passwd")
     assert _real(t) == str(r / "etc" / "passwd")
     os.close(t)
 
 
-def test_symlinks_resolve_inside_the_root_with_openat2(root):
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "nofollow-walk"])
+def test_symlinks_resolve_inside_the_root(root, monkeypatch, openat2):
+    """The one fallback where openat2 is missing resolves like RESOLVE_IN_ROOT does."""
     r, fd = root
+    monkeypatch.setattr(inroot, "_HAVE_OPENAT2", openat2)
     for path in ("/tmp/passwd", "/up/passwd", "/../../etc/passwd"):
-        t = rootfs.open_in_root(fd, path)
+        t = inroot.open_in_root(fd, path)
         assert _real(t) == str(r / "etc" / "passwd"), path
         os.close(t)
 
 
-def test_fallback_walk_refuses_symlinks(root, monkeypatch):
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "nofollow-walk"])
+def test_magic_and_dangling_links_do_not_leave_the_root(root, monkeypatch, openat2):
     r, fd = root
-    monkeypatch.setattr(rootfs, "_HAVE_OPENAT2", False)
+    monkeypatch.setattr(inroot, "_HAVE_OPENAT2", openat2)
     with pytest.raises(OSError) as e:
-        rootfs.open_in_root(fd, "/tmp/passwd")
-    assert e.value.errno == errno.ELOOP
+        inroot.open_in_root(fd, "/dangling")
+    assert e.value.errno == errno.ENOENT
+    t = inroot.open_in_root(fd, "/dangling", follow=False)
+    assert _real(t) == str(r / "dangling")
+    os.close(t)
+
+
+def test_seccomp_eperm_from_openat2_falls_back_to_the_walk(root, monkeypatch):
+    """A seccomp filter that answers EPERM for openat2 (some container runtimes' default
+    profiles) is taken as 'no openat2'. Mock: the filter cannot be installed from a test."""
+    r, fd = root
+    monkeypatch.setattr(inroot, "_HAVE_OPENAT2", True)
+
+    def filtered(*a):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(inroot._sys, "openat2", filtered)
+    t = inroot.open_in_root(fd, "/tmp/passwd")
+    assert _real(t) == str(r / "etc" / "passwd") and inroot._HAVE_OPENAT2 is False
+    os.close(t)
 
 
 def test_missing_targets_are_created_only_on_allowed_filesystems(root):
     r, fd = root
     dev = os.fstat(fd).st_dev
-    t = rootfs.resolve_target(fd, "/new/a/b", "dir", {dev})
+    t = inroot.resolve_target(fd, "/new/a/b", "dir", {dev})
     assert _real(t) == str(r / "new" / "a" / "b")
     os.close(t)
-    t = rootfs.resolve_target(fd, "/new/file", "file", {dev})
+    t = inroot.resolve_target(fd, "/new/file", "file", {dev})
     assert os.path.isfile(r / "new" / "file")
     os.close(t)
     # a dangling symlink is followed inside the root: /nonexistent/dir is created there
-    t = rootfs.resolve_target(fd, "/dangling/x", "dir", {dev})
+    t = inroot.resolve_target(fd, "/dangling/x", "dir", {dev})
     assert _real(t) == str(r / "nonexistent" / "dir" / "x")
     os.close(t)
     with pytest.raises(MountError, match="host directory"):
-        rootfs.resolve_target(fd, "/other/dir", "dir", set())
+        inroot.resolve_target(fd, "/other/dir", "dir", set())
     assert not os.path.exists(r / "other")
 
 
@@ -75,7 +96,7 @@ def test_files_are_replaced_not_written_through_symlinks(root, tmp_path):
     victim.write_text("keep")
     (r / "etc" / "hosts").symlink_to(str(victim))
     dev = os.fstat(fd).st_dev
-    rootfs.write_file_in_root(fd, "/etc/hosts", b"new\n", {dev})
+    inroot.write_file_in_root(fd, "/etc/hosts", b"new\n", {dev})
     assert victim.read_text() == "keep"
     assert not os.path.islink(r / "etc" / "hosts")
     assert (r / "etc" / "hosts").read_text() == "new\n"
@@ -84,7 +105,7 @@ def test_files_are_replaced_not_written_through_symlinks(root, tmp_path):
 def test_eagain_from_openat2_is_retried(root, monkeypatch):
     """openat2(RESOLVE_IN_ROOT) returns EAGAIN when a mount or rename raced with it."""
     r, fd = root
-    real = rootfs._sys.openat2
+    real = inroot._sys.openat2
     calls = []
 
     def openat2_fault(*a):  # the kernel race cannot be produced on demand
@@ -92,7 +113,7 @@ def test_eagain_from_openat2_is_retried(root, monkeypatch):
         if len(calls) < 3:
             raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
         return real(*a)
-    monkeypatch.setattr(rootfs._sys, "openat2", openat2_fault)
-    t = rootfs.open_in_root(fd, "/etc/passwd")
+    monkeypatch.setattr(inroot._sys, "openat2", openat2_fault)
+    t = inroot.open_in_root(fd, "/etc/passwd")
     assert _real(t) == str(r / "etc" / "passwd") and len(calls) == 3
     os.close(t)

@@ -31,7 +31,7 @@ def test_srun_help_lists_the_plugin_options_but_not_container(slurm_cluster):
 
 
 def test_cluster_stop_leaves_no_processes(slurm_site):
-    from hpcc.slurmcluster import SlurmCluster
+    from hpcc.testkit.slurmcluster import SlurmCluster
     import tempfile
 
     c = SlurmCluster(tempfile.mkdtemp(dir=slurm_site.root), nodes=1,

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from hpcc import slurm
+from hpcc.slurm import jobs as slurm
 from hpcc.errors import SlurmError
 
 pytestmark = [pytest.mark.root, pytest.mark.slurm]

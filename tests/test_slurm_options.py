@@ -101,7 +101,7 @@ def test_oci_conf_on_the_site_is_reported_not_ignored(slurm_cluster):
 def test_misconfigured_helper_path_is_one_clear_line(slurm_site):
     import tempfile
 
-    from hpcc.slurmcluster import SlurmCluster
+    from hpcc.testkit.slurmcluster import SlurmCluster
 
     line = (f"required {slurm_site.plugin} python=/nonexistent/python3 "
             f"config={slurm_site.config}")
@@ -144,3 +144,29 @@ def test_per_node_helper_server_is_reused_and_replaced_when_gone(slurm_cluster):
     p = slurm_cluster.run("srun", "-n1", "--container=hpcctest/nothere:1", "true", user=U1)
     assert p.returncode == 125
     assert "hpcc: image 'hpcctest/nothere:1' not found in the store" in p.stderr
+
+
+def test_helper_server_ends_when_any_installed_hpcc_file_changes(slurm_cluster):
+    # The server's code stamp covers the whole installed package, not a list of files: a
+    # change to a module the old list did not name (the batch-step code) retires it too.
+    import hpcc.slurm.batch
+
+    p = slurm_cluster.run("srun", "-n1", "--container=hpcctest/busybox:1", "true", user=U1)
+    assert p.returncode == 0, p.stderr
+    deadline = time.monotonic() + 20
+    while not slurm_cluster.helper_server_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    servers = slurm_cluster.helper_server_pids()
+    assert len(servers) == 1
+    path = hpcc.slurm.batch.__file__
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    try:
+        deadline = time.monotonic() + 10
+        while slurm_cluster.helper_server_pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert slurm_cluster.helper_server_pids() == []
+    finally:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    p = slurm_cluster.run("srun", "-n1", "--container=hpcctest/busybox:1", "true", user=U1)
+    assert p.returncode == 0, p.stderr

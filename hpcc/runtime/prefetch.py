@@ -20,17 +20,15 @@ simply pays the faults. The bytes read are capped by the site config
 import _signal as signal  # the C module: `signal` would import enum (~3 ms)
 import _thread
 import os
-import struct
 
-from .rootfs import open_in_root
+from .elf import elf_deps
+from .inroot import open_in_root
 
 CHUNK = 1 << 20
 LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
             "/usr/lib/aarch64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib",
             "/usr/local/lib")
 MAX_FILES = 32
-PT_INTERP, PT_DYNAMIC, PT_LOAD = 3, 2, 1
-DT_NEEDED, DT_STRTAB = 1, 5
 
 
 def command_path(root_fd, prog, path_var):
@@ -48,55 +46,6 @@ def command_path(root_fd, prog, path_var):
         os.close(fd)
         return cand
     return None
-
-
-def elf_deps(head, fd, size):
-    """(interpreter, [DT_NEEDED names]) of a 64-bit little-endian ELF file, from its first
-    bytes `head` and preads of fd; ([], None) for anything else. Bounds-checked: the file
-    comes from the image."""
-    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
-        return None, []
-    phoff, = struct.unpack_from("<Q", head, 32)
-    phentsize, phnum = struct.unpack_from("<HH", head, 54)
-    if phentsize < 56 or phnum > 64:
-        return None, []
-    ph = os.pread(fd, phentsize * phnum, phoff)
-    if len(ph) < phentsize * phnum:
-        return None, []
-    interp, dyn, loads = None, None, []
-    for i in range(phnum):
-        p_type, _, p_off, p_vaddr, _, p_filesz, _, _ = struct.unpack_from("<IIQQQQQQ", ph,
-                                                                         i * phentsize)
-        if p_type == PT_INTERP and 0 < p_filesz < 4096:
-            interp = os.pread(fd, p_filesz, p_off).split(b"\0", 1)[0].decode("utf-8", "replace")
-        elif p_type == PT_DYNAMIC and 0 < p_filesz < (1 << 20):
-            dyn = (p_off, p_filesz)
-        elif p_type == PT_LOAD:
-            loads.append((p_vaddr, p_off, p_filesz))
-    needed = []
-    if dyn:
-        raw = os.pread(fd, dyn[1], dyn[0])
-        strtab, offs = None, []
-        for j in range(len(raw) // 16):
-            tag, val = struct.unpack_from("<qQ", raw, j * 16)
-            if tag == 0:
-                break
-            if tag == DT_NEEDED:
-                offs.append(val)
-            elif tag == DT_STRTAB:
-                strtab = val
-        base = None
-        for vaddr, off, filesz in loads:  # the string table's vaddr to a file offset
-            if strtab is not None and vaddr <= strtab < vaddr + filesz:
-                base = strtab - vaddr + off
-        if base is not None:
-            for o in offs[:MAX_FILES]:
-                if 0 <= base + o < size:
-                    name = os.pread(fd, 256, base + o).split(b"\0", 1)[0]
-                    name = name.decode("utf-8", "replace")
-                    if name and "/" not in name:
-                        needed.append(name)
-    return interp, needed
 
 
 def _read_all(fd, budget, entry):

@@ -35,7 +35,7 @@ def _set_identity(user, privileged):
     if not privileged:
         # Leave the setup namespace (where the caller is 0) for a nested one mapping the
         # caller's uid and gid to themselves, as `id` shows them on the host.
-        from .rootfs import write_id_maps
+        from .namespaces import write_id_maps
         _sys.unshare(_sys.CLONE_NEWUSER)
         write_id_maps(user["uid"], 0, user["gid"], 0)
         return
@@ -93,7 +93,7 @@ def exec_process(spec, *, privileged=None):
         privileged = spec.get("hpcc", {}).get("privileged", os.geteuid() == 0)
     env = spec_env(spec)
     if spec.get("hooks", {}).get("startContainer"):
-        from .hooks import run_hooks, state
+        from .ocihooks import run_hooks, state
         run_hooks(spec, "startContainer", state(spec, "created", os.getpid(), "", ""))
     try:
         _sys.drop_bounding()  # while CAP_SETPCAP is still ours (before the uid changes)
@@ -176,7 +176,7 @@ def run_container(spec, *, privileged=None, log=None, supervise=True):
     become the command (execve in this process: same pid, one process less; the FUSE daemon
     is its child and dies with it); allowed only without poststart/poststop hooks."""
     from . import rootfs
-    from .hooks import run_hooks, state
+    from .ocihooks import run_hooks, state
 
     if privileged is None:
         privileged = os.geteuid() == 0

@@ -1,429 +1,27 @@
-"""Namespaces and root filesystem assembly (both modes share every step but the image mount).
+"""Root filesystem assembly (both modes share every step but the image mount).
 
 Layout, in a tmpfs mounted on the per-user staging directory (a fixed, empty directory that
 only ever carries mounts inside private mount namespaces, so nothing per launch is created on
 the host): img/ (the squashfs: kernel loop mount or squashfuse_ll), upper/ + work/ (tmpfs
 overlay layers), root/ (overlay of img under upper: mount points and injected files land in
 tmpfs, never in the image), bundle/config.json (for hooks).
+
+The parts: namespaces.py (mount/user namespaces, the staging directory), imagemount.py (the
+image), inroot.py (paths inside the root: lookup and the writable-layer rule), identity.py
+(acting as the job user), and here the mounts of the spec and setup_root.
 """
+import _signal as signal  # the C module: `signal` would import enum (~3 ms)
 import errno
 import os
-import _signal as signal  # the C module: `signal` would import enum (~3 ms)
 import stat
-import struct
 
 from ..errors import HookError, LaunchError, MountError
 from . import _sys
-from .spec import clean_dest
-
-O_PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
-RESOLVE = _sys.RESOLVE_IN_ROOT | _sys.RESOLVE_NO_MAGICLINKS
-_HAVE_OPENAT2 = True
-
-SQUASHFS_MAGIC = b"hsqs"
-LOOP_CTL_GET_FREE = 0x4C82
-LOOP_CONFIGURE = 0x4C0A
-LO_FLAGS_READ_ONLY = 1
-LO_FLAGS_AUTOCLEAR = 4
-
-
-# ---------------------------------------------------------------------------------------
-# namespaces
-
-_HOST_MNT_NS = None  # fd of the caller's mount namespace (privileged enter_namespaces)
-
-def enter_namespaces(privileged):
-    """Move the calling (single-threaded) process into a new mount namespace, and, when
-    unprivileged, a new user namespace mapping the caller's uid and gid to themselves. All
-    mounts become private so nothing done afterwards propagates back to the host."""
-    global _HOST_MNT_NS
-    if privileged:
-        # kept for the FUSE daemon, which must not live in (and pin) the new namespace
-        try:
-            _HOST_MNT_NS = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            _HOST_MNT_NS = None
-        try:
-            _sys.unshare(_sys.CLONE_NEWNS)
-        except OSError as e:
-            raise LaunchError(f"cannot create a mount namespace: {e.strerror}") from None
-    else:
-        uid, gid = os.getuid(), os.getgid()
-        try:
-            _sys.unshare(_sys.CLONE_NEWUSER | _sys.CLONE_NEWNS)
-        except OSError as e:
-            raise LaunchError(
-                f"cannot create a user namespace: {e.strerror}",
-                hint="the admin must allow unprivileged user namespaces "
-                     "(sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone=1)"
-            ) from None
-        # Setup namespace: the caller is root in it, so that image files owned by root
-        # (uid 0 in the squashfs) map to the caller and the overlay can copy them up.
-        # exec_process nests a second user namespace that maps the caller to themselves.
-        write_id_maps(0, uid, 0, gid)
-    _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
-
-
-def write_id_maps(inner_uid, outer_uid, inner_gid, outer_gid):
-    """Map one uid and one gid of the current user namespace (just unshared)."""
-    for name, data in (("setgroups", "deny"), ("uid_map", f"{inner_uid} {outer_uid} 1\n"),
-                       ("gid_map", f"{inner_gid} {outer_gid} 1\n")):
-        fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, data.encode())
-        finally:
-            os.close(fd)
-
-
-def stage_dir(privileged):
-    """The fixed directory the staging tmpfs is mounted on (only in our namespace): one per
-    user, reused by every launch, never holding files of a launch. Root: /run/hpcc; a user:
-    $XDG_RUNTIME_DIR/hpcc, else /tmp/hpcc-UID, else (when someone else took that name)
-    ~/.cache/hpcc/stage."""
-    owner = os.getuid()  # as seen in this user namespace (the caller, or 0 in ours)
-    if privileged:
-        candidates = ["/run/hpcc"]
-    else:
-        candidates = []
-        xdg = os.environ.get("XDG_RUNTIME_DIR")
-        if xdg:
-            try:
-                st = os.stat(xdg)
-                if st.st_uid == owner and stat.S_ISDIR(st.st_mode):
-                    candidates.append(os.path.join(xdg, "hpcc"))
-            except OSError:
-                pass
-        candidates.append(f"/tmp/hpcc-{_host_uid()}")
-        home = os.environ.get("HOME") or ""
-        if home.startswith("/") and home != "/":
-            candidates.append(os.path.join(home, ".cache", "hpcc", "stage"))
-    problem = None
-    for path in candidates:
-        try:
-            os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            problem = f"cannot create the staging directory {path}: {e.strerror}"
-            continue
-        st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == owner and not st.st_mode & 0o022:
-            return path
-        problem = (f"staging directory {path} is not a directory owned by you and writable "
-                   "only by you")
-    raise LaunchError(problem, hint=f"remove {candidates[-1]} or set XDG_RUNTIME_DIR")
-
-
-def _host_uid():
-    """The caller's uid outside any user namespace hpcc made (from /proc/self/uid_map)."""
-    try:
-        with open("/proc/self/uid_map") as f:
-            first = f.readline().split()
-        if first and first[0] == "0" and first[2] == "1":
-            return int(first[1])
-    except (OSError, IndexError, ValueError):
-        pass
-    return os.getuid()
-
-
-# ---------------------------------------------------------------------------------------
-# safe path resolution inside the root
-
-def _walk_nofollow(root_fd, rel):
-    """Fallback without openat2: open component by component, refusing any symlink."""
-    cur = os.dup(root_fd)
-    try:
-        for comp in rel.split("/"):
-            if comp in ("", "."):
-                continue
-            try:
-                nfd = os.open(comp, O_PATH_FLAGS | os.O_NOFOLLOW, dir_fd=cur)
-            except OSError:
-                raise
-            if stat.S_ISLNK(os.fstat(nfd).st_mode):
-                os.close(nfd)
-                raise OSError(errno.ELOOP, f"symlink in {rel} (this kernel has no openat2)")
-            os.close(cur)
-            cur = nfd
-        return cur
-    except BaseException:
-        os.close(cur)
-        raise
-
-
-def open_in_root(root_fd, path, flags=O_PATH_FLAGS):
-    """Open `path` as seen from inside the root: symlinks resolve against the root, '..'
-    stops at it, magic links are refused. Returns an fd; raises OSError."""
-    global _HAVE_OPENAT2
-    rel = clean_dest(path).lstrip("/") or "."
-    if _HAVE_OPENAT2:
-        # RESOLVE_IN_ROOT fails with EAGAIN when a rename or a mount anywhere on the system
-        # raced with the lookup: retry (the kernel's own advice), then walk.
-        for _ in range(64):
-            try:
-                return _sys.openat2(root_fd, rel, flags | os.O_CLOEXEC, RESOLVE)
-            except OSError as e:
-                if e.errno == errno.EAGAIN:
-                    continue
-                if e.errno != errno.ENOSYS:
-                    raise
-                _HAVE_OPENAT2 = False
-                break
-    fd = _walk_nofollow(root_fd, rel)
-    if flags & os.O_PATH:
-        return fd
-    try:
-        return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
-    finally:
-        os.close(fd)
-
-
-def resolve_target(root_fd, path, create=None, writable_devs=(), _depth=0):
-    """fd (O_PATH) of the mount target `path` inside the root. Missing components are
-    created (directories, or an empty file last when create == "file") only on the
-    filesystems in writable_devs (the overlay and tmpfs mounts of this container), never
-    on a bind of a host directory."""
-    try:
-        return open_in_root(root_fd, path)
-    except OSError as e:
-        if e.errno != errno.ENOENT or not create:
-            raise MountError(f"cannot resolve {path} in the container: {e.strerror}") from None
-    parts = [p for p in clean_dest(path).split("/") if p]
-    cur = os.dup(root_fd)
-    try:
-        for i, comp in enumerate(parts):
-            sub = "/" + "/".join(parts[:i + 1])
-            try:
-                nfd = open_in_root(root_fd, sub)
-            except OSError as e:
-                if e.errno != errno.ENOENT:
-                    raise MountError(f"cannot resolve {sub} in the container: {e.strerror}") \
-                        from None
-                if os.fstat(cur).st_dev not in writable_devs:
-                    raise MountError(
-                        f"mount point {path} does not exist and would have to be created "
-                        f"on a host directory bound into the container",
-                        hint="create it on the host or choose another destination") from None
-                try:
-                    if create == "file" and i == len(parts) - 1:
-                        os.close(os.open(comp, os.O_CREAT | os.O_EXCL | os.O_WRONLY
-                                         | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=cur))
-                    else:
-                        os.mkdir(comp, 0o755, dir_fd=cur)
-                except FileExistsError:
-                    # a dangling symlink: create what it points to, inside the root
-                    try:
-                        link = os.readlink(comp, dir_fd=cur)
-                    except OSError:
-                        link = None
-                    if link is None or _depth > 16:
-                        raise MountError(f"cannot create mount point {path}: {sub} is a "
-                                         "dangling symlink in the image") from None
-                    base = "/" + "/".join(parts[:i])
-                    rest = "/".join(parts[i + 1:])
-                    target = os.path.join(base, link, rest) if rest else os.path.join(base, link)
-                    os.close(cur)
-                    cur = -1
-                    return resolve_target(root_fd, clean_dest(target), create, writable_devs,
-                                          _depth + 1)
-                except OSError as e2:
-                    raise MountError(f"cannot create mount point {path}: {e2.strerror}") \
-                        from None
-                nfd = open_in_root(root_fd, sub)
-            os.close(cur)
-            cur = nfd
-        return cur
-    except BaseException:
-        if cur >= 0:
-            os.close(cur)
-        raise
-
-
-def write_file_in_root(root_fd, path, data, writable_devs, mode=0o644):
-    """Replace `path` inside the root by a new regular file with `data` (in the overlay:
-    the image is not changed). A symlink at `path` is replaced, not followed."""
-    parent = resolve_target(root_fd, os.path.dirname(clean_dest(path)), "dir", writable_devs)
-    name = os.path.basename(path)
-    try:
-        if os.fstat(parent).st_dev not in writable_devs:
-            raise MountError(f"cannot write {path}: its directory is a host bind")
-        try:
-            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                raise MountError(f"cannot write {path}: the image has a directory there")
-            os.unlink(name, dir_fd=parent)
-        except FileNotFoundError:
-            pass
-        fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     mode, dir_fd=parent)
-        try:
-            os.write(fd, data)
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise MountError(f"cannot write {path} in the container: {e.strerror}") from None
-    finally:
-        os.close(parent)
-
-
-def read_file_in_root(root_fd, path, limit=4 << 20):
-    try:
-        fd = open_in_root(root_fd, path, os.O_RDONLY)
-    except OSError:
-        return b""
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return b""
-        return os.read(fd, limit)
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------
-# the image
-
-def _trusted_for_kernel(fd, path):
-    """Kernel-mount only files the site produced: owned by root, not writable by others,
-    in a directory likewise (CVE-2023-30549: never kernel-mount a user's file)."""
-    st = os.fstat(fd)
-    if st.st_uid != 0 or st.st_mode & 0o022:
-        return False
-    try:
-        dst = os.stat(os.path.dirname(os.path.abspath(path)))
-    except OSError:
-        return False
-    return dst.st_uid == 0 and not dst.st_mode & 0o022
-
-
-def _loop_mount(img_fd, target, path):
-    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-    import fcntl
-    try:
-        for _ in range(20):
-            n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
-            lfd = os.open(f"/dev/loop{n}", os.O_RDONLY | os.O_CLOEXEC)
-            name = os.fsencode(path)[:63]
-            info = struct.pack("=QQQQQIIII64s64s32sQQ", 0, 0, 0, 0, 0, 0, 0, 0,
-                               LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR, name, b"", b"", 0, 0)
-            cfg = struct.pack("=II", img_fd, 0) + info + bytes(64)
-            try:
-                fcntl.ioctl(lfd, LOOP_CONFIGURE, cfg)
-            except OSError as e:
-                os.close(lfd)
-                if e.errno == errno.EBUSY:
-                    continue
-                raise MountError(f"cannot attach {path} to a loop device: {e.strerror}") \
-                    from None
-            try:
-                _sys.mount(f"/dev/loop{n}", target, "squashfs",
-                           _sys.MS_RDONLY | _sys.MS_NODEV | _sys.MS_NOSUID)
-            except OSError as e:
-                raise MountError(f"cannot mount {path} (squashfs): {e.strerror}",
-                                 hint="is it a squashfs image with a compressor this "
-                                      "kernel supports?") from None
-            finally:
-                os.close(lfd)  # autoclear: the loop device goes with the mount
-            return
-        raise MountError("no free loop device", hint="the admin may raise max_loop")
-    finally:
-        os.close(ctl)
-
-
-def _find_exe(name):
-    for d in os.environ.get("PATH", "").split(":") + ["/usr/bin", "/usr/local/bin"]:
-        p = os.path.join(d or ".", name)
-        if os.access(p, os.X_OK):
-            return p
-    return None
-
-
-def _fuse_mount(img_fd, target, path, privileged):
-    """Mount the image with squashfuse_ll: hpcc opens /dev/fuse and does the mount(2)
-    itself (so no setuid fusermount3 is needed), then hands the fd to squashfuse_ll as
-    /dev/fd/3. Unprivileged, the daemon dies with its parent (PR_SET_PDEATHSIG). As root it
-    moves to the host's mount namespace instead (so it does not pin the container's) and
-    lives exactly as long as the mount: when the container's namespace goes, the kernel
-    aborts the FUSE connection and the daemon exits. The Slurm helper relies on this: the
-    namespace outlives the process that called setup_root."""
-    exe = _find_exe("squashfuse_ll")
-    if not exe:
-        raise MountError("squashfuse_ll is not installed",
-                         hint="the admin must install the squashfuse package")
-    try:
-        ffd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise MountError("/dev/fuse does not exist: containers of unprivileged users need FUSE",
-                         hint="the admin must load the fuse module (modprobe fuse)") from None
-    except PermissionError:
-        raise MountError("cannot open /dev/fuse (permission denied): containers of "
-                         "unprivileged users need FUSE",
-                         hint="the admin should make it mode 0666 (chmod 0666 /dev/fuse; "
-                              "the usual udev default)") from None
-    uid, gid = os.getuid(), os.getgid()  # in the setup namespace: 0, the caller on the host
-    opts = (f"fd={ffd},rootmode=40000,user_id={uid},group_id={gid},default_permissions"
-            + (",allow_other" if privileged else ""))
-    try:
-        _sys.mount(path, target, "fuse.squashfuse_ll",
-                   _sys.MS_RDONLY | _sys.MS_NOSUID | _sys.MS_NODEV, opts)
-    except OSError as e:
-        os.close(ffd)
-        raise MountError(f"cannot mount FUSE for {path}: {e.strerror}") from None
-    parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:  # child: become squashfuse_ll
-        try:
-            detached = False
-            if privileged:
-                for ns in (_HOST_MNT_NS, "/proc/1/ns/mnt"):
-                    try:
-                        nsfd = ns if isinstance(ns, int) else os.open(ns, os.O_RDONLY)
-                        _sys.setns(nsfd, _sys.CLONE_NEWNS)
-                        detached = True
-                        break
-                    except (OSError, TypeError):
-                        continue
-            if not detached:
-                _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)
-                if os.getppid() != parent:
-                    os._exit(1)
-            os.setsid()  # no terminal signals (Ctrl-C is for the command, not the daemon)
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-            # fds 3 and 4 for the daemon: move ours out of the way first.
-            a, b = os.dup(ffd), os.dup(img_fd)
-            os.dup2(a, 3)
-            os.dup2(b, 4)
-            _sys.close_range(5)
-            devnull = os.open("/dev/null", os.O_RDWR)
-            os.dup2(devnull, 0)
-            os.dup2(devnull, 1)
-            if devnull > 2:
-                os.close(devnull)
-            os.execv(exe, ["squashfuse_ll", "-f", "/dev/fd/4", "/dev/fd/3"])
-        finally:
-            os._exit(127)
-    os.close(ffd)
-    return pid
-
-
-def mount_image(sqfs, target, privileged):
-    """Mount the squashfs file read-only on target; return the FUSE daemon's pid or None."""
-    try:
-        img_fd = os.open(sqfs, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise MountError(f"cannot open image {sqfs}: {e.strerror}") from None
-    try:
-        if os.pread(img_fd, 4, 0) != SQUASHFS_MAGIC:
-            raise MountError(f"{sqfs} is not a squashfs image")
-        if privileged and _trusted_for_kernel(img_fd, sqfs):
-            _loop_mount(img_fd, target, sqfs)
-            return None
-        return _fuse_mount(img_fd, target, sqfs, privileged)
-    finally:
-        os.close(img_fd)
-
+from .identity import AsUser, NoChange
+from .imagemount import mount_image
+from .inroot import (O_PATH_FLAGS, open_in_root, read_file_in_root, resolve_target,
+                     write_file_in_root)
+from .namespaces import enter_namespaces, stage_dir, write_id_maps  # noqa: F401 (API)
 
 # ---------------------------------------------------------------------------------------
 # mounts
@@ -457,58 +55,34 @@ def _bind(src_fd, tgt_fd, options):
 
 
 def _open_source(m, user_ctx):
-    """O_PATH fd of a bind source on the host; a user's source must be readable by them."""
+    """(O_PATH fd of a bind source on the host, whether it must be read-only). A user's
+    source (origin user, home, cwd) is opened with the user's rights and must be readable
+    by them; as root it is bound read-only unless the user may write it, so the bind gives
+    nobody (root's hooks included) more than the user has on the host."""
     src = m["source"]
     check = m.get("x-hpcc-origin") in ("user", "home", "cwd")
-    with user_ctx if check else _NoCtx():
+    with user_ctx if check else NoChange():
         try:
             fd = os.open(src, O_PATH_FLAGS)
         except OSError as e:
             raise MountError(f"cannot bind {src}: {e.strerror}") from None
+        readonly = False
         if check:
             want = os.R_OK | (os.X_OK if stat.S_ISDIR(os.fstat(fd).st_mode) else 0)
             if not os.access(f"/proc/self/fd/{fd}", want, effective_ids=True):
                 os.close(fd)
                 raise MountError(f"refusing to bind {src}: you cannot read it")
-    return fd
-
-
-class _NoCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-class _AsUser:
-    """Privileged mode: do host file access checks with the target user's credentials."""
-
-    def __init__(self, user):
-        self.uid, self.gid = user["uid"], user["gid"]
-        self.groups = user.get("additionalGids") or []
-        self.active = os.geteuid() == 0 and self.uid != 0
-
-    def __enter__(self):
-        if self.active:
-            self.saved = os.getgroups()
-            os.setgroups(self.groups)
-            os.setegid(self.gid)
-            os.seteuid(self.uid)
-        return self
-
-    def __exit__(self, *a):
-        if self.active:
-            os.seteuid(0)
-            os.setegid(0)
-            os.setgroups(self.saved)
-        return False
+            readonly = getattr(user_ctx, "active", False) and not os.access(
+                f"/proc/self/fd/{fd}", os.W_OK, effective_ids=True)
+    return fd, readonly
 
 
 def _apply_mount(root_fd, m, privileged, writable_devs, user_ctx):
     dest, typ, opts = m["destination"], m["type"], m.get("options", [])
     if typ == "bind":
-        src_fd = _open_source(m, user_ctx)
+        src_fd, readonly = _open_source(m, user_ctx)
+        if readonly and "ro" not in opts:
+            opts = [*opts, "ro"]
         try:
             is_dir = stat.S_ISDIR(os.fstat(src_fd).st_mode)
             tgt = resolve_target(root_fd, dest, "dir" if is_dir else "file", writable_devs)
@@ -694,9 +268,10 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
             t("root assembled")
             spec["root"]["path"] = f"{stage}/root"
             if hooks:  # config.json is for the hooks; json costs ~3 ms of imports
+                spec["hpcc"]["writable_devs"] = sorted(writable)
                 with open(f"{handle.bundle}/config.json", "w") as f:
                     json.dump(spec, f)
-            from .hooks import run_hooks, state
+            from .ocihooks import run_hooks, state
             st = state(spec, "created", os.getpid(), handle.bundle, cid)
             for stage_name in ("createRuntime", "prestart", "createContainer"):
                 run_hooks(spec, stage_name, st, warn=t)
@@ -734,7 +309,7 @@ def _assemble(root_fd, spec, privileged, writable):
         data = _read_host(host)
         if data is not None:
             write_file_in_root(root_fd, host, data, writable)
-    user_ctx = _AsUser(spec["process"]["user"]) if privileged else _NoCtx()
+    user_ctx = AsUser.of_spec(spec["process"]["user"]) if privileged else NoChange()
     for m in spec["mounts"]:
         _apply_mount(root_fd, m, privileged, writable, user_ctx)
     _dev_links(root_fd, writable)

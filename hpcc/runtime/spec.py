@@ -322,7 +322,7 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
 
     hooks_dir = launcher.get("hooks_dir")
     if hooks_dir and os.path.isdir(hooks_dir):
-        from .hooks import load_hooks, select_hooks
+        from .ocihooks import load_hooks, select_hooks
         spec["hooks"] = select_hooks(load_hooks(hooks_dir, privileged=os.geteuid() == 0,
                                                 cache=cache), spec)
     return spec

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from .errors import SlurmError
+from ..errors import SlurmError
 
 PENDING = "PENDING"
 

@@ -1,8 +1,8 @@
 """A real, throw-away Slurm cluster on this machine: munge, slurmctld and one or two slurmd.
 
-Used by the test suite (tests/fixtures/slurm.py) and by `make demo`. Everything lives in one
-work directory (config, keys, sockets, spool, logs); `stop()` ends every process the cluster
-started (daemons and the slurmstepd processes they left) and nothing else.
+Used by the test suite (tests/fixtures/slurm.py), the benchmarks and `make demo`. Everything
+lives in one work directory (config, keys, sockets, spool, logs); `stop()` ends every process
+the cluster started (daemons and the slurmstepd processes they left) and nothing else.
 
 Two layouts:
 - `nodes=1`: one slurmd, node name `n1`, on 127.0.0.1.
@@ -313,7 +313,7 @@ def find_plugin():
     """spank_hpcc.so: $HPCC_SPANK_PLUGIN, else the build in this checkout (make spank)."""
     cands = [os.environ.get("HPCC_SPANK_PLUGIN", ""),
              os.path.join(os.getcwd(), "spank", "spank_hpcc.so"),
-             str(Path(__file__).resolve().parent.parent / "spank" / "spank_hpcc.so")]
+             str(Path(__file__).resolve().parents[2] / "spank" / "spank_hpcc.so")]
     for c in cands:
         if c and os.path.isfile(c):
             return c
@@ -325,7 +325,7 @@ def demo(ref, show):
     import sys
     import tempfile
 
-    from .config import config_path
+    from hpcc.config import config_path
 
     plugin = find_plugin()
     if plugin is None:

@@ -4,9 +4,14 @@ import json
 import subprocess
 
 import pytest
+from hpcc.hooks.elf import ElfInfo
+from hpcc.hooks.libraries import parse_ld_cache
+from hpcc.hooks.oci import read_state
+from hpcc.hooks.plan import version_tuple
+from hpcc.hooks.root import Root
 
 from hpcc.errors import HookError
-from hpcc.hooks import common
+from hpcc.runtime import inroot
 from tests.conftest import tool
 
 HOST_LIBS = ["/usr/lib/x86_64-linux-gnu/libmpich.so.12", "/lib/x86_64-linux-gnu/libc.so.6",
@@ -17,9 +22,9 @@ HOST_LIBS = ["/usr/lib/x86_64-linux-gnu/libmpich.so.12", "/lib/x86_64-linux-gnu/
 # -- ELF ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", HOST_LIBS)
-def test_common_elf_reader_agrees_with_pyelftools(path):
+def test_hooks_elf_reader_agrees_with_pyelftools(path):
     from elftools.elf.elffile import ELFFile
-    mine = common.ElfInfo.from_path(path)
+    mine = ElfInfo.from_path(path)
     with open(path, "rb") as f:
         elf = ELFFile(f)
         dyn = elf.get_section_by_name(".dynamic")
@@ -52,21 +57,21 @@ def test_common_elf_reader_agrees_with_pyelftools(path):
     assert mine.machine == 62 and mine.elfclass == 64
 
 
-def test_common_elf_reader_rejects_garbage_with_a_message(tmp_path):
+def test_hooks_elf_reader_rejects_garbage_with_a_message(tmp_path):
     f = tmp_path / "libx.so.1"
     f.write_bytes(b"\x7fELF\x02\x01" + b"\xff" * 10)
     with pytest.raises(HookError, match="libx.so.1 is not a valid ELF file"):
-        common.ElfInfo.from_path(str(f))
+        ElfInfo.from_path(str(f))
     f.write_text("just text")
     with pytest.raises(HookError, match="is not a valid ELF file"):
-        common.ElfInfo.from_path(str(f))
+        ElfInfo.from_path(str(f))
 
 
 # -- ld.so.cache -------------------------------------------------------------------------------
 
-def test_common_ld_cache_parser_matches_ldconfig_p():
+def test_hooks_ld_cache_parser_matches_ldconfig_p():
     with open("/etc/ld.so.cache", "rb") as f:
-        cache = common.parse_ld_cache(f.read())
+        cache = parse_ld_cache(f.read())
     out = subprocess.run(["/sbin/ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
     expected = {}
     for line in out.splitlines()[1:]:
@@ -77,16 +82,16 @@ def test_common_ld_cache_parser_matches_ldconfig_p():
     assert cache == expected
 
 
-def test_common_ld_cache_parser_ignores_garbage():
-    assert common.parse_ld_cache(b"") == {}
-    assert common.parse_ld_cache(b"not a cache at all" * 10) == {}
-    assert common.parse_ld_cache(b"glibc-ld.so.cache1.1" + b"\xff" * 40) == {}
+def test_hooks_ld_cache_parser_ignores_garbage():
+    assert parse_ld_cache(b"") == {}
+    assert parse_ld_cache(b"not a cache at all" * 10) == {}
+    assert parse_ld_cache(b"glibc-ld.so.cache1.1" + b"\xff" * 40) == {}
 
 
-def test_common_version_tuple():
-    assert common.version_tuple("libmpich.so.12.2.2", "libmpich.so.12") == (12, 2, 2)
-    assert common.version_tuple("libmpi.so.12", "libmpi.so.12") == (12,)
-    assert common.version_tuple("libother.so.1", "libmpi.so.12") is None
+def test_hooks_version_tuple():
+    assert version_tuple("libmpich.so.12.2.2", "libmpich.so.12") == (12, 2, 2)
+    assert version_tuple("libmpi.so.12", "libmpi.so.12") == (12,)
+    assert version_tuple("libother.so.1", "libmpi.so.12") is None
 
 
 # -- the root ------------------------------------------------------------------------------------
@@ -108,10 +113,10 @@ def tree(tmp_path):
 
 
 @pytest.mark.parametrize("walk", [False, True], ids=["openat2", "nofollow-walk"])
-def test_common_root_resolves_symlinks_inside_the_root(tree, walk, monkeypatch):
+def test_hooks_root_resolves_symlinks_inside_the_root(tree, walk, monkeypatch):
     if walk:
-        monkeypatch.setattr(common, "_have_openat2", False)
-    root = common.Root(str(tree))
+        monkeypatch.setattr(inroot, "_HAVE_OPENAT2", False)
+    root = Root(str(tree))
     assert root.realpath("/lib/abs") == "/etc/real"
     assert root.read("/lib/abs") == b"inside"
     assert root.realpath("/lib/up") == "/etc"
@@ -122,8 +127,8 @@ def test_common_root_resolves_symlinks_inside_the_root(tree, walk, monkeypatch):
     assert root.realpath("/lib") == "/usr/lib"
 
 
-def test_common_root_creates_files_only_inside(tree, tmp_path):
-    root = common.Root(str(tree))
+def test_hooks_root_creates_files_only_inside(tree, tmp_path):
+    root = Root(str(tree))
     root.create_file("/lib/out")                      # dangling-out symlink: not followed out
     assert (tmp_path / "outside").read_text() == "host file"
     root.makedirs("/lib/up/new/dir")                  # /etc/new/dir inside the root
@@ -134,15 +139,20 @@ def test_common_root_creates_files_only_inside(tree, tmp_path):
 
 
 @pytest.mark.root
-def test_common_bind_onto_an_escaping_symlink_lands_inside(tree, tmp_path):
+def test_hooks_bind_onto_an_escaping_symlink_lands_inside(tree, tmp_path):
     """In a private mount namespace: bind a host file onto /lib/out (-> a host path, which
     does not exist inside the root): the dangling link is replaced inside the root."""
     src = tmp_path / "payload"
     src.write_text("payload")
     script = f"""
 import os
-from hpcc.hooks import common
-root = common.Root("{tree}")
+from hpcc.hooks.elf import ElfInfo
+from hpcc.hooks.libraries import HostLibraries, parse_ld_cache
+from hpcc.hooks.oci import Container, read_state
+from hpcc.hooks.plan import version_tuple
+from hpcc.hooks.root import Root
+from hpcc.runtime import inroot
+root = Root("{tree}")
 root.bind("{src}", "/lib/out")
 print(open("{tmp_path}/outside").read())
 print(open("{tree}/usr/lib/out").read())
@@ -156,7 +166,7 @@ print(open("/proc/self/mountinfo").read().count("{tree}"))
 
 # -- OCI state -----------------------------------------------------------------------------------
 
-def test_common_state_relative_root_and_annotations(tmp_path):
+def test_hooks_state_relative_root_and_annotations(tmp_path):
     b = tmp_path / "bundle"
     b.mkdir()
     (b / "config.json").write_text(json.dumps({
@@ -164,7 +174,7 @@ def test_common_state_relative_root_and_annotations(tmp_path):
         "annotations": {"k": "config", "only-config": "1"}}))
     st = json.dumps({"ociVersion": "1.0.2", "id": "c1", "pid": 42, "bundle": str(b),
                      "annotations": {"k": "state"}})
-    c = common.read_state(io.StringIO(st))
+    c = read_state(io.StringIO(st))
     assert c.root == str(b / "rootfs")
     assert c.env == {"A": "1", "B": "x=y"}
     assert c.annotations == {"k": "state", "only-config": "1"}
@@ -177,18 +187,18 @@ def test_common_state_relative_root_and_annotations(tmp_path):
     ('{"bundle": "relative"}', "the OCI state has no absolute 'bundle' path"),
     ('{"bundle": "/nonexistent/bundle"}', "cannot read the bundle's /nonexistent/bundle/config.json"),
 ])
-def test_common_cli_bad_state_is_one_line_and_exit_1(stdin, msg):
+def test_hooks_cli_bad_state_is_one_line_and_exit_1(stdin, msg):
     p = subprocess.run([tool("hpcc-hook"), "mpi"], input=stdin, capture_output=True, text=True)
     assert p.returncode == 1
     assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"hpcc-hook mpi: {msg}"), p.stderr
 
 
-def test_common_cli_usage_error_exits_2():
+def test_hooks_cli_usage_error_exits_2():
     p = subprocess.run([tool("hpcc-hook"), "bogus"], capture_output=True, text=True, input="")
     assert p.returncode == 2 and "invalid choice" in p.stderr
 
 
-def test_common_elf_reader_survives_corrupted_files():
+def test_hooks_elf_reader_survives_corrupted_files():
     """Image files are untrusted: any corruption gives facts or a HookError, nothing else."""
     import random
     data = bytearray(open("/lib/x86_64-linux-gnu/libnuma.so.1", "rb").read())
@@ -199,7 +209,7 @@ def test_common_elf_reader_survives_corrupted_files():
             i = rng.randrange(0, min(len(bad), 8192)) if rng.random() < 0.7 else rng.randrange(len(bad))
             bad[i] = rng.randrange(256)
         try:
-            e = common.ElfInfo(bytes(bad), name="fuzz")
+            e = ElfInfo(bytes(bad), name="fuzz")
             e.symbols()
         except HookError:
             pass

@@ -1,18 +1,22 @@
-"""The test-support module itself (hpcc.gateway.testing) is checked against independent
+"""The test kit itself (hpcc.testkit) is checked against independent
 real tools: skopeo reads what we push and the archives we write; umoci unpacks our OCI
 layout; tarfile reads our layers back."""
+import ast
 import io
 import json
+import os
 import shutil
 import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 
-from hpcc.gateway.testing import (ImageBuilder, busybox_image, capability_xattr, chardev,
-                                  directory, fifo, file, hardlink, image_index, opaque, raw,
-                                  simple_image, symlink, whiteout, write_docker_archive,
-                                  write_oci_archive, write_oci_layout)
+from hpcc.testkit.busybox import BASE_ETC, busybox_image, busybox_tree, squash
+from hpcc.testkit.images import (ImageBuilder, capability_xattr, chardev, directory, fifo, file,
+                                 hardlink, image_index, opaque, raw, simple_image, symlink,
+                                 whiteout, write_docker_archive, write_oci_archive,
+                                 write_oci_layout)
 
 skopeo = shutil.which("skopeo")
 umoci = shutil.which("umoci")
@@ -109,3 +113,56 @@ def test_oci_layout_unpacks_with_umoci(tmp_path):
     out = subprocess.run([str(root / "bin" / "busybox"), "cat", str(root / "etc/os-release")],
                          capture_output=True, text=True)
     assert "hpcc busybox" in out.stdout
+
+
+def _imported_modules(path, package):
+    """Absolute names of the modules a source file imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            yield mod
+            yield from (f"{mod}.{a.name}" for a in node.names)
+
+
+def test_no_product_module_imports_the_testkit():
+    """The test kit ships in the package (the demo and the tests use the installed one), but
+    the product never depends on it: only hpcc/testkit/ itself and the demo may import it."""
+    import hpcc
+
+    root = Path(hpcc.__file__).resolve().parent
+    allowed = {root / "demo.py"}
+    scanned, offenders = 0, []
+    for path in sorted(root.rglob("*.py")):
+        if root / "testkit" in path.parents or path in allowed:
+            continue
+        rel = path.relative_to(root.parent).with_suffix("")
+        package = ".".join(rel.parts[:-1])
+        scanned += 1
+        for mod in _imported_modules(path, package):
+            if mod == "hpcc.testkit" or mod.startswith("hpcc.testkit."):
+                offenders.append(f"{rel}: imports {mod}")
+    assert scanned > 20, f"only {scanned} product modules found under {root}"
+    assert not offenders, offenders
+
+
+def test_busybox_tree_squashes_to_a_runnable_root(tmp_path):
+    tree = busybox_tree(tmp_path / "root", os_release="NAME=kit\n", files={"app/x": b"\0x"},
+                        extra_dirs=("work",))
+    assert os.stat(tree / "tmp").st_mode & 0o7777 == 0o1777
+    out = squash(tree, tmp_path / "img.sqfs")
+    listing = subprocess.run(["unsquashfs", "-lls", str(out)], capture_output=True, text=True,
+                             check=True).stdout
+    for name in ("bin/busybox", "bin/sh -> busybox", "etc/passwd", "etc/os-release", "app/x",
+                 "work", "proc"):
+        assert f"squashfs-root/{name}" in listing, name
+    assert "root/root" in listing.splitlines()[-1]    # -all-root
+    text = subprocess.run(["unsquashfs", "-cat", str(out), "etc/passwd"], capture_output=True,
+                          text=True, check=True).stdout
+    assert text == BASE_ETC["etc/passwd"]

@@ -1,0 +1,156 @@
+"""Mounting the image: the kernel's squashfs through a loop device for files the site
+produced (root-owned, in root-owned directories), squashfuse_ll for everything else."""
+import _signal as signal  # the C module: `signal` would import enum (~3 ms)
+import errno
+import os
+import struct
+
+from ..errors import MountError
+from . import _sys, namespaces
+
+SQUASHFS_MAGIC = b"hsqs"
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+
+
+def _trusted_for_kernel(fd, path):
+    """Kernel-mount only files the site produced: owned by root, not writable by others,
+    in a directory likewise (CVE-2023-30549: never kernel-mount a user's file)."""
+    st = os.fstat(fd)
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        return False
+    try:
+        dst = os.stat(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return False
+    return dst.st_uid == 0 and not dst.st_mode & 0o022
+
+
+def _loop_mount(img_fd, target, path):
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    import fcntl
+    try:
+        for _ in range(20):
+            n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+            lfd = os.open(f"/dev/loop{n}", os.O_RDONLY | os.O_CLOEXEC)
+            name = os.fsencode(path)[:63]
+            info = struct.pack("=QQQQQIIII64s64s32sQQ", 0, 0, 0, 0, 0, 0, 0, 0,
+                               LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR, name, b"", b"", 0, 0)
+            cfg = struct.pack("=II", img_fd, 0) + info + bytes(64)
+            try:
+                fcntl.ioctl(lfd, LOOP_CONFIGURE, cfg)
+            except OSError as e:
+                os.close(lfd)
+                if e.errno == errno.EBUSY:
+                    continue
+                raise MountError(f"cannot attach {path} to a loop device: {e.strerror}") \
+                    from None
+            try:
+                _sys.mount(f"/dev/loop{n}", target, "squashfs",
+                           _sys.MS_RDONLY | _sys.MS_NODEV | _sys.MS_NOSUID)
+            except OSError as e:
+                raise MountError(f"cannot mount {path} (squashfs): {e.strerror}",
+                                 hint="is it a squashfs image with a compressor this "
+                                      "kernel supports?") from None
+            finally:
+                os.close(lfd)  # autoclear: the loop device goes with the mount
+            return
+        raise MountError("no free loop device", hint="the admin may raise max_loop")
+    finally:
+        os.close(ctl)
+
+
+def _find_exe(name):
+    for d in os.environ.get("PATH", "").split(":") + ["/usr/bin", "/usr/local/bin"]:
+        p = os.path.join(d or ".", name)
+        if os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def _fuse_mount(img_fd, target, path, privileged):
+    """Mount the image with squashfuse_ll: hpcc opens /dev/fuse and does the mount(2)
+    itself (so no setuid fusermount3 is needed), then hands the fd to squashfuse_ll as
+    /dev/fd/3. Unprivileged, the daemon dies with its parent (PR_SET_PDEATHSIG). As root it
+    moves to the host's mount namespace instead (so it does not pin the container's) and
+    lives exactly as long as the mount: when the container's namespace goes, the kernel
+    aborts the FUSE connection and the daemon exits. The Slurm helper relies on this: the
+    namespace outlives the process that called setup_root."""
+    exe = _find_exe("squashfuse_ll")
+    if not exe:
+        raise MountError("squashfuse_ll is not installed",
+                         hint="the admin must install the squashfuse package")
+    try:
+        ffd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MountError("/dev/fuse does not exist: containers of unprivileged users need FUSE",
+                         hint="the admin must load the fuse module (modprobe fuse)") from None
+    except PermissionError:
+        raise MountError("cannot open /dev/fuse (permission denied): containers of "
+                         "unprivileged users need FUSE",
+                         hint="the admin should make it mode 0666 (chmod 0666 /dev/fuse; "
+                              "the usual udev default)") from None
+    uid, gid = os.getuid(), os.getgid()  # in the setup namespace: 0, the caller on the host
+    opts = (f"fd={ffd},rootmode=40000,user_id={uid},group_id={gid},default_permissions"
+            + (",allow_other" if privileged else ""))
+    try:
+        _sys.mount(path, target, "fuse.squashfuse_ll",
+                   _sys.MS_RDONLY | _sys.MS_NOSUID | _sys.MS_NODEV, opts)
+    except OSError as e:
+        os.close(ffd)
+        raise MountError(f"cannot mount FUSE for {path}: {e.strerror}") from None
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # child: become squashfuse_ll
+        try:
+            detached = False
+            if privileged:
+                for ns in (namespaces.host_mount_ns(), "/proc/1/ns/mnt"):
+                    try:
+                        nsfd = ns if isinstance(ns, int) else os.open(ns, os.O_RDONLY)
+                        _sys.setns(nsfd, _sys.CLONE_NEWNS)
+                        detached = True
+                        break
+                    except (OSError, TypeError):
+                        continue
+            if not detached:
+                _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)
+                if os.getppid() != parent:
+                    os._exit(1)
+            os.setsid()  # no terminal signals (Ctrl-C is for the command, not the daemon)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            # fds 3 and 4 for the daemon: move ours out of the way first.
+            a, b = os.dup(ffd), os.dup(img_fd)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+            _sys.close_range(5)
+            devnull = os.open("/dev/null", os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            if devnull > 2:
+                os.close(devnull)
+            os.execv(exe, ["squashfuse_ll", "-f", "/dev/fd/4", "/dev/fd/3"])
+        finally:
+            os._exit(127)
+    os.close(ffd)
+    return pid
+
+
+def mount_image(sqfs, target, privileged):
+    """Mount the squashfs file read-only on target; return the FUSE daemon's pid or None."""
+    try:
+        img_fd = os.open(sqfs, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise MountError(f"cannot open image {sqfs}: {e.strerror}") from None
+    try:
+        if os.pread(img_fd, 4, 0) != SQUASHFS_MAGIC:
+            raise MountError(f"{sqfs} is not a squashfs image")
+        if privileged and _trusted_for_kernel(img_fd, sqfs):
+            _loop_mount(img_fd, target, sqfs)
+            return None
+        return _fuse_mount(img_fd, target, sqfs, privileged)
+    finally:
+        os.close(img_fd)

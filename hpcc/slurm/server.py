@@ -1,0 +1,169 @@
+"""The per-node helper server.
+
+Python's start-up and imports are most of a one-shot helper's cost (~50 of ~70 ms CPU).
+After serving a step, the one-shot helper leaves a small server behind (one per node
+namespace, hpcc installation and config): it has everything imported and forks a child per
+step, which does exactly what the one-shot helper does. The plugin connects to it when it
+exists, and falls back to the one-shot helper otherwise (server=no in plugstack.conf turns
+it off). The server ends after SERVER_IDLE seconds without a step, or when hpcc's code
+changed on disk; only root can connect (0700 directory, SO_PEERCRED checked).
+"""
+import _socket  # the C module: `socket` costs ~5 ms of enum set-up at import
+import os
+import sys
+from _socket import SOL_SOCKET
+
+from ..errors import HpccError
+from .stepd import CACHE_DIR, cache_dir_ok, handle, parse_args, send_error
+
+SERVER_IDLE = 300
+
+
+def _code_stamp():
+    """Identity of every .py and .so file of the installed hpcc package: a server started
+    from other code than is installed now must not serve the next step."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+        for name in sorted(files):
+            if name.endswith((".py", ".so")):
+                try:
+                    st = os.stat(os.path.join(d, name))
+                except OSError:
+                    continue
+                out.append((name, st.st_ino, st.st_mtime_ns, st.st_size))
+    return out
+
+
+def start_server(path):
+    """Start a detached server on `path` (double fork, new session, fresh interpreter)."""
+    if not path.startswith(CACHE_DIR + "/") or not cache_dir_ok():
+        return
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        devnull = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.closerange(3, 65536)
+        os.execv(sys.executable, [sys.executable, "-I", "-m", "hpcc.stepd", "--serve", path])
+    finally:
+        os._exit(0)
+
+
+def _recv_args(conn):
+    """(args, bytes received after them): records "key=value\\0"..., then an empty one."""
+    data = b""
+    while True:
+        end = data.find(b"\0\0")
+        if end >= 0:
+            break
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None, b""
+        data += chunk
+    items = data[:end].decode(errors="surrogateescape").split("\0")
+    return parse_args([i for i in items if i]), data[end + 2:]
+
+
+def _serve_one(conn):
+    import signal
+    import struct
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    pid, uid, gid = struct.unpack("3i", conn.getsockopt(SOL_SOCKET, _socket.SO_PEERCRED, 12))
+    if uid != 0:
+        return 1
+    try:
+        args, pending = _recv_args(conn)
+    except HpccError as e:
+        send_error(conn, f"hpcc: {e}")
+        return 2
+    if args is None:
+        return 0
+    return handle(args, conn, pending)
+
+
+def serve(path):
+    import fcntl
+    import time
+
+    if not cache_dir_ok():
+        return 1
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return 0  # another server owns this path
+    # everything a request needs, imported once
+    from .. import config, store  # noqa: F401
+    from ..runtime import build_spec, enter_namespaces, setup_root  # noqa: F401
+    from ..runtime import hooks, spec  # noqa: F401
+    from . import batch  # noqa: F401
+    import json  # noqa: F401
+    import re  # noqa: F401
+
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    srv = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    old = os.umask(0o077)
+    try:
+        srv.bind(path)
+    finally:
+        os.umask(old)
+    ino = os.stat(path).st_ino
+    import signal
+
+    def _terminate(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _terminate)
+    srv.listen(64)
+    srv.settimeout(2.0)
+    stamp = _code_stamp()
+    last = time.monotonic()
+    try:
+        while True:
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            except ChildProcessError:
+                pass
+            if time.monotonic() - last > SERVER_IDLE or _code_stamp() != stamp:
+                break
+            try:
+                fd, _ = srv._accept()
+            except TimeoutError:
+                continue
+            except InterruptedError:
+                continue
+            last = time.monotonic()
+            conn = _socket.socket(fileno=fd)
+            conn.setblocking(True)
+            child = os.fork()
+            if child == 0:
+                code = 1
+                try:
+                    srv.close()
+                    code = _serve_one(conn)
+                finally:
+                    os._exit(code)
+            conn.close()
+    finally:
+        try:
+            if os.stat(path).st_ino == ino:
+                os.unlink(path)
+            os.unlink(path + ".lock")
+        except OSError:
+            pass
+        srv.close()
+    return 0

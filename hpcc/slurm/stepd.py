@@ -1,0 +1,326 @@
+"""Per-step container setup for Slurm, run as root by spank_hpcc.so in slurmstepd.
+
+    python3 -I -m hpcc.stepd image=IMG uid=N gid=N job=N step=N node=N cwd=DIR [key=value...]
+
+fd 3 is a socket to slurmstepd. The plugin starts the helper early (init_post_opt), so its
+start-up overlaps Slurm's own step set-up, and sends the job's working directory later
+("cwd=DIR\\0", from user_init). Replies are NUL-terminated records ("cwd=", "env=NAME=VALUE",
+"unset=NAME", "error=LINE", "end=1"); an error is one line that the plugin prints on the
+user's srun output before failing the step (every task exits 125 without running).
+
+Once per node and step:
+1. resolve the image as the job user (their groups, their effective ids): a user may only
+   run images they can read; the image file is opened with their credentials and the
+   runtime is given that open file (/proc/self/fd/N), never a path they could swap;
+2. build the spec with hpcc's runtime (the launcher's code: same root, binds, /etc/passwd
+   entries, /tmp, /dev, hooks such as the MPI one);
+3. fork a child that unshares its mount namespace, assembles the root (setup_root,
+   privileged) and sends an fd of that namespace, the image's environment and the working
+   directory to slurmstepd over fd 3 (SCM_RIGHTS). Every task joins that namespace before
+   exec. The namespace dies with the last of slurmstepd's fd and the tasks in it.
+   When the image had to be mounted with squashfuse (not a root-owned site image), the
+   child stays as the FUSE daemon's parent until slurmstepd closes the socket.
+
+Imports stay small: no click, jsonschema, requests (launch cost is paid once per node and step).
+"""
+import _socket  # the C module: `socket` costs ~5 ms of enum set-up at import
+import os
+import sys
+from _socket import SCM_RIGHTS, SOL_SOCKET
+
+from ..errors import EXIT_LAUNCH, HpccError, ImageNotFound, LaunchError, UsageError
+from ..runtime.identity import AsUser
+
+# Variables of Slurm and of the PMI servers always keep the job's values.
+JOB_PREFIXES = ("SLURM_", "SLURMD_", "PMI_", "PMIX_", "PMI2_", "SPANK_", "_SLURM_")
+
+
+def parse_args(argv):
+    out = {}
+    for a in argv:
+        k, eq, v = a.partition("=")
+        if not eq:
+            raise UsageError(f"hpcc.stepd: bad argument '{a}' (expected key=value)")
+        out[k] = v
+    for k in ("image", "uid", "gid", "job", "step"):
+        if k not in out:
+            raise UsageError(f"hpcc.stepd: missing argument {k}=")
+    return out
+
+
+def resolve_as_user(name, user, config):
+    """(ImageRecord, fd of its squashfs opened as the user)."""
+    from ..store import resolve_image
+
+    saved = {k: os.environ.get(k) for k in ("HOME", "XDG_DATA_HOME", "USER")}
+    os.environ["HOME"] = user.pw_dir
+    os.environ["USER"] = user.pw_name
+    os.environ.pop("XDG_DATA_HOME", None)
+    groups = os.getgrouplist(user.pw_name, user.pw_gid)
+    try:
+        with AsUser(user.pw_uid, user.pw_gid, groups):
+            try:
+                rec = resolve_image(name, config)
+            except PermissionError:
+                raise ImageNotFound(f"image '{name}': you ({user.pw_name}) may not read it",
+                                    hint="ask the image's owner or the admins for access") \
+                    from None
+            try:
+                fd = os.open(rec.sqfs_path, os.O_RDONLY | os.O_CLOEXEC)
+            except PermissionError:
+                raise ImageNotFound(f"image '{name}' exists but you ({user.pw_name}) may not "
+                                    "read it", hint="ask the image's owner or the admins "
+                                    "for access") from None
+            except FileNotFoundError:
+                raise ImageNotFound(f"image '{name}' is listed in the store but its file "
+                                    f"{rec.sqfs_path} is missing",
+                                    hint=f"pull it again with 'gateway pull {name}'") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return rec, fd
+
+
+CACHE_DIR = "/run/hpcc-stepd"
+
+
+def cache_dir_ok():
+    """CACHE_DIR exists, is root's and only root's (made when missing)."""
+    import stat
+
+    try:
+        os.mkdir(CACHE_DIR, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    st = os.lstat(CACHE_DIR)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o077
+
+
+def load_config_cached():
+    """The site config without TOML parsing on every step: the launch cache, kept in the
+    root-only CACHE_DIR (none when that directory is not usable)."""
+    from ..launchcache import LaunchCache, load_config_cached as load
+
+    cache = LaunchCache(os.path.join(CACHE_DIR, "launch-cache") if cache_dir_ok() else "")
+    config = load(cache)
+    cache.save()
+    return config
+
+
+def prepare(args):
+    """What needs no working directory: config, user, image (opened as the user)."""
+    import pwd
+
+    uid, gid = int(args["uid"]), int(args["gid"])
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        raise LaunchError(f"uid {uid} has no passwd entry on this node") from None
+    if user.pw_gid != gid:
+        user = pwd.struct_passwd((user.pw_name, user.pw_passwd, uid, gid, user.pw_gecos,
+                                  user.pw_dir, user.pw_shell))
+    config = load_config_cached()
+    rec, fd = resolve_as_user(args["image"], user, config)
+    return user, config, rec, fd
+
+
+def build(args, user, config, rec, fd):
+    """The spec of this step's container. Returns (spec, extra_env)."""
+    from ..runtime import build_spec
+    from ..runtime.spec import parse_mount
+    from .batch import BATCH_STEP, INTERACTIVE_STEP, slurm_client_setup
+
+    uid = user.pw_uid
+    mounts = [m for m in args.get("mounts", "").split(",") if m]
+    extra_env = {}
+    system = []   # binds of Slurm's own files: opened by root, not subject to the user's rights
+    step = int(args["step"])
+    if step in (BATCH_STEP, INTERACTIVE_STEP):
+        script = args.get("argv0", "")
+        if step == BATCH_STEP and script.startswith("/"):
+            d = os.path.dirname(script)
+            system.append(f"{d}:{d}:ro")
+        more, extra_env = slurm_client_setup(args)
+        system += more
+    annotations = {"org.hpcc.slurm.job": args["job"], "org.hpcc.slurm.step": args["step"]}
+    if args.get("mpi") == "1":
+        annotations["org.hpcc.mpi"] = "1"
+    if args.get("gpus"):
+        annotations["org.hpcc.gpu"] = args["gpus"]
+    # The job's working directory is bound (launcher.mount_cwd) unless it is a system path;
+    # the runtime opens user-given bind sources with the user's credentials.
+    spec = build_spec(rec, mode="exec", command=["/bin/true"], mounts=mounts,
+                      workdir=args.get("workdir") or None,
+                      writable=args.get("writable") == "1", user=str(uid),
+                      annotations=annotations, config=config, privileged=True,
+                      host_env={"HOME": user.pw_dir}, cwd=args["cwd"], image_name=args["image"])
+    for item in system:
+        src, dst, ro = parse_mount(item, cwd="/")
+        spec["mounts"].append({"destination": dst, "type": "bind", "source": src,
+                               "options": ["rbind", "nosuid", "nodev"] + (["ro"] if ro else []),
+                               "x-hpcc-origin": "slurm"})
+    spec["hpcc"]["image"] = f"/proc/self/fd/{fd}"
+    return spec, extra_env
+
+
+def reply_env(spec, rec, keep, extra):
+    """Variables the plugin sets in each task: the image's, then ours; the job keeps its
+    SLURM_*/PMI_* variables and the names in keep (--container-env)."""
+    out = {}
+    image_env = (rec.meta.get("config") or {}).get("Env") or []
+    spec_env = dict(item.partition("=")[::2] for item in spec["process"]["env"])
+    out["PATH"] = spec_env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    for item in image_env:
+        k, eq, v = item.partition("=")
+        if k and eq:
+            out[k] = v
+    out.update(extra)
+    if extra.get("HPCC_HOST"):
+        from .batch import BIN_DIR
+        out["PATH"] = BIN_DIR + ":" + out["PATH"]
+    out["HPCC_CONTAINER"] = "1"
+    if rec.digest:
+        out["HPCC_IMAGE_DIGEST"] = rec.digest
+    return {k: v for k, v in out.items() if not k.startswith(JOB_PREFIXES) and k not in keep}
+
+
+def send_fd(sock, data, fd):
+    sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))])
+
+
+def send_error(sock, message):
+    try:
+        sock.sendall(f"error={message}\0end=1\0".encode(errors="replace"))
+    except OSError:
+        pass
+
+
+def recv_cwd(sock, data=b""):
+    """The job's working directory, sent by the plugin from user_init ("cwd=DIR\\0").
+    `data`: bytes already received after the request (a server reads both at once)."""
+    while b"\0" not in data:
+        chunk = sock.recv(8192)
+        if not chunk:
+            return None  # the step ended before its tasks were started
+        data += chunk
+    text = data[:data.index(b"\0")].decode(errors="surrogateescape")
+    return text[4:] if text.startswith("cwd=") else None
+
+
+def container_child(spec, sock, payload):
+    """In the forked child: new mount namespace, root assembly, send the namespace fd.
+    Returns the RootHandle (its FUSE daemon must outlive the message when there is one)."""
+    from ..runtime import enter_namespaces, setup_root
+
+    enter_namespaces(True)
+    nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    # no prefetch of the command: this process is gone before the tasks exec
+    spec["hpcc"]["prefetch_bytes"] = 0
+    handle = setup_root(spec, privileged=True)
+    send_fd(sock, payload[:1], nsfd)
+    sock.sendall(payload[1:])
+    os.close(nsfd)
+    return handle
+
+
+def run(args, sock, pending=b""):
+    user, config, rec, img_fd = prepare(args)
+    cwd = recv_cwd(sock, pending)
+    if cwd is None:
+        return 0
+    args["cwd"] = cwd
+    spec, extra = build(args, user, config, rec, img_fd)
+    keep = {n for n in args.get("keep_env", "").split(",") if n}
+    env = reply_env(spec, rec, keep, extra)
+    records = [f"cwd={spec['process']['cwd']}"] + [f"env={k}={v}" for k, v in env.items()]
+    if not extra:
+        # a step started from a batch container: the client wrappers' variables do not apply
+        records += [f"unset={k}" for k in ("HPCC_HOST", "HPCC_HOST_LD", "HPCC_HOST_LIBS")]
+    records.append("end=1")
+    if any("\0" in r for r in records):
+        raise LaunchError("the image's environment contains a NUL byte")
+    payload = "".join(r + "\0" for r in records).encode(errors="surrogateescape")
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        # Nothing started from here (FUSE daemon, hooks) may hold slurmstepd's stderr.
+        devnull = os.open("/dev/null", os.O_RDWR)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        try:
+            os.close(r)
+            handle = container_child(spec, sock, payload)
+            if handle.fuse_pid:
+                # Keep the FUSE daemon's parent alive until slurmstepd closes its end.
+                os.write(w, b"k")
+                os.close(w)
+                try:
+                    while sock.recv(4096):
+                        pass
+                except OSError:
+                    pass
+                handle.close()
+            else:
+                os.write(w, b"o")
+        except HpccError as e:
+            send_error(sock, f"hpcc: {e}")
+            code = e.exit_code
+        except BaseException as e:  # noqa: BLE001 - report, never a traceback
+            send_error(sock, f"hpcc: cannot set up the container: {type(e).__name__}: {e}")
+            code = EXIT_LAUNCH
+        os._exit(code)
+    os.close(w)
+    os.close(img_fd)
+    sock.close()
+    status = os.read(r, 1)
+    os.close(r)
+    if status == b"k":
+        return 0  # the keeper lives on; its exit status no longer matters here
+    _, st = os.waitpid(pid, 0)
+    if status == b"o":
+        return 0
+    return os.WEXITSTATUS(st) if os.WIFEXITED(st) and os.WEXITSTATUS(st) else EXIT_LAUNCH
+
+
+def handle(args, sock, pending=b""):
+    """One request: set up the container, reply on sock. Returns the exit status."""
+    try:
+        return run(args, sock, pending)
+    except HpccError as e:
+        send_error(sock, f"hpcc: {e}")
+        return e.exit_code or 1
+    except Exception as e:  # noqa: BLE001 - report, never a traceback
+        send_error(sock, f"hpcc: cannot set up the container: {type(e).__name__}: {e}")
+        return EXIT_LAUNCH
+
+
+def main(argv=None):
+    """One-shot helper: serve the request in argv on fd 3, then leave a server behind when
+    asked (serve=PATH)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve"] and len(argv) == 2:
+        from .server import serve
+        return serve(argv[1])
+    try:
+        sock = _socket.socket(fileno=3)
+    except OSError:
+        print("hpcc.stepd: fd 3 must be the socket from spank_hpcc.so", file=sys.stderr)
+        return 2
+    try:
+        args = parse_args(argv)
+    except HpccError as e:
+        send_error(sock, f"hpcc: {e}")
+        return e.exit_code or 1
+    code = handle(args, sock)
+    sock.close()
+    if args.get("serve"):
+        from .server import start_server
+        start_server(args["serve"])
+    return code

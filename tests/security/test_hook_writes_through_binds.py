@@ -1,0 +1,58 @@
+"""Rule W (docs/launcher.md, "What root does"): hpcc and its hooks, as root, create, replace or
+remove entries inside a container only on the container's own writable layer (the overlay's
+tmpfs upper, tmpfs mounts hpcc made), never in a host directory bound into it.
+
+The attack (issue 10, §1): a user binds a root-owned directory they cannot write over the
+container's library directory and asks for the MPI hook, which runs as root under Slurm and
+used to plant its libraries, symlinks and a ucx/ directory there, and to delete a dangling
+symlink it found there."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+pytestmark = [pytest.mark.root, pytest.mark.slurm]
+
+U1 = "slurmuser1"
+LIBDIR = "/usr/lib/x86_64-linux-gnu"
+
+
+def _listing(d):
+    out = {}
+    for dirpath, dirs, files in os.walk(d):
+        for n in dirs + files:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            out[os.path.relpath(p, d)] = (st.st_mode, st.st_uid, st.st_size, st.st_ino)
+    return out
+
+
+@pytest.fixture
+def root_libdir(slurm_site):
+    """A root-owned 0755 copy of the host's library directory (hard links: same files),
+    plus a dangling symlink, in a directory the job user can reach but not write."""
+    d = slurm_site.root / f"rootlibs-{os.getpid()}"
+    subprocess.run(["cp", "-al", LIBDIR, str(d)], check=True)
+    os.chmod(d, 0o755)
+    os.unlink(d / "libucp.so.0.0.0")
+    os.symlink("/nonexistent", d / "libucp.so.0.0.0")
+    yield d
+    shutil.rmtree(d)
+
+
+def test_mpi_hook_never_writes_into_a_bound_host_directory(slurm_cluster2, slurm_mpi_images,
+                                                           root_libdir):
+    """Rule W under srun as an unprivileged user: the step fails safely (one line naming the
+    path, exit != 0 before the command runs) or runs, and the bound directory is unchanged
+    either way."""
+    before = _listing(root_libdir)
+    p = slurm_cluster2.run("srun", "--mpi=pmi2", "-N1", "-n1", "--container=hpcctest/nompi:1",
+                           "--container-mpi", f"--container-mounts={root_libdir}:{LIBDIR}",
+                           "true", user=U1, timeout=120)
+    after = _listing(root_libdir)
+    assert after == before, (sorted(set(after) ^ set(before)), p.stderr)
+    assert os.readlink(root_libdir / "libucp.so.0.0.0") == "/nonexistent"
+    if p.returncode != 0:
+        errors = [ln for ln in p.stderr.splitlines() if "hpcc" in ln]
+        assert errors and LIBDIR in errors[0] and "Traceback" not in p.stderr, p.stderr
