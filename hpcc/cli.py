@@ -156,6 +156,12 @@ def _launch(cmd, argv, verbose, quiet):
     config = load_config_cached(cache)
     image = resolve_image(o.image, config, cache)
     log(f"image {image.sqfs_path}")
+    premount = None
+    if os.geteuid() != 0:  # the mount helper works while the spec is built
+        from .runtime.imagemount import HelperMount
+        from .runtime.spec import site_store
+        premount = HelperMount.start(config["launcher"].get("mount_helper", ""),
+                                     image.sqfs_path, site_store(config))
     annotations = dict(a.split("=", 1) for a in o.annotations)
     if o.mpi:
         annotations["org.hpcc.mpi"] = "1"
@@ -170,7 +176,7 @@ def _launch(cmd, argv, verbose, quiet):
                       cache=cache)
     cache.save()
     log(f"spec built: {spec['process']['args']!r} in {spec['process']['cwd']}")
-    return run_container(spec, log=log)
+    return run_container(spec, log=log, premount=premount)
 
 
 def _config_check(argv):

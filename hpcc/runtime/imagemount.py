@@ -4,6 +4,7 @@ import _signal as signal  # the C module: `signal` would import enum (~3 ms)
 import errno
 import os
 import struct
+import sys
 
 from ..errors import MountError
 from . import _sys, namespaces
@@ -137,6 +138,88 @@ def _fuse_mount(img_fd, target, path, privileged):
             os._exit(127)
     os.close(ffd)
     return pid
+
+
+class HelperMount:
+    """Unprivileged launches: a kernel mount of a site image from the setuid mount helper
+    (libexec/hpcc-mount, config launcher.mount_helper), asked for before entering the user
+    namespace (setuid does not work inside it). start() spawns the helper and returns at
+    once, so that it works while the launcher builds the spec; result() waits for it:
+    (mount fd, None), or (None, why not), and then squashfuse_ll serves the image. The
+    helper decides trust itself, by file descriptor (docs/launcher.md, "The mount helper");
+    this side only skips images obviously not in the site store, to save the helper's
+    start, and hands the helper an fd of the image as proof that the caller may read it."""
+
+    def __init__(self, why=None):
+        self.why, self.pid, self.sock, self.err = why, None, None, None
+
+    @classmethod
+    def start(cls, helper, sqfs, store):
+        sqfs = str(sqfs)
+        if not helper:
+            return cls("launcher.mount_helper is off")
+        if not store or not sqfs.startswith(store + "/"):
+            return cls(f"not an image of the site store {store or '(none)'}")
+        import _socket
+        try:
+            img = os.open(sqfs, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            return cls(f"cannot open the image: {e.strerror}")
+        self = cls()
+        self.sock, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        self.err, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.pid = os.posix_spawn(helper, [helper, sqfs], {}, file_actions=[
+                (os.POSIX_SPAWN_DUP2, img, 0), (os.POSIX_SPAWN_DUP2, theirs.fileno(), 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2)])
+        except OSError as e:
+            self.why = f"mount helper {helper}: {e.strerror}"
+            self.close()
+        finally:
+            os.close(img)
+            os.close(err_w)
+            theirs.close()
+        return self
+
+    @classmethod
+    def for_spec(cls, spec):
+        h = spec["hpcc"]
+        return cls.start(h.get("mount_helper") or "", h["image"], h.get("site_store") or "")
+
+    def result(self):
+        if self.pid is None:
+            return None, self.why
+        import _socket
+        try:
+            _, anc, _, _ = self.sock.recvmsg(1, _socket.CMSG_SPACE(4))
+        except OSError:
+            anc = []
+        fds = [int.from_bytes(d[:4], sys.byteorder) for lvl, typ, d in anc
+               if lvl == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS and len(d) >= 4]
+        status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        self.pid = None
+        why = os.read(self.err, 1024).decode(errors="replace").strip()
+        self.close()
+        if status == 0 and len(fds) == 1:
+            return fds[0], None
+        for fd in fds:
+            os.close(fd)
+        self.why = f"the mount helper refused: {why.removeprefix('hpcc-mount: ') or status}"
+        return None, self.why
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            os.close(self.err)
+            self.sock = self.err = None
+
+
+def attach_mount(mount_fd, target):
+    """Attach the helper's detached mount on target (in our user+mount namespace)."""
+    try:
+        _sys.move_mount(mount_fd, "", _sys.AT_FDCWD, target, _sys.MOVE_MOUNT_F_EMPTY_PATH)
+    finally:
+        os.close(mount_fd)
 
 
 def mount_image(sqfs, target, privileged):

@@ -168,13 +168,14 @@ def _kill_leftovers(keep):
                 pass
 
 
-def run_container(spec, *, privileged=None, log=None, supervise=True):
+def run_container(spec, *, privileged=None, log=None, supervise=True, premount=None):
     """Enter namespaces, set up the root and run the command.
 
     supervise=True (the CLI): fork the command and wait for it, forwarding signals; return
     its exit status (128+N when it died by signal N, like docker run). supervise=False:
     become the command (execve in this process: same pid, one process less; the FUSE daemon
-    is its child and dies with it); allowed only without poststart/poststop hooks."""
+    is its child and dies with it); allowed only without poststart/poststop hooks.
+    premount: an imagemount.HelperMount the caller started early (unprivileged only)."""
     from . import rootfs
     from .ocihooks import run_hooks, state
 
@@ -184,8 +185,14 @@ def run_container(spec, *, privileged=None, log=None, supervise=True):
     if hooks.get("poststart") or hooks.get("poststop"):
         supervise = True
     warn = log or (lambda m: None)
+    mount = None
+    if not privileged:  # before the user namespace: setuid does not work inside it
+        if premount is None:
+            from .imagemount import HelperMount
+            premount = HelperMount.for_spec(spec)
+        mount = premount.result()
     rootfs.enter_namespaces(privileged)
-    handle = rootfs.setup_root(spec, privileged, log=log)
+    handle = rootfs.setup_root(spec, privileged, log=log, premount=mount)
     warn("root ready")
     if not supervise:
         try:
