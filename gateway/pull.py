@@ -44,7 +44,9 @@ class PullResult:
 
 
 def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, reporter=None,
-         client=None):
+         client=None, check_size=None, shared=()):
+    """`check_size(bytes)` may refuse the finished squashfs (raise) before it is published.
+    `shared`: stores (the site's) whose copy of the image is used instead of converting."""
     from .blobcache import BlobCache, blob_cache_dir
     from .progress import Reporter
     from .registry import RegistryClient
@@ -64,6 +66,9 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
         store.ensure()
         if not force:
             rec = store.get(digest)
+            for other in shared:
+                if rec is None:
+                    rec = other.get(digest)  # the site store has it: only tag it here
             if rec is not None:
                 for r in refs:
                     store.tag(r, digest)
@@ -94,7 +99,7 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
                     rec, stats, report = convert_image(
                         store, digest, [feed.source for feed in feeds], config=config,
                         image_config=img.config, meta=_meta(img, ref), refs=refs,
-                        progress=reporter.converted_bytes,
+                        progress=reporter.converted_bytes, check_size=check_size,
                         before_publish=lambda: [f.result() for f in futures])
                 except BaseException as e:
                     abort.set()

@@ -3,6 +3,7 @@ produced (root-owned, in root-owned directories), squashfuse_ll for everything e
 import _signal as signal  # the C module: `signal` would import enum (~3 ms)
 import errno
 import os
+import stat
 import struct
 import sys
 
@@ -16,17 +17,60 @@ LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 
 
-def _trusted_for_kernel(fd, path):
-    """Kernel-mount only files the site produced: owned by root, not writable by others,
-    in a directory likewise (CVE-2023-30549: never kernel-mount a user's file)."""
+def trusted_for_kernel(fd):
+    """Whether the image open as `fd` may be mounted by the kernel's squashfs (as root).
+
+    The rule (the setuid mount helper's C code applies the same one; keep them in step):
+    the kernel parses only files that nobody but root can change, i.e.
+    1. the file is a regular file owned by root (uid 0), not writable by group or others;
+    2. every directory from / down to the file is owned by root and not writable by group
+       or others (so nobody else can rename, replace or move anything on the way);
+    3. that chain is walked by file descriptor (openat, O_NOFOLLOW, one component at a
+       time, each checked before the next is opened), starting from the file's current
+       name, and the entry found at the end must be this very file (device and inode).
+    The name comes from /proc/self/fd (the kernel's current path of the open file), which
+    is only a hint: nothing is trusted from it unless the walk confirms it, and a file
+    opened through /proc/self/fd/N, a symlink or another mount namespace either walks
+    to the same inode through root-owned directories or is not trusted.
+    CVE-2023-30549: the kernel's squashfs must never parse a file a user can rewrite.
+    Anything not trusted is served by squashfuse_ll running as the user instead."""
     st = os.fstat(fd)
-    if st.st_uid != 0 or st.st_mode & 0o022:
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
         return False
     try:
-        dst = os.stat(os.path.dirname(os.path.abspath(path)))
+        where = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return False
-    return dst.st_uid == 0 and not dst.st_mode & 0o022
+    if not where.startswith("/") or where.endswith(" (deleted)"):
+        return False
+    parts = where.split("/")[1:]
+    if not parts or any(c in ("", ".", "..") for c in parts):
+        return False
+    cur = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for comp in parts[:-1]:
+            if not _root_only(os.fstat(cur)):
+                return False
+            try:
+                nxt = os.open(comp, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=cur)
+            except OSError:
+                return False
+            os.close(cur)
+            cur = nxt
+        if not _root_only(os.fstat(cur)):
+            return False
+        try:
+            last = os.stat(parts[-1], dir_fd=cur, follow_symlinks=False)
+        except OSError:
+            return False
+        return (last.st_dev, last.st_ino) == (st.st_dev, st.st_ino)
+    finally:
+        os.close(cur)
+
+
+def _root_only(st):
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
 
 
 def _loop_mount(img_fd, target, path):
@@ -231,7 +275,7 @@ def mount_image(sqfs, target, privileged):
     try:
         if os.pread(img_fd, 4, 0) != SQUASHFS_MAGIC:
             raise MountError(f"{sqfs} is not a squashfs image")
-        if privileged and _trusted_for_kernel(img_fd, sqfs):
+        if privileged and trusted_for_kernel(img_fd):
             _loop_mount(img_fd, target, sqfs)
             return None
         return _fuse_mount(img_fd, target, sqfs, privileged)

@@ -311,7 +311,7 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
             "keep_fds": pmi_fds(envd),
             "fallback_args": ["/bin/sh"] if mode == "shell" else [],
             "has_bind_mounts": bool(user_mounts),
-            "prefetch_bytes": int(launcher.get("prefetch_mb", 32)) << 20,
+            "warm_bytes": _warm_mb(launcher) << 20,
             # unprivileged launches: the setuid helper that kernel-mounts site images
             "mount_helper": launcher.get("mount_helper", ""),
             "site_store": site_store(config),
@@ -334,6 +334,13 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
 def site_store(config):
     """The site store as the mount helper reads it: the config's text, no expansion."""
     return ((config.get("store") or {}).get("path") or "").rstrip("/")
+
+
+def _warm_mb(launcher):
+    """launcher.warm_mb; a launch cache written before the key's rename holds its old name,
+    prefetch_mb (hpcc.config renames it when it reads a file)."""
+    mb = launcher.get("warm_mb")
+    return int(launcher.get("prefetch_mb", 32) if mb is None else mb)
 
 
 def _bind(src, dst, readonly, origin):
