@@ -1,5 +1,7 @@
-"""Mounting the image: the kernel's squashfs through a loop device for files the site
-produced (root-owned, in root-owned directories), squashfuse_ll for everything else."""
+"""Mounting the image: the kernel's squashfs for files the site produced (root-owned in
+root-owned directories, or the site store service account's in the site store): through a
+loop device for root launches, from the setuid mount helper for unprivileged ones;
+squashfuse_ll for everything else."""
 import _signal as signal  # the C module: `signal` would import enum (~3 ms)
 import errno
 import os
@@ -17,25 +19,32 @@ LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 
 
-def trusted_for_kernel(fd):
+def trusted_for_kernel(fd, site_store=""):
     """Whether the image open as `fd` may be mounted by the kernel's squashfs (as root).
 
-    The rule (the setuid mount helper's C code applies the same one; keep them in step):
-    the kernel parses only files that nobody but root can change, i.e.
-    1. the file is a regular file owned by root (uid 0), not writable by group or others;
+    The rule (libexec/hpcc-mount.c, the setuid mount helper, applies the same one to the
+    images of the site store: keep the two in step) -- the kernel parses only files that
+    nobody but root, or the site store's service account inside the site store, can change:
+    1. the file is a regular file owned by root, not writable by group or others;
     2. every directory from / down to the file is owned by root and not writable by group
        or others (so nobody else can rename, replace or move anything on the way);
-    3. that chain is walked by file descriptor (openat, O_NOFOLLOW, one component at a
+    3. within the site store `site_store` (config store.path), the owner of the store's
+       root directory is the store's service account (root gave it the store): from that
+       directory down, the directories and the file may be owned by root or that account
+       (still not writable by group or others); every directory above it stays root's;
+    4. that chain is walked by file descriptor (openat, O_NOFOLLOW, one component at a
        time, each checked before the next is opened), starting from the file's current
        name, and the entry found at the end must be this very file (device and inode).
     The name comes from /proc/self/fd (the kernel's current path of the open file), which
     is only a hint: nothing is trusted from it unless the walk confirms it, and a file
     opened through /proc/self/fd/N, a symlink or another mount namespace either walks
-    to the same inode through root-owned directories or is not trusted.
+    to the same inode through trusted directories or is not trusted.
+    The helper, run by anyone, takes only images of the site store; this rule serves root
+    launches, whose caller may name any file.
     CVE-2023-30549: the kernel's squashfs must never parse a file a user can rewrite.
     Anything not trusted is served by squashfuse_ll running as the user instead."""
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+    if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o022:
         return False
     try:
         where = os.readlink(f"/proc/self/fd/{fd}")
@@ -46,10 +55,13 @@ def trusted_for_kernel(fd):
     parts = where.split("/")[1:]
     if not parts or any(c in ("", ".", "..") for c in parts):
         return False
+    store = [c for c in site_store.split("/") if c]
+    store_depth = len(store) if store and parts[:len(store)] == store else -1
+    service = 0  # the owner admitted besides root, once the walk is inside the site store
     cur = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for comp in parts[:-1]:
-            if not _root_only(os.fstat(cur)):
+        for depth, comp in enumerate(parts[:-1], 1):
+            if not _trusted_dir(os.fstat(cur), service):
                 return False
             try:
                 nxt = os.open(comp, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -58,7 +70,9 @@ def trusted_for_kernel(fd):
                 return False
             os.close(cur)
             cur = nxt
-        if not _root_only(os.fstat(cur)):
+            if depth == store_depth:
+                service = os.fstat(cur).st_uid
+        if not _trusted_dir(os.fstat(cur), service) or st.st_uid not in (0, service):
             return False
         try:
             last = os.stat(parts[-1], dir_fd=cur, follow_symlinks=False)
@@ -69,8 +83,9 @@ def trusted_for_kernel(fd):
         os.close(cur)
 
 
-def _root_only(st):
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
+def _trusted_dir(st, service):
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid in (0, service)
+            and not st.st_mode & 0o022)
 
 
 def _loop_mount(img_fd, target, path):
@@ -266,8 +281,9 @@ def attach_mount(mount_fd, target):
         os.close(mount_fd)
 
 
-def mount_image(sqfs, target, privileged):
-    """Mount the squashfs file read-only on target; return the FUSE daemon's pid or None."""
+def mount_image(sqfs, target, privileged, site_store=""):
+    """Mount the squashfs file read-only on target; return the FUSE daemon's pid or None.
+    site_store: the site store's root (its owner's images are trusted too)."""
     try:
         img_fd = os.open(sqfs, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -275,7 +291,7 @@ def mount_image(sqfs, target, privileged):
     try:
         if os.pread(img_fd, 4, 0) != SQUASHFS_MAGIC:
             raise MountError(f"{sqfs} is not a squashfs image")
-        if privileged and trusted_for_kernel(img_fd):
+        if privileged and trusted_for_kernel(img_fd, site_store):
             _loop_mount(img_fd, target, sqfs)
             return None
         return _fuse_mount(img_fd, target, sqfs, privileged)

@@ -10,9 +10,9 @@ kill -9 of hpcc kills both children through the death signal; the namespace, and
 every mount, goes when its last process is gone. kill -9 of the command: hpcc reaps it,
 stops the daemon and exits 137.
 """
+import _signal as signal  # the C module: `signal` would import enum (~3 ms)
 import errno
 import os
-import _signal as signal  # the C module: `signal` would import enum (~3 ms)
 import sys
 
 from ..errors import EXIT_LAUNCH, EXIT_NOEXEC, EXIT_NOTFOUND, HpccError, LaunchError

@@ -19,8 +19,13 @@ from ..errors import HookError, LaunchError, MountError
 from . import _sys
 from .identity import AsUser, NoChange
 from .imagemount import attach_mount, mount_image
-from .inroot import (O_PATH_FLAGS, open_in_root, read_file_in_root, resolve_target,
-                     write_file_in_root)
+from .inroot import (
+    O_PATH_FLAGS,
+    open_in_root,
+    read_file_in_root,
+    resolve_target,
+    write_file_in_root,
+)
 from .namespaces import enter_namespaces, stage_dir, write_id_maps  # noqa: F401 (API)
 
 # ---------------------------------------------------------------------------------------
@@ -250,7 +255,7 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
                 mount_fd, why = None, f"cannot attach the mount helper's mount: {e.strerror}"
         if mount_fd is None:
             handle.fuse_pid = mount_image(spec["hpcc"]["image"], os.path.join(stage, "img"),
-                                          privileged)
+                                          privileged, spec["hpcc"].get("site_store", ""))
             t("image mounted" + (f" (squashfuse_ll: {why})" if handle.fuse_pid and why else
                                  " (squashfuse_ll)" if handle.fuse_pid else " (kernel)"))
         budget = spec["hpcc"].get("warm_bytes", 0)

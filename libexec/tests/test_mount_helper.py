@@ -6,9 +6,9 @@ each time leaving no loop device or mount behind.
 Each test builds nothing: one module fixture compiles the helper once with its site config
 path pointing at a throw-away site (a root-owned directory under /var/lib, since the helper
 refuses any store below a directory others can write, such as /tmp)."""
+import contextlib
 import json
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -462,3 +462,52 @@ def test_loop_device_shortage(site, test_user):
     finally:
         subprocess.run(["losetup", "-d", busy], check=True)
     assert _loops_of(site.base) == []
+
+
+# --- the same rule as root launches ---------------------------------------------------------
+
+def _python_rule(site, path):
+    """hpcc.runtime.imagemount.trusted_for_kernel (the installed package's), as root."""
+    code = ("import os, sys; from hpcc.runtime.imagemount import trusted_for_kernel as t; "
+            "fd = os.open(sys.argv[1], os.O_RDONLY); print(t(fd, sys.argv[2]))")
+    p = subprocess.run([sys.executable, "-I", "-c", code, str(path), str(site.store)],
+                       capture_output=True, text=True, check=True)
+    return p.stdout.strip() == "True"
+
+
+def test_helper_and_root_launch_trust_rules_agree(site, test_user):
+    """Every case above, decided by both rules: the helper mounts exactly what a root launch
+    would kernel-mount (for images of the site store)."""
+    svc = ensure_user("hpccsvc")
+    u = test_user.pw_uid
+    cases = [
+        ("trusted", []),
+        ("image group-writable", [(site.image, {"mode": 0o664})]),
+        ("image other-writable", [(site.image, {"mode": 0o646})]),
+        ("image the user's", [(site.image, {"uid": u})]),
+        ("subdir the user's", [(site.store / "sub", {"uid": u})]),
+        ("subdir group-writable", [(site.store / "sub", {"mode": 0o775})]),
+        ("store other-writable", [(site.store, {"mode": 0o757})]),
+        ("above the store the user's", [(site.above, {"uid": u})]),
+        ("above the store sticky 1777", [(site.above, {"mode": 0o1777})]),
+        ("service account's store", [(site.store, {"uid": svc.pw_uid}),
+                                     (site.store / "sub", {"uid": svc.pw_uid}),
+                                     (site.image, {"uid": svc.pw_uid})]),
+        ("service account's store, user's image", [(site.store, {"uid": svc.pw_uid}),
+                                                   (site.image, {"uid": u})]),
+        ("service account's directory above the store", [(site.above, {"uid": svc.pw_uid})]),
+    ]
+    decided = {}
+    for name, changes in cases:
+        with contextlib.ExitStack() as stack:
+            for path, kw in changes:
+                stack.enter_context(changed(path, **kw))
+            status, err, fd = call(site, test_user)
+            if fd is not None:
+                os.close(fd)
+            helper = status == 0
+            assert helper or status == REFUSED, (name, err)
+            decided[name] = (helper, _python_rule(site, site.image))
+    assert all(h == p for h, p in decided.values()), decided
+    assert decided["trusted"] == (True, True)
+    assert decided["service account's store"] == (True, True)
