@@ -239,8 +239,10 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
         os.mkdir(os.path.join(stage, d), 0o755)
     handle = RootHandle(cid, stage, None)
     try:
+        who = spec["process"]["user"]
         handle.fuse_pid = mount_image(spec["hpcc"]["image"], os.path.join(stage, "img"),
-                                      privileged)
+                                      privileged, (who["uid"], who["gid"],
+                                                   who.get("additionalGids") or []))
         t("image mounted" + (" (squashfuse_ll)" if handle.fuse_pid else " (kernel)"))
         budget = spec["hpcc"].get("prefetch_bytes", 0)
         if budget > 0 and spec["process"]["args"]:
