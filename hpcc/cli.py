@@ -2,7 +2,7 @@
 
 The launch path is kept cheap: a hand-written option parser (no click, argparse, jsonschema,
 cffi, rich or requests), the config read without schema validation (`hpcc config check`
-validates), the image resolved with O(1) store lookups. pull, images, inspect and rm are
+validates), the image resolved with O(1) store lookups. pull, images, inspect, rm, gc are
 handed to the gateway's click CLI, imported only then.
 """
 import os
@@ -21,8 +21,10 @@ commands:
                                             the given command), like docker run
   exec [OPTIONS] IMAGE CMD [ARG...]         run a command as is
   shell [OPTIONS] IMAGE [ARG...]            start your shell in the image (or /bin/sh)
-  pull REF                                  pull an image into your own store
+  pull REF                                  pull an image: through the site's gateway
+                                            service when it runs one, else into your store
   images | inspect REF | rm REF             list, show, remove images (--json for output)
+  gc                                        clean your own store (debris, layer blobs)
   config check                              validate the site configuration
   doctor [--json] [--image IMAGE]           check this host and say how to fix problems
   version                                   print hpcc's version
@@ -209,7 +211,7 @@ def main(argv=None):
             except (OSError, ValueError):
                 pass
             os._exit(code)  # after pivot_root, Python's teardown must not import anything
-        if cmd in ("pull", "images", "inspect", "rm"):
+        if cmd in ("pull", "images", "inspect", "rm", "gc"):
             from .gateway.cli import user_main
             return user_main(argv)
         if cmd == "config":

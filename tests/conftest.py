@@ -30,6 +30,7 @@ pytest_plugins = [
     "tests.fixtures.users",
     "tests.fixtures.launcher_images",
     "tests.fixtures.slurm",
+    "tests.fixtures.gateway_service",
 ]
 
 
