@@ -13,13 +13,8 @@ PYTEST_ARGS ?=
 APT_PKGS := libsquashfs-dev squashfs-tools-ng squashfs-tools squashfuse fuse3 \
 	docker-registry umoci busybox-static zstd apache2-utils openssl \
 	python3-venv python3-dev build-essential pkg-config iproute2 util-linux \
-<<<<<<< HEAD
-	slurm-wlm slurmd slurmctld libslurm-dev munge mpich libmpich-dev libopenmpi3 skopeo \
-	apparmor procps strace
-=======
 	slurm-wlm slurmd slurmctld libslurm-dev munge libmunge-dev mpich libmpich-dev libopenmpi3 \
-	skopeo apparmor
->>>>>>> main
+	skopeo apparmor procps strace
 BENCH_APT_PKGS := charliecloud charliecloud-builders debootstrap hyperfine
 
 .PHONY: all deps bench-deps venv install spank test demo bench clean
@@ -83,7 +78,7 @@ spank:
 	@if [ -f spank/Makefile ]; then $(MAKE) -s -C spank; fi
 
 test: install
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -P -m pytest $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/python -P -m hpcc.demo
