@@ -257,8 +257,11 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
             except OSError as e:
                 mount_fd, why = None, f"cannot attach the mount helper's mount: {e.strerror}"
         if mount_fd is None:
-            handle.fuse_pid = mount_image(h["image"], os.path.join(stage, "img"), privileged,
-                                          h.get("site_store", ""))
+            who = spec["process"]["user"]
+            handle.fuse_pid = mount_image(
+                h["image"], os.path.join(stage, "img"), privileged,
+                (who["uid"], who["gid"], who.get("additionalGids") or []),
+                h.get("site_store", ""))
             t("image mounted" + (f" (squashfuse_ll: {why})" if handle.fuse_pid and why else
                                  " (squashfuse_ll)" if handle.fuse_pid else " (kernel)"))
         if h.get("idmap") and not handle.fuse_pid and mount_fd is None:
