@@ -85,6 +85,7 @@ class _JobReporter(Reporter):
         self.job.emit({"event": "line", "msg": msg})
 
     def resolved(self, ref, digest, nlayers, total):
+        ref = self.job.ref.familiar  # as asked, not the digest-pinned name the job pulls
         self.job.emit({"event": "resolved", "ref": ref, "digest": digest, "layers": nlayers,
                        "total": total}, key="resolved")
 
