@@ -48,6 +48,7 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
     """`check_size(bytes)` may refuse the finished squashfs (raise) before it is published.
     `shared`: stores (the site's) whose copy of the image is used instead of converting."""
     from .blobcache import BlobCache, blob_cache_dir
+    from .cosign import check_policy
     from .progress import Reporter
     from .registry import RegistryClient
 
@@ -62,6 +63,7 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
         total = sum(layer.size for layer in img.layers)
         reporter.resolved(ref.familiar, digest, len(img.layers), total)
         refs = [ref] if ref.tag else []
+        signer = check_policy(config, client, ref, img)  # None: the policy requires none
 
         store.ensure()
         if not force:
@@ -98,7 +100,7 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
                 try:
                     rec, stats, report = convert_image(
                         store, digest, [feed.source for feed in feeds], config=config,
-                        image_config=img.config, meta=_meta(img, ref), refs=refs,
+                        image_config=img.config, meta=_meta(img, ref, signer), refs=refs,
                         progress=reporter.converted_bytes, check_size=check_size,
                         before_publish=lambda: [f.result() for f in futures])
                 except BaseException as e:
@@ -230,9 +232,10 @@ class _Growing(io.RawIOBase):
         super().close()
 
 
-def _meta(img, ref):
+def _meta(img, ref, signer=None):
     cfg = img.config or {}
     return {
+        "signature": signer,
         "source": str(ref.with_digest(None)) if ref.tag else str(ref),
         "repository": ref.repository,
         "manifest_media_type": img.media_type,
