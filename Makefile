@@ -14,7 +14,7 @@ APT_PKGS := libsquashfs-dev squashfs-tools-ng squashfs-tools squashfuse fuse3 \
 	docker-registry umoci busybox-static zstd apache2-utils openssl \
 	python3-venv python3-dev build-essential pkg-config iproute2 util-linux \
 	slurm-wlm slurmd slurmctld libslurm-dev munge libmunge-dev mpich libmpich-dev libopenmpi3 \
-	skopeo apparmor
+	skopeo apparmor procps strace
 BENCH_APT_PKGS := charliecloud charliecloud-builders debootstrap hyperfine
 
 .PHONY: all deps bench-deps venv install spank test demo bench clean
@@ -32,11 +32,15 @@ bench-deps: deps
 	@missing=$$(for p in $(BENCH_APT_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
 
-$(VENV)/bin/python:
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip setuptools wheel cffi
+# The stamp is written only once the build tools are in: a venv whose upgrade failed (no
+# network, a proxy's CA missing) is completed by the next run instead of being taken as done.
+# setuptools >= 77 reads pyproject.toml's SPDX `license` string (Debian 12 ships 66).
+$(VENV)/.hpcc-venv-ready:
+	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip 'setuptools>=77' wheel cffi
+	touch $@
 
-venv: deps $(VENV)/bin/python
+venv: deps $(VENV)/.hpcc-venv-ready
 
 # A real (non-editable) install: the launcher runs as any user, so it must not depend on
 # the checkout being readable. The package is rebuilt every time (cheap; keeps tests honest).

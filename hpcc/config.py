@@ -56,11 +56,26 @@ DEFAULTS = {
         "devices": [],
         "env_passthrough": ["TERM", "LANG", "LC_ALL", "TZ"],
         "hooks_dir": "/etc/hpcc/hooks.d",
-        "prefetch_mb": 32,
+        "warm_mb": 32,
     },
     "mpi": {"libraries": [], "extra_files": [], "devices": [], "abi_check": "minor"},
     "gpu": {"library_paths": [], "allowed_devices": []},
 }
+
+
+# Keys renamed since they were introduced: a file may still use the old name (the new one wins
+# when both are set). launcher.prefetch_mb became warm_mb, the command's page cache warming,
+# distinct from `gateway prefetch` of the images of pending jobs.
+RENAMED = {("launcher", "prefetch_mb"): "warm_mb"}
+
+
+def _rename_old_keys(data):
+    for (section, old), new in RENAMED.items():
+        table = data.get(section)
+        if isinstance(table, dict) and old in table:
+            value = table.pop(old)
+            table.setdefault(new, value)
+    return data
 
 
 def _deepcopy(value):
@@ -171,7 +186,7 @@ def load_config(path=None, *, validate_schema=True, memo=True):
                     os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
                 except OSError:
                     pass
-    return _merge(DEFAULTS, data)
+    return _merge(DEFAULTS, _rename_old_keys(data))
 
 
 def expand_path(value):

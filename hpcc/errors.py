@@ -46,6 +46,11 @@ class RegistryError(HpccError):
     exit_code = EXIT_REGISTRY
 
 
+class NotInRegistry(HpccError):
+    """The registry has no such repository or tag: a user error (exit 1), since retrying
+    will not help (scripts retry exit 3)."""
+
+
 class ImageError(HpccError):
     """Bad image content: malformed manifest, wrong digest, corrupt layer, hostile entries."""
 

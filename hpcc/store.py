@@ -54,6 +54,26 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def makedirs_durable(path, mode=0o755):
+    """os.makedirs, and each directory it creates is fsynced in its parent, so that a file
+    published under it after a crash still has its path (refs/<registry>/..., .blobs)."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+        _fsync_dir(os.path.dirname(d))
+
+
 def _write_atomic(path, data, mode=0o644, tmpdir=None):
     """Write bytes to `path` via a temp file in `tmpdir` (same filesystem) + fsync + rename."""
     d = tmpdir or os.path.dirname(path)
@@ -107,7 +127,7 @@ class Store:
     def ensure(self):
         try:
             for d in (self.root, self.tmp_dir, self.lock_dir, self.refs_dir):
-                os.makedirs(d, mode=0o755, exist_ok=True)
+                makedirs_durable(d)
         except OSError as e:
             raise StoreError(f"cannot create image store {self.root}: {e.strerror}",
                              hint="check store.path in the config and your permissions") from None
@@ -233,7 +253,7 @@ class Store:
             return
         path = self.ref_path(ref)
         try:
-            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            makedirs_durable(os.path.dirname(path))
         except OSError as e:
             raise StoreError(f"cannot write reference {ref}: {e.strerror}") from None
         _write_atomic(path, (digest + "\n").encode(), tmpdir=self.tmp_dir)

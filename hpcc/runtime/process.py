@@ -248,8 +248,8 @@ def run_container(spec, *, privileged=None, log=None, supervise=True):
                 pass
     _kill_leftovers({os.getpid(), handle.fuse_pid})
     warn(f"command exited ({code})")
-    if handle.prefetch:
-        warn(handle.prefetch.summary())
+    if handle.warming:
+        warn(handle.warming.summary())
     st = state(spec, "stopped", pid, handle.bundle, handle.id)
     run_hooks(spec, "poststop", st, root_fd=handle.host_root_fd, warn=warn)
     handle.close()

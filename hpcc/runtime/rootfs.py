@@ -204,7 +204,7 @@ class RootHandle:
         self.bundle = os.path.join(stage, "bundle")
         self.fuse_pid = fuse_pid
         self.host_root_fd = None
-        self.prefetch = None  # prefetch.Prefetch of the command's files, when one runs
+        self.warming = None  # warm.Warming of the command's files, when one runs
 
     def close(self):
         """Stop the FUSE daemon (call when the container's processes are gone)."""
@@ -242,11 +242,11 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
         handle.fuse_pid = mount_image(spec["hpcc"]["image"], os.path.join(stage, "img"),
                                       privileged)
         t("image mounted" + (" (squashfuse_ll)" if handle.fuse_pid else " (kernel)"))
-        budget = spec["hpcc"].get("prefetch_bytes", 0)
+        budget = spec["hpcc"].get("warm_bytes", 0)
         if budget > 0 and spec["process"]["args"]:
-            from . import prefetch
+            from . import warm
             from .spec import spec_env
-            handle.prefetch = prefetch.start(
+            handle.warming = warm.start(
                 os.open(f"{stage}/img", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
                 spec["process"]["args"][0],
                 spec_env(spec).get("PATH", "/usr/local/bin:/usr/bin:/bin"), budget)

@@ -311,7 +311,7 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
             "keep_fds": pmi_fds(envd),
             "fallback_args": ["/bin/sh"] if mode == "shell" else [],
             "has_bind_mounts": bool(user_mounts),
-            "prefetch_bytes": int(launcher.get("prefetch_mb", 32)) << 20,
+            "warm_bytes": _warm_mb(launcher) << 20,
         },
     }
     if not privileged:
@@ -326,6 +326,13 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
         spec["hooks"] = select_hooks(load_hooks(hooks_dir, privileged=os.geteuid() == 0,
                                                 cache=cache), spec)
     return spec
+
+
+def _warm_mb(launcher):
+    """launcher.warm_mb; a launch cache written before the key's rename holds its old name,
+    prefetch_mb (hpcc.config renames it when it reads a file)."""
+    mb = launcher.get("warm_mb")
+    return int(launcher.get("prefetch_mb", 32) if mb is None else mb)
 
 
 def _bind(src, dst, readonly, origin):

@@ -219,8 +219,8 @@ def container_child(spec, sock, payload):
 
     enter_namespaces(True)
     nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    # no prefetch of the command: this process is gone before the tasks exec
-    spec["hpcc"]["prefetch_bytes"] = 0
+    # no page cache warming for the command: this process is gone before the tasks exec
+    spec["hpcc"]["warm_bytes"] = 0
     handle = setup_root(spec, privileged=True)
     send_fd(sock, payload[:1], nsfd)
     sock.sendall(payload[1:])
