@@ -19,7 +19,7 @@ import base64
 import hashlib
 import json
 
-from hpcc.errors import ConfigError, HpccError, RegistryError
+from hpcc.errors import ConfigError, HpccError, NotInRegistry
 
 from .policy import PolicyError
 
@@ -79,10 +79,8 @@ def _signatures(client, ref, digest):
     sig_ref = ref.with_digest(None)
     try:
         body, _d, _ct = client._get_manifest(sig_ref, signature_tag(digest))
-    except RegistryError as e:
-        if "not found" in str(e):
-            return []
-        raise
+    except NotInRegistry:
+        return []
     try:
         manifest = json.loads(body)
         layers = manifest.get("layers") or []
