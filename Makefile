@@ -78,7 +78,7 @@ spank:
 	@if [ -f spank/Makefile ]; then $(MAKE) -s -C spank; fi
 
 test: install
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -P -m pytest $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/python -P -m hpcc.demo

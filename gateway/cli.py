@@ -6,7 +6,7 @@
     gateway prefetch            (images named by pending Slurm jobs)
 
 Every command takes --json (machine output on stdout) and -q/--quiet; errors are one line
-on stderr with the exit codes of DESIGN.md (1 user error, 2 usage, 3 registry/network).
+on stderr with the exit codes of hpcc.errors (1 user error, 2 usage, 3 registry/network).
 """
 import json
 import os

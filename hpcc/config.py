@@ -2,8 +2,9 @@
 
 Lookup order: the explicit path given by the caller, $HPCC_CONFIG, /etc/hpcc/hpcc.toml; a
 missing default file means "all defaults". Validation needs jsonschema, which is slow to
-import (about 100 ms), so `load_config(validate=False)` exists for the launch path, which
-relies on a validation done earlier by an admin command (`gateway`, `hpcc config check`).
+import (about 100 ms), so `load_config(validate_schema=False)` exists for the launch path,
+which relies on a validation done earlier by an admin command (`gateway`, `hpcc config
+check`).
 """
 import os
 
@@ -57,6 +58,10 @@ DEFAULTS = {
         "env_passthrough": ["TERM", "LANG", "LC_ALL", "TZ"],
         "hooks_dir": "/etc/hpcc/hooks.d",
         "warm_mb": 32,
+        "writable": False,
+        "remap_root": False,
+        "containers_dir": "/run/hpcc-containers",
+        "containers_scope": "job",
     },
     "mpi": {"libraries": [], "extra_files": [], "devices": [], "abi_check": "minor"},
     "gpu": {"library_paths": [], "allowed_devices": []},

@@ -4,7 +4,7 @@ Every message is one line that says what is wrong and, where it helps, what to d
 They are rendered once, at the CLI edge (`hpcc.cli`, `hpcc.gateway.cli`), never as tracebacks.
 """
 
-# Exit codes (DESIGN.md, "Conventions").
+# Exit codes, as the user documentation gives them (README.md; docs/launcher.md, "Exit status").
 EXIT_OK = 0
 EXIT_USER = 1        # bad reference, missing image, bad config, bad image content
 EXIT_USAGE = 2       # bad command line

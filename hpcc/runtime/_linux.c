@@ -235,12 +235,13 @@ static PyObject *py_mount_setattr(PyObject *self, PyObject *args)
     PyObject *path = NULL;
     int dirfd, err;
     unsigned int flags;
-    unsigned long long attr_set, attr_clr = 0;
+    unsigned long long attr_set, attr_clr = 0, userns_fd = 0;
     long r;
-    if (!PyArg_ParseTuple(args, "iO&IK|K:mount_setattr", &dirfd, PyUnicode_FSConverter, &path,
-                          &flags, &attr_set, &attr_clr))
+    if (!PyArg_ParseTuple(args, "iO&IK|KK:mount_setattr", &dirfd, PyUnicode_FSConverter, &path,
+                          &flags, &attr_set, &attr_clr, &userns_fd))
         return NULL;
-    struct hpcc_mount_attr attr = {attr_set, attr_clr, 0, 0};
+    /* userns_fd: the user namespace whose id maps an idmapped mount (MOUNT_ATTR_IDMAP) takes */
+    struct hpcc_mount_attr attr = {attr_set, attr_clr, 0, userns_fd};
     Py_BEGIN_ALLOW_THREADS
     r = syscall(SYS_mount_setattr, dirfd, PyBytes_AS_STRING(path), flags, &attr, sizeof(attr));
     err = errno;
@@ -307,7 +308,7 @@ static PyMethodDef methods[] = {
     {"move_mount", py_move_mount, METH_VARARGS,
      "move_mount(from_fd, from_path, to_fd, to_path, flags)"},
     {"mount_setattr", py_mount_setattr, METH_VARARGS,
-     "mount_setattr(dirfd, path, flags, attr_set, attr_clr=0)"},
+     "mount_setattr(dirfd, path, flags, attr_set, attr_clr=0, userns_fd=0)"},
     {"drop_bounding", py_drop_bounding, METH_NOARGS,
      "Empty the ambient and bounding sets (while the process still may: before setuid)."},
     {"drop_all_capabilities", py_drop_all_capabilities, METH_NOARGS,
