@@ -114,14 +114,20 @@ def _find_exe(name):
     return None
 
 
-def _fuse_mount(img_fd, target, path, privileged):
+def _fuse_mount(img_fd, target, path, privileged, user=None):
     """Mount the image with squashfuse_ll: hpcc opens /dev/fuse and does the mount(2)
     itself (so no setuid fusermount3 is needed), then hands the fd to squashfuse_ll as
-    /dev/fd/3. Unprivileged, the daemon dies with its parent (PR_SET_PDEATHSIG). As root it
-    moves to the host's mount namespace instead (so it does not pin the container's) and
+    /dev/fd/3 and the image as /dev/fd/4 (libfuse 3 takes an inherited fd as a mountpoint
+    of that form). Unprivileged, the daemon dies with its parent (PR_SET_PDEATHSIG). As root
+    it moves to the host's mount namespace instead (so it does not pin the container's) and
     lives exactly as long as the mount: when the container's namespace goes, the kernel
     aborts the FUSE connection and the daemon exits. The Slurm helper relies on this: the
-    namespace outlives the process that called setup_root."""
+    namespace outlives the process that called setup_root.
+
+    As root with a `user` (uid, gid, groups), the daemon is not root: before its exec it
+    takes the user's uid, gid and groups (real, effective and saved), loses every
+    capability (bounding set included) and sets no_new_privs. The image it parses is one
+    the user could rewrite, so a flaw in squashfuse gives nothing the user lacks."""
     exe = _find_exe("squashfuse_ll")
     if not exe:
         raise MountError("squashfuse_ll is not installed",
@@ -163,6 +169,8 @@ def _fuse_mount(img_fd, target, path, privileged):
                 _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)
                 if os.getppid() != parent:
                     os._exit(1)
+            if user is not None:
+                _become(*user)
             os.setsid()  # no terminal signals (Ctrl-C is for the command, not the daemon)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -183,8 +191,21 @@ def _fuse_mount(img_fd, target, path, privileged):
     return pid
 
 
-def mount_image(sqfs, target, privileged):
-    """Mount the squashfs file read-only on target; return the FUSE daemon's pid or None."""
+def _become(uid, gid, groups):
+    """Turn this (forked, root) process into the user for good: no way back to root."""
+    _sys.drop_bounding()
+    os.setgroups(list(groups))
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)  # from uid 0 to another: permitted/effective caps go
+    _sys.prctl(_sys.PR_SET_NO_NEW_PRIVS, 1)
+    if os.getresuid() != (uid, uid, uid) or _sys.capabilities_effective():
+        os._exit(126)
+
+
+def mount_image(sqfs, target, privileged, user=None):
+    """Mount the squashfs file read-only on target; return the FUSE daemon's pid or None.
+    user: (uid, gid, groups) the FUSE daemon runs as when root launches for someone else
+    (images root may not give to the kernel are served by the user's own daemon)."""
     try:
         img_fd = os.open(sqfs, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -195,6 +216,8 @@ def mount_image(sqfs, target, privileged):
         if privileged and trusted_for_kernel(img_fd):
             _loop_mount(img_fd, target, sqfs)
             return None
-        return _fuse_mount(img_fd, target, sqfs, privileged)
+        if not privileged or user is None or user[0] == 0:
+            user = None
+        return _fuse_mount(img_fd, target, sqfs, privileged, user)
     finally:
         os.close(img_fd)

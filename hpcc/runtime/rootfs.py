@@ -242,7 +242,9 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
     h = spec["hpcc"]
     try:
         _unshare_extra(h.get("unshare") or ())
-        handle.fuse_pid = mount_image(h["image"], os.path.join(stage, "img"), privileged)
+        who = spec["process"]["user"]
+        handle.fuse_pid = mount_image(h["image"], os.path.join(stage, "img"), privileged,
+                                      (who["uid"], who["gid"], who.get("additionalGids") or []))
         t("image mounted" + (" (squashfuse_ll)" if handle.fuse_pid else " (kernel)"))
         if h.get("idmap") and not handle.fuse_pid:
             from .idmap import idmap_mount
