@@ -268,6 +268,10 @@ def inspect(obj, ref, json_output, quiet):
     click.echo(f"Digest:      {rec.digest}")
     click.echo(f"File:        {rec.sqfs_path} ({_human(info.get('size'))})")
     click.echo(f"Source:      {info.get('source', '-')}")
+    sig = info.get("signature")
+    if sig:
+        click.echo(f"Signed by:   {sig.get('key')} ({sig.get('fingerprint')}) for "
+                   f"{sig.get('digest')}")
     click.echo(f"Platform:    {info.get('platform') or '-'}   "
                f"Created: {info.get('created') or '-'}")
     click.echo(f"Entrypoint:  {json.dumps(c.get('Entrypoint'))}")
