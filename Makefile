@@ -8,16 +8,19 @@ PREFIX  ?= /opt/hpcc
 VENV    ?= $(PREFIX)/venv
 BINDIR  ?= /usr/local/bin
 PYTEST_ARGS ?=
+# `make install SUID=no` installs the mount helper without the setuid bit (unprivileged
+# launches then keep squashfuse_ll for every image): see README, "Kernel mounts for users".
+SUID    ?= yes
 
 # Why each package is here: see README.md, "Dependencies".
 APT_PKGS := libsquashfs-dev squashfs-tools-ng squashfs-tools squashfuse fuse3 \
 	docker-registry umoci busybox-static zstd apache2-utils openssl \
 	python3-venv python3-dev build-essential pkg-config iproute2 util-linux \
-	slurm-wlm slurmd slurmctld libslurm-dev munge mpich libmpich-dev libopenmpi3 skopeo \
-	apparmor
+	slurm-wlm slurmd slurmctld libslurm-dev munge libmunge-dev mpich libmpich-dev libopenmpi3 \
+	skopeo apparmor procps strace
 BENCH_APT_PKGS := charliecloud charliecloud-builders debootstrap hyperfine
 
-.PHONY: all deps bench-deps venv install spank test demo bench clean
+.PHONY: all deps bench-deps venv install spank libexec test demo bench clean
 
 all: install
 
@@ -32,15 +35,19 @@ bench-deps: deps
 	@missing=$$(for p in $(BENCH_APT_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
 
-$(VENV)/bin/python:
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip setuptools wheel cffi
+# The stamp is written only once the build tools are in: a venv whose upgrade failed (no
+# network, a proxy's CA missing) is completed by the next run instead of being taken as done.
+# setuptools >= 77 reads pyproject.toml's SPDX `license` string (Debian 12 ships 66).
+$(VENV)/.hpcc-venv-ready:
+	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip 'setuptools>=77' wheel cffi
+	touch $@
 
-venv: deps $(VENV)/bin/python
+venv: deps $(VENV)/.hpcc-venv-ready
 
 # A real (non-editable) install: the launcher runs as any user, so it must not depend on
 # the checkout being readable. The package is rebuilt every time (cheap; keeps tests honest).
-install: venv spank
+install: venv spank libexec
 	$(VENV)/bin/pip install -q --no-build-isolation '.[test]'
 	@# The venv's python3 as a real file, not a symlink to the system's: AppArmor attaches
 	@# profiles by the executable's resolved path, and the profile below must grant user
@@ -73,8 +80,12 @@ install: venv spank
 spank:
 	@if [ -f spank/Makefile ]; then $(MAKE) -s -C spank; fi
 
+# the setuid mount helper, as $(PREFIX)/libexec/hpcc-mount (launcher.mount_helper)
+libexec:
+	@$(MAKE) -s -C libexec install PREFIX=$(PREFIX) SUID=$(SUID)
+
 test: install
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -P -m pytest $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/python -P -m hpcc.demo
@@ -85,3 +96,4 @@ bench: install bench-deps
 clean:
 	rm -rf build dist *.egg-info hpcc/squashfs/_sqfs*
 	@if [ -f spank/Makefile ]; then $(MAKE) -s -C spank clean; fi
+	@$(MAKE) -s -C libexec clean

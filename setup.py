@@ -1,4 +1,4 @@
-"""Build glue: the cffi extension for libsquashfs, the runtime's C extension for Linux
+"""Build glue: the cffi extensions for libsquashfs and libmunge, the runtime's C extension for Linux
 system calls, and the packaged copies of etc/ files.
 
 Everything declarative lives in pyproject.toml; setup.py only exists because cffi's
@@ -27,8 +27,9 @@ class build_py(_build_py):
 
 
 setup(
-    cffi_modules=["hpcc/squashfs/build_ffi.py:ffibuilder"],
+    cffi_modules=["hpcc/squashfs/build_ffi.py:ffibuilder",
+                  "gateway/munge_build.py:ffibuilder"],
     ext_modules=[Extension("hpcc.runtime._linux", ["hpcc/runtime/_linux.c"],
-                           extra_compile_args=["-O2", "-Wall"])],
+                           extra_compile_args=["-O2", "-Wall", "-Wextra"])],
     cmdclass={"build_py": build_py},
 )

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hpcc.errors import ImageError, StoreError
 from hpcc.reference import DIGEST_RE
+from hpcc.store import makedirs_durable
 
 _CHUNK = 1 << 20
 _WRITEBACK_STEP = 16 << 20    # start writeback of a download every this many bytes
@@ -69,6 +70,7 @@ class Ingest:
         self.committed = False
         self.offset = 0
         self._flushed = 0
+        self.resumed = False        # bytes of an earlier connection are part of the data
 
     def _open(self):
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -89,9 +91,11 @@ class Ingest:
         self._file.seek(done)
         self.offset = done
         self._flushed = done
+        self.resumed = done > 0
 
     def restart(self):
         """Discard the partial data (the server ignored a Range request)."""
+        self.resumed = False
         self._file.seek(0)
         self._file.truncate(0)
         self._hash = hashlib.sha256()
@@ -181,14 +185,16 @@ class BlobCache:
 
     def _io_error(self, verb, e):
         why = e.strerror or str(e)
-        hint = ("free space there, or set store.blob_cache in the config to another path"
+        hint = ("'gateway gc --blobs' removes the layer blobs no image uses (partial "
+                "downloads too); or free space there, or set store.blob_cache in the config "
+                "to another path"
                 if e.errno in (errno.ENOSPC, errno.EDQUOT) else
                 "set store.blob_cache in the config to a writable path")
         return StoreError(f"cannot {verb} the blob cache {self.dir}: {why}", hint=hint)
 
     def _ensure(self):
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            makedirs_durable(self.dir)
         except OSError as e:
             raise StoreError(f"cannot create the blob cache {self.dir}: {e.strerror}",
                              hint="set store.blob_cache in the config to a writable path") from None

@@ -6,15 +6,16 @@
     gateway prefetch            (images named by pending Slurm jobs)
 
 Every command takes --json (machine output on stdout) and -q/--quiet; errors are one line
-on stderr with the exit codes of DESIGN.md (1 user error, 2 usage, 3 registry/network).
+on stderr with the exit codes of hpcc.errors (1 user error, 2 usage, 3 registry/network).
 """
 import json
+import os
 import sys
 
 import click
 
 from hpcc.config import load_config
-from hpcc.errors import EXIT_USAGE, HpccError
+from hpcc.errors import EXIT_USAGE, HpccError, StoreError
 from hpcc.store import Store
 
 
@@ -45,7 +46,7 @@ class Ctx:
         if self.user_mode:
             site = Store.site(self.config)
             if site.root != self.store.root:
-                stores.append(site)
+                stores += [Store.private(site.root, os.getuid()), site]
         return stores
 
     def find(self, ref):
@@ -54,7 +55,24 @@ class Ctx:
             rec = st.find(ref)
             if rec is not None:
                 return rec
+        if self.user_mode:  # the user's tag of an image the site store holds
+            from hpcc.store import shared_image
+
+            rec = shared_image(self.store, self.read_stores()[1:], ref)
+            if rec is not None:
+                return rec
         return self.store.resolve(ref)  # raises ImageNotFound with the hint
+
+    def admin_store(self, instead):
+        """A user who cannot write the site store gets one line, not a traceback."""
+        if self.user_mode or os.geteuid() == 0:
+            return
+        d = self.store.root
+        while not os.path.exists(d) and os.path.dirname(d) != d:
+            d = os.path.dirname(d)
+        if not os.access(d, os.W_OK):
+            raise StoreError(f"the store {self.store.root} is the site admins' (you cannot "
+                             "write it)", hint=f"use '{instead}' for your own images")
 
 
 def _human(n):
@@ -93,9 +111,13 @@ def _make_group(prog, user_mode):
         else:
             store = Store.site(config)
         ctx.obj = Ctx(config, store, False, False, prog, user_mode)
+        ctx.obj.explicit_store = bool(store_path)
 
     for cmd in _USER_COMMANDS + ([] if user_mode else _ADMIN_COMMANDS):
         group.add_command(cmd)
+    from .servecli import add_commands  # gateway serve/status, hpcc gc
+
+    add_commands(group, _common, user_mode)
     return group
 
 
@@ -115,6 +137,15 @@ def pull(obj, ref, platform, insecure, force, json_output, quiet):
     from .pull import pull as do_pull
 
     obj.json, obj.quiet = json_output, quiet
+    if obj.user_mode and not obj.explicit_store:
+        from .userpull import pull_for_user
+
+        res = pull_for_user(obj.config, obj.store, ref, platform=platform, insecure=insecure,
+                            force=force, reporter=obj.reporter())
+        if json_output:
+            obj.emit(res)
+        return
+    obj.admin_store(f"hpcc pull {ref}")
     obj.store.ensure()
     res = do_pull(ref, store=obj.store, config=obj.config, platform=platform,
                   insecure=insecure, force=force, reporter=obj.reporter())
@@ -133,6 +164,7 @@ def import_(obj, path, tag, platform, json_output, quiet):
     from .importer import import_image
 
     obj.json, obj.quiet = json_output, quiet
+    obj.admin_store("hpcc pull REF")
     rec, report = import_image(path, store=obj.store, config=obj.config, tag=tag,
                                platform=platform, reporter=obj.reporter())
     if json_output:
@@ -199,6 +231,10 @@ def inspect(obj, ref, json_output, quiet):
     click.echo(f"Digest:      {rec.digest}")
     click.echo(f"File:        {rec.sqfs_path} ({_human(info.get('size'))})")
     click.echo(f"Source:      {info.get('source', '-')}")
+    sig = info.get("signature")
+    if sig:
+        click.echo(f"Signed by:   {sig.get('key')} ({sig.get('fingerprint')}) for "
+                   f"{sig.get('digest')}")
     click.echo(f"Platform:    {info.get('platform') or '-'}   "
                f"Created: {info.get('created') or '-'}")
     click.echo(f"Entrypoint:  {json.dumps(c.get('Entrypoint'))}")
@@ -229,6 +265,7 @@ def inspect(obj, ref, json_output, quiet):
 @_common
 @click.pass_obj
 def rm(obj, refs, json_output, quiet):
+    obj.admin_store("hpcc rm REF")
     out = []
     for ref in refs:
         tags, digest = obj.store.remove(ref)
@@ -258,6 +295,8 @@ def prefetch(obj, dry_run, json_output, quiet):
     from hpcc.slurm.jobs import pending_job_images
 
     from .pull import pull as do_pull
+    from .service_client import enabled as service_enabled
+    from .service_client import pull as service_pull
 
     obj.json, obj.quiet = json_output, quiet
     results, failed = [], 0
@@ -268,6 +307,10 @@ def prefetch(obj, dry_run, json_output, quiet):
                 entry["status"] = "present"
             elif dry_run:
                 entry["status"] = "would pull"
+            elif service_enabled(obj.config):
+                res = service_pull(obj.config, image, reporter=obj.reporter())
+                entry.update(status="pulled" if res.get("converted") else "present",
+                             digest=res.get("digest"))
             else:
                 obj.store.ensure()
                 res = do_pull(image, store=obj.store, config=obj.config,
@@ -295,6 +338,7 @@ def prefetch(obj, dry_run, json_output, quiet):
 @_common
 @click.pass_obj
 def gc(obj, dry_run, blobs, json_output, quiet):
+    obj.admin_store("hpcc gc")
     removed = obj.store.gc(dry_run=dry_run)
     if blobs:
         from .blobcache import BlobCache, blob_cache_dir

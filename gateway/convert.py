@@ -112,7 +112,7 @@ class _Syncer:
 
 
 def convert_image(store, digest, layer_getters, *, config, image_config, meta, refs=(),
-                  progress=None, before_publish=None):
+                  progress=None, before_publish=None, check_size=None):
     """Flatten and publish. `layer_getters` (oldest first) return LayerSource objects.
 
     Returns (ImageRecord, stats, report). On any failure the temp file is removed and the
@@ -131,6 +131,8 @@ def convert_image(store, digest, layer_getters, *, config, image_config, meta, r
                 before_publish()  # e.g. every download passed its digest check
             stats = writer.finish(fl.root)
             writer.sync()
+        if check_size is not None:
+            check_size(os.path.getsize(tmp))  # e.g. the site's largest image
         report = fl.report.as_dict()
         report["seconds"] = round(time.monotonic() - t0, 3)
         full_meta = dict(meta)

@@ -22,6 +22,10 @@ class DownloadAborted(RegistryError):
     """A blob download stopped on request (fetch_blob's `abort` event)."""
 
 
+class _Failed(Exception):
+    """Internal: some download of fetch_layers failed (which one is looked up after)."""
+
+
 
 def _iter_body(r, abort=None):
     """Yield a streamed response body in pieces of about _CHUNK bytes (views of one reused
@@ -65,6 +69,18 @@ def _iter_body(r, abort=None):
         yield view[:got]
 
 
+def root_failure(futures):
+    """The exception that stopped a set of downloads: the first failure in layer order that
+    is not a DownloadAborted (those are the siblings stopped because of it), else None
+    when only aborted downloads (or none) failed."""
+    for f in futures:
+        if f.done() and not f.cancelled():
+            e = f.exception()
+            if e is not None and not isinstance(e, DownloadAborted):
+                return e
+    return None
+
+
 def fetch_blob(transport, ref, digest, size, cache, progress=None, what=None, abort=None):
     """Download one blob into `cache` (resuming a partial download), verify its digest
     and size, and return its path in the cache. A cached blob costs no request.
@@ -79,15 +95,30 @@ def fetch_blob(transport, ref, digest, size, cache, progress=None, what=None, ab
         if progress:
             progress("cached", digest, size, size)
         return cache.path(digest)
-    with cache.ingest(digest, size) as ing:
-        if ing is None:
+    refetched = False
+    while True:
+        with cache.ingest(digest, size) as ing:
+            if ing is None:
+                if progress:
+                    progress("cached", digest, size, size)
+                return cache.path(digest)
+            _download(transport, ref, digest, size, ing, progress, what, abort)
             if progress:
-                progress("cached", digest, size, size)
-            return cache.path(digest)
-        _download(transport, ref, digest, size, ing, progress, what, abort)
-        if progress:
-            progress("verify", digest, ing.offset, size)
-        path = ing.commit(what)
+                progress("verify", digest, ing.offset, size)
+            try:
+                path = ing.commit(what)
+            except ImageError:
+                # The mismatch discarded the partial file. Bytes kept from an earlier
+                # connection (a resume) cannot be checked on their own: they may be the
+                # wrong ones. Fetch the whole blob again, once; a second mismatch is the
+                # registry's.
+                if refetched or not ing.resumed:
+                    raise
+                refetched = True
+                if progress:
+                    progress("restart", digest, 0, size)
+                continue
+        break
     if progress:
         progress("done", digest, size, size)
     return path
@@ -108,17 +139,18 @@ def _download(transport, ref, digest, size, ing, progress, what, abort=None):
         r = transport.request(ref, "GET", url_path, headers=headers, stream=True, what=what)
         if r.status_code == 416 and resuming:
             r.close()
-            ing.restart()
+            _restart(ing, progress, digest, size)
             continue
         if r.status_code == 206 and resuming:
             cr = r.headers.get("Content-Range", "")
             if not cr.startswith(f"bytes {ing.offset}-"):
                 r.close()
-                ing.restart()            # a range we did not ask for: start over
+                _restart(ing, progress, digest, size)   # a range we did not ask for
                 continue
+            ing.resumed = True
         elif r.status_code == 200:
             if resuming:
-                ing.restart()            # the server ignored Range: full download
+                _restart(ing, progress, digest, size)   # the server ignored Range
         else:
             raise transport.http_error(ref, r, what, "blob")
         try:
@@ -159,6 +191,14 @@ def _download(transport, ref, digest, size, ing, progress, what, abort=None):
         attempt += 1
 
 
+def _restart(ing, progress, digest, size):
+    """Drop the partial data and start from byte 0. The "restart" event comes first, so a
+    reader following the partial file (the pull's converter) knows its bytes are void."""
+    if progress:
+        progress("restart", digest, 0, size)
+    ing.restart()
+
+
 def fetch_layers(transport, img, cache, progress=None, concurrency=None):
     """Download every layer of `img` into `cache` concurrently (threads); verify each;
     check its magic bytes against its media type. Returns the cache paths in layer
@@ -181,16 +221,23 @@ def fetch_layers(transport, img, cache, progress=None, concurrency=None):
     try:
         futures = [pool.submit(one, layer) for layer in img.layers]
         wait(futures, return_when=FIRST_EXCEPTION)
-        for f in futures:                      # the first failure in layer order
-            if f.done() and not f.cancelled() and f.exception() is not None:
-                raise f.exception()
+        if any(f.done() and f.exception() is not None for f in futures):
+            raise _Failed()
         return [f.result() for f in futures]
-    except BaseException:
+    except BaseException as e:
         # Stop the other downloads within one chunk (their partial files stay for a
-        # resume) instead of waiting for them to finish.
+        # resume) instead of waiting for them to finish, then report what went wrong
+        # first, not a sibling that was stopped because of it.
         stop.set()
         for f in futures:
             f.cancel()
+        wait(futures)
+        root = root_failure(futures)
+        if root is not None:
+            raise root from None
+        if isinstance(e, _Failed):
+            raise next(f.exception() for f in futures
+                       if f.done() and not f.cancelled() and f.exception()) from None
         raise
     finally:
         pool.shutdown(wait=True)
@@ -212,4 +259,4 @@ def check_layer(layer, path, what=None):
         layer.compression = sniffed
 
 
-__all__ = ["DownloadAborted", "fetch_blob", "fetch_layers", "check_layer"]
+__all__ = ["DownloadAborted", "fetch_blob", "fetch_layers", "check_layer", "root_failure"]

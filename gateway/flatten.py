@@ -108,8 +108,8 @@ def _gzip_reader(raw):
     return _GzipReader(raw, 1 << 19)
 
 
-class _Prefetch(io.RawIOBase):
-    """Decompress in a thread of its own, up to `depth` pieces ahead of the reader.
+class _ReadAhead(io.RawIOBase):
+    """Read-ahead: decompress in a thread of its own, up to `depth` pieces ahead of the reader.
 
     ISA-L and zstd release the GIL while they decompress, so the layer's decompression
     (about a third of the main thread's work) runs on the other core while the main thread
@@ -219,11 +219,11 @@ class LayerSource:
         """The decompressed tar stream (decompressed ahead in a thread)."""
         raw = self.opener() if self.opener else open_raw(self.path, self.offset, self.length)
         if self.compression == "gzip":
-            return _Prefetch(_Closing(_gzip_reader(raw), raw))
+            return _ReadAhead(_Closing(_gzip_reader(raw), raw))
         if self.compression == "zstd":
             import zstandard
 
-            return _Prefetch(zstandard.ZstdDecompressor().stream_reader(
+            return _ReadAhead(zstandard.ZstdDecompressor().stream_reader(
                 raw, read_across_frames=True, closefd=True))
         if self.compression in ("none", None, ""):
             return raw

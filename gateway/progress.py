@@ -47,6 +47,8 @@ class Reporter:
             self.line(f"layer {short}: in the blob cache")
         elif event == "retry":
             self.line(f"layer {short}: connection lost at {_mb(done)}, resuming")
+        elif event == "restart":
+            self.line(f"layer {short}: downloading it again from the start")
 
     def converting(self, total_bytes):
         self.line(f"converting to squashfs (one pass, {_mb(total_bytes)} compressed input)")

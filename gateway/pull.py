@@ -11,13 +11,14 @@ import gc
 import io
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from hpcc.errors import HpccError
 from hpcc.reference import parse_reference
 
 from .convert import convert_image
+from .download import root_failure
 from .flatten import LayerSource
 
 
@@ -44,8 +45,11 @@ class PullResult:
 
 
 def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, reporter=None,
-         client=None):
+         client=None, check_size=None, shared=()):
+    """`check_size(bytes)` may refuse the finished squashfs (raise) before it is published.
+    `shared`: stores (the site's) whose copy of the image is used instead of converting."""
     from .blobcache import BlobCache, blob_cache_dir
+    from .cosign import check_policy
     from .progress import Reporter
     from .registry import RegistryClient
 
@@ -53,17 +57,21 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
     t0 = time.monotonic()
     ref = parse_reference(ref_str)
     own_client = client is None
-    client = client or RegistryClient(config, insecure=insecure)
+    client = client or RegistryClient(config, insecure=insecure, notice=reporter.line)
     try:
         img = client.resolve(ref, platform or config["gateway"]["platform"] or None)
         digest = img.manifest_digest
         total = sum(layer.size for layer in img.layers)
         reporter.resolved(ref.familiar, digest, len(img.layers), total)
         refs = [ref] if ref.tag else []
+        signer = check_policy(config, client, ref, img)  # None: the policy requires none
 
         store.ensure()
         if not force:
             rec = store.get(digest)
+            for other in shared:
+                if rec is None:
+                    rec = other.get(digest)  # the site store has it: only tag it here
             if rec is not None:
                 for r in refs:
                     store.tag(r, digest)
@@ -91,21 +99,33 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
                            for layer, feed in zip(img.layers, feeds)]
                 reporter.converting(total)
                 try:
-                    rec, stats, report = convert_image(
-                        store, digest, [feed.source for feed in feeds], config=config,
-                        image_config=img.config, meta=_meta(img, ref), refs=refs,
-                        progress=reporter.converted_bytes,
-                        before_publish=lambda: [f.result() for f in futures])
+                    try:
+                        rec, stats, report = _convert(store, digest, img, ref, refs, config,
+                                                      feeds, futures, reporter, check_size,
+                                                      signer)
+                    except _Restarted:
+                        # A download threw away bytes the conversion had already read
+                        # (they failed their check; the blob is fetched again): convert
+                        # once more, from the verified blobs.
+                        for f in futures:
+                            f.result()
+                        reporter.line("a layer was downloaded again; converting again")
+                        rec, stats, report = _convert(store, digest, img, ref, refs, config,
+                                                      feeds, futures, reporter, check_size,
+                                                      signer)
                 except BaseException as e:
                     abort.set()
                     for f in futures:
                         f.cancel()
+                    if not isinstance(e, HpccError):
+                        raise
                     # Data that failed to decompress may just be a download that failed its
-                    # digest check: report the download's error, which says what happened.
-                    if isinstance(e, HpccError):
-                        for f in futures:
-                            if f.done() and not f.cancelled() and f.exception() is not None:
-                                raise f.exception() from None
+                    # digest check: report the download's error, which says what happened,
+                    # and the one that stopped the others (not a sibling's DownloadAborted).
+                    wait(futures)
+                    root = root_failure(futures)
+                    if root is not None:
+                        raise root from None
                     raise
         secs = time.monotonic() - t0
         reporter.done(f"pulled {ref.familiar} -> {rec.sqfs_path} "
@@ -116,6 +136,18 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
         reporter.close()
         if own_client:
             client.close()
+
+
+def _convert(store, digest, img, ref, refs, config, feeds, futures, reporter, check_size,
+             signer=None):
+    return convert_image(store, digest, [feed.source for feed in feeds], config=config,
+                         image_config=img.config, meta=_meta(img, ref, signer), refs=refs,
+                         progress=reporter.converted_bytes, check_size=check_size,
+                         before_publish=lambda: [f.result() for f in futures])
+
+
+class _Restarted(Exception):
+    """A layer's partial file was discarded while the converter was reading it."""
 
 
 def _fetch_layer(client, img, layer, cache, feed, abort):
@@ -145,6 +177,7 @@ class _Feed:
         self.reporter = reporter
         self.cond = threading.Condition()
         self.started = False
+        self.generation = 0         # +1 each time the download drops its bytes
         self.done = False
         self.path = None
         self.error = None
@@ -154,6 +187,8 @@ class _Feed:
         with self.cond:
             if event in ("start", "cached"):
                 self.started = True
+            elif event == "restart":
+                self.generation += 1
             self.cond.notify_all()
 
     def finish(self, path=None, error=None):
@@ -183,17 +218,21 @@ class _Feed:
 
 class _Growing(io.RawIOBase):
     """Reads a blob that is still being downloaded: waits for more bytes until the download
-    ends; raises the download's error if it failed."""
+    ends; raises the download's error if it failed, and _Restarted when the download
+    dropped the bytes of the partial file this reader follows."""
 
     def __init__(self, feed):
         self.feed = feed
         self.f = None
+        self.verified = False       # reading the final, verified blob
         with feed.cond:
             while True:
+                self.generation = feed.generation
                 if feed.done:
                     if feed.error is not None:
                         raise feed.error
                     self.f = open(feed.path, "rb")
+                    self.verified = True
                     return
                 if feed.started:
                     try:
@@ -210,6 +249,8 @@ class _Growing(io.RawIOBase):
         feed = self.feed
         while True:
             n = self.f.readinto(b)
+            if feed.generation != self.generation and not self.verified:
+                raise _Restarted()
             if n:
                 return n
             with feed.cond:
@@ -225,9 +266,10 @@ class _Growing(io.RawIOBase):
         super().close()
 
 
-def _meta(img, ref):
+def _meta(img, ref, signer=None):
     cfg = img.config or {}
     return {
+        "signature": signer,
         "source": str(ref.with_digest(None)) if ref.tag else str(ref),
         "repository": ref.repository,
         "manifest_media_type": img.media_type,

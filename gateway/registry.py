@@ -43,10 +43,12 @@ from .transport import Transport, describe_conn_error, is_loopback
 
 
 class RegistryClient:
-    """A client for one or more registries; thread-safe (one requests.Session)."""
+    """A client for one or more registries; thread-safe (one requests.Session).
+
+    `notice`: an optional callable given one line when a request waits (rate limit)."""
 
     def __init__(self, config=None, *, auth_file=None, insecure=False, ca_file=None,
-                 retries=None, timeout=(10, 60), backoff=0.5):
+                 retries=None, timeout=(10, 60), backoff=0.5, notice=None):
         config = config or {}
         self.config = config
         gw = config.get("gateway", {}) or {}
@@ -54,7 +56,7 @@ class RegistryClient:
         self.concurrency = gw.get("concurrent_downloads", 4)
         self.transport = Transport(config, auth_file=auth_file, insecure=insecure,
                                    ca_file=ca_file, retries=retries, timeout=timeout,
-                                   backoff=backoff)
+                                   backoff=backoff, notice=notice)
 
     @property
     def retries(self):

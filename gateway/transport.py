@@ -17,11 +17,29 @@ import time
 import requests
 from requests.adapters import HTTPAdapter
 
-from hpcc.errors import ConfigError, RegistryError
+from hpcc.errors import ConfigError, NotInRegistry, RegistryError
 
 from .auth import find_credentials, parse_challenge
 
 RETRY_STATUS = (500, 502, 503, 504)
+RATE_LIMIT_WAIT_MAX = 60.0    # longest Retry-After of a 429 waited for; longer: give up
+
+
+def retry_after_seconds(value, now=None):
+    """Seconds to wait from a Retry-After header (delay-seconds or an HTTP-date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    from email.utils import parsedate_to_datetime
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def is_loopback(host):
@@ -98,8 +116,9 @@ class Transport:
     """Requests to one or more registries; thread-safe (one requests.Session)."""
 
     def __init__(self, config=None, *, auth_file=None, insecure=False, ca_file=None,
-                 retries=None, timeout=(10, 60), backoff=0.5):
+                 retries=None, timeout=(10, 60), backoff=0.5, notice=None):
         config = config or {}
+        self.notice = notice        # callable(line): says why a request waits (rate limit)
         self.registries = config.get("registries", {}) or {}
         gw = config.get("gateway", {}) or {}
         self.retries = gw.get("retries", 5) if retries is None else retries
@@ -344,6 +363,19 @@ class Transport:
                     f"cannot fetch {what} from registry {ref.api_host}: "
                     f"{describe_conn_error(e)} (after {attempt + 1} attempts)") from None
             self.request_log.append((method, url, r.status_code))
+            if r.status_code == 429 and attempt < self.retries:
+                wait = retry_after_seconds(r.headers.get("Retry-After"))
+                if wait is None:
+                    wait = max(1.0, min(self.backoff * (2 ** attempt), 20.0))
+                if wait <= RATE_LIMIT_WAIT_MAX:
+                    r.close()
+                    if self.notice:
+                        self.notice(f"registry {ref.api_host} limits the request rate (HTTP "
+                                    f"429): waiting {wait:.0f} s before retry {attempt + 1} "
+                                    f"of {self.retries}")
+                    time.sleep(wait)
+                    attempt += 1
+                    continue
             if r.status_code in RETRY_STATUS and attempt < self.retries:
                 ra = r.headers.get("Retry-After")
                 r.close()
@@ -388,13 +420,16 @@ class Transport:
         if r.status_code == 404:
             if kind == "manifest":
                 reason = {"NAME_UNKNOWN": "repository unknown"}.get(code, "manifest unknown")
-                return RegistryError(f"image {ref} not found in registry {ref.api_host} "
+                return NotInRegistry(f"image {ref} not found in registry {ref.api_host} "
                                      f"({reason})",
                                      hint="check the name and tag")
             return RegistryError(f"{what} not found in registry {ref.api_host} (blob unknown)")
         if r.status_code == 429:
+            wait = retry_after_seconds(r.headers.get("Retry-After"))
+            when = (f" and asks to wait {wait:.0f} s" if wait is not None else "")
+            tries = f" after {self.retries + 1} attempts" if self.retries else ""
             return RegistryError(f"registry {ref.api_host} refused {what}: too many requests "
-                                 "(rate limit)",
+                                 f"(rate limit){tries}{when}",
                                  hint="try again later, or log in to get a higher limit")
         if r.status_code in RETRY_STATUS:
             return RegistryError(f"registry {ref.api_host} failed with HTTP {r.status_code} "

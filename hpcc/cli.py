@@ -2,7 +2,7 @@
 
 The launch path is kept cheap: a hand-written option parser (no click, argparse, jsonschema,
 cffi, rich or requests), the config read without schema validation (`hpcc config check`
-validates), the image resolved with O(1) store lookups. pull, images, inspect and rm are
+validates), the image resolved with O(1) store lookups. pull, images, inspect, rm, gc are
 handed to the gateway's click CLI, imported only then.
 """
 import os
@@ -21,8 +21,11 @@ commands:
                                             the given command), like docker run
   exec [OPTIONS] IMAGE CMD [ARG...]         run a command as is
   shell [OPTIONS] IMAGE [ARG...]            start your shell in the image (or /bin/sh)
-  pull REF                                  pull an image into your own store
+  pull REF                                  pull an image: through the site's gateway
+                                            service when it runs one, else into your store
   images | inspect REF | rm REF             list, show, remove images (--json for output)
+  containers [--json] | containers rm NAME  list, remove your named containers (--name)
+  gc                                        clean your own store (debris, layer blobs)
   config check                              validate the site configuration
   doctor [--json] [--image IMAGE]           check this host and say how to fix problems
   version                                   print hpcc's version
@@ -45,7 +48,15 @@ options:
   -e, --env K=V | K      set a variable (K alone: take it from the host; repeatable)
   --env-file FILE        read K=V lines from FILE (repeatable; before --env)
 {entrypoint}  --writable             make the root writable (a tmpfs overlay, discarded at exit)
-  --no-home              do not bind your home directory
+  --readonly             keep the root read-only (the default unless launcher.writable)
+  --root                 be root (uid 0) in the container: a user namespace maps it to
+                         you; no privilege outside (--no-root: the site default off)
+  --name NAME[:FLAG]     keep the writable layer under NAME for later launches; FLAG:
+                         auto (default), create, exec (attach to it running), no_exec
+  --save PATH            after the command, write the container (image and writable
+                         layer) to PATH as a squashfs image you can run
+  --unshare net,ipc,uts  namespaces of the container's own (default: the host's)
+  --home / --no-home     bind / do not bind your home directory (launcher.mount_home)
   --no-cwd               do not bind the current directory
   --user USER            run as USER (root callers only)
   --annotation K=V       add an OCI annotation (hooks select on them; repeatable)
@@ -67,18 +78,22 @@ _WHAT = {
 _VALUE_OPTS = {"--mount": "mounts", "--bind": "mounts", "-w": "workdir", "--workdir": "workdir",
                "-e": "env", "--env": "env", "--env-file": "env_files",
                "--entrypoint": "entrypoint", "--user": "user", "-u": "user",
-               "--annotation": "annotations", "--gpus": "gpus"}
+               "--annotation": "annotations", "--gpus": "gpus", "--name": "name",
+               "--save": "save", "--unshare": "unshare"}
 _LISTS = {"mounts", "env", "env_files", "annotations"}
 _FLAGS = {"--writable": "writable", "--no-home": "no_home", "--no-cwd": "no_cwd",
           "--mpi": "mpi", "-v": "verbose", "--verbose": "verbose", "-q": "quiet",
-          "--quiet": "quiet"}
+          "--quiet": "quiet", "--readonly": "readonly", "--root": "root",
+          "--no-root": "no_root", "--home": "home"}
 
 
 class _Opts:
     def __init__(self):
         self.mounts, self.env, self.env_files, self.annotations = [], [], [], []
         self.workdir = self.entrypoint = self.user = self.gpus = None
+        self.name = self.save = self.unshare = None
         self.writable = self.no_home = self.no_cwd = self.mpi = False
+        self.readonly = self.root = self.no_root = self.home = False
         self.verbose = self.quiet = False
         self.image = None
         self.command = []
@@ -132,6 +147,18 @@ def parse_launch_args(cmd, argv, verbose=False, quiet=False):
     for a in o.annotations:
         if "=" not in a or a.startswith("="):
             raise UsageError(f"bad --annotation '{a}': expected KEY=VALUE")
+    for a, b in (("writable", "readonly"), ("root", "no_root"), ("home", "no_home")):
+        if getattr(o, a) and getattr(o, b):
+            raise UsageError(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} "
+                             "contradict each other")
+    if o.readonly and o.name:
+        raise UsageError("--readonly and --name contradict each other (a named container "
+                         "keeps what is written in it)")
+    if o.name is not None:
+        from .runtime.named import parse_name
+        parse_name(o.name)
+    if o.save is not None and not o.save:
+        raise UsageError("--save needs a path")
     return o
 
 
@@ -162,15 +189,94 @@ def _launch(cmd, argv, verbose, quiet):
     if o.gpus:
         annotations["org.hpcc.gpu"] = o.gpus
     from .runtime import build_spec, run_container
+    from .runtime.spec import parse_unshare
+    unshare = parse_unshare(o.unshare) if o.unshare is not None else ()
+    privileged = os.geteuid() == 0
+    named = None
+    if o.name is not None:
+        from .runtime.named import open_named
+        named = open_named(o.name, image=image, image_name=o.image, privileged=privileged,
+                           config=config,
+                           uid=_user_uid(o.user) if privileged else None, scope="user")
+        recorded = (named.image or {}).get("sqfs")
+        if recorded and recorded != str(image.sqfs_path):
+            from .image import local_image
+            if not o.quiet:
+                sys.stderr.write(f"hpcc: container '{named.name}' exists: running it on its "
+                                 f"own image {recorded}, not {o.image}\n")
+            image = local_image(recorded)
+        log(f"named container {named.path}" + (" (new)" if named.created else "")
+            + (f" running as pid {named.running_pid}: attaching" if named.running_pid
+               else ""))
+    premount = None
+    if not privileged and not (named is not None and named.running_pid):
+        # the mount helper works while the spec is built
+        from .runtime.imagemount import HelperMount
+        from .runtime.spec import site_store
+        premount = HelperMount.start(config["launcher"].get("mount_helper", ""),
+                                     image.sqfs_path, site_store(config))
+    save_to = None
+    if o.save is not None:
+        from .runtime.save import open_destination
+        from .squashfs import writer  # noqa: F401  (nothing can be imported after pivot_root)
+        save_to = open_destination(o.save)
+    writable = True if o.writable else (False if o.readonly else None)
     spec = build_spec(image, mode=cmd, command=o.command, entrypoint=o.entrypoint,
                       env=o.env, env_files=o.env_files, mounts=o.mounts, workdir=o.workdir,
-                      writable=o.writable, bind_home=False if o.no_home else None,
+                      writable=writable,
+                      bind_home=False if o.no_home else (True if o.home else None),
                       bind_cwd=False if o.no_cwd else None, user=o.user,
                       annotations=annotations, config=config, image_name=o.image,
-                      cache=cache)
+                      cache=cache, remap_root=True if o.root else (False if o.no_root else None),
+                      unshare=unshare, named=named)
     cache.save()
     log(f"spec built: {spec['process']['args']!r} in {spec['process']['cwd']}")
-    return run_container(spec, log=log)
+    if named is not None and named.running_pid:
+        from .runtime.process import attach_container
+        return attach_container(spec, named.running_pid, log=log)
+    return run_container(spec, log=log, named=named, save_to=save_to,
+                         premount=premount)
+
+
+def _user_uid(user):
+    """The uid of --user (root callers), 0 without it."""
+    if user is None:
+        return 0
+    import pwd
+    try:
+        return pwd.getpwuid(int(user)).pw_uid if user.isdigit() else pwd.getpwnam(user).pw_uid
+    except (KeyError, ValueError):
+        raise UsageError(f"unknown user '{user}' for --user") from None
+
+
+def _containers(argv):
+    """hpcc containers [--json] | hpcc containers rm NAME..."""
+    from .config import load_config
+    from .runtime.named import list_named, remove_named
+    privileged = os.geteuid() == 0
+    config = load_config(validate_schema=False)
+    if argv[:1] == ["rm"]:
+        if len(argv) < 2:
+            raise UsageError("usage: hpcc containers rm NAME...")
+        code = 0
+        for name in argv[1:]:
+            if not remove_named(name, privileged=privileged, config=config):
+                sys.stderr.write(f"hpcc: no container named '{name}'\n")
+                code = 1
+        return code
+    if argv and argv != ["--json"]:
+        raise UsageError("usage: hpcc containers [--json] | hpcc containers rm NAME...")
+    rows = list_named(privileged=privileged, config=config)
+    if argv == ["--json"]:
+        import json
+        print(json.dumps([{"name": n, "image": img.get("name") or img.get("sqfs"),
+                           "sqfs": img.get("sqfs"), "digest": img.get("digest"),
+                           "running": running} for n, img, running in rows]))
+        return 0
+    for n, img, running in rows:
+        print(f"{n}\t{img.get('name') or img.get('sqfs') or '?'}"
+              f"\t{'running' if running else 'stopped'}")
+    return 0
 
 
 def _config_check(argv):
@@ -209,9 +315,11 @@ def main(argv=None):
             except (OSError, ValueError):
                 pass
             os._exit(code)  # after pivot_root, Python's teardown must not import anything
-        if cmd in ("pull", "images", "inspect", "rm"):
+        if cmd in ("pull", "images", "inspect", "rm", "gc"):
             from .gateway.cli import user_main
             return user_main(argv)
+        if cmd == "containers":
+            return _containers(rest)
         if cmd == "config":
             if rest[:1] == ["check"]:
                 return _config_check(rest[1:])

@@ -2,8 +2,9 @@
 
 Lookup order: the explicit path given by the caller, $HPCC_CONFIG, /etc/hpcc/hpcc.toml; a
 missing default file means "all defaults". Validation needs jsonschema, which is slow to
-import (about 100 ms), so `load_config(validate=False)` exists for the launch path, which
-relies on a validation done earlier by an admin command (`gateway`, `hpcc config check`).
+import (about 100 ms), so `load_config(validate_schema=False)` exists for the launch path,
+which relies on a validation done earlier by an admin command (`gateway`, `hpcc config
+check`).
 """
 import os
 
@@ -16,6 +17,7 @@ DEFAULTS = {
         "path": "/var/lib/hpcc/images",
         "user_path": "$XDG_DATA_HOME/hpcc/images",
         "blob_cache": "",
+        "user_blob_cache_mb": 0,
     },
     "gateway": {
         "compressor": "zstd",
@@ -30,6 +32,24 @@ DEFAULTS = {
         "platform": "",
     },
     "registries": {},
+    "service": {
+        "enabled": False,
+        "socket": "/run/hpcc/gateway.sock",
+        "listen": "",
+        "address": "",
+        "munge_socket": "",
+    },
+    "policy": {
+        "allow": [],
+        "deny": [],
+        "max_compressed_mb": 0,
+        "max_squashfs_mb": 0,
+        "user_concurrent_pulls": 0,
+        "user_pulls_per_hour": 0,
+        "store_budget_mb": 0,
+        "audit_log": "/var/log/hpcc/gateway-audit.jsonl",
+        "signatures": [],
+    },
     "launcher": {
         "binds": [],
         "mount_home": True,
@@ -37,11 +57,31 @@ DEFAULTS = {
         "devices": [],
         "env_passthrough": ["TERM", "LANG", "LC_ALL", "TZ"],
         "hooks_dir": "/etc/hpcc/hooks.d",
-        "prefetch_mb": 32,
+        "warm_mb": 32,
+        "mount_helper": "/opt/hpcc/libexec/hpcc-mount",
+        "writable": False,
+        "remap_root": False,
+        "containers_dir": "/run/hpcc-containers",
+        "containers_scope": "job",
     },
     "mpi": {"libraries": [], "extra_files": [], "devices": [], "abi_check": "minor"},
     "gpu": {"library_paths": [], "allowed_devices": []},
 }
+
+
+# Keys renamed since they were introduced: a file may still use the old name (the new one wins
+# when both are set). launcher.prefetch_mb became warm_mb, the command's page cache warming,
+# distinct from `gateway prefetch` of the images of pending jobs.
+RENAMED = {("launcher", "prefetch_mb"): "warm_mb"}
+
+
+def _rename_old_keys(data):
+    for (section, old), new in RENAMED.items():
+        table = data.get(section)
+        if isinstance(table, dict) and old in table:
+            value = table.pop(old)
+            table.setdefault(new, value)
+    return data
 
 
 def _deepcopy(value):
@@ -152,7 +192,7 @@ def load_config(path=None, *, validate_schema=True, memo=True):
                     os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
                 except OSError:
                     pass
-    return _merge(DEFAULTS, data)
+    return _merge(DEFAULTS, _rename_old_keys(data))
 
 
 def expand_path(value):

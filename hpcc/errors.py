@@ -4,7 +4,7 @@ Every message is one line that says what is wrong and, where it helps, what to d
 They are rendered once, at the CLI edge (`hpcc.cli`, `hpcc.gateway.cli`), never as tracebacks.
 """
 
-# Exit codes (DESIGN.md, "Conventions").
+# Exit codes, as the user documentation gives them (README.md; docs/launcher.md, "Exit status").
 EXIT_OK = 0
 EXIT_USER = 1        # bad reference, missing image, bad config, bad image content
 EXIT_USAGE = 2       # bad command line
@@ -44,6 +44,11 @@ class ReferenceError_(HpccError):
 
 class RegistryError(HpccError):
     exit_code = EXIT_REGISTRY
+
+
+class NotInRegistry(HpccError):
+    """The registry has no such repository or tag: a user error (exit 1), since retrying
+    will not help (scripts retry exit 3)."""
 
 
 class ImageError(HpccError):

@@ -4,6 +4,14 @@
     ghcr.io/org/app:1.2         -> ghcr.io/org/app:1.2
     127.0.0.1:5000/ns/app@sha256:<64 hex>
 
+enroot's and pyxis' forms are accepted too, so job scripts written for them keep working:
+
+    nvcr.io#nvidia/pytorch:24.01-py3   -> nvcr.io/nvidia/pytorch:24.01-py3 (REGISTRY#IMAGE)
+    USER@nvcr.io#nvidia/pytorch:24.01  -> the same: USER only picks credentials in enroot;
+                                          hpcc takes them from the user's registry login
+    docker://ubuntu, docker://nvcr.io#nvidia/cuda:12.2.0-base-ubuntu22.04
+    dockerd://IMAGE, podman://IMAGE     -> refused: hpcc does not read local daemons' images
+
 Used by the registry client (where to fetch) and the store (the ref index path).
 """
 import re
@@ -88,13 +96,52 @@ def _bad(ref, why):
                            hint="expected [REGISTRY[:PORT]/]NAME[:TAG][@sha256:DIGEST]")
 
 
+_DAEMONS = ("dockerd://", "podman://")
+
+
 def parse_reference(ref):
     """Parse and normalise an image reference; raise ReferenceError_ with a clear message."""
     if not isinstance(ref, str) or not ref or len(ref) > 1024:
         raise _bad(ref, "empty or too long")
     if any(c.isspace() for c in ref):
         raise _bad(ref, "contains white space")
+    for scheme in _DAEMONS:
+        if ref.startswith(scheme):
+            tool = "docker" if scheme == "dockerd://" else "podman"
+            raise ReferenceError_(
+                f"image '{ref}': {scheme} (an image in the local {tool} daemon's storage) is "
+                "not supported by hpcc",
+                hint=f"save it ('{tool} save -o app.tar IMAGE') and import it with 'gateway "
+                "import app.tar --tag NAME', or pull it from a registry")
     rest = ref
+    if rest.startswith("docker://"):
+        rest = rest[len("docker://"):]
+        if not rest:
+            raise _bad(ref, "no image name after docker://")
+    if "#" in rest:
+        return _parse_enroot(ref, rest)
+    return _parse(ref, rest)
+
+
+def _parse_enroot(ref, rest):
+    """[USER@]REGISTRY#IMAGE: the registry is given apart from the image's path."""
+    registry, _, image = rest.partition("#")
+    if "@" in registry:
+        registry = registry.rpartition("@")[2]  # enroot's credential user: not used here
+    if not registry or not _DOMAIN_RE.match(registry):
+        raise _bad(ref, f"bad registry host '{registry}' before '#'")
+    if not image or "#" in image:
+        raise _bad(ref, "expected [USER@]REGISTRY#IMAGE[:TAG]")
+    # the image part is a path in that registry, never a host of its own
+    inner = _parse(ref, "placeholder.invalid/" + image)
+    domain = DEFAULT_DOMAIN if registry in ("index.docker.io", DEFAULT_DOMAIN) else registry
+    path = inner.path
+    if domain == DEFAULT_DOMAIN and "/" not in path:
+        path = "library/" + path
+    return Reference(domain, path, inner.tag, inner.digest)
+
+
+def _parse(ref, rest):
     digest = None
     if "@" in rest:
         rest, digest = rest.split("@", 1)

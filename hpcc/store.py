@@ -29,6 +29,7 @@ from .image import ImageRecord, is_image_path, local_image
 from .reference import DIGEST_RE, parse_reference
 
 META_SCHEMA = 1
+PRIVATE_DIR = ".private"   # <site store>/.private/<uid>/: images only <uid> may read
 
 
 def digest_stem(digest):
@@ -51,6 +52,26 @@ def _fsync_dir(path):
         pass
     finally:
         os.close(fd)
+
+
+def makedirs_durable(path, mode=0o755):
+    """os.makedirs, and each directory it creates is fsynced in its parent, so that a file
+    published under it after a crash still has its path (refs/<registry>/..., .blobs)."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+        _fsync_dir(os.path.dirname(d))
 
 
 def _write_atomic(path, data, mode=0o644, tmpdir=None):
@@ -97,10 +118,16 @@ class Store:
         root = os.environ.get("HPCC_USER_STORE") or config["store"]["user_path"]
         return cls(expand_path(root), create=create)
 
+    @classmethod
+    def private(cls, site_root, uid):
+        """The store of images pulled for `uid` with its own registry credentials (only
+        that user can enter it; see gateway/private.py)."""
+        return cls(os.path.join(site_root, PRIVATE_DIR, str(int(uid))))
+
     def ensure(self):
         try:
             for d in (self.root, self.tmp_dir, self.lock_dir, self.refs_dir):
-                os.makedirs(d, mode=0o755, exist_ok=True)
+                makedirs_durable(d)
         except OSError as e:
             raise StoreError(f"cannot create image store {self.root}: {e.strerror}",
                              hint="check store.path in the config and your permissions") from None
@@ -226,7 +253,7 @@ class Store:
             return
         path = self.ref_path(ref)
         try:
-            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            makedirs_durable(os.path.dirname(path))
         except OSError as e:
             raise StoreError(f"cannot write reference {ref}: {e.strerror}") from None
         _write_atomic(path, (digest + "\n").encode(), tmpdir=self.tmp_dir)
@@ -328,9 +355,11 @@ class Store:
             except FileNotFoundError:
                 pass
 
-    def gc(self, *, dry_run=False):
+    def gc(self, *, dry_run=False, elsewhere=()):
         """Remove debris: abandoned temp files, squashfs files without metadata, dangling
-        refs, unused lock files. Never touches an image whose lock is held."""
+        refs, unused lock files. Never touches an image whose lock is held. A tag of an
+        image that one of the `elsewhere` stores holds is not dangling (a user's tag of a
+        site image)."""
         removed = []
 
         def rm(path):
@@ -367,7 +396,8 @@ class Store:
                             rm(os.path.join(self.root, fname))
         # dangling tags
         for name, digest in list(self.iter_refs()):
-            if not DIGEST_RE.match(digest) or not os.path.exists(self.meta_path(digest)):
+            if not DIGEST_RE.match(digest) or not any(
+                    os.path.exists(st.meta_path(digest)) for st in (self, *elsewhere)):
                 ref = parse_reference(name)
                 removed.append(self.ref_path(ref))
                 if not dry_run:
@@ -388,12 +418,15 @@ class Store:
 
 def resolve_image(arg, config, cache=None):
     """Resolve what a user typed: a path to a .sqfs file, else the user's store, then the
-    site store. O(1) file operations; never lists a store."""
+    user's private images in the site store, then the site store. A tag in the user's store
+    may name an image that only the site store holds (`hpcc pull` of an image the site
+    already has converts nothing). O(1) file operations; never lists a store."""
     if is_image_path(arg):
         return local_image(arg, cache)
     user = Store.user(config)
     site = Store.site(config)
-    for store in (user, site):
+    stores = (user, Store.private(site.root, os.getuid()), site)
+    for store in stores:
         try:
             rec = store.find(arg)
         except OSError as e:
@@ -402,5 +435,26 @@ def resolve_image(arg, config, cache=None):
             raise
         if rec is not None:
             return rec
+    rec = shared_image(user, stores[1:], arg)
+    if rec is not None:
+        return rec
     raise ImageNotFound(f"image '{arg}' not found in the store",
                         hint=f"pull it with 'hpcc pull {arg}' (or ask an admin to 'gateway pull {arg}')")
+
+
+def shared_image(user, others, name):
+    """The image a tag of the user's store points to when one of `others` holds it."""
+    if name.startswith("sha256") or DIGEST_RE.match(name):
+        return None
+    ref = parse_reference(name)
+    digest = ref.digest or user.lookup_tag(ref)
+    if digest is None:
+        return None
+    for store in others:
+        try:
+            rec = store.get(digest)
+        except (OSError, ImageNotFound):
+            continue
+        if rec is not None:
+            return rec
+    return None

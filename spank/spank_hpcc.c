@@ -49,12 +49,42 @@ SPANK_PLUGIN(hpcc, 1);
 
 struct argv_b { char **v; int n, cap; };
 
-enum { OPT_IMAGE, OPT_MOUNTS, OPT_WORKDIR, OPT_ENV, OPT_WRITABLE, OPT_MPI, OPT_GPUS, OPT_N };
+/*
+ * Settings: each is an option (--container-X; flags also as --no-container-X) and the
+ * environment variables HPCC_CONTAINER_<X> and PYXIS_CONTAINER_<X> (pyxis' names), read from
+ * the job's environment when the option is not given. The helper gets them as key=value.
+ */
+enum { OPT_IMAGE, OPT_MOUNTS, OPT_WORKDIR, OPT_ENV, OPT_WRITABLE, OPT_MPI, OPT_GPUS,
+       OPT_NAME, OPT_REMAP_ROOT, OPT_UNSHARE, OPT_MOUNT_HOME, OPT_ENTRYPOINT,
+       OPT_ENTRYPOINT_LOG, OPT_READONLY, OPT_SAVE, OPT_N };
+#define OPT_NEG 64                  /* callback value of --no-container-X */
 
-static const char *opt_envvar[OPT_N] = {
-	"HPCC_CONTAINER_IMAGE", "HPCC_CONTAINER_MOUNTS", "HPCC_CONTAINER_WORKDIR",
-	"HPCC_CONTAINER_ENV", "HPCC_CONTAINER_WRITABLE", "HPCC_CONTAINER_MPI",
-	"HPCC_CONTAINER_GPUS",
+enum { K_STR, K_BOOL };
+
+struct setting {
+	const char *opt;            /* option name without "--" */
+	const char *env;            /* suffix of HPCC_CONTAINER_ / PYXIS_CONTAINER_ */
+	const char *key;            /* key=value for the helper */
+	int kind;
+};
+
+static const struct setting settings[OPT_N] = {
+	[OPT_IMAGE] = { "container-image", "IMAGE", "image", K_STR },
+	[OPT_MOUNTS] = { "container-mounts", "MOUNTS", "mounts", K_STR },
+	[OPT_WORKDIR] = { "container-workdir", "WORKDIR", "workdir", K_STR },
+	[OPT_ENV] = { "container-env", "ENV", "env", K_STR },
+	[OPT_WRITABLE] = { "container-writable", "WRITABLE", "writable", K_BOOL },
+	[OPT_MPI] = { "container-mpi", "MPI", "mpi", K_BOOL },
+	[OPT_GPUS] = { "container-gpus", "GPUS", "gpus", K_STR },
+	[OPT_NAME] = { "container-name", "NAME", "name", K_STR },
+	[OPT_REMAP_ROOT] = { "container-remap-root", "REMAP_ROOT", "remap_root", K_BOOL },
+	[OPT_UNSHARE] = { "container-unshare", "UNSHARE", "unshare", K_STR },
+	[OPT_MOUNT_HOME] = { "container-mount-home", "MOUNT_HOME", "mount_home", K_BOOL },
+	[OPT_ENTRYPOINT] = { "container-entrypoint", "ENTRYPOINT", "entrypoint", K_BOOL },
+	[OPT_ENTRYPOINT_LOG] = { "container-entrypoint-log", "ENTRYPOINT_LOG", "entrypoint_log",
+				 K_BOOL },
+	[OPT_READONLY] = { "container-readonly", "READONLY", "readonly", K_BOOL },
+	[OPT_SAVE] = { "container-save", "SAVE", "save", K_STR },
 };
 
 static char *opt_val[OPT_N];        /* option values seen by the callbacks */
@@ -73,41 +103,222 @@ static pid_t helper_pid;            /* started in init_post_opt, reaped in user_
 static struct argv_b helper_args;   /* kept for a fallback when a server vanished */
 static char *start_error;          /* held until slurmstepd exits: a FUSE keeper waits on it */
 
+static int parse_bool(const char *v)
+{
+	if (!strcmp(v, "1") || !strcasecmp(v, "true") || !strcasecmp(v, "yes"))
+		return 1;
+	if (!strcmp(v, "0") || !strcasecmp(v, "false") || !strcasecmp(v, "no"))
+		return 0;
+	return -1;
+}
+
+static int valid_name_char(char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+	       c == '_' || c == '-' || c == '.';
+}
+
+/* A comma list without empty items; each item passes `ok` when given. NULL when fine. */
+static const char *check_list(const char *v, int (*ok)(const char *, size_t))
+{
+	const char *p = v;
+
+	for (;;) {
+		const char *e = strchr(p, ',');
+		size_t l = e ? (size_t)(e - p) : strlen(p);
+		if (!l)
+			return "an empty item (a stray comma)";
+		if (ok && !ok(p, l))
+			return "an item that is not allowed";
+		if (!e)
+			return NULL;
+		p = e + 1;
+	}
+}
+
+static int unshare_item_ok(const char *p, size_t l)
+{
+	return (l == 3 && (!strncmp(p, "net", 3) || !strncmp(p, "ipc", 3) ||
+			   !strncmp(p, "uts", 3)));
+}
+
+static int env_name_ok(const char *p, size_t l)
+{
+	for (size_t i = 0; i < l; i++)
+		if (p[i] == '=' || p[i] == ' ' || p[i] == '\t')
+			return 0;
+	return 1;
+}
+
+/*
+ * Check one value; `from` is what the user typed (--container-X or the variable's name).
+ * Returns NULL when fine, else a malloc'd message (one line, without the "hpcc: " prefix).
+ */
+static char *check_setting(int which, const char *v, const char *from)
+{
+	const struct setting *s = &settings[which];
+	char *msg = NULL;
+	const char *why;
+
+	if (s->kind == K_BOOL) {
+		if (parse_bool(v) < 0 && asprintf(&msg, "%s=%s: expected 1 or 0 (true/false, "
+						  "yes/no)", from, v) < 0)
+			msg = strdup(from);
+		return msg;
+	}
+	if (!*v) {
+		if (asprintf(&msg, "%s: the value is empty (give one, or leave the %s out)",
+			     from, from[0] == '-' ? "option" : "variable") < 0)
+			msg = strdup(from);
+		return msg;
+	}
+	switch (which) {
+	case OPT_ENV:
+		why = check_list(v, NULL);
+		if (!why) {
+			const char *p = v;
+			for (;;) {
+				const char *e = strchr(p, ',');
+				size_t l = e ? (size_t)(e - p) : strlen(p);
+				if (!env_name_ok(p, l)) {
+					if (asprintf(&msg, "%s=%s: '%.*s' is not a variable name "
+						     "(give names only: NAME,NAME...)", from, v,
+						     (int)l, p) < 0)
+						msg = NULL;
+					return msg ? msg : strdup(from);
+				}
+				if (!e)
+					break;
+				p = e + 1;
+			}
+			return NULL;
+		}
+		if (asprintf(&msg, "%s=%s: %s; give NAME,NAME... without empty items",
+			     from, v, why) < 0)
+			msg = strdup(from);
+		return msg;
+	case OPT_MOUNTS:
+		if (check_list(v, NULL) && asprintf(&msg, "%s=%s: an empty item (a stray comma); "
+						   "give SRC:DST[:FLAGS],...", from, v) < 0)
+			msg = strdup(from);
+		return msg;
+	case OPT_UNSHARE:
+		if (check_list(v, unshare_item_ok) &&
+		    asprintf(&msg, "%s=%s: expected a comma list of net, ipc, uts", from, v) < 0)
+			msg = strdup(from);
+		return msg;
+	case OPT_NAME: {
+		const char *colon = strchr(v, ':');
+		size_t l = colon ? (size_t)(colon - v) : strlen(v);
+		int bad = l == 0 || l > 128 || !valid_name_char(v[0]) || v[0] == '.' ||
+			  v[0] == '-';
+		for (size_t i = 0; i < l && !bad; i++)
+			bad = !valid_name_char(v[i]);
+		if (bad) {
+			if (asprintf(&msg, "%s=%s: a name is 1 to 128 letters, digits, '_', '-' "
+				     "or '.', starting with a letter or digit", from, v) < 0)
+				msg = strdup(from);
+			return msg;
+		}
+		if (colon && strcmp(colon + 1, "exec") && strcmp(colon + 1, "no_exec") &&
+		    strcmp(colon + 1, "create")) {
+			if (asprintf(&msg, "%s=%s: the mode after ':' is exec, no_exec or create",
+				     from, v) < 0)
+				msg = strdup(from);
+			return msg;
+		}
+		return NULL;
+	}
+	default:
+		return NULL;
+	}
+}
+
 static int opt_cb(int val, const char *optarg, int remote)
 {
-	(void)remote;
-	if (val < 0 || val >= OPT_N)
+	int which = val & (OPT_NEG - 1);
+	char *msg;
+
+	if (which < 0 || which >= OPT_N)
 		return -1;
-	free(opt_val[val]);          /* callbacks run more than once in slurmstepd */
+	free(opt_val[which]);        /* callbacks run more than once in slurmstepd */
+	opt_val[which] = NULL;
 	/* flags arrive with no argument locally and an empty one in slurmstepd */
-	if (val == OPT_WRITABLE || val == OPT_MPI)
-		optarg = "1";
-	opt_val[val] = strdup(optarg ? optarg : "");
+	if (settings[which].kind == K_BOOL)
+		optarg = (val & OPT_NEG) ? "0" : "1";
+	opt_val[which] = strdup(optarg ? optarg : "");
+	if (!remote) {
+		/* locally (srun, salloc, sbatch): refuse before anything is submitted */
+		char opt[64];
+		snprintf(opt, sizeof(opt), "--%s", settings[which].opt);
+		if ((msg = check_setting(which, opt_val[which], opt)) != NULL) {
+			fprintf(stderr, "hpcc: %s\n", msg);
+			free(msg);
+			return -1;
+		}
+	}
 	return 0;
 }
 
+#define FLAG(i, name, help) { name, NULL, help, 0, i, opt_cb }
+#define NOFLAG(i, name, help) { name, NULL, help, 0, (i) | OPT_NEG, opt_cb }
+
 static struct spank_option options[] = {
 	{ "container-image", "IMAGE",
-	  "[hpcc] run the step in hpcc image IMAGE (same as Slurm's --container=IMAGE when the "
-	  "site has no oci.conf; env HPCC_CONTAINER_IMAGE)", 1, OPT_IMAGE, opt_cb },
-	{ "container-mounts", "SRC:DST[:ro],...",
-	  "[hpcc] bind host paths into the container (env HPCC_CONTAINER_MOUNTS)",
-	  1, OPT_MOUNTS, opt_cb },
+	  "[hpcc] run the step in image IMAGE: a reference (nvcr.io#nvidia/pytorch:24.01-py3, "
+	  "docker://...), a digest or a .sqfs/.sqsh path; same as Slurm's --container=IMAGE "
+	  "without oci.conf (env HPCC_CONTAINER_IMAGE, PYXIS_CONTAINER_IMAGE)", 1, OPT_IMAGE,
+	  opt_cb },
+	{ "container-mounts", "SRC[:DST[:FLAGS]],...",
+	  "[hpcc] bind host paths; FLAGS joined by '+': ro, rw, noexec, rbind, bind, private, "
+	  "rprivate; also tmpfs:DST and umount:DST (env HPCC_CONTAINER_MOUNTS, "
+	  "PYXIS_CONTAINER_MOUNTS)", 1, OPT_MOUNTS, opt_cb },
 	{ "container-workdir", "DIR",
-	  "[hpcc] working directory inside the container (default: the job's; "
-	  "env HPCC_CONTAINER_WORKDIR)", 1, OPT_WORKDIR, opt_cb },
+	  "[hpcc] working directory inside the container (default: the image's WorkingDir; env "
+	  "HPCC_CONTAINER_WORKDIR, PYXIS_CONTAINER_WORKDIR)", 1, OPT_WORKDIR, opt_cb },
 	{ "container-env", "NAME,...",
-	  "[hpcc] take these variables from the job, not the image (env HPCC_CONTAINER_ENV)",
-	  1, OPT_ENV, opt_cb },
-	{ "container-writable", NULL,
-	  "[hpcc] writable container root (changes are discarded at the end of the step; "
-	  "env HPCC_CONTAINER_WRITABLE=1)", 0, OPT_WRITABLE, opt_cb },
-	{ "container-mpi", NULL,
-	  "[hpcc] inject the host's MPI (MPICH ABI) into the container "
-	  "(env HPCC_CONTAINER_MPI=1)", 0, OPT_MPI, opt_cb },
+	  "[hpcc] these variables keep the job's value, not the image's (env HPCC_CONTAINER_ENV, "
+	  "PYXIS_CONTAINER_ENV)", 1, OPT_ENV, opt_cb },
+	FLAG(OPT_WRITABLE, "container-writable",
+	     "[hpcc] writable container root, discarded at the end of the step unless named "
+	     "(env HPCC_CONTAINER_WRITABLE=1, PYXIS_CONTAINER_WRITABLE=1)"),
+	FLAG(OPT_READONLY, "container-readonly",
+	     "[hpcc] read-only container root (the default; env HPCC_CONTAINER_READONLY=1, "
+	     "PYXIS_CONTAINER_READONLY=1)"),
+	FLAG(OPT_MPI, "container-mpi",
+	     "[hpcc] inject the host's MPI (MPICH ABI) into the container "
+	     "(env HPCC_CONTAINER_MPI=1)"),
 	{ "container-gpus", "all|N,...",
 	  "[hpcc] NVIDIA GPUs in the container (default: the GPUs Slurm bound to the step; "
 	  "env HPCC_CONTAINER_GPUS)", 1, OPT_GPUS, opt_cb },
+	{ "container-name", "NAME[:exec|no_exec|create]",
+	  "[hpcc] keep the container's state under NAME for later steps of the job (env "
+	  "HPCC_CONTAINER_NAME, PYXIS_CONTAINER_NAME)", 1, OPT_NAME, opt_cb },
+	FLAG(OPT_REMAP_ROOT, "container-remap-root",
+	     "[hpcc] be uid 0 inside (a user namespace mapping your uid; env "
+	     "HPCC_CONTAINER_REMAP_ROOT=1, PYXIS_CONTAINER_REMAP_ROOT=1)"),
+	NOFLAG(OPT_REMAP_ROOT, "no-container-remap-root",
+	       "[hpcc] keep your own uid inside (env HPCC_CONTAINER_REMAP_ROOT=0)"),
+	{ "container-unshare", "net,ipc,uts",
+	  "[hpcc] give the container its own network, IPC or UTS namespace (env "
+	  "HPCC_CONTAINER_UNSHARE, PYXIS_CONTAINER_UNSHARE)", 1, OPT_UNSHARE, opt_cb },
+	FLAG(OPT_MOUNT_HOME, "container-mount-home",
+	     "[hpcc] bind your home directory (env HPCC_CONTAINER_MOUNT_HOME=1, "
+	     "PYXIS_CONTAINER_MOUNT_HOME=1)"),
+	NOFLAG(OPT_MOUNT_HOME, "no-container-mount-home",
+	       "[hpcc] do not bind your home directory (env HPCC_CONTAINER_MOUNT_HOME=0)"),
+	FLAG(OPT_ENTRYPOINT, "container-entrypoint",
+	     "[hpcc] run the image's ENTRYPOINT before the command (env "
+	     "HPCC_CONTAINER_ENTRYPOINT=1, PYXIS_CONTAINER_ENTRYPOINT=1)"),
+	NOFLAG(OPT_ENTRYPOINT, "no-container-entrypoint",
+	       "[hpcc] do not run the image's ENTRYPOINT (the default; env "
+	       "HPCC_CONTAINER_ENTRYPOINT=0)"),
+	FLAG(OPT_ENTRYPOINT_LOG, "container-entrypoint-log",
+	     "[hpcc] show the ENTRYPOINT's output (env HPCC_CONTAINER_ENTRYPOINT_LOG=1, "
+	     "PYXIS_CONTAINER_ENTRYPOINT_LOG=1)"),
+	{ "container-save", "PATH",
+	  "[hpcc] at the end of the step, save the container (image and changes) as a squashfs "
+	  "image at PATH (env HPCC_CONTAINER_SAVE, PYXIS_CONTAINER_SAVE)", 1, OPT_SAVE, opt_cb },
 	SPANK_OPTIONS_TABLE_END
 };
 
@@ -206,16 +417,90 @@ int slurm_spank_local_user_init(spank_t sp, int ac, char **av)
 	return 0;
 }
 
-/* Option value, else its HPCC_CONTAINER_* variable from the job's environment. */
-static char *get_setting(spank_t sp, int which)
+/*
+ * A variable of the job's environment, whatever its length (malloc'd; NULL when unset).
+ * *toolong is set when it could not be read at all.
+ */
+static char *job_getenv(spank_t sp, const char *name, int *toolong)
 {
-	char buf[8192];
+	size_t cap = 8192;
 
-	if (opt_val[which])
-		return strdup(opt_val[which]);
-	if (spank_getenv(sp, opt_envvar[which], buf, sizeof(buf)) == ESPANK_SUCCESS && buf[0])
-		return strdup(buf);
-	return NULL;
+	*toolong = 0;
+	for (;;) {
+		char *buf = malloc(cap);
+		spank_err_t rc;
+
+		if (!buf)
+			return NULL;
+		rc = spank_getenv(sp, name, buf, (int)cap);
+		if (rc == ESPANK_SUCCESS)
+			return buf;
+		free(buf);
+		if (rc != ESPANK_NOSPACE)
+			return NULL;
+		if (cap >= (64u << 20)) {
+			*toolong = 1;
+			return NULL;
+		}
+		cap *= 2;
+	}
+}
+
+/* The job has a value for `name` (of any length). */
+static int job_has_env(spank_t sp, const char *name)
+{
+	char c;
+	spank_err_t rc = spank_getenv(sp, name, &c, 1);
+
+	return rc == ESPANK_SUCCESS || rc == ESPANK_NOSPACE;
+}
+
+/*
+ * Option value, else HPCC_CONTAINER_<X>, else PYXIS_CONTAINER_<X> from the job's environment
+ * (malloc'd; NULL when none is set). *from: what the user typed (static buffer). A value that
+ * is not valid sets *err (malloc'd message) and returns NULL.
+ */
+static char *get_setting(spank_t sp, int which, const char **from, char **err)
+{
+	static char names[OPT_N][96];
+	const struct setting *st = &settings[which];
+	char *v = NULL;
+	int toolong = 0;
+
+	*err = NULL;
+	*from = names[which];
+	if (opt_val[which]) {
+		snprintf(names[which], sizeof(names[which]), "--%s", st->opt);
+		v = strdup(opt_val[which]);
+	} else {
+		static const char *prefixes[] = { "HPCC_CONTAINER_", "PYXIS_CONTAINER_" };
+		for (int i = 0; i < 2 && !v; i++) {
+			snprintf(names[which], sizeof(names[which]), "%s%s", prefixes[i], st->env);
+			v = job_getenv(sp, names[which], &toolong);
+			if (toolong) {
+				if (asprintf(err, "%s is too long to read", names[which]) < 0)
+					*err = NULL;
+				return NULL;
+			}
+		}
+		if (!v)
+			return NULL;
+	}
+	if ((*err = check_setting(which, v, *from)) != NULL) {
+		free(v);
+		return NULL;
+	}
+	return v;
+}
+
+/* A setting that could not be used: the step fails with this line (tasks exit 125). */
+static void setting_failed(char *msg)
+{
+	if (!start_error) {
+		if (asprintf(&start_error, "hpcc: %s", msg ? msg : "bad --container-* setting") < 0)
+			start_error = NULL;
+	}
+	free(msg);
 }
 
 static void argv_add(struct argv_b *a, const char *key, const char *val)
@@ -234,6 +519,16 @@ static void argv_add(struct argv_b *a, const char *key, const char *val)
 	}
 	a->v[a->n++] = s;
 	a->v[a->n] = NULL;
+}
+
+static int has_key(const struct argv_b *a, const char *key)
+{
+	size_t kl = strlen(key);
+
+	for (int i = 0; i < a->n; i++)
+		if (!strncmp(a->v[i], key, kl) && a->v[i][kl] == '=')
+			return 1;
+	return 0;
 }
 
 static void argv_addu(struct argv_b *a, const char *key, unsigned long v)
@@ -415,8 +710,9 @@ static int server_request(const char *path, struct argv_b *a)
  */
 int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 {
-	char *image = NULL, *val;
-	char buf[8192];
+	char *image = NULL, *val, *err = NULL;
+	const char *from = NULL;
+	char buf[256];
 	uid_t uid;
 	gid_t gid;
 	uint32_t job_id = 0, step_id = 0, node_id = 0;
@@ -431,16 +727,31 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 	if (spank_get_item(sp, S_JOB_STEPID, &step_id) == ESPANK_SUCCESS &&
 	    step_id == 0xfffffffcU)
 		return 0;
-	image = get_setting(sp, OPT_IMAGE);
+	image = get_setting(sp, OPT_IMAGE, &from, &err);
+	if (err) {
+		setting_failed(err);
+		goto out;
+	}
 	if (!image) {
-		if (spank_getenv(sp, "SLURM_CONTAINER", buf, sizeof(buf)) != ESPANK_SUCCESS || !buf[0])
+		int toolong;
+		char *c = job_getenv(sp, "SLURM_CONTAINER", &toolong);
+		if (!c && !toolong)
 			return 0;               /* not a container step */
+		if (!c || !*c) {
+			setting_failed(strdup(c ? "--container= (SLURM_CONTAINER) is empty: give an "
+					      "image (--container=IMAGE) or leave the option out"
+					      : "--container (SLURM_CONTAINER) is too long to read"));
+			free(c);
+			goto out;
+		}
 		if (oci_conf_present()) {
 			/* Slurm runs the bundle itself (srun already explained it to the user). */
-			slurm_info("hpcc: oci.conf present: --container=%s left to Slurm", buf);
+			slurm_info("hpcc: oci.conf present: --container=%s left to Slurm", c);
+			free(c);
 			return 0;
 		}
-		image = strdup(buf);
+		image = c;
+		from = "--container";
 	}
 
 	spank_get_item(sp, S_JOB_UID, &uid);
@@ -455,6 +766,7 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 	argv_add(&a, NULL, "-m");
 	argv_add(&a, NULL, "hpcc.stepd");
 	argv_add(&a, "image", image);
+	argv_add(&a, "from_image", from);
 	argv_addu(&a, "uid", uid);
 	argv_addu(&a, "gid", gid);
 	argv_addu(&a, "job", job_id);
@@ -468,38 +780,62 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 	}
 	if (argc > 0 && argv && argv[0])
 		argv_add(&a, "argv0", argv[0]);
-	if (spank_getenv(sp, "SLURM_CONF", buf, sizeof(buf)) == ESPANK_SUCCESS)
-		argv_add(&a, "slurm_conf", buf);
-	else if (getenv("SLURM_CONF"))
+	/* Slurm's configuration as slurmd has it, never the job's SLURM_CONF (issue: root would
+	 * read, and bind directories named in, a file the user wrote). */
+	if (getenv("SLURM_CONF") && getenv("SLURM_CONF")[0] == '/')
 		argv_add(&a, "slurm_conf", getenv("SLURM_CONF"));
-	if ((val = get_setting(sp, OPT_MOUNTS))) { argv_add(&a, "mounts", val); free(val); }
-	if ((val = get_setting(sp, OPT_WORKDIR))) { argv_add(&a, "workdir", val); free(val); }
-	if ((val = get_setting(sp, OPT_WRITABLE))) {
-		argv_add(&a, "writable", is_true(val) ? "1" : "0"); free(val);
-	}
-	if ((val = get_setting(sp, OPT_MPI))) {
-		argv_add(&a, "mpi", is_true(val) ? "1" : "0"); free(val);
-	}
-	if ((val = get_setting(sp, OPT_GPUS))) {
-		argv_add(&a, "gpus", val); free(val);
-	} else if (spank_getenv(sp, "SLURM_STEP_GPUS", buf, sizeof(buf)) == ESPANK_SUCCESS && buf[0]) {
-		argv_add(&a, "gpus", buf);
-	} else if (spank_getenv(sp, "CUDA_VISIBLE_DEVICES", buf, sizeof(buf)) == ESPANK_SUCCESS &&
-		   buf[0]) {
-		argv_add(&a, "gpus", buf);
-	}
-	if ((val = get_setting(sp, OPT_ENV))) {
-		/* Names the job has a value for keep it: tell the helper which ones. */
-		char *save = NULL, *copy = strdup(val);
-		size_t kl = 0;
-		keep_env = calloc(1, strlen(val) + 2);
-		for (char *n = strtok_r(copy, ",", &save); n; n = strtok_r(NULL, ",", &save)) {
-			if (spank_getenv(sp, n, buf, sizeof(buf)) == ESPANK_SUCCESS)
-				kl += sprintf(keep_env + kl, "%s%s", kl ? "," : "", n);
+	for (int i = 0; i < OPT_N; i++) {
+		char fromkey[96];
+
+		if (i == OPT_IMAGE)
+			continue;
+		val = get_setting(sp, i, &from, &err);
+		if (err) {
+			setting_failed(err);
+			goto out;
 		}
-		free(copy);
-		argv_add(&a, "keep_env", keep_env);
+		if (!val)
+			continue;
+		if (settings[i].kind == K_BOOL) {
+			argv_add(&a, settings[i].key, parse_bool(val) == 1 ? "1" : "0");
+		} else if (i == OPT_NAME) {
+			char *colon = strchr(val, ':');
+			if (colon)
+				*colon = '\0';
+			argv_add(&a, "name", val);
+			if (colon)
+				argv_add(&a, "name_mode", colon + 1);
+		} else if (i == OPT_ENV) {
+			/* Names the job has a value for keep it: tell the helper which ones. */
+			char *save = NULL, *copy = strdup(val);
+			size_t kl = 0;
+			free(keep_env);
+			keep_env = calloc(1, strlen(val) + 2);
+			for (char *n = strtok_r(copy, ",", &save); n;
+			     n = strtok_r(NULL, ",", &save)) {
+				if (job_has_env(sp, n))
+					kl += sprintf(keep_env + kl, "%s%s", kl ? "," : "", n);
+			}
+			free(copy);
+			argv_add(&a, "keep_env", keep_env);
+			argv_add(&a, "env", val);
+		} else {
+			argv_add(&a, settings[i].key, val);
+		}
+		snprintf(fromkey, sizeof(fromkey), "from_%s", settings[i].key);
+		argv_add(&a, fromkey, from);
 		free(val);
+	}
+	if (!has_key(&a, "gpus")) {
+		int toolong;
+		char *g = job_getenv(sp, "SLURM_STEP_GPUS", &toolong);
+		if (!g || !*g) {
+			free(g);
+			g = job_getenv(sp, "CUDA_VISIBLE_DEVICES", &toolong);
+		}
+		if (g && *g)
+			argv_add(&a, "gpus", g);
+		free(g);
 	}
 
 	if (arg_server && geteuid() == 0) {
@@ -513,14 +849,16 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 		argv_add(&a, "serve", path);  /* the one-shot helper leaves a server behind */
 	}
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
-		snprintf(buf, sizeof(buf), "socketpair: %s", strerror(errno));
+		snprintf(buf, sizeof(buf), "hpcc: cannot start the container set-up: socketpair: %s",
+			 strerror(errno));
 		start_error = strdup(buf);
 		goto out;
 	}
 	helper_pid = start_helper(sv[1], &a);
 	close(sv[1]);
 	if (helper_pid < 0) {
-		snprintf(buf, sizeof(buf), "fork: %s", strerror(errno));
+		snprintf(buf, sizeof(buf), "hpcc: cannot start the container set-up: fork: %s",
+			 strerror(errno));
 		start_error = strdup(buf);
 		close(sv[0]);
 		helper_pid = 0;
@@ -575,7 +913,7 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	if (!spank_remote(sp))
 		return 0;
 	if (start_error) {
-		fprintf(stderr, "hpcc: cannot start the container set-up: %s\n", start_error);
+		fprintf(stderr, "%s\n", start_error);
 		return 0;
 	}
 	if (!helper_pid)

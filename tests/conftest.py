@@ -14,22 +14,20 @@ import pytest
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 
-# pytest puts the checkout first on sys.path (rootdir of the `tests` package, and the cwd
-# for `python -m pytest`), where `hpcc/` lacks the subpackages that pyproject maps from
-# other directories (hpcc.gateway <- gateway/, hpcc.hooks <- hooks/). Import the installed
-# package once, with the checkout out of the way, so every `import hpcc...` in the tests
-# resolves to what `make install` built.
-_saved_path = list(sys.path)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
-sys.modules.pop("hpcc", None)
-import hpcc  # noqa: E402,F401  (the installed package)
-sys.path[:] = _saved_path
+# The tests import the *installed* hpcc: the checkout's hpcc/ lacks the subpackages that
+# pyproject.toml maps from other directories (hpcc.gateway <- gateway/, hpcc.hooks <- hooks/)
+# and the compiled extensions. pytest appends the checkout to sys.path (--import-mode=append,
+# pyproject.toml) and `make test` runs `python -P`; only a plain `python -m pytest` still
+# puts the checkout first, so it is moved to the end, where `tests.*` still resolves.
+if sys.path and Path(sys.path[0] or ".").resolve() == REPO:
+    sys.path.append(sys.path.pop(0))
 
 pytest_plugins = [
     "tests.fixtures.registry",
     "tests.fixtures.users",
     "tests.fixtures.launcher_images",
     "tests.fixtures.slurm",
+    "tests.fixtures.gateway_service",
 ]
 
 

@@ -35,6 +35,20 @@ def test_bad_config_names_the_key(tmp_path, text, key):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("text,warm_mb", [
+    ("[launcher]\nprefetch_mb = 7\n", 7),                  # the key's old name still works
+    ("[launcher]\nprefetch_mb = 7\nwarm_mb = 9\n", 9),     # the new name wins
+    ("[launcher]\nwarm_mb = 0\n", 0),
+    ("", 32),
+])
+def test_renamed_key_prefetch_mb_is_read_as_warm_mb(tmp_path, text, warm_mb):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    cfg = load_config(str(p), memo=False)
+    assert cfg["launcher"]["warm_mb"] == warm_mb
+    assert "prefetch_mb" not in cfg["launcher"]
+
+
 def test_config_that_is_not_toml_is_one_line_error(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text("[gateway\n")

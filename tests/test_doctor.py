@@ -208,7 +208,7 @@ def test_gateway_service_socket(site, test_user, tmp_path):
 
 
 def _slurm_conf(tmp_path, lines, oci=False):
-    from hpcc.slurmcluster import SlurmCluster
+    from hpcc.testkit.slurmcluster import SlurmCluster
     c = SlurmCluster(tmp_path / "cluster", plugstack_lines=lines)
     c._write_config()   # the files srun reads; no daemon is started
     if oci:

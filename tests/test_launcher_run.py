@@ -284,9 +284,21 @@ def test_privileged_mode_fuse_mounts_a_users_own_image(images, launcher_env, tes
     p = run_hpcc(["-v", "exec", mine, "echo", "ok"], config=launcher_env["HPCC_CONFIG"])
     assert p.returncode == 0, p.stderr
     assert "(squashfuse_ll)" in p.stderr and p.stdout == "ok\n"
-    p = run_hpcc(["-v", "exec", images["base"], "echo", "ok"],
-                 config=launcher_env["HPCC_CONFIG"])
-    assert "(kernel)" in p.stderr
+    # a root-owned copy reached only through root-owned directories is the site's own
+    # (/tmp, where the test images are, is writable by everyone: not trusted for the kernel)
+    import tempfile
+    site = tempfile.mkdtemp(dir="/run")
+    try:
+        os.chmod(site, 0o755)
+        shutil.copy(images["base"], os.path.join(site, "base.sqfs"))
+        p = run_hpcc(["-v", "exec", os.path.join(site, "base.sqfs"), "echo", "ok"],
+                     config=launcher_env["HPCC_CONFIG"])
+        assert "(kernel)" in p.stderr
+        p = run_hpcc(["-v", "exec", images["base"], "echo", "ok"],
+                     config=launcher_env["HPCC_CONFIG"])
+        assert "(squashfuse_ll)" in p.stderr
+    finally:
+        shutil.rmtree(site)
 
 
 def test_time_to_launch_is_reported_with_verbose(images, launcher_env, who):

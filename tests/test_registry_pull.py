@@ -7,13 +7,13 @@ import uuid
 
 import pytest
 
-from hpcc.errors import ConfigError, ImageError, RegistryError
+from hpcc.errors import ConfigError, ImageError, NotInRegistry, RegistryError
 from hpcc.gateway.blobcache import BlobCache
 from hpcc.gateway.manifest import media_type
 from hpcc.gateway.registry import RegistryClient, host_platform, sniff_compression
+from hpcc.reference import parse_reference
 from hpcc.testkit.busybox import busybox_image
 from hpcc.testkit.images import ImageBuilder, directory, file, image_index, simple_image
-from hpcc.reference import parse_reference
 
 
 def repo(name):
@@ -167,14 +167,16 @@ def test_bad_platform_string_is_a_config_error(registry, client):
 def test_unknown_tag_and_repository_are_not_found(registry, client):
     name = repo("exists")
     registry.push(name, "v", simple_image("x"))
-    with pytest.raises(RegistryError) as ei:
+    with pytest.raises(NotInRegistry) as ei:
         client.resolve(parse_reference(registry.ref(name, "nosuchtag")))
     assert str(ei.value).startswith(f"image {registry.host}/{name}:nosuchtag not found in "
                                     f"registry {registry.host} (manifest unknown)")
-    assert ei.value.exit_code == 3
+    assert ei.value.exit_code == 1       # a user error: scripts retry exit 3, this never heals
     # docker-registry 2.8 answers MANIFEST_UNKNOWN (not NAME_UNKNOWN) for a missing repo
-    with pytest.raises(RegistryError, match=r"no/such-repo:v not found in registry .* unknown\)"):
+    with pytest.raises(NotInRegistry,
+                       match=r"no/such-repo:v not found in registry .* unknown\)") as ei:
         client.resolve(parse_reference(registry.ref("no/such-repo", "v")))
+    assert ei.value.exit_code == 1
 
 
 def test_schema1_manifest_is_refused(registry, client):

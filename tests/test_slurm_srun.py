@@ -49,14 +49,21 @@ def test_hpcc_container_image_variable(slurm_cluster):
     assert 'NAME="hpcc other image"' in p.stdout
 
 
-def test_job_working_directory_and_workdir_option(slurm_cluster, slurm_users):
-    home = slurm_users[U1].pw_dir
+def test_working_directory_is_the_images_unless_container_workdir(slurm_cluster):
+    # as pyxis: the image's WorkingDir (/work here), not the job's directory
     p = slurm_cluster.run("srun", "-n1", f"--container={IMG}", "pwd", user=U1)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == home
+    assert p.stdout.strip() == "/work"
     p = slurm_cluster.run("srun", "-n1", f"--container={IMG}", "--container-workdir=/etc",
                           "pwd", user=U1)
     assert p.stdout.strip() == "/etc", p.stderr
+    # relative: from the container's /, and '..' cannot climb above it (as pyxis)
+    p = slurm_cluster.run("srun", "-n1", f"--container={IMG}", "--container-workdir=etc",
+                          "pwd", user=U1)
+    assert p.stdout.strip() == "/etc", p.stderr
+    p = slurm_cluster.run("srun", "-n1", f"--container={IMG}", "--container-workdir=../",
+                          "pwd", user=U1)
+    assert p.stdout.strip() == "/", p.stderr
 
 
 def test_command_is_looked_up_inside_the_container(slurm_cluster):

@@ -1,14 +1,12 @@
 """The test kit itself (hpcc.testkit) is checked against independent
 real tools: skopeo reads what we push and the archives we write; umoci unpacks our OCI
 layout; tarfile reads our layers back."""
-import ast
 import io
 import json
 import os
 import shutil
 import subprocess
 import tarfile
-from pathlib import Path
 
 import pytest
 
@@ -113,43 +111,6 @@ def test_oci_layout_unpacks_with_umoci(tmp_path):
     out = subprocess.run([str(root / "bin" / "busybox"), "cat", str(root / "etc/os-release")],
                          capture_output=True, text=True)
     assert "hpcc busybox" in out.stdout
-
-
-def _imported_modules(path, package):
-    """Absolute names of the modules a source file imports (relative imports resolved)."""
-    tree = ast.parse(path.read_text(), str(path))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            yield from (a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
-            yield mod
-            yield from (f"{mod}.{a.name}" for a in node.names)
-
-
-def test_no_product_module_imports_the_testkit():
-    """The test kit ships in the package (the demo and the tests use the installed one), but
-    the product never depends on it: only hpcc/testkit/ itself and the demo may import it."""
-    import hpcc
-
-    root = Path(hpcc.__file__).resolve().parent
-    allowed = {root / "demo.py"}
-    scanned, offenders = 0, []
-    for path in sorted(root.rglob("*.py")):
-        if root / "testkit" in path.parents or path in allowed:
-            continue
-        rel = path.relative_to(root.parent).with_suffix("")
-        package = ".".join(rel.parts[:-1])
-        scanned += 1
-        for mod in _imported_modules(path, package):
-            if mod == "hpcc.testkit" or mod.startswith("hpcc.testkit."):
-                offenders.append(f"{rel}: imports {mod}")
-    assert scanned > 20, f"only {scanned} product modules found under {root}"
-    assert not offenders, offenders
 
 
 def test_busybox_tree_squashes_to_a_runnable_root(tmp_path):

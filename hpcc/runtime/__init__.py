@@ -14,7 +14,7 @@ build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_file
     from config, tmpfs /tmp, site binds, home, cwd, user binds), hooks{stage: [...]} (the
     hooks.d configs that match), annotations{org.hpcc.image, ...}, linux{namespaces,
     uid/gidMappings}, plus "hpcc" (private: squashfs path, passwd/group lines, fds to keep).
-    `image` is an hpcc.store.ImageRecord (or any object with sqfs_path, digest, meta).
+    `image` is an hpcc.image.ImageRecord (or any object with sqfs_path, digest, meta).
     Docker semantics for ENTRYPOINT/CMD (mode "run"), the command as is (mode "exec"), the
     user's shell or /bin/sh (mode "shell"). Environment precedence: docs/launcher.md.
 

@@ -3,12 +3,12 @@ come from images (untrusted: every offset is bounds-checked, anything malformed 
 an empty answer, never an exception of another kind).
 
 - `elf_deps(head, fd, size)`: the interpreter and DT_NEEDED names, from the program headers,
-  by a few preads (the launch path: prefetch reads the command's loader chain with it).
+  by a few preads (the launch path: runtime.warm reads the command's loader chain with it).
 - `ElfInfo`: soname, DT_NEEDED, RPATH/RUNPATH, symbol versions needed and defined, dynamic
   symbols, from the section headers over an mmap (the MPI and GPU hooks: ~50x faster than
   pyelftools for the same facts; tests check that both agree).
 
-Imports stay at os and struct (mmap when ElfInfo maps a file): prefetch imports this module
+Imports stay at os and struct (mmap when ElfInfo maps a file): runtime.warm imports this module
 on every launch.
 """
 import os

@@ -172,7 +172,7 @@ def resolve_target(root_fd, path, create=None, writable_devs=(), _depth=0):
         raise
 
 
-def write_file_in_root(root_fd, path, data, writable_devs, mode=0o644):
+def write_file_in_root(root_fd, path, data, writable_devs, mode=0o644, owner=None):
     """Replace `path` inside the root by a new regular file with `data` (in the overlay:
     the image is not changed). A symlink at `path` is replaced, not followed."""
     parent = resolve_target(root_fd, os.path.dirname(clean_dest(path)), "dir", writable_devs)
@@ -191,6 +191,8 @@ def write_file_in_root(root_fd, path, data, writable_devs, mode=0o644):
                      mode, dir_fd=parent)
         try:
             os.write(fd, data)
+            if owner is not None:  # (uid, gid): the image's root as the user (idmapped)
+                os.fchown(fd, *owner)
             os.fchmod(fd, mode)
         finally:
             os.close(fd)

@@ -14,13 +14,19 @@ import _signal as signal  # the C module: `signal` would import enum (~3 ms)
 import errno
 import os
 import stat
+import struct
 
 from ..errors import HookError, LaunchError, MountError
 from . import _sys
 from .identity import AsUser, NoChange
-from .imagemount import mount_image
-from .inroot import (O_PATH_FLAGS, open_in_root, read_file_in_root, resolve_target,
-                     write_file_in_root)
+from .imagemount import attach_mount, mount_image
+from .inroot import (
+    O_PATH_FLAGS,
+    open_in_root,
+    read_file_in_root,
+    resolve_target,
+    write_file_in_root,
+)
 from .namespaces import enter_namespaces, stage_dir, write_id_maps  # noqa: F401 (API)
 
 # ---------------------------------------------------------------------------------------
@@ -204,7 +210,7 @@ class RootHandle:
         self.bundle = os.path.join(stage, "bundle")
         self.fuse_pid = fuse_pid
         self.host_root_fd = None
-        self.prefetch = None  # prefetch.Prefetch of the command's files, when one runs
+        self.warming = None  # warm.Warming of the command's files, when one runs
 
     def close(self):
         """Stop the FUSE daemon (call when the container's processes are gone)."""
@@ -220,10 +226,12 @@ class RootHandle:
             self.host_root_fd = None
 
 
-def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=None):
+def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=None,
+               premount=None):
     """Assemble the container's root in the calling process's (private) mount namespace,
     run the createRuntime/prestart/createContainer hooks, make the root read-only (unless
-    spec['root']['readonly'] is false) and pivot_root into it. Returns a RootHandle."""
+    spec['root']['readonly'] is false) and pivot_root into it. Returns a RootHandle.
+    premount: (mount fd or None, why not) from imagemount.helper_mount (unprivileged)."""
     t = log or (lambda msg: None)
     cid = container_id or f"hpcc-{os.getpid()}-{os.urandom(4).hex()}"
     stage = stage_dir(privileged)
@@ -238,19 +246,48 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
     for d in ("img", "upper", "work", "root", "bundle"):
         os.mkdir(os.path.join(stage, d), 0o755)
     handle = RootHandle(cid, stage, None)
+    h = spec["hpcc"]
     try:
-        handle.fuse_pid = mount_image(spec["hpcc"]["image"], os.path.join(stage, "img"),
-                                      privileged)
-        t("image mounted" + (" (squashfuse_ll)" if handle.fuse_pid else " (kernel)"))
-        budget = spec["hpcc"].get("prefetch_bytes", 0)
+        _unshare_extra(h.get("unshare") or ())
+        mount_fd, why = premount or (None, None)
+        if mount_fd is not None:
+            try:
+                attach_mount(mount_fd, os.path.join(stage, "img"))
+                t("image mounted (kernel, from the mount helper)")
+            except OSError as e:
+                mount_fd, why = None, f"cannot attach the mount helper's mount: {e.strerror}"
+        if mount_fd is None:
+            who = spec["process"]["user"]
+            handle.fuse_pid = mount_image(
+                h["image"], os.path.join(stage, "img"), privileged,
+                (who["uid"], who["gid"], who.get("additionalGids") or []),
+                h.get("site_store", ""))
+            t("image mounted" + (f" (squashfuse_ll: {why})" if handle.fuse_pid and why else
+                                 " (squashfuse_ll)" if handle.fuse_pid else " (kernel)"))
+        if h.get("idmap") and not handle.fuse_pid and mount_fd is None:
+            from .idmap import idmap_mount
+            try:
+                idmap_mount(f"{stage}/img", *h["idmap"])
+                h["files_owner"] = list(h["idmap"])  # of the files hpcc writes in the root
+                t("image idmapped: its root's files are the user's")
+            except OSError as e:
+                t(f"no idmapped mount ({e.strerror or e}): the image's files stay root's")
+        upper = h.get("upper") or f"{stage}/upper"
+        work = h.get("work") or f"{stage}/work"
+        if h.get("fresh_upper", True):
+            # the overlay's / takes the upper directory's owner and mode: the image's
+            lst = os.stat(f"{stage}/img")
+            os.chown(upper, lst.st_uid, lst.st_gid)
+            os.chmod(upper, stat.S_IMODE(lst.st_mode))
+        budget = spec["hpcc"].get("warm_bytes", 0)
         if budget > 0 and spec["process"]["args"]:
-            from . import prefetch
+            from . import warm
             from .spec import spec_env
-            handle.prefetch = prefetch.start(
+            handle.warming = warm.start(
                 os.open(f"{stage}/img", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
                 spec["process"]["args"][0],
                 spec_env(spec).get("PATH", "/usr/local/bin:/usr/bin:/bin"), budget)
-        opts = (f"lowerdir={stage}/img,upperdir={stage}/upper,workdir={stage}/work"
+        opts = (f"lowerdir={stage}/img,upperdir={upper},workdir={work}"
                 + ("" if privileged else ",userxattr"))
         try:
             _sys.mount("overlay", f"{stage}/root", "overlay", _sys.MS_NOSUID | _sys.MS_NODEV,
@@ -297,19 +334,69 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
         raise
 
 
+_CLONE_FLAGS = {"net": 0x40000000, "ipc": 0x08000000, "uts": 0x04000000}
+
+
+def _unshare_extra(names):
+    """New network, IPC and UTS namespaces of the container's own (--unshare); the new
+    network namespace's loopback interface is brought up."""
+    flags = 0
+    for n in names:
+        flags |= _CLONE_FLAGS[n]
+    if not flags:
+        return
+    try:
+        _sys.unshare(flags)
+    except OSError as e:
+        raise LaunchError(f"cannot unshare {','.join(names)}: {e.strerror}") from None
+    if "net" in names:
+        _loopback_up()
+
+
+def _loopback_up():
+    import _socket
+    import fcntl
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+    except OSError as e:
+        raise LaunchError(f"cannot bring up the loopback interface: {e.strerror}") from None
+    finally:
+        s.close()
+
+
+APT_SANDBOX = b'APT::Sandbox::User "root";\n'
+
+
 def _assemble(root_fd, spec, privileged, writable):
     h = spec["hpcc"]
     # files in the overlay (tmpfs upper): the image itself is never changed
+    own = h.get("files_owner")  # the image's root as the user (idmapped): theirs too
     old = read_file_in_root(root_fd, "/etc/passwd")
     write_file_in_root(root_fd, "/etc/passwd", _merge_lines(old, [h["passwd"]], (0, 2)),
-                       writable)
+                       writable, owner=own)
     old = read_file_in_root(root_fd, "/etc/group")
-    write_file_in_root(root_fd, "/etc/group", _merge_lines(old, h["group"], (0, 2)), writable)
+    write_file_in_root(root_fd, "/etc/group", _merge_lines(old, h["group"], (0, 2)), writable,
+                       owner=own)
     for host in ("/etc/resolv.conf", "/etc/hosts"):
         data = _read_host(host)
         if data is not None:
-            write_file_in_root(root_fd, host, data, writable)
-    user_ctx = AsUser.of_spec(spec["process"]["user"]) if privileged else NoChange()
+            write_file_in_root(root_fd, host, data, writable, owner=own)
+    if h.get("remap_root") and spec["root"].get("readonly") is False:
+        # apt drops to its _apt user to download, which a one-id namespace cannot map
+        try:
+            fd = open_in_root(root_fd, "/etc/apt/apt.conf.d")
+            os.close(fd)
+            write_file_in_root(root_fd, "/etc/apt/apt.conf.d/00hpcc-remap-root", APT_SANDBOX,
+                               writable, owner=own)
+        except OSError:
+            pass
+    # binds are checked with the rights of the user outside (not of the remapped root)
+    user_ctx = (AsUser.of_spec(h.get("host_user") or spec["process"]["user"]) if privileged
+                else NoChange())
     for m in spec["mounts"]:
         _apply_mount(root_fd, m, privileged, writable, user_ctx)
     _dev_links(root_fd, writable)

@@ -173,16 +173,34 @@ def pmi_fds(env):
     return sorted(set(fds))
 
 
+UNSHARE = {"net": "network", "ipc": "ipc", "uts": "uts"}
+
+
+def parse_unshare(text, option="--unshare"):
+    """'net,ipc,uts' (any of them, comma-separated) -> sorted list of the names."""
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    bad = [n for n in names if n not in UNSHARE]
+    if bad or not names:
+        raise UsageError(f"bad {option} '{text}': expected a comma-separated list of "
+                         "net, ipc, uts")
+    return sorted(set(names))
+
+
 def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_files=(),
                mounts=(), workdir=None, writable=False, bind_home=None, bind_cwd=None,
                user=None, annotations=None, config=None, privileged=None, host_env=None,
-               cwd=None, image_name=None, cache=None):
+               cwd=None, image_name=None, cache=None, remap_root=None, unshare=(),
+               named=None):
     """Return the OCI-shaped spec dict for one container (see the module docstring).
 
     image: an object with .sqfs_path, .digest and .meta (hpcc.store.ImageRecord);
     mode: "run" (ENTRYPOINT/CMD semantics), "exec" (command as is) or "shell";
     mounts: 'SRC:DST[:ro]' strings; env: 'K=V' or 'K' strings; env_files: paths;
-    config: the loaded site config (hpcc.config.load_config); privileged: default euid == 0.
+    config: the loaded site config (hpcc.config.load_config); privileged: default euid == 0;
+    writable: None takes launcher.writable; remap_root: the command is uid 0 in a user
+    namespace that maps the user's own uid (None: launcher.remap_root); unshare: names from
+    ("net", "ipc", "uts"), namespaces of the container's own; named: a
+    hpcc.runtime.named.NamedContainer whose upper/work directories hold the writable layer.
     """
     if config is None:
         from ..config import load_config
@@ -194,6 +212,14 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
     cwd = cwd or os.getcwd()
     bind_home = launcher.get("mount_home", True) if bind_home is None else bind_home
     bind_cwd = launcher.get("mount_cwd", True) if bind_cwd is None else bind_cwd
+    writable = bool(launcher.get("writable", False)) if writable is None else bool(writable)
+    remap_root = bool(launcher.get("remap_root", False)) if remap_root is None else remap_root
+    if named is not None:
+        writable = True  # a named container exists to keep what is written in it
+    unshare = sorted(set(unshare or ()))
+    bad = [n for n in unshare if n not in UNSHARE]
+    if bad:
+        raise UsageError(f"cannot unshare {', '.join(bad)}: only net, ipc and uts")
     meta = getattr(image, "meta", None) or {}
     meta_config = meta.get("config") or {}
 
@@ -208,7 +234,13 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
     else:
         args = command_args(mode, meta_config, command, entrypoint)
 
-    envd = build_env(meta_config, home=home, name=name, bind_home=bind_home,
+    host_user = {"uid": uid, "gid": gid, "additionalGids": groups}
+    if remap_root:
+        # root inside, the user outside: a user namespace maps 0 to the user's own ids
+        uid = gid = 0
+        groups = []
+    envd = build_env(meta_config, home=home, name="root" if remap_root else name,
+                     bind_home=bind_home,
                      passthrough=set(launcher.get("env_passthrough", [])),
                      env_files=env_files, env=env, host_env=host_env)
 
@@ -228,7 +260,13 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
                                "source": "/dev/" + dev, "options": ["bind", "nosuid", "noexec"]})
     for src, dst in (("/dev/pts", "/dev/pts"), ("/dev/shm", "/dev/shm"),
                      ("/dev/mqueue", "/dev/mqueue")):
-        if os.path.isdir(src):
+        if "ipc" in unshare and dst == "/dev/mqueue":
+            sys_mounts.append({"destination": dst, "type": "mqueue", "source": "mqueue",
+                               "options": ["nosuid", "nodev", "noexec"]})
+        elif "ipc" in unshare and dst == "/dev/shm":
+            sys_mounts.append({"destination": dst, "type": "tmpfs", "source": "shm",
+                               "options": ["nosuid", "nodev", "noexec", "mode=1777"]})
+        elif os.path.isdir(src):
             opts = ["rbind", "nosuid", "noexec"] + (["nodev"] if dst != "/dev/pts" else [])
             sys_mounts.append({"destination": dst, "type": "bind", "source": src,
                                "options": opts})
@@ -282,12 +320,15 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
         ann["org.hpcc.image.name"] = image_name
     ann.update(annotations or {})
 
-    passwd_line = f"{name}:x:{uid}:{gid}:{name}:{home if bind_home else '/'}:{shell or '/bin/sh'}"
+    hu = host_user
+    passwd_line = (f"{name}:x:{hu['uid']}:{hu['gid']}:{name}:{home if bind_home else '/'}:"
+                   f"{shell or '/bin/sh'}")
     spec = {
         "ociVersion": OCI_VERSION,
         "process": {
             "terminal": False,
-            "user": {"uid": uid, "gid": gid, "additionalGids": groups, "username": name},
+            "user": {"uid": uid, "gid": gid, "additionalGids": groups,
+                     "username": "root" if remap_root else name},
             "args": args,
             "env": [f"{k}={v}" for k, v in envd.items()],
             "cwd": cwd_in,
@@ -300,25 +341,42 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
         "hooks": {},
         "annotations": ann,
         "linux": {
-            "namespaces": [{"type": "mount"}] + ([] if privileged else [{"type": "user"}]),
+            "namespaces": ([{"type": "mount"}]
+                           + ([{"type": "user"}] if remap_root or not privileged else [])
+                           + [{"type": UNSHARE[n]} for n in unshare]),
         },
         "hpcc": {
             "image": str(image.sqfs_path),
             "privileged": privileged,
             "writable": bool(writable),
             "passwd": passwd_line,
-            "group": _group_lines(gid, groups, name),
+            "group": _group_lines(hu["gid"], hu["additionalGids"], name),
+            # the user outside (the same as process.user unless remap_root)
+            "host_user": host_user,
+            "remap_root": bool(remap_root),
+            "unshare": unshare,
+            # privileged and writable (or remap_root) as a user: the image's 0 is shown as the
+            # user (an idmapped mount), so that they may write anywhere in the container
+            "idmap": ([hu["uid"], hu["gid"]] if privileged and hu["uid"] != 0
+                      and (writable or remap_root) else None),
+            "upper": named.upper if named is not None else None,
+            "work": named.work if named is not None else None,
+            "fresh_upper": named is None or named.created,
             "keep_fds": pmi_fds(envd),
             "fallback_args": ["/bin/sh"] if mode == "shell" else [],
             "has_bind_mounts": bool(user_mounts),
-            "prefetch_bytes": int(launcher.get("prefetch_mb", 32)) << 20,
+            "warm_bytes": _warm_mb(launcher) << 20,
+            # unprivileged launches: the setuid helper that kernel-mounts site images
+            "mount_helper": launcher.get("mount_helper", ""),
+            "site_store": site_store(config),
         },
     }
-    if not privileged:
-        # The setup namespace maps 0 to the caller (mounts, hooks); the command runs in a
-        # nested one that maps the caller's ids to themselves.
-        spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": uid, "size": 1}]
-        spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": gid, "size": 1}]
+    if not privileged or remap_root:
+        # Unprivileged: the setup namespace maps 0 to the caller (mounts, hooks); the command
+        # runs in a nested one that maps the caller's ids to themselves (or to 0: remap_root).
+        # Privileged with remap_root: the command's namespace maps 0 to the user.
+        spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": hu["uid"], "size": 1}]
+        spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": hu["gid"], "size": 1}]
 
     hooks_dir = launcher.get("hooks_dir")
     if hooks_dir and os.path.isdir(hooks_dir):
@@ -326,6 +384,18 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
         spec["hooks"] = select_hooks(load_hooks(hooks_dir, privileged=os.geteuid() == 0,
                                                 cache=cache), spec)
     return spec
+
+
+def site_store(config):
+    """The site store as the mount helper reads it: the config's text, no expansion."""
+    return ((config.get("store") or {}).get("path") or "").rstrip("/")
+
+
+def _warm_mb(launcher):
+    """launcher.warm_mb; a launch cache written before the key's rename holds its old name,
+    prefetch_mb (hpcc.config renames it when it reads a file)."""
+    mb = launcher.get("warm_mb")
+    return int(launcher.get("prefetch_mb", 32) if mb is None else mb)
 
 
 def _bind(src, dst, readonly, origin):

@@ -105,7 +105,7 @@ def serve(path):
     # everything a request needs, imported once
     from .. import config, store  # noqa: F401
     from ..runtime import build_spec, enter_namespaces, setup_root  # noqa: F401
-    from ..runtime import hooks, spec  # noqa: F401
+    from ..runtime import elf, imagemount, inroot, ocihooks, spec, warm  # noqa: F401
     from . import batch  # noqa: F401
     import json  # noqa: F401
     import re  # noqa: F401

@@ -125,8 +125,40 @@ def prepare(args):
         user = pwd.struct_passwd((user.pw_name, user.pw_passwd, uid, gid, user.pw_gecos,
                                   user.pw_dir, user.pw_shell))
     config = load_config_cached()
-    rec, fd = resolve_as_user(args["image"], user, config)
+    from .options import check_flags
+    check_flags(args)
+    image = args["image"]
+    if is_relative_path(image):
+        return user, config, None, None  # the job's working directory is needed first
+    try:
+        rec, fd = resolve_as_user(image, user, config)
+    except ImageNotFound:
+        if "/" in image and not image.startswith("/"):
+            return user, config, None, None  # maybe a file below the working directory
+        raise
     return user, config, rec, fd
+
+
+def is_relative_path(image):
+    """Is IMAGE (as typed) a relative path of an image file? Found from the job's working
+    directory, like any relative path the user types."""
+    return not image.startswith("/") and (
+        image.startswith(("./", "../")) or image.endswith((".sqfs", ".sqsh", ".squashfs")))
+
+
+def resolve_in_cwd(args, user, config):
+    """The image given as a path relative to the job's working directory."""
+    image = args["image"]
+    path = os.path.normpath(os.path.join(args["cwd"], image))
+    groups = os.getgrouplist(user.pw_name, user.pw_gid)
+    with AsUser(user.pw_uid, user.pw_gid, groups):
+        exists = os.path.isfile(path)
+    if not exists:
+        if is_relative_path(image):
+            raise ImageNotFound(f"image file {image} does not exist in {args['cwd']} (the "
+                                "job's working directory)")
+        return resolve_as_user(image, user, config)  # the store's own message
+    return resolve_as_user(path, user, config)
 
 
 def build(args, user, config, rec, fd):
@@ -135,8 +167,22 @@ def build(args, user, config, rec, fd):
     from ..runtime.spec import parse_mount
     from .batch import BATCH_STEP, INTERACTIVE_STEP, slurm_client_setup
 
+    from . import options
+
     uid = user.pw_uid
-    mounts = [m for m in args.get("mounts", "").split(",") if m]
+    cwd = args["cwd"]
+    opt_mounts = options.origin(args, "mounts", "--container-mounts")
+    mounts = options.parse_mounts(args["mounts"], cwd, opt_mounts) if args.get("mounts") \
+        else options.Mounts()
+    if mounts.binds:
+        groups = os.getgrouplist(user.pw_name, user.pw_gid)
+        options.check_sources(mounts, AsUser(uid, user.pw_gid, groups), opt_mounts)
+    unsupported = [k for k in options.RUNTIME_KEYS
+                   if args.get(k) not in (None, "0") and not _runtime_supports(k)]
+    if unsupported:
+        k = unsupported[0]
+        raise UsageError(f"{options.origin(args, k, '--container-' + k.replace('_', '-'))}: "
+                         "not supported yet by hpcc under Slurm; run the step without it")
     extra_env = {}
     system = []   # binds of Slurm's own files: opened by root, not subject to the user's rights
     step = int(args["step"])
@@ -152,20 +198,30 @@ def build(args, user, config, rec, fd):
         annotations["org.hpcc.mpi"] = "1"
     if args.get("gpus"):
         annotations["org.hpcc.gpu"] = args["gpus"]
+    mount_home = args.get("mount_home")
     # The job's working directory is bound (launcher.mount_cwd) unless it is a system path;
     # the runtime opens user-given bind sources with the user's credentials.
-    spec = build_spec(rec, mode="exec", command=["/bin/true"], mounts=mounts,
-                      workdir=args.get("workdir") or None,
+    spec = build_spec(rec, mode="exec", command=["/bin/true"], mounts=mounts.binds,
+                      workdir=options.workdir(args, rec.config),
                       writable=args.get("writable") == "1", user=str(uid),
+                      bind_home=None if mount_home is None else mount_home == "1",
                       annotations=annotations, config=config, privileged=True,
-                      host_env={"HOME": user.pw_dir}, cwd=args["cwd"], image_name=args["image"])
+                      host_env={"HOME": user.pw_dir}, cwd=cwd, image_name=args["image"])
     for item in system:
         src, dst, ro = parse_mount(item, cwd="/")
         spec["mounts"].append({"destination": dst, "type": "bind", "source": src,
                                "options": ["rbind", "nosuid", "nodev"] + (["ro"] if ro else []),
                                "x-hpcc-origin": "slurm"})
+    options.apply_mounts(spec, mounts, opt_mounts)
     spec["hpcc"]["image"] = f"/proc/self/fd/{fd}"
     return spec, extra_env
+
+
+def _runtime_supports(key):
+    """Whether the runtime takes this setting yet (named containers, remap-root, unshare,
+    entrypoint, save are added to hpcc.runtime separately); until then the step is refused
+    rather than run without what the user asked for."""
+    return False
 
 
 def reply_env(spec, rec, keep, extra):
@@ -187,6 +243,13 @@ def reply_env(spec, rec, keep, extra):
     if rec.digest:
         out["HPCC_IMAGE_DIGEST"] = rec.digest
     return {k: v for k, v in out.items() if not k.startswith(JOB_PREFIXES) and k not in keep}
+
+
+def reply_unset(env, keep):
+    """Variables of the job that must not reach the tasks: the locale ones (LANG, LANGUAGE,
+    LC_ALL) unless --container-env names them or the image sets them."""
+    from .options import LOCALE_VARS
+    return [k for k in LOCALE_VARS if k not in keep and k not in env]
 
 
 def send_fd(sock, data, fd):
@@ -219,8 +282,8 @@ def container_child(spec, sock, payload):
 
     enter_namespaces(True)
     nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    # no prefetch of the command: this process is gone before the tasks exec
-    spec["hpcc"]["prefetch_bytes"] = 0
+    # no page cache warming for the command: this process is gone before the tasks exec
+    spec["hpcc"]["warm_bytes"] = 0
     handle = setup_root(spec, privileged=True)
     send_fd(sock, payload[:1], nsfd)
     sock.sendall(payload[1:])
@@ -234,10 +297,13 @@ def run(args, sock, pending=b""):
     if cwd is None:
         return 0
     args["cwd"] = cwd
+    if rec is None:
+        rec, img_fd = resolve_in_cwd(args, user, config)
     spec, extra = build(args, user, config, rec, img_fd)
     keep = {n for n in args.get("keep_env", "").split(",") if n}
     env = reply_env(spec, rec, keep, extra)
     records = [f"cwd={spec['process']['cwd']}"] + [f"env={k}={v}" for k, v in env.items()]
+    records += [f"unset={k}" for k in reply_unset(env, keep)]
     if not extra:
         # a step started from a batch container: the client wrappers' variables do not apply
         records += [f"unset={k}" for k in ("HPCC_HOST", "HPCC_HOST_LD", "HPCC_HOST_LIBS")]

@@ -21,9 +21,13 @@ class FaultProxy:
     only the faults are fake; every byte it passes on comes from the real registry.
 
     Faults (each counts down as it is used):
-        proxy.fail(n, status=503, what="any"|"blob"|"manifest")   n error responses
-        proxy.cut_blob(after_bytes, times=1)   send a blob's headers, K bytes, then close
-        proxy.corrupt_blob(times=1, offset=None)  flip one byte of the blob body
+        proxy.fail(n, status=503, what="any"|"blob"|"manifest", retry_after=None)
+                                               n error responses (with a Retry-After header)
+        proxy.cut_blob(after_bytes, times=1, corrupt=False, digest=None)
+                                               send a blob's headers, K bytes (one of them
+                                               flipped with corrupt=True), then close
+        proxy.corrupt_blob(times=1, offset=None, digest=None)  flip one byte of the blob body
+        (digest: only the blob with that digest; default the next blob requested)
         proxy.ignore_range = True              drop Range headers (a server without Range)
         proxy.replace_manifest(body, content_type)   serve other bytes as the next manifest
         proxy.throttle = BYTES_PER_SECOND      send blob bodies slowly
@@ -53,17 +57,19 @@ class FaultProxy:
     def ref(self, repo, tag="latest"):
         return f"{self.host}/{repo}:{tag}"
 
-    def fail(self, n, status=503, what="any"):
+    def fail(self, n, status=503, what="any", retry_after=None):
         with self._lock:
-            self._faults.append(["fail", n, {"status": status, "what": what}])
+            self._faults.append(["fail", n, {"status": status, "what": what,
+                                             "retry_after": retry_after}])
 
-    def cut_blob(self, after_bytes, times=1):
+    def cut_blob(self, after_bytes, times=1, corrupt=False, digest=None):
         with self._lock:
-            self._faults.append(["cut", times, {"after": after_bytes}])
+            self._faults.append(["cut", times, {"after": after_bytes, "corrupt": corrupt,
+                                                "blob": digest}])
 
-    def corrupt_blob(self, times=1, offset=None):
+    def corrupt_blob(self, times=1, offset=None, digest=None):
         with self._lock:
-            self._faults.append(["corrupt", times, {"offset": offset}])
+            self._faults.append(["corrupt", times, {"offset": offset, "blob": digest}])
 
     def replace_manifest(self, body, content_type=None, times=1, digest_header="match"):
         """Serve `body` (bytes) instead of the next manifest(s): a registry serving a
@@ -79,10 +85,12 @@ class FaultProxy:
             self._faults.clear()
         self.ignore_range = False
 
-    def _take(self, kind, path_kind):
+    def _take(self, kind, path_kind, path=""):
         with self._lock:
             for f in self._faults:
                 if f[0] != kind or f[1] <= 0:
+                    continue
+                if f[2].get("blob") and not path.endswith(f[2]["blob"]):
                     continue
                 if kind == "fail" and f[2]["what"] not in ("any", path_kind):
                     continue
@@ -131,6 +139,8 @@ class FaultProxy:
                     self.send_response(fault["status"])
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(msg)))
+                    if fault["retry_after"] is not None:
+                        self.send_header("Retry-After", str(fault["retry_after"]))
                     self.end_headers()
                     self.wfile.write(msg)
                     return
@@ -153,9 +163,11 @@ class FaultProxy:
                     up.close()
                 cut = corrupt = None
                 if self.command == "GET" and kind == "blob" and status in (200, 206) and data:
-                    cut = proxy._take("cut", kind)
+                    cut = proxy._take("cut", kind, self.path)
                     if cut is None:
-                        corrupt = proxy._take("corrupt", kind)
+                        corrupt = proxy._take("corrupt", kind, self.path)
+                    elif cut["corrupt"]:
+                        corrupt = {"offset": min(cut["after"], len(data)) // 2}
                 if self.command == "GET" and kind == "manifest" and status == 200:
                     swap = proxy._take("manifest", kind)
                     if swap is not None:

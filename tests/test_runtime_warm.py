@@ -1,6 +1,7 @@
-"""The background prefetch of the command's files from the freshly mounted image.
+"""Warming the page cache with the command's files from the freshly mounted image, in the
+background (hpcc.runtime.warm).
 
-The unit tests use a plain directory as the image root (the prefetch only reads through
+The unit tests use a plain directory as the image root (the warming only reads through
 open_in_root); the end-to-end tests launch real images (squashfuse_ll as the test user, the
 kernel as root) and read what `hpcc -v` reports.
 """
@@ -11,7 +12,7 @@ import tempfile
 
 import pytest
 
-from hpcc.runtime import elf, prefetch
+from hpcc.runtime import elf, warm
 from tests.fixtures.launcher_images import run_hpcc
 
 HOST_LS = shutil.which("ls") or "/bin/ls"
@@ -60,10 +61,10 @@ def test_command_found_on_the_containers_path_inside_the_root(root):
     (root / "bin" / "tool").write_bytes(b"x" * 100)
     fd = _open(root)
     try:
-        assert prefetch.command_path(fd, "tool", "/usr/bin:relative:/bin") == "/bin/tool"
-        assert prefetch.command_path(fd, "missing", "/usr/bin:/bin") is None
-        assert prefetch.command_path(fd, "/bin/tool", "") == "/bin/tool"
-        assert prefetch.command_path(fd, "./tool", "/bin") is None  # relative to an unknown cwd
+        assert warm.command_path(fd, "tool", "/usr/bin:relative:/bin") == "/bin/tool"
+        assert warm.command_path(fd, "missing", "/usr/bin:/bin") is None
+        assert warm.command_path(fd, "/bin/tool", "") == "/bin/tool"
+        assert warm.command_path(fd, "./tool", "/bin") is None  # relative to an unknown cwd
     finally:
         os.close(fd)
 
@@ -76,12 +77,12 @@ def test_program_interpreter_and_libraries_are_read_up_to_the_budget(root):
     os.close(fd)
     shutil.copy(interp, root / interp.lstrip("/"))
     for name in needed:
-        src = next(f"{d}/{name}" for d in prefetch.LIB_DIRS if os.path.exists(f"{d}/{name}"))
+        src = next(f"{d}/{name}" for d in warm.LIB_DIRS if os.path.exists(f"{d}/{name}"))
         shutil.copy(src, root / "lib/x86_64-linux-gnu" / name)
     rfd = _open(root)
     try:
         report = []
-        total = prefetch.prefetch(rfd, ["/bin/ls"], 1 << 30, report)
+        total = warm.warm_files(rfd, ["/bin/ls"], 1 << 30, report)
         paths = [p for p, _ in report]
         assert paths[0] == interp  # the loader first: the kernel maps it first
         assert "/bin/ls" in paths
@@ -89,7 +90,7 @@ def test_program_interpreter_and_libraries_are_read_up_to_the_budget(root):
         assert total == sum(n for _, n in report) == sum(
             os.path.getsize(root / p.lstrip("/")) for p in paths)
         capped = []
-        assert prefetch.prefetch(rfd, ["/bin/ls"], 5000, capped) == 5000
+        assert warm.warm_files(rfd, ["/bin/ls"], 5000, capped) == 5000
     finally:
         os.close(rfd)
 
@@ -104,7 +105,7 @@ def test_symlinks_in_the_image_never_lead_out_of_the_root(root, tmp_path):
     try:
         for prog in ("/bin/evil", "/bin/evil2", "/bin/script"):
             report = []
-            prefetch.prefetch(rfd, [prog], 1 << 20, report)
+            warm.warm_files(rfd, [prog], 1 << 20, report)
             assert all(p != str(secret) or n == 0 for p, n in report), report
             assert sum(n for _, n in report) == (len(b"#!" + str(secret).encode() + b"\n")
                                                  if prog == "/bin/script" else 0)
@@ -114,37 +115,38 @@ def test_symlinks_in_the_image_never_lead_out_of_the_root(root, tmp_path):
 
 # --- end to end: unprivileged launches through squashfuse_ll ---------------------------
 
-@pytest.fixture
-def config_without_prefetch(launcher_env):
-    d = tempfile.mkdtemp(prefix="hpcc-prefetch-cfg-")
+@pytest.fixture(params=["warm_mb", "prefetch_mb"])
+def config_without_warming(launcher_env, request):
+    """warm_mb = 0, or the key's old name, prefetch_mb = 0, which still works."""
+    d = tempfile.mkdtemp(prefix="hpcc-warm-cfg-")
     os.chmod(d, 0o755)
     cfg = os.path.join(d, "hpcc.toml")
     with open(cfg, "w") as f:
-        f.write(f'[launcher]\nhooks_dir = "{launcher_env["hooks_dir"]}"\nprefetch_mb = 0\n')
+        f.write(f'[launcher]\nhooks_dir = "{launcher_env["hooks_dir"]}"\n{request.param} = 0\n')
     os.chmod(cfg, 0o644)
     yield cfg
     shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.root
-def test_unprivileged_launch_prefetches_the_command(images, launcher_env, test_user):
+def test_unprivileged_launch_warms_the_command(images, launcher_env, test_user):
     p = run_hpcc(["-v", "exec", images["base"], "true"], user=test_user.pw_name,
                  config=launcher_env["HPCC_CONFIG"])
     assert p.returncode == 0, p.stderr
-    line = next(x for x in p.stderr.splitlines() if "prefetched" in x)
-    assert "prefetched 1 file(s)" in line and "/bin/true" in line, line
+    line = next(x for x in p.stderr.splitlines() if "warmed" in x)
+    assert "warmed 1 file(s)" in line and "/bin/true" in line, line
     if "still reading" not in line:  # `true` may exit before the whole file is read
         size = os.path.getsize(shutil.which("busybox") or "/bin/busybox")
         assert f"{size / 1e6:.1f} MB" in line, line
 
 
 @pytest.mark.root
-def test_a_script_prefetches_its_interpreter_and_a_missing_command_is_still_127(
+def test_a_script_warms_its_interpreter_and_a_missing_command_is_still_127(
         images, launcher_env, test_user):
     p = run_hpcc(["-v", "run", images["entry"]], user=test_user.pw_name,
                  config=launcher_env["HPCC_CONFIG"])
     assert p.returncode == 0 and p.stdout == "entry:default cmd\n", p.stderr
-    line = next(x for x in p.stderr.splitlines() if "prefetched" in x)
+    line = next(x for x in p.stderr.splitlines() if "warmed" in x)
     assert "/bin/sh" in line and "/app/entry.sh" in line, line
     p = run_hpcc(["exec", images["base"], "no-such-command"], user=test_user.pw_name,
                  config=launcher_env["HPCC_CONFIG"])
@@ -152,22 +154,30 @@ def test_a_script_prefetches_its_interpreter_and_a_missing_command_is_still_127(
 
 
 @pytest.mark.root
-def test_prefetch_for_kernel_mounts_too_and_off_in_the_config(images, launcher_env, test_user,
-                                                               config_without_prefetch):
-    p = run_hpcc(["-v", "exec", images["base"], "true"], config=launcher_env["HPCC_CONFIG"])
+def test_warming_for_kernel_mounts_too_and_off_in_the_config(images, launcher_env, test_user,
+                                                              config_without_warming):
+    # the kernel mounts only images reached through root-only directories (not /tmp's)
+    site = tempfile.mkdtemp(dir="/run")
+    try:
+        os.chmod(site, 0o755)
+        shutil.copy(images["base"], os.path.join(site, "base.sqfs"))
+        p = run_hpcc(["-v", "exec", os.path.join(site, "base.sqfs"), "true"],
+                     config=launcher_env["HPCC_CONFIG"])
+    finally:
+        shutil.rmtree(site)
     assert p.returncode == 0, p.stderr
-    assert "(kernel)" in p.stderr and "prefetched 1 file(s)" in p.stderr
+    assert "(kernel)" in p.stderr and "warmed 1 file(s)" in p.stderr
     for user in (None, test_user.pw_name):
         p = run_hpcc(["-v", "exec", images["base"], "true"], user=user,
-                     config=config_without_prefetch)
+                     config=config_without_warming)
         assert p.returncode == 0, p.stderr
-        assert "image mounted" in p.stderr and "prefetched" not in p.stderr
+        assert "image mounted" in p.stderr and "warmed" not in p.stderr
 
 
 @pytest.mark.root
-def test_command_that_exits_while_the_prefetch_runs_is_reaped(images, launcher_env, test_user):
+def test_command_that_exits_while_the_warming_runs_is_reaped(images, launcher_env, test_user):
     # `false` exits at once while a large file is still being read: hpcc must still see the
-    # command's exit (the prefetch thread takes no signals) and exit with its status
+    # command's exit (the warming thread takes no signals) and exit with its status
     for _ in range(5):
         p = run_hpcc(["exec", images["base"], "false"], user=test_user.pw_name,
                      config=launcher_env["HPCC_CONFIG"], timeout=30)

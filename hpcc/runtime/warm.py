@@ -5,7 +5,7 @@ few pages at a time, and every fault decompresses a block. Through squashfuse_ll
 which keeps no cache of decompressed data blocks, each fault is also a FUSE request that
 decompresses its 128-512 KiB block again: measured here with a static busybox, 26-32 ms for
 the exec of `true`, against 13 ms to read the same file once from start to end, after which
-the exec takes 2.5 ms (the kernel's squashfs: about 20 ms, 8 ms less after a prefetch).
+the exec takes 2.5 ms (the kernel's squashfs: about 20 ms, 8 ms less after warming).
 So, as soon as the image is mounted, one background thread reads the command's executable,
 its ELF interpreter and the libraries it names (DT_NEEDED, found in the usual library
 directories) from start to end, while the main thread goes on assembling the root. By the
@@ -13,9 +13,12 @@ time the command execs, most of its pages are in the page cache of the image's i
 which the overlay root passes through.
 
 Everything here is best effort and reads the untrusted image only through `open_in_root`
-(symlinks resolve inside the image). Any error ends the prefetch silently: the exec then
+(symlinks resolve inside the image). Any error ends the warming silently: the exec then
 simply pays the faults. The bytes read are capped by the site config
-(`launcher.prefetch_mb`, 0 turns it off).
+(`launcher.warm_mb`, 0 turns it off).
+
+(Not to be confused with `gateway prefetch`, which pulls the images of pending Slurm jobs
+into the store, nor with the flattener's read-ahead of a layer's decompressed bytes.)
 """
 import _signal as signal  # the C module: `signal` would import enum (~3 ms)
 import _thread
@@ -81,7 +84,7 @@ def _deps(root_fd, fd):
     return (interp if interp and interp.startswith("/") else None), libs
 
 
-def prefetch(root_fd, paths, budget, report=None):
+def warm_files(root_fd, paths, budget, report=None):
     """Read the files in `paths` (inside the root) and the ELF objects they load, in the
     order the loader needs them (interpreter, program, libraries), up to `budget` bytes in
     all. Appends [path, bytes read so far] to `report` as it goes and returns the total;
@@ -118,8 +121,8 @@ def prefetch(root_fd, paths, budget, report=None):
     return done
 
 
-class Prefetch:
-    """A running (or finished) prefetch: .files lists [path, bytes read so far]."""
+class Warming:
+    """A running (or finished) warming: .files lists [path, bytes read so far]."""
 
     def __init__(self):
         self.files = []
@@ -129,15 +132,15 @@ class Prefetch:
         total = sum(n for _, n in self.files)
         names = ", ".join(p for p, _ in self.files[:4]) + (", ..." if len(self.files) > 4 else "")
         state = "" if self.done else " (still reading)"
-        return f"prefetched {len(self.files)} file(s), {total / 1e6:.1f} MB{state}: {names}"
+        return f"warmed {len(self.files)} file(s), {total / 1e6:.1f} MB{state}: {names}"
 
 
 def start(root_fd, prog, path_var, budget):
-    """Prefetch the command `prog` from the image whose root directory is root_fd (an
+    """Warm the page cache with the command `prog` from the image whose root directory is root_fd (an
     O_PATH fd the thread takes over and closes) in a background thread that ends on its
     own; a read blocked on a FUSE daemon that dies returns an error and ends it too.
-    Returns the Prefetch the thread fills in."""
-    job = Prefetch()
+    Returns the Warming the thread fills in."""
+    job = Warming()
     if budget <= 0 or not prog:
         os.close(root_fd)
         job.done = True
@@ -147,7 +150,7 @@ def start(root_fd, prog, path_var, budget):
         try:
             path = command_path(root_fd, prog, path_var)
             if path:
-                prefetch(root_fd, [path], budget, job.files)
+                warm_files(root_fd, [path], budget, job.files)
         except BaseException:  # noqa: BLE001
             pass
         finally:

@@ -1,0 +1,575 @@
+"""`gateway serve`: the gateway service. Users put images into the site store through it,
+once per cluster, within the site's policy; it runs as the unprivileged account that owns
+the store, so users never write the store themselves.
+
+Ways in (nothing else):
+- the UNIX socket `service.socket` (login nodes): the kernel tells who the peer is
+  (SO_PEERCRED);
+- TCP on `service.listen` (other hosts): the request travels inside a munge credential,
+  which munged seals with the cluster key, encrypts, binds to the sender's uid and accepts
+  once (a replay is refused).
+A request that claims a uid other than the one proven is refused.
+
+A pull is resolved with the service's own (site) credentials; when the registry refuses
+that and the request carries the user's credentials (their auth file's entries for that
+registry, held in memory only for this request), it is resolved again with those and the
+image goes to the user's private store (gateway/private.py). Requests for one image share
+one conversion: the first starts it, later ones subscribe to its progress and result.
+"""
+import gc
+import os
+import pwd
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+
+from hpcc.errors import EXIT_USAGE, ConfigError, HpccError, ImageError, UsageError
+from hpcc.reference import parse_reference
+from hpcc.store import Store
+
+from . import protocol
+from .audit import AuditLog
+from .policy import Policy, PolicyError, UserLimits
+from .progress import Reporter
+
+
+class AuthError(HpccError):
+    """The peer's identity could not be established or does not match its claim."""
+
+
+def _user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+class Identity:
+    def __init__(self, uid, gid, via, host=None, pid=None):
+        self.uid, self.gid, self.via, self.host, self.pid = uid, gid, via, host, pid
+        self.user = _user_name(uid)
+
+    def audit(self):
+        return {"uid": self.uid, "user": self.user, "via": self.via, "host": self.host}
+
+
+def parse_listen(value):
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"service.listen '{value}' is not HOST:PORT")
+    return (host.strip("[]") or "0.0.0.0"), int(port)
+
+
+class _JobReporter(Reporter):
+    """Turns the pull's progress calls into protocol events for every subscriber."""
+
+    STEP = 0.2  # seconds between progress events of one layer / of the conversion
+
+    def __init__(self, job):
+        super().__init__(quiet=True)
+        self.job = job
+        self.last = {}
+        self.converted = 0
+
+    def _due(self, key):
+        now = time.monotonic()
+        if now - self.last.get(key, 0) >= self.STEP:
+            self.last[key] = now
+            return True
+        return False
+
+    def line(self, msg):
+        self.job.emit({"event": "line", "msg": msg})
+
+    def resolved(self, ref, digest, nlayers, total):
+        ref = self.job.ref.familiar  # as asked, not the digest-pinned name the job pulls
+        self.job.emit({"event": "resolved", "ref": ref, "digest": digest, "layers": nlayers,
+                       "total": total}, key="resolved")
+
+    def download(self, event, digest, done, total):
+        if event == "progress" and not self._due(digest):
+            return
+        self.job.emit({"event": "download", "phase": event, "digest": digest, "done": done,
+                       "total": total}, key=("download", digest))
+
+    def converting(self, total_bytes):
+        self.job.phase = "converting"
+        self.job.emit({"event": "converting", "total": total_bytes}, key="converting")
+
+    def converted_bytes(self, n):
+        with self._lock:
+            self.converted += n
+            if not self._due("convert"):
+                return
+            total = self.converted
+        self.job.emit({"event": "converted", "total": total}, key="converted")
+
+    def done(self, msg):
+        self.job.emit({"event": "line", "msg": msg})
+
+
+class PullJob:
+    """One conversion, shared by every request for the same image and store."""
+
+    def __init__(self, service, store, ref, img, client, platform):
+        self.service = service
+        self.store = store
+        self.ref = ref
+        self.digest = img.manifest_digest
+        self.pin = ref.with_digest(img.index_digest or img.manifest_digest)
+        self.client = client
+        self.platform = platform
+        self.key = (store.root, self.digest)
+        self.lock = threading.Lock()
+        self.snapshot = {}
+        self.subs = []
+        self.done = threading.Event()
+        self.result = None
+        self.error = None
+        self.requesters = 0
+        self.phase = "downloading"
+        self.started = time.time()
+
+    def emit(self, ev, key=None):
+        with self.lock:
+            if key is not None:
+                self.snapshot.pop(key, None)
+                self.snapshot[key] = ev
+            subs = list(self.subs)
+        for q in subs:
+            q.append(ev)
+            q.ready.set()
+
+    def subscribe(self):
+        q = _Queue()
+        with self.lock:
+            self.requesters += 1
+            q.extend(self.snapshot.values())
+            q.ready.set()
+            self.subs.append(q)
+        return q
+
+    def unsubscribe(self, q):
+        with self.lock:
+            if q in self.subs:
+                self.subs.remove(q)
+
+    def run(self):
+        from .pull import pull
+
+        svc = self.service
+        try:
+            self.result = pull(str(self.pin), store=self.store, config=svc.config,
+                               platform=self.platform, client=self.client,
+                               reporter=_JobReporter(self),
+                               check_size=svc.squashfs_check(self.ref))
+        except BaseException as e:  # reported to every requester
+            self.error = e
+        finally:
+            gc.unfreeze()  # pull() froze what existed; a long-lived service must collect it
+            self.client.close()
+            with svc.jobs_lock:
+                svc.jobs.pop(self.key, None)
+            self.done.set()
+            self.emit(None)
+        if self.result is not None and self.store.root == svc.store.root:
+            svc.evict(keep=self.digest)
+
+
+class _Queue(list):
+    def __init__(self):
+        super().__init__()
+        self.ready = threading.Event()
+
+    def take(self):
+        """Events queued so far (waits for at least one)."""
+        while True:
+            self.ready.wait()
+            self.ready.clear()
+            if self:
+                out = self[:]
+                del self[:len(out)]
+                return out
+
+
+class Service:
+    def __init__(self, config, *, socket_path=None, listen=None, munge_socket=None,
+                 store=None, log=None):
+        from hpcc.config import expand_path
+
+        svc = config["service"]
+        pol = config["policy"]
+        self.config = config
+        self.socket_path = expand_path(socket_path or svc["socket"])
+        self.listen = svc["listen"] if listen is None else listen
+        self.munge_socket = munge_socket or svc["munge_socket"] or None
+        self.store = store or Store.site(config)
+        self.policy = Policy(pol)
+        self.limits = UserLimits(self.policy.user_concurrent, self.policy.user_per_hour)
+        self.audit = AuditLog(expand_path(pol["audit_log"]) if pol["audit_log"] else None)
+        self.log_stream = log or sys.stderr
+        self.jobs = {}
+        self.jobs_lock = threading.Lock()
+        self.evict_lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.listeners = []
+        self.started = time.time()
+
+    # ---- life cycle ----------------------------------------------------------------------
+    def log(self, msg):
+        try:
+            print(f"gateway serve: {msg}", file=self.log_stream, flush=True)
+        except (OSError, ValueError):
+            pass
+
+    def _bind_unix(self):
+        path = self.socket_path
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # left by a service that died
+            else:
+                raise ConfigError(f"another gateway service already listens on {path}")
+            finally:
+                probe.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        os.chmod(path, 0o666)  # every local user may ask; the peer's uid decides the rest
+        s.listen(64)
+        return s
+
+    def start(self):
+        self.store.ensure()
+        try:
+            self.listeners.append(("unix", self._bind_unix()))
+            if self.listen:
+                host, port = parse_listen(self.listen)
+                s = socket.create_server((host, port), backlog=64)
+                self.listeners.append(("tcp", s))
+        except OSError as e:
+            self.close()
+            raise ConfigError(f"the gateway service cannot listen: {e.strerror or e}") from None
+        for kind, s in self.listeners:
+            threading.Thread(target=self._accept_loop, args=(kind, s), daemon=True,
+                             name=f"accept-{kind}").start()
+        where = self.socket_path + (f" and tcp {self.listen}" if self.listen else "")
+        self.log(f"serving the store {self.store.root} on {where} as "
+                 f"{_user_name(os.geteuid())} (pid {os.getpid()})")
+
+    def close(self):
+        self.stopping.set()
+        for kind, s in self.listeners:
+            try:
+                s.close()
+            except OSError:
+                pass
+        self.listeners = []
+        try:
+            if os.path.exists(self.socket_path):
+                os.unlink(self.socket_path)
+        except OSError:
+            pass
+
+    def serve_forever(self):
+        self.start()
+
+        def stop(signum, frame):
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        try:
+            while not self.stopping.wait(1.0):
+                pass
+        finally:
+            self.log("stopping")
+            self.close()
+
+    def _accept_loop(self, kind, sock):
+        while not self.stopping.is_set():
+            try:
+                conn, addr = sock.accept()
+            except OSError:
+                if self.stopping.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            host = addr[0] if kind == "tcp" else None
+            threading.Thread(target=self._handle, args=(conn, kind, host), daemon=True,
+                             name="request").start()
+
+    # ---- one connection ------------------------------------------------------------------
+    def _handle(self, conn, kind, host):
+        f = conn.makefile("rwb")
+        ident = None
+        req = {}
+        try:
+            conn.settimeout(30)
+            try:
+                req = protocol.recv(f)
+                if req is None:
+                    return  # connected and went away (a liveness probe)
+                ident, req = self._identify(conn, kind, host, req)
+            except HpccError as e:
+                self.audit.write(op=str(req.get("op") or "?")[:32], via=kind, host=host,
+                                 outcome="refused", error=str(e))
+                self.log(f"refused a {kind} request: {e}")
+                protocol.send(f, {"event": "error", "message": str(e), "exit_code": 1})
+                return
+            conn.settimeout(None)
+            op = req.get("op")
+            if op == "pull":
+                self._pull(ident, req, f)
+            elif op == "status":
+                protocol.send(f, {"event": "result", "status": self.status()})
+            elif op == "list":
+                protocol.send(f, {"event": "result", "images": self.list_images(ident)})
+            else:
+                e = UsageError(f"unknown request '{op}'")
+                self.audit.write(op=str(op)[:32], **ident.audit(), outcome="refused",
+                                 error=str(e))
+                protocol.send(f, {"event": "error", "message": str(e), "exit_code": EXIT_USAGE})
+        except (OSError, ValueError):
+            pass  # the client went away
+        finally:
+            try:
+                f.close()
+                conn.close()
+            except OSError:
+                pass
+
+    def _identify(self, conn, kind, host, req):
+        if kind == "unix":
+            raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, gid = struct.unpack("3i", raw)
+            ident = Identity(uid, gid, "unix", pid=pid)
+        else:
+            from . import munge
+
+            cred = req.get("munge")
+            if not isinstance(cred, str):
+                raise AuthError("a TCP request must come in a munge credential",
+                                hint="use hpcc's client (hpcc pull) on a host running munged")
+            payload, uid, gid = munge.decode(cred, socket=self.munge_socket)
+            try:
+                import json
+
+                req = json.loads(payload)
+            except ValueError:
+                raise AuthError("the munge credential does not carry a request") from None
+            if not isinstance(req, dict):
+                raise AuthError("the munge credential does not carry a request")
+            ident = Identity(uid, gid, "tcp", host=host)
+        claimed = req.get("uid")
+        if claimed is not None and claimed != ident.uid:
+            raise AuthError(f"the request claims uid {claimed} but comes from uid {ident.uid}")
+        return ident, req
+
+    # ---- pull ----------------------------------------------------------------------------
+    def squashfs_check(self, ref):
+        limit = self.policy.max_squashfs
+        if not limit:
+            return None
+
+        def check(size):
+            if size > limit:
+                raise self.policy.squashfs_limit_error(ref, size)
+        return check
+
+    def _resolve(self, ref, platform, auth):
+        """(client, image, private). The site's credentials first, then the user's."""
+        from hpcc.errors import NotInRegistry, RegistryError
+
+        from .registry import RegistryClient
+
+        client = RegistryClient(self.config)
+        try:
+            return client, client.resolve(ref, platform), False
+        except (RegistryError, NotInRegistry):  # some registries hide private repositories
+            client.close()
+            if not auth:
+                raise
+        client = _UserClient(self.config, auth)
+        try:
+            return client, client.resolve(ref, platform), True
+        except BaseException:
+            client.close()
+            raise
+
+    def _pull(self, ident, req, f):
+        t0 = time.monotonic()
+        record = {"op": "pull", **ident.audit(), "ref": req.get("ref")}
+        outcome, error, acquired, client = "failed", None, False, None
+        try:
+            ref_s = req.get("ref")
+            if not isinstance(ref_s, str):
+                raise UsageError("a pull request needs a reference")
+            ref = parse_reference(ref_s)
+            record["ref"] = str(ref)
+            platform = req.get("platform") or None
+            if platform is not None and not isinstance(platform, str):
+                raise UsageError("the platform must be text")
+            auth = req.get("auth") or None
+            if auth is not None and not isinstance(auth, dict):
+                raise UsageError("auth must be an auth file's JSON object")
+            self.policy.check_ref(ref)
+            self.limits.acquire(ident.uid, ident.user)
+            acquired = True
+            client, img, private = self._resolve(ref, platform, auth)
+            total = sum(layer.size for layer in img.layers)
+            record.update(digest=img.manifest_digest, compressed_size=total, private=private)
+            self.policy.check_compressed(ref, total)
+            keys = self.policy.signature_keys(ref)
+            if keys:
+                from .cosign import verify_image
+
+                signer = verify_image(client, ref, img, keys)
+                record["signed_by"] = signer["key"]
+            if private:
+                from .private import private_store
+
+                store = private_store(self.store.root, ident.uid)
+            else:
+                store = self.store
+            rec = store.get(img.manifest_digest)
+            if rec is not None:
+                if ref.tag:
+                    store.tag(ref, img.manifest_digest)
+                outcome = "present"
+                result = {"converted": False, "joined": False}
+            else:
+                with self.jobs_lock:
+                    job = self.jobs.get((store.root, img.manifest_digest))
+                    joined = job is not None
+                    if job is None:
+                        job = PullJob(self, store, ref, img, client, platform)
+                        self.jobs[job.key] = job
+                        client = None  # the job owns it now
+                        q = job.subscribe()
+                        threading.Thread(target=job.run, daemon=True, name="pull").start()
+                    else:
+                        q = job.subscribe()
+                if joined and ref.tag:
+                    record["joined"] = True
+                self._stream(job, q, f)
+                if job.error is not None:
+                    raise job.error
+                rec = job.result.record
+                if joined and ref.tag:
+                    store.tag(ref, img.manifest_digest)
+                outcome = "joined" if joined else ("pulled" if job.result.converted
+                                                   else "present")
+                result = {"converted": job.result.converted, "joined": joined}
+            result.update(ref=str(ref), digest=rec.digest, path=rec.sqfs_path,
+                          size=rec.meta.get("size"), private=private, store=store.root,
+                          seconds=round(time.monotonic() - t0, 3))
+            record["squashfs_size"] = rec.meta.get("size")
+            protocol.send(f, {"event": "result", **result})
+        except HpccError as e:
+            outcome = "denied" if isinstance(e, PolicyError) else "failed"
+            error = e
+            protocol.send(f, {"event": "error", "message": str(e), "exit_code": e.exit_code})
+        except Exception as e:  # noqa: BLE001 - the service keeps serving; the client is told
+            error = e
+            self.log(f"internal error in a pull of {record.get('ref')}: {e!r}")
+            protocol.send(f, {"event": "error", "exit_code": 1,
+                              "message": f"the gateway service failed: {e}"})
+        finally:
+            if acquired:
+                self.limits.release(ident.uid)
+            if client is not None:
+                client.close()
+            secs = round(time.monotonic() - t0, 3)
+            self.audit.write(**record, outcome=outcome, seconds=secs,
+                             error=str(error) if error else None)
+            self.log(f"{ident.user} ({ident.via}) pull {record.get('ref')}: {outcome} "
+                     f"in {secs:.2f}s" + (f": {error}" if error else ""))
+
+    def _stream(self, job, q, f):
+        """Forward the job's events to this client until the job ends. A client that goes
+        away stops getting them; the job goes on for the others."""
+        alive = True
+        try:
+            while True:
+                for ev in q.take():
+                    if ev is None:
+                        return
+                    if alive:
+                        try:
+                            protocol.send(f, ev)
+                        except (OSError, ValueError):
+                            alive = False
+        finally:
+            job.unsubscribe(q)
+
+    # ---- store budget --------------------------------------------------------------------
+    def evict(self, keep):
+        budget = self.policy.store_budget
+        if not budget:
+            return
+        from .eviction import evict
+
+        with self.evict_lock:
+            with self.jobs_lock:
+                busy = {d for (_root, d) in self.jobs} | {keep}
+            try:
+                removed = evict(self.store, budget, busy=busy)
+            except HpccError as e:
+                self.log(f"store over its budget, nothing evicted: {e}")
+                self.audit.write(op="evict", outcome="failed", error=str(e))
+                return
+        for digest, size, tags in removed:
+            self.audit.write(op="evict", digest=digest, squashfs_size=size, tags=tags,
+                             outcome="evicted")
+            self.log(f"evicted {digest} ({', '.join(tags) or 'untagged'}, {size} bytes)")
+
+    # ---- status and list -----------------------------------------------------------------
+    def status(self):
+        with self.jobs_lock:
+            jobs = [{"ref": str(j.ref), "digest": j.digest, "phase": j.phase,
+                     "requesters": j.requesters, "seconds": round(time.time() - j.started, 1)}
+                    for j in self.jobs.values()]
+        return {"pid": os.getpid(), "user": _user_name(os.geteuid()), "store": self.store.root,
+                "uptime": round(time.time() - self.started, 1), "pulls": jobs}
+
+    def list_images(self, ident):
+        out = []
+        stores = [(self.store, False), (Store.private(self.store.root, ident.uid), True)]
+        for st, private in stores:
+            for rec in st.images():
+                out.append({"digest": rec.digest, "tags": rec.meta.get("tags", []),
+                            "size": rec.meta.get("size"), "path": rec.sqfs_path,
+                            "private": private})
+        return out
+
+
+class _UserClient:
+    """A RegistryClient with a user's credentials, read from an anonymous memory file
+    (memfd) that disappears with it: the credentials are never written to disk."""
+
+    def __new__(cls, config, auth):
+        import json
+
+        from .registry import RegistryClient
+
+        if not isinstance(auth.get("auths"), dict):
+            raise ImageError("the request's credentials are not an auth file's JSON")
+        fd = os.memfd_create("hpcc-user-auth", os.MFD_CLOEXEC)
+        os.write(fd, json.dumps(auth).encode())
+        client = RegistryClient(config, auth_file=f"/proc/self/fd/{fd}")
+        close = client.close
+
+        def close_all():
+            close()
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        client.close = close_all
+        return client

@@ -1,0 +1,438 @@
+"""Named containers: a container's writable layer kept under a name for later launches.
+
+`hpcc run --name NAME` and `srun --container-name=NAME[:FLAG]` keep the overlay's upper
+layer in a directory of their own instead of the launch's tmpfs; the next launch with that
+name mounts the same image under the same upper layer, so what one step installed is there
+for the next. Unnamed containers keep their writable layer in the launch's tmpfs, gone when
+the container ends.
+
+Where (`launcher.containers_dir`, docs/launcher.md):
+- root (the Slurm helper, `hpcc run` as root): `/run/hpcc-containers` by default, every
+  directory of the path owned by root and writable by no one else (checked by file
+  descriptor, component by component, symlinks refused); in it `job-JOB-uUID/NAME` (scope
+  "job", removed at the end of the job by `remove_job`) or `user-UID/NAME` (scope "user",
+  kept on the node until removed). The container's files belong to the user only inside
+  the layer; every directory above it is root's, so root never works in a place the user
+  controls.
+- a user (rootless `hpcc run`): `$XDG_RUNTIME_DIR/hpcc-containers`, else
+  `/tmp/hpcc-containers-UID` (a directory of theirs, mode 0700).
+
+Each NAME directory holds `upper/` and `work/` (the overlay's), `image` (JSON: the image file
+and digest the container was made from) and `lock`. A launch holds an exclusive flock on
+`lock` for as long as the container runs: a second launch with the name finds it running
+(FLAG exec attaches to it, auto too; no_exec and create refuse).
+
+Flags as pyxis: auto (default: use the container if it exists, else create it; attach
+when it runs), create (it must not exist yet), exec (it must be running: attach),
+no_exec (never attach).
+"""
+import errno
+import fcntl
+import json
+import os
+import re
+import stat
+
+from ..errors import LaunchError, UsageError
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+FLAGS = ("auto", "create", "exec", "no_exec")
+ROOT_DEFAULT = "/run/hpcc-containers"
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def parse_name(text, option="--name"):
+    """'NAME[:FLAG]' -> (NAME, FLAG); one clear line for anything else."""
+    name, _, flag = text.partition(":")
+    flag = flag or "auto"
+    if not NAME_RE.match(name):
+        raise UsageError(f"bad {option} '{text}': a name is 1-64 letters, digits, '.', '_' "
+                         "or '-', starting with a letter or digit")
+    if flag not in FLAGS:
+        raise UsageError(f"bad {option} '{text}': the flag after ':' must be one of "
+                         + ", ".join(FLAGS))
+    return name, flag
+
+
+def _check_dir(fd, path, owner):
+    st = os.fstat(fd)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != owner or st.st_mode & 0o022:
+        raise LaunchError(f"{path} must be a directory owned by "
+                          f"{'root' if owner == 0 else 'you'} and writable by no one else",
+                          hint="the admin must fix launcher.containers_dir" if owner == 0
+                          else f"remove {path}")
+
+
+def open_dir_chain(path, owner, create_mode=0o700):
+    """fd of directory `path`, walked from / by file descriptor without following symlinks;
+    missing components are created (create_mode) and every component must be owned by
+    `owner` or root and writable by no one else. Raises LaunchError."""
+    if not path.startswith("/"):
+        raise LaunchError(f"launcher.containers_dir '{path}' must be an absolute path")
+    fd = os.open("/", O_DIR)
+    here = ""
+    try:
+        for comp in [c for c in path.split("/") if c]:
+            if comp in (".", ".."):
+                raise LaunchError(f"launcher.containers_dir '{path}' must be a plain path")
+            here += "/" + comp
+            try:
+                nfd = os.open(comp, O_DIR, dir_fd=fd)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(comp, create_mode, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                except OSError as e:
+                    raise LaunchError(f"cannot create {here}: {e.strerror}") from None
+                try:
+                    nfd = os.open(comp, O_DIR, dir_fd=fd)
+                except OSError as e:
+                    raise LaunchError(f"cannot open {here}: {e.strerror}") from None
+            except OSError as e:
+                what = "is a symlink" if e.errno == errno.ELOOP else e.strerror
+                raise LaunchError(f"cannot use {here}: {what}") from None
+            os.close(fd)
+            fd = nfd
+            st = os.fstat(fd)
+            if st.st_uid not in (0, owner) or (st.st_mode & 0o022 and not
+                                              (st.st_mode & stat.S_ISVTX and st.st_uid == 0)):
+                raise LaunchError(f"cannot keep containers under {path}: {here} is not owned "
+                                  "by root (or you) or is writable by others")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def containers_dir(privileged, config=None, uid=None):
+    """The directory that holds the named containers of this caller (not created)."""
+    launcher = (config or {}).get("launcher", {})
+    if privileged:
+        return launcher.get("containers_dir") or ROOT_DEFAULT
+    uid = os.getuid() if uid is None else uid
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        try:
+            st = os.stat(xdg)
+            if st.st_uid == uid and stat.S_ISDIR(st.st_mode):
+                return os.path.join(xdg, "hpcc-containers")
+        except OSError:
+            pass
+    return f"/tmp/hpcc-containers-{uid}"
+
+
+def scope_name(privileged, uid, job=None, scope="job"):
+    """The per-job or per-user directory name under containers_dir."""
+    if not privileged:
+        return "user"
+    if scope == "job" and job is not None:
+        return f"job-{int(job)}-u{int(uid)}"
+    return f"user-{int(uid)}"
+
+
+class NamedContainer:
+    """One named container's directory, opened (and locked when it is to run)."""
+
+    def __init__(self, name, flag, path, dir_fd, created, image):
+        self.name, self.flag, self.path = name, flag, path
+        self.dir_fd = dir_fd
+        self.created = created      # True: this launch made it
+        self.image = image          # dict recorded at creation: sqfs, digest, name
+        self.lock_fd = None
+        self.running_pid = None     # the pid to attach to, when it runs and we attach
+
+    @property
+    def upper(self):
+        return f"{self.path}/upper"
+
+    @property
+    def work(self):
+        return f"{self.path}/work"
+
+    def lock(self):
+        """Take the running lock (kept until close or the process ends)."""
+        fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.dir_fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.lock_fd = fd
+        return True
+
+    def record_pid(self, pid):
+        """Write the pid a later `exec` attaches to (this process holds the lock)."""
+        data = f"{pid} {_start_time(pid)}\n".encode()
+        tmp = f"pid.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self.dir_fd)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(tmp, "pid", src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+
+    def close(self):
+        for attr in ("lock_fd", "dir_fd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, attr, None)
+
+
+def _start_time(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _read_json(dir_fd, name):
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(os.read(fd, 1 << 16) or b"null")
+    except ValueError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _running_pid(dir_fd):
+    """The pid recorded by the launch that holds the lock, if it still is that process."""
+    try:
+        fd = os.open("pid", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        pid, start = (int(x) for x in os.read(fd, 64).split())
+    except ValueError:
+        return None
+    finally:
+        os.close(fd)
+    return pid if _start_time(pid) == start else None
+
+
+def open_named(text, *, image=None, image_name=None, privileged, uid=None, job=None,
+               scope="job", config=None, option="--name"):
+    """Open (or create) the named container `text` ('NAME[:FLAG]') for a launch.
+
+    image: the launch's ImageRecord, or None when only the name was given (the container
+    must exist then). Returns a NamedContainer; when it is running and the flag allows
+    attaching, .running_pid is set and nothing is locked, else it is locked for this launch.
+    Raises UsageError / LaunchError with one line for the user."""
+    name, flag = parse_name(text, option)
+    uid = os.getuid() if uid is None else uid
+    base = containers_dir(privileged, config, uid)
+    if any(c in base for c in ",:\\\n"):
+        raise LaunchError(f"containers directory {base}: ',', ':' and '\\' cannot be used "
+                          "in an overlay's layer path")
+    owner = 0 if privileged else os.getuid()
+    top = open_dir_chain(base, owner)
+    try:
+        _check_dir(top, base, owner)
+        sub = scope_name(privileged, uid, job, scope)
+        try:
+            os.mkdir(sub, 0o700, dir_fd=top)
+        except FileExistsError:
+            pass
+        sfd = os.open(sub, O_DIR, dir_fd=top)
+    finally:
+        os.close(top)
+    path = f"{base}/{sub}/{name}"
+    try:
+        _check_dir(sfd, f"{base}/{sub}", owner)
+        created = False
+        try:
+            os.mkdir(name, 0o700, dir_fd=sfd)
+            created = True
+        except FileExistsError:
+            pass
+        nfd = os.open(name, O_DIR, dir_fd=sfd)
+    finally:
+        os.close(sfd)
+    nc = NamedContainer(name, flag, path, nfd, created, None)
+    try:
+        _check_dir(nfd, path, owner)
+        recorded = _read_json(nfd, "image")
+        if recorded is None:
+            created = nc.created = True  # an earlier launch died before recording it
+        if not created:
+            nc.image = recorded
+            if flag == "create":
+                raise LaunchError(f"container '{name}' already exists and {option} asked "
+                                  f"to create it ({option}={name}:create)",
+                                  hint="choose another name or drop ':create'")
+        elif image is None:
+            raise LaunchError(f"container '{name}' does not exist and no image was given",
+                              hint="give an image to create it")
+        if nc.lock():
+            if flag == "exec":
+                raise LaunchError(f"container '{name}' is not running ({option}={name}:exec "
+                                  "attaches to a running one)")
+            if created:
+                for d in ("upper", "work"):
+                    try:
+                        os.mkdir(d, 0o755, dir_fd=nfd)
+                    except FileExistsError:
+                        pass
+                nc.image = {"sqfs": str(image.sqfs_path),
+                            "digest": str(getattr(image, "digest", "") or ""),
+                            "name": image_name}
+                _write_json(nfd, "image", nc.image)
+            return nc
+        # it runs
+        pid = _running_pid(nfd)
+        if flag == "no_exec" or flag == "create" or pid is None:
+            raise LaunchError(f"container '{name}' is in use by a running launch",
+                              hint=f"wait for it, or attach with {option}={name}:exec"
+                              if flag == "no_exec" else "wait for it to end")
+        nc.running_pid = pid
+        return nc
+    except BaseException:
+        nc.close()
+        raise
+
+
+def _write_json(dir_fd, name, data):
+    tmp = f"{name}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dir_fd)
+    try:
+        os.write(fd, json.dumps(data).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def remove_tree(parent_fd, name):
+    """Remove parent_fd/name and everything under it, by file descriptor, never following a
+    symlink. A directory its owner cannot enter (the overlay leaves work/work at mode 0) is
+    made 0700 first, through an O_PATH descriptor (so a symlink is not followed)."""
+    try:
+        fd = os.open(name, O_DIR, dir_fd=parent_fd)
+    except PermissionError:
+        pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            if not stat.S_ISDIR(os.fstat(pfd).st_mode):
+                raise
+            os.chmod(f"/proc/self/fd/{pfd}", 0o700)
+        finally:
+            os.close(pfd)
+        fd = os.open(name, O_DIR, dir_fd=parent_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
+            os.unlink(name, dir_fd=parent_fd)
+            return
+        raise
+    try:
+        with os.scandir(fd) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        for child, is_dir in entries:
+            if is_dir:
+                remove_tree(fd, child)
+            else:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def remove_job(job, config=None):
+    """Remove every named container of job `job` on this node (root, at the end of the
+    job). Returns the number removed. The tree is removed by file descriptor, never
+    following a symlink a user may have left in a layer."""
+    base = containers_dir(True, config)
+    try:
+        top = open_dir_chain(base, 0)
+    except LaunchError:
+        return 0
+    n = 0
+    try:
+        prefix = f"job-{int(job)}-u"
+        for entry in os.listdir(top):
+            if entry.startswith(prefix) and entry[len(prefix):].isdigit():
+                try:
+                    remove_tree(top, entry)
+                    n += 1
+                except OSError:
+                    pass
+    finally:
+        os.close(top)
+    return n
+
+
+def remove_named(text, *, privileged, uid=None, job=None, scope="user", config=None):
+    """Remove one named container that is not running. Returns False when it does not
+    exist; raises LaunchError when it runs."""
+    name, _ = parse_name(text)
+    uid = os.getuid() if uid is None else uid
+    base = containers_dir(privileged, config, uid)
+    sub = scope_name(privileged, uid, job, scope)
+    owner = 0 if privileged else os.getuid()
+    try:
+        top = open_dir_chain(base, owner)
+    except LaunchError:
+        return False
+    try:
+        try:
+            sfd = os.open(sub, O_DIR, dir_fd=top)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                nfd = os.open(name, O_DIR, dir_fd=sfd)
+            except FileNotFoundError:
+                return False
+            nc = NamedContainer(name, "auto", f"{base}/{sub}/{name}", nfd, False, None)
+            try:
+                if not nc.lock():
+                    raise LaunchError(f"container '{name}' is running; it cannot be removed")
+                try:
+                    remove_tree(sfd, name)
+                except OSError as e:
+                    raise LaunchError(f"cannot remove container '{name}': {e.strerror}") \
+                        from None
+            finally:
+                nc.close()
+            return True
+        finally:
+            os.close(sfd)
+    finally:
+        os.close(top)
+
+
+def list_named(*, privileged, uid=None, job=None, scope="user", config=None):
+    """[(name, image dict, running)] of the caller's named containers (sorted by name)."""
+    uid = os.getuid() if uid is None else uid
+    base = containers_dir(privileged, config, uid)
+    sub = scope_name(privileged, uid, job, scope)
+    out = []
+    try:
+        top = os.open(f"{base}/{sub}", O_DIR)
+    except OSError:
+        return out
+    try:
+        for name in sorted(os.listdir(top)):
+            if not NAME_RE.match(name):
+                continue
+            try:
+                nfd = os.open(name, O_DIR, dir_fd=top)
+            except OSError:
+                continue
+            nc = NamedContainer(name, "auto", f"{base}/{sub}/{name}", nfd, False, None)
+            try:
+                image = _read_json(nfd, "image") or {}
+                running = not nc.lock()
+                out.append((name, image, running))
+            finally:
+                nc.close()
+    finally:
+        os.close(top)
+    return out

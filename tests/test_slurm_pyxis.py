@@ -1,0 +1,226 @@
+"""srun as pyxis users know it: pyxis' options, environment variables, reference forms,
+mount syntax, defaults and errors, on the real cluster as an unprivileged user."""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.test_slurm_sbatch import outdir, submit  # noqa: F401 - outdir is a fixture
+
+pytestmark = [pytest.mark.root, pytest.mark.slurm]
+
+IMG = "hpcctest/busybox:1"
+U1 = "slurmuser1"
+
+PYXIS_OPTIONS = ["container-image", "container-mounts", "container-workdir", "container-env",
+                 "container-name", "container-save", "container-remap-root",
+                 "no-container-remap-root", "container-mount-home", "no-container-mount-home",
+                 "container-entrypoint", "no-container-entrypoint", "container-entrypoint-log",
+                 "container-writable", "container-readonly", "container-unshare"]
+
+
+def hpcc_lines(stderr):
+    return [ln for ln in stderr.splitlines() if ln.startswith("hpcc: ")]
+
+
+def test_srun_help_shows_every_pyxis_option_once_with_its_variable(slurm_cluster):
+    p = slurm_cluster.run("srun", "--help", user=U1)
+    text = p.stdout + p.stderr
+    for opt in PYXIS_OPTIONS:
+        assert len(re.findall(rf"--{opt}\b(?!-)", text)) == 1, opt
+    # each positive option names its environment variables
+    block = text[text.index("--container-image"):]
+    for opt in PYXIS_OPTIONS:
+        if opt.startswith("no-"):
+            continue
+        var = opt.upper().replace("-", "_")
+        assert f"HPCC_{var}" in block, opt
+
+
+def test_pyxis_container_image_variable_runs_in_the_image(slurm_cluster):
+    # today's pyxis job scripts export PYXIS_CONTAINER_IMAGE
+    p = slurm_cluster.run("srun", "-n2", "grep", "-c", "hpcc test image", "/etc/os-release",
+                          user=U1, env={"PYXIS_CONTAINER_IMAGE": IMG})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["1", "1"]
+
+
+def test_pyxis_variables_in_an_allocation(slurm_cluster):
+    # salloc, then steps inside the allocation: the variables reach every step
+    script = ("srun -n2 sh -c 'pwd; grep -c \"hpcc test image\" /etc/os-release' | sort -u")
+    p = slurm_cluster.run("salloc", "-n2", "sh", "-c", script, user=U1,
+                          env={"PYXIS_CONTAINER_IMAGE": IMG, "PYXIS_CONTAINER_WORKDIR": "/etc"})
+    assert p.stdout.split() == ["/etc", "1"], p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("ref", ["docker://hpcctest/busybox:1", "docker.io#hpcctest/busybox:1",
+                                 "someone@docker.io#hpcctest/busybox:1"])
+def test_enroot_reference_forms(slurm_cluster, ref):
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={ref}", "grep", "-c",
+                          "hpcc test image", "/etc/os-release", user=U1)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "1"
+
+
+def test_local_daemon_images_are_refused_in_one_line(slurm_cluster):
+    p = slurm_cluster.run("srun", "-n1", "--container-image=dockerd://ubuntu", "echo", "RAN",
+                          user=U1)
+    assert p.returncode == 125 and "RAN" not in p.stdout
+    lines = hpcc_lines(p.stderr)
+    assert len(lines) == 1 and "dockerd://" in lines[0] and "not supported" in lines[0]
+
+
+def test_relative_image_path_is_the_jobs_working_directorys(slurm_cluster, slurm_site,
+                                                            slurm_users):
+    u = slurm_users[U1]
+    work = os.path.join(u.pw_dir, f"imgdir-{os.getpid()}")
+    os.makedirs(work, exist_ok=True)
+    shutil.copy(slurm_site.images["other"].sqfs_path, os.path.join(work, "ubuntu.sqsh"))
+    subprocess.run(["chown", "-R", f"{u.pw_uid}:{u.pw_gid}", work], check=True)
+    try:
+        for image in ("ubuntu.sqsh", "./ubuntu.sqsh"):
+            p = slurm_cluster.run("srun", "-n2", f"--chdir={work}", f"--container-image={image}",
+                                  "grep", "-c", "hpcc other image", "/etc/os-release", user=U1)
+            assert p.returncode == 0, (image, p.stderr)
+            assert p.stdout.split() == ["1", "1"]
+        p = slurm_cluster.run("srun", "-n1", f"--chdir={u.pw_dir}",
+                              "--container-image=./nothere.sqsh", "true", user=U1)
+        assert p.returncode == 125
+        assert "nothere.sqsh does not exist in " + u.pw_dir in p.stderr, p.stderr
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("args,opt", [
+    (["--container-workdir="], "--container-workdir"),
+    (["--container-env="], "--container-env"),
+    (["--container-env=FOO,"], "--container-env"),
+    (["--container-mounts="], "--container-mounts"),
+    (["--container-name=bad:mode"], "--container-name"),
+    (["--container-unshare=pid"], "--container-unshare"),
+])
+def test_bad_values_are_refused_by_srun_before_anything_runs(slurm_cluster, args, opt):
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}", *args, "echo", "RAN",
+                          user=U1)
+    assert p.returncode != 0 and "RAN" not in p.stdout
+    lines = hpcc_lines(p.stderr)
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"hpcc: {opt}"), lines
+    assert "queued" not in p.stderr and "allocated" not in p.stderr  # refused locally
+
+
+def test_bad_variable_values_fail_the_step_naming_the_variable(slurm_cluster):
+    for var, value in (("PYXIS_CONTAINER_WORKDIR", ""), ("HPCC_CONTAINER_ENV", "A,,B"),
+                       ("PYXIS_CONTAINER_REMAP_ROOT", "maybe")):
+        p = slurm_cluster.run("srun", "-n2", f"--container-image={IMG}", "echo", "RAN",
+                              user=U1, env={var: value})
+        assert p.returncode == 125 and "RAN" not in p.stdout, var
+        lines = hpcc_lines(p.stderr)
+        assert len(lines) == 1 and lines[0].startswith(f"hpcc: {var}"), (var, p.stderr)
+
+
+def test_writable_and_readonly_contradict(slurm_cluster):
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}", "--container-writable",
+                          "--container-readonly", "echo", "RAN", user=U1)
+    assert p.returncode == 125 and "RAN" not in p.stdout
+    assert "--container-writable and --container-readonly" in p.stderr, p.stderr
+
+
+def test_mount_flags_tmpfs_and_umount(slurm_cluster, slurm_site):
+    d = slurm_site.root / "pyxis-mnt"
+    d.mkdir(exist_ok=True)
+    os.chmod(d, 0o755)
+    (d / "f.txt").write_text("host file\n")
+    shutil.copy("/usr/bin/busybox", d / "tool")
+    os.chmod(d / "tool", 0o755)
+    mounts = f"{d}:/ro:ro+rprivate,{d}:/nx:rw+noexec,{d}:/same,tmpfs:/scratch,umount:/tmp"
+    script = ("cat /ro/f.txt; touch /ro/x 2>/dev/null || echo ro-ok; "
+              "/nx/tool true 2>/dev/null || echo noexec-ok; /same/tool true && echo exec-ok; "
+              "touch /scratch/y && echo tmpfs-ok; touch /tmp/z 2>/dev/null || echo no-tmp-ok")
+    p = slurm_cluster.run("srun", "-n2", f"--container-image={IMG}",
+                          f"--container-mounts={mounts}", "sh", "-c", script, user=U1)
+    assert p.returncode == 0, p.stderr
+    for word in ("host file", "ro-ok", "noexec-ok", "exec-ok", "tmpfs-ok", "no-tmp-ok"):
+        assert p.stdout.count(word) == 2, (word, p.stdout)
+
+
+@pytest.mark.parametrize("mounts,words", [
+    ("{d}:/x:slave", ["--container-mounts", "propagation 'slave'", "not supported"]),
+    ("{d}:/x:ro+bogus", ["--container-mounts", "unknown flag 'bogus'"]),
+    ("umount:/nothing-here", ["--container-mounts", "nothing is mounted on /nothing-here"]),
+    ("/nonexistent-src:/x", ["--container-mounts", "/nonexistent-src does not exist"]),
+])
+def test_bad_mounts_name_the_option(slurm_cluster, slurm_site, mounts, words):
+    d = slurm_site.root
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}",
+                          "--container-mounts=" + mounts.format(d=d), "echo", "RAN", user=U1)
+    assert p.returncode == 125 and "RAN" not in p.stdout
+    lines = hpcc_lines(p.stderr)
+    assert len(lines) == 1, p.stderr
+    for w in words:
+        assert w in lines[0], lines
+
+
+def test_mount_source_the_user_cannot_read_is_refused(slurm_cluster, slurm_site):
+    d = slurm_site.root / "root-only-src"
+    d.mkdir(exist_ok=True)
+    os.chmod(d, 0o700)
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}",
+                          f"--container-mounts={d}:/x", "echo", "RAN", user=U1)
+    assert p.returncode == 125 and "RAN" not in p.stdout
+    assert hpcc_lines(p.stderr) == [f"hpcc: --container-mounts: you cannot read {d}"], p.stderr
+    # the variable's name when the mounts came from it
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}", "echo", "RAN", user=U1,
+                          env={"PYXIS_CONTAINER_MOUNTS": f"{d}:/x"})
+    assert hpcc_lines(p.stderr) == [f"hpcc: PYXIS_CONTAINER_MOUNTS: you cannot read {d}"]
+
+
+def test_locale_reaches_the_container_only_when_named(slurm_cluster, outdir):
+    env = {"LANG": "xx_YY.UTF-8", "LC_ALL": "xx_YY.UTF-8", "LANGUAGE": "xx"}
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}", "sh", "-c",
+                          "echo L=${LANG-unset} A=${LC_ALL-unset} G=${LANGUAGE-unset}",
+                          user=U1, env=env)
+    assert p.stdout.split() == ["L=unset", "A=unset", "G=unset"], p.stderr
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}", "--container-env=LANG",
+                          "sh", "-c", "echo L=${LANG-unset} A=${LC_ALL-unset}",
+                          user=U1, env=env)
+    assert p.stdout.split() == ["L=xx_YY.UTF-8", "A=unset"], p.stderr
+    # the same for a batch script
+    script = f"#!/bin/sh\n#SBATCH --container-image={IMG}\necho L=${{LANG-unset}}\n"
+    _, text = submit(slurm_cluster, script, outdir / "o.txt", "--export=ALL,LANG=xx_YY.UTF-8")
+    assert "L=unset" in text, text
+
+
+def test_no_container_mount_home(slurm_cluster, slurm_users):
+    home = slurm_users[U1].pw_dir
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}", "sh", "-c",
+                          f"test -d {home} && echo home || echo nohome", user=U1)
+    assert p.stdout.strip() == "home", p.stderr
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}", "--no-container-mount-home",
+                          "--chdir=/tmp", "sh", "-c",
+                          f"test -d {home} && echo home || echo nohome", user=U1)
+    assert p.stdout.strip() == "nohome", p.stderr
+
+
+@pytest.mark.parametrize("opt", ["--container-name=build", "--container-remap-root",
+                                 "--container-unshare=net", "--container-entrypoint",
+                                 "--container-save=/tmp/x.sqsh"])
+def test_runtime_options_not_yet_supported_are_refused_not_ignored(slurm_cluster, opt):
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}", opt, "echo", "RAN",
+                          user=U1)
+    if p.returncode == 0:
+        pytest.skip(f"{opt} is implemented by the runtime")  # then its own test covers it
+    assert p.returncode == 125 and "RAN" not in p.stdout
+    lines = hpcc_lines(p.stderr)
+    assert len(lines) == 1 and lines[0].startswith("hpcc: " + opt.split("=")[0]), p.stderr
+    assert "not supported yet" in lines[0]
+
+
+def test_negative_options_are_accepted_as_the_defaults(slurm_cluster):
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}",
+                          "--no-container-remap-root", "--no-container-entrypoint",
+                          "--container-readonly", "id", "-u", user=U1)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() != "0"
