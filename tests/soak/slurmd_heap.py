@@ -100,7 +100,7 @@ def trace_summary(log):
         comm, pid, tid, ctx, fn = line.split()
         key = f"{comm} {ctx} {fn}"
         calls[key] = calls.get(key, 0) + 1
-        if comm.startswith("slurmd"):
+        if ctx == "ctx=slurmd":  # (under valgrind the program name is memcheck's)
             slurmd_threads.add((pid, tid, pid[4:] == tid[4:]))
     return calls, sorted(slurmd_threads)
 
