@@ -629,12 +629,25 @@ def check_slurm(facts):
 # MPI and NVIDIA
 
 
+class _NoLibraries:
+    """A container with no libraries of its own: the MPI hook's closure then holds every
+    host library it could inject."""
+
+    @staticmethod
+    def find(soname, **kw):
+        return None
+
+
 def check_mpi(config):
     from .hooks.libraries import HostLibraries
-    from .hooks.mpi import host_mpi_libraries
+    from .hooks.mpi import _closure, _glibc_version, host_mpi_libraries
+    from .hooks.plan import Plan
     configured = bool((config.get("mpi") or {}).get("libraries"))
+    hostlibs = HostLibraries()
     try:
-        host = host_mpi_libraries(config, HostLibraries())
+        host = host_mpi_libraries(config, hostlibs)
+        roots = list(host.values())
+        members, glibc = _closure(roots, hostlibs, _NoLibraries(), Plan())
     except HpccError as e:
         return Check("mpi.host", "host MPI (MPICH ABI)", "fail" if configured else "off",
                      str(e), "set mpi.libraries in hpcc.toml to the host's libmpi.so.12"
@@ -642,13 +655,17 @@ def check_mpi(config):
                      "Cray MPICH, MVAPICH) for --mpi", libraries={})
     libs = {fam: {"soname": h.soname, "path": h.path, "file": h.real}
             for fam, h in host.items()}
+    deps = [{"soname": m.soname, "file": m.real} for m in members]
+    need = _glibc_version({v for vs in glibc.values() for v in vs})
+    need_s = ".".join(map(str, need[:2])) if need else None
     mcfg = config.get("mpi") or {}
     return Check("mpi.host", "host MPI (MPICH ABI)", "ok",
                  f"--mpi binds {host['c'].real} ({host['c'].soname})"
                  + "".join(f", {h.real}" for f, h in host.items() if f != "c")
-                 + " and its dependencies the image lacks",
-                 libraries=libs, extra_files=mcfg.get("extra_files") or [],
-                 devices=mcfg.get("devices") or [])
+                 + f" and up to {len(deps)} of its dependencies (those the image lacks in a "
+                 "compatible version)" + (f"; images need glibc >= {need_s}" if need_s else ""),
+                 libraries=libs, dependencies=deps, glibc_needed=need_s,
+                 extra_files=mcfg.get("extra_files") or [], devices=mcfg.get("devices") or [])
 
 
 def check_gpu(config):

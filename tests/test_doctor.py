@@ -2,6 +2,7 @@
 machine and the other tests are untouched) and the diagnosis is checked."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -279,6 +280,15 @@ def test_host_mpi_is_reported(site, test_user):
     assert c["status"] == "ok"
     assert c["details"]["libraries"]["c"]["soname"] in ("libmpich.so.12", "libmpi.so.12")
     assert os.path.isfile(c["details"]["libraries"]["c"]["file"])
+    # the hook's own dependency closure, as for an image with no libraries of its own
+    deps = {d["soname"] for d in c["details"]["dependencies"]}
+    needed = subprocess.run(["readelf", "-d", c["details"]["libraries"]["c"]["file"]],
+                            capture_output=True, text=True, check=True).stdout
+    direct = {n for n in re.findall(r"\[(lib[^\]]+)\]", needed)
+              if not n.startswith(("libc.so", "libm.so", "ld-linux", "libpthread", "libdl",
+                                   "librt", "libmpich"))}
+    assert direct and direct <= deps, (direct, deps)
+    assert re.fullmatch(r"\d+\.\d+", c["details"]["glibc_needed"])
 
 
 @pytest.mark.parametrize("who", ["root", "user"])
