@@ -108,6 +108,21 @@ def test_root_also_tries_the_kernel_squashfs_zstd_mount_and_a_loop_device(site):
     assert checks["host.userns"]["status"] == "ok"
 
 
+def test_no_usable_loop_device(site):
+    """As root, in a mount namespace of the test's own, /dev/loop-control is /dev/null."""
+    wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            'mount --bind /dev/null /dev/loop-control && exec "$@"', "sh",
+            HPCC, "doctor", "--json"]
+    p = subprocess.run(wrap, env=_env("root", site["config"]), capture_output=True, text=True,
+                       timeout=120, check=False)
+    _, checks = _report(p)
+    c = checks["host.loop"]
+    assert c["status"] == "fail" and "no usable loop device" in c["summary"], c
+    assert "modprobe loop" in c["fix"]
+    assert checks["host.kernel_squashfs"]["status"] == "skip"
+    assert p.returncode == 1
+
+
 def test_text_output_says_all_checks_passed(site, test_user):
     p = subprocess.run([HPCC, "doctor"], env=_env(test_user.pw_name, site["config"]),
                        user=test_user.pw_uid, group=test_user.pw_gid, extra_groups=[],
