@@ -8,6 +8,9 @@ PREFIX  ?= /opt/hpcc
 VENV    ?= $(PREFIX)/venv
 BINDIR  ?= /usr/local/bin
 PYTEST_ARGS ?=
+# `make install SUID=no` installs the mount helper without the setuid bit (unprivileged
+# launches then keep squashfuse_ll for every image): see README, "Kernel mounts for users".
+SUID    ?= yes
 
 # Why each package is here: see README.md, "Dependencies".
 APT_PKGS := libsquashfs-dev squashfs-tools-ng squashfs-tools squashfuse fuse3 \
@@ -17,7 +20,7 @@ APT_PKGS := libsquashfs-dev squashfs-tools-ng squashfs-tools squashfuse fuse3 \
 	skopeo apparmor procps strace
 BENCH_APT_PKGS := charliecloud charliecloud-builders debootstrap hyperfine
 
-.PHONY: all deps bench-deps venv install spank test demo bench clean
+.PHONY: all deps bench-deps venv install spank libexec test demo bench clean
 
 all: install
 
@@ -44,7 +47,7 @@ venv: deps $(VENV)/.hpcc-venv-ready
 
 # A real (non-editable) install: the launcher runs as any user, so it must not depend on
 # the checkout being readable. The package is rebuilt every time (cheap; keeps tests honest).
-install: venv spank
+install: venv spank libexec
 	$(VENV)/bin/pip install -q --no-build-isolation '.[test]'
 	@# The venv's python3 as a real file, not a symlink to the system's: AppArmor attaches
 	@# profiles by the executable's resolved path, and the profile below must grant user
@@ -77,6 +80,10 @@ install: venv spank
 spank:
 	@if [ -f spank/Makefile ]; then $(MAKE) -s -C spank; fi
 
+# the setuid mount helper, as $(PREFIX)/libexec/hpcc-mount (launcher.mount_helper)
+libexec:
+	@$(MAKE) -s -C libexec install PREFIX=$(PREFIX) SUID=$(SUID)
+
 test: install
 	$(VENV)/bin/python -P -m pytest $(PYTEST_ARGS)
 
@@ -89,3 +96,4 @@ bench: install bench-deps
 clean:
 	rm -rf build dist *.egg-info hpcc/squashfs/_sqfs*
 	@if [ -f spank/Makefile ]; then $(MAKE) -s -C spank clean; fi
+	@$(MAKE) -s -C libexec clean

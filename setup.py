@@ -30,6 +30,6 @@ setup(
     cffi_modules=["hpcc/squashfs/build_ffi.py:ffibuilder",
                   "gateway/munge_build.py:ffibuilder"],
     ext_modules=[Extension("hpcc.runtime._linux", ["hpcc/runtime/_linux.c"],
-                           extra_compile_args=["-O2", "-Wall"])],
+                           extra_compile_args=["-O2", "-Wall", "-Wextra"])],
     cmdclass={"build_py": build_py},
 )

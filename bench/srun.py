@@ -71,6 +71,27 @@ def timed(cluster, argv):
     return dt, p.stdout
 
 
+def named_figures(cluster, image, reps):
+    """3. In one allocation: srun -N2 -n8 true plain, in an existing named container (made
+    by a first step), and in a fresh unnamed container, alternating; times from the
+    allocation's own shell (date +%s%N around each srun)."""
+    c = f"--container-image={image}"
+    script = (f"srun -N2 -n8 {c} --container-name=bench true || exit 1; "
+              f"for i in $(seq {reps}); do "
+              "a=$(date +%s%N); srun -N2 -n8 true || exit 1; b=$(date +%s%N); "
+              f"srun -N2 -n8 {c} --container-name=bench true || exit 1; d=$(date +%s%N); "
+              f"srun -N2 -n8 {c} true || exit 1; e=$(date +%s%N); "
+              "echo T $((b-a)) $((d-b)) $((e-d)); done; echo job=$SLURM_JOB_ID")
+    _, out = timed(cluster, ["salloc", "-N2", "-n8", "sh", "-c", script])
+    rows = [[int(x) / 1e9 for x in ln.split()[1:]] for ln in out.splitlines()
+            if ln.startswith("T ")]
+    for ln in out.splitlines():
+        if ln.startswith("job="):
+            subprocess.run([sys.executable, "-I", "-m", "hpcc.runtime.named", "remove-job",
+                            ln[4:]], capture_output=True)
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
 def pingpong_figures(out):
     lat = bw = None
     for line in out.splitlines():
@@ -87,6 +108,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=30, help="srun pairs (default 30)")
     ap.add_argument("--mpi-reps", type=int, default=5)
+    ap.add_argument("--named-reps", type=int, default=20)
+    ap.add_argument("--named-only", action="store_true",
+                    help="run only part 3 (the named container)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/srun.sh: run as root (it starts a Slurm cluster)")
@@ -119,6 +143,15 @@ def main():
                                plugstack_lines=[line])
         cluster.start()
         try:
+            tp, tn, tu = named_figures(cluster, "bench/busybox:1", args.named_reps)
+            mp, mn, mu = (statistics.median(x) for x in (tp, tn, tu))
+            print(f"in one allocation, {len(tp)} rounds: srun -N2 -n8 true median "
+                  f"{mp * 1000:.1f} ms; in the existing named container {mn * 1000:.1f} "
+                  f"ms; in a fresh unnamed container {mu * 1000:.1f} ms")
+            print(f"named/plain: {mn / mp:.2f}x median, {min(tn) / min(tp):.2f}x best "
+                  f"(target <= 1.1x); named/unnamed container: {mn / mu:.2f}x median")
+            if args.named_only:
+                return
             plain = ["srun", "-N2", "-n8", "true"]
             cont = ["srun", "-N2", "-n8", "--container=bench/busybox:1", "true"]
             for _ in range(3):  # warm-up (page cache, Python bytecode)

@@ -50,9 +50,17 @@ class Ctx:
         return stores
 
     def find(self, ref):
-        """The image `ref` names in the read stores; ImageNotFound (with its hint) if none."""
+        """The image `ref` names in the read stores; ImageNotFound (with its hint) if none,
+        or the first store's permission error when a store could not be read."""
+        from hpcc.store import StoreAccessDenied
+
+        denied = None
         for st in self.read_stores():
-            rec = st.find(ref)
+            try:
+                rec = st.find(ref)
+            except StoreAccessDenied as e:
+                denied = denied or e
+                continue
             if rec is not None:
                 return rec
         if self.user_mode:  # the user's tag of an image the site store holds
@@ -61,7 +69,18 @@ class Ctx:
             rec = shared_image(self.store, self.read_stores()[1:], ref)
             if rec is not None:
                 return rec
+        if denied is not None:
+            raise denied
         return self.store.resolve(ref)  # raises ImageNotFound with the hint
+
+    def store_label(self, st):
+        """Which store an image is in, in a word: yours, private, site (gateway: the path)."""
+        if not self.user_mode:
+            return st.root
+        if st.root == self.store.root:
+            return "yours" if not getattr(self, "explicit_store", False) else st.root
+        site = Store.site(self.config)
+        return "site" if st.root == site.root else "private"
 
     def admin_store(self, instead):
         """A user who cannot write the site store gets one line, not a traceback."""
@@ -179,6 +198,8 @@ def images(obj, json_output, quiet):
     stores = obj.read_stores()
     rows = []
     for st in stores:
+        if st is not obj.store and not os.path.isdir(st.root):
+            continue
         for rec in st.images():
             rows.append({
                 "digest": rec.digest,
@@ -188,6 +209,15 @@ def images(obj, json_output, quiet):
                 "converted_at": rec.meta.get("converted_at"),
                 "path": rec.sqfs_path,
                 "store": st.root,
+                "store_kind": obj.store_label(st) if obj.user_mode else "site",
+                "broken": None,
+            })
+        for bad in st.broken_images():
+            rows.append({
+                "digest": bad["digest"], "tags": [], "size": bad["size"], "created": None,
+                "converted_at": None, "path": bad["path"], "store": st.root,
+                "store_kind": obj.store_label(st) if obj.user_mode else "site",
+                "broken": bad["error"],
             })
     if json_output:
         obj.emit(rows)
@@ -196,16 +226,23 @@ def images(obj, json_output, quiet):
         if not quiet:
             click.echo(f"no images in {', '.join(s.root for s in stores)}", err=True)
         return
-    header = ("IMAGE", "DIGEST", "SIZE", "CONVERTED")
+    header = ("IMAGE", "DIGEST", "SIZE", "CONVERTED") + (("STORE",) if obj.user_mode else ())
     lines = [header]
     for r in rows:
-        names = r["tags"] or ["<none>"]
+        names = r["tags"] or ["<broken>" if r["broken"] else "<none>"]
         for name in names:
-            lines.append((name, r["digest"][7:19], _human(r["size"]),
-                          (r["converted_at"] or "-").replace("T", " ").rstrip("Z")))
-    widths = [max(len(row[i]) for row in lines) for i in range(4)]
+            row = (name, r["digest"][7:19], _human(r["size"]),
+                   (r["converted_at"] or "-").replace("T", " ").rstrip("Z"))
+            lines.append(row + ((r["store_kind"],) if obj.user_mode else ()))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     for row in lines:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    broken = [r for r in rows if r["broken"]]
+    if broken and not quiet:
+        click.echo(f"{len(broken)} broken image(s) ({_human(sum(r['size'] or 0 for r in broken))}"
+                   f"): their metadata is unreadable; 'gateway gc' removes them", err=True)
+        for r in broken:
+            click.echo(f"  {r['path']}: {r['broken']}", err=True)
 
 
 @click.command(help="Show an image's metadata (config, layers, squashfs details).")
@@ -231,6 +268,10 @@ def inspect(obj, ref, json_output, quiet):
     click.echo(f"Digest:      {rec.digest}")
     click.echo(f"File:        {rec.sqfs_path} ({_human(info.get('size'))})")
     click.echo(f"Source:      {info.get('source', '-')}")
+    sig = info.get("signature")
+    if sig:
+        click.echo(f"Signed by:   {sig.get('key')} ({sig.get('fingerprint')}) for "
+                   f"{sig.get('digest')}")
     click.echo(f"Platform:    {info.get('platform') or '-'}   "
                f"Created: {info.get('created') or '-'}")
     click.echo(f"Entrypoint:  {json.dumps(c.get('Entrypoint'))}")
@@ -263,9 +304,18 @@ def inspect(obj, ref, json_output, quiet):
 def rm(obj, refs, json_output, quiet):
     obj.admin_store("hpcc rm REF")
     out = []
+    failed = 0
     for ref in refs:
-        tags, digest = obj.store.remove(ref)
-        out.append({"ref": ref, "untagged": tags, "deleted": digest})
+        try:
+            tags, digest = _remove(obj, ref)
+        except HpccError as e:
+            # One bad name does not stop the others; each failure is one line.
+            failed += 1
+            out.append({"ref": ref, "untagged": [], "deleted": None, "error": str(e)})
+            if not json_output:
+                click.echo(f"{obj.prog}: error: {e}", err=True)
+            continue
+        out.append({"ref": ref, "untagged": tags, "deleted": digest, "error": None})
         if not json_output and not quiet:
             for t in tags:
                 click.echo(f"untagged {t}")
@@ -273,6 +323,30 @@ def rm(obj, refs, json_output, quiet):
                 click.echo(f"deleted {digest}")
     if json_output:
         obj.emit(out)
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+def _remove(obj, ref):
+    """Remove `ref` from the store written to; in user mode, an image that is only in the
+    site store is named as such (the user cannot remove it)."""
+    from hpcc.errors import ImageNotFound
+
+    try:
+        return obj.store.remove(ref)
+    except ImageNotFound:
+        if obj.user_mode:
+            for st in obj.read_stores()[1:]:
+                try:
+                    rec = st.find(ref)
+                except HpccError:
+                    continue
+                if rec is not None:
+                    raise ImageNotFound(
+                        f"image '{ref}' is in the {obj.store_label(st)} store {st.root}, not "
+                        "in yours; only the site's admins can remove it",
+                        hint=f"they use 'gateway rm {ref}'") from None
+        raise
 
 
 
@@ -365,8 +439,10 @@ _USER_HELP = ("hpcc image commands: pull images into your own store, list and in
 
 def _run(group, argv, prog):
     try:
-        group.main(args=argv, prog_name=prog, standalone_mode=False)
-        return 0
+        rv = group.main(args=argv, prog_name=prog, standalone_mode=False)
+        # Without standalone mode click returns the code of a click.exceptions.Exit
+        # (`rm` or `prefetch` with a failure) instead of raising it.
+        return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except HpccError as e:
         click.echo(f"{prog}: error: {e}", err=True)
         return e.exit_code
@@ -382,6 +458,12 @@ def _run(group, argv, prog):
         e.show()
         return EXIT_USAGE if isinstance(e, click.UsageError) else 1
     except BrokenPipeError:
+        return 1
+    except OSError as e:
+        # A store or file operation no handler above turned into an HpccError: still one
+        # line, naming the path.
+        where = f" {e.filename}" if e.filename else ""
+        click.echo(f"{prog}: error: cannot access{where}: {e.strerror or e}", err=True)
         return 1
 
 

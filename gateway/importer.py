@@ -18,7 +18,7 @@ import os
 import tarfile
 
 from hpcc.errors import ImageError, UsageError
-from hpcc.reference import DIGEST_RE, parse_reference
+from hpcc.reference import DIGEST_RE, parse_local_reference, parse_reference
 
 from .convert import convert_image
 from .flatten import LayerSource, open_raw
@@ -189,9 +189,11 @@ def import_image(path, *, store, config, tag=None, platform=None, reporter=None)
     if not is_oci and blobs.has("manifest.json"):
         digest, image_config, layers, names = _docker_archive(blobs)
         meta_source = "docker-archive"
+        config_digest = digest
     elif is_oci:
         digest, manifest, ann_tag = _load_oci(blobs, platform)
-        cname = _verified_blob(blobs, manifest.get("config", {}).get("digest"), "config")
+        config_digest = manifest.get("config", {}).get("digest")
+        cname = _verified_blob(blobs, config_digest, "config")
         image_config = _json(blobs.read(cname), "the image config")
         layers = []
         for d in manifest.get("layers") or []:
@@ -203,7 +205,7 @@ def import_image(path, *, store, config, tag=None, platform=None, reporter=None)
         raise ImageError(f"{path} is not an OCI layout, oci-archive or docker-archive",
                          hint="expected index.json/oci-layout or manifest.json inside")
     if tag:
-        refs = [parse_reference(tag)]
+        refs = [parse_local_reference(tag)]
     else:
         for n in names:
             try:
@@ -211,14 +213,24 @@ def import_image(path, *, store, config, tag=None, platform=None, reporter=None)
             except Exception:  # a RepoTag we cannot express: keep the image untagged
                 continue
     refs = [r for r in refs if r.tag]
-    reporter.line(f"importing {path} ({meta_source}, {len(layers)} layers) as {digest}")
     store.ensure()
+    same = _same_image(store, digest, config_digest)
+    if same is not None:
+        # The store has this image (the same manifest, or a pulled image with the same
+        # config, which names every layer's content): tag it, convert nothing.
+        for r in refs:
+            store.tag(r, same.digest)
+        reporter.done(f"{path} is already in the store as {same.digest} "
+                      f"({same.sqfs_path}); nothing converted")
+        return store.get(same.digest), dict(same.meta.get("conversion") or {},
+                                            already_present=True)
+    reporter.line(f"importing {path} ({meta_source}, {len(layers)} layers) as {digest}")
     with store.lock(digest):
         meta = {
             "source": str(refs[0]) if refs else os.path.abspath(path),
             "imported_from": os.path.abspath(path),
             "import_format": meta_source,
-            "config_digest": digest if meta_source == "docker-archive" else None,
+            "config_digest": config_digest,
             "created": image_config.get("created"),
             "architecture": image_config.get("architecture"),
             "os": image_config.get("os"),
@@ -232,6 +244,18 @@ def import_image(path, *, store, config, tag=None, platform=None, reporter=None)
                                             progress=reporter.converted_bytes)
     reporter.done(f"imported {path} -> {rec.sqfs_path}")
     return rec, report
+
+
+def _same_image(store, digest, config_digest):
+    """The image of `store` with this digest, or (by its config digest: the same config
+    lists the same layer diff_ids) one pulled or imported under another digest."""
+    rec = store.get(digest)
+    if rec is not None or not config_digest:
+        return rec
+    for rec in store.images():
+        if rec.meta.get("config_digest") == config_digest:
+            return rec
+    return None
 
 
 def _docker_archive(blobs):

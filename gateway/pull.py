@@ -49,6 +49,7 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
     """`check_size(bytes)` may refuse the finished squashfs (raise) before it is published.
     `shared`: stores (the site's) whose copy of the image is used instead of converting."""
     from .blobcache import BlobCache, blob_cache_dir
+    from .cosign import check_policy
     from .progress import Reporter
     from .registry import RegistryClient
 
@@ -63,6 +64,7 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
         total = sum(layer.size for layer in img.layers)
         reporter.resolved(ref.familiar, digest, len(img.layers), total)
         refs = [ref] if ref.tag else []
+        signer = check_policy(config, client, ref, img)  # None: the policy requires none
 
         store.ensure()
         if not force:
@@ -99,7 +101,8 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
                 try:
                     try:
                         rec, stats, report = _convert(store, digest, img, ref, refs, config,
-                                                      feeds, futures, reporter, check_size)
+                                                      feeds, futures, reporter, check_size,
+                                                      signer)
                     except _Restarted:
                         # A download threw away bytes the conversion had already read
                         # (they failed their check; the blob is fetched again): convert
@@ -108,7 +111,8 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
                             f.result()
                         reporter.line("a layer was downloaded again; converting again")
                         rec, stats, report = _convert(store, digest, img, ref, refs, config,
-                                                      feeds, futures, reporter, check_size)
+                                                      feeds, futures, reporter, check_size,
+                                                      signer)
                 except BaseException as e:
                     abort.set()
                     for f in futures:
@@ -134,9 +138,10 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
             client.close()
 
 
-def _convert(store, digest, img, ref, refs, config, feeds, futures, reporter, check_size):
+def _convert(store, digest, img, ref, refs, config, feeds, futures, reporter, check_size,
+             signer=None):
     return convert_image(store, digest, [feed.source for feed in feeds], config=config,
-                         image_config=img.config, meta=_meta(img, ref), refs=refs,
+                         image_config=img.config, meta=_meta(img, ref, signer), refs=refs,
                          progress=reporter.converted_bytes, check_size=check_size,
                          before_publish=lambda: [f.result() for f in futures])
 
@@ -261,9 +266,10 @@ class _Growing(io.RawIOBase):
         super().close()
 
 
-def _meta(img, ref):
+def _meta(img, ref, signer=None):
     cfg = img.config or {}
     return {
+        "signature": signer,
         "source": str(ref.with_digest(None)) if ref.tag else str(ref),
         "repository": ref.repository,
         "manifest_media_type": img.media_type,

@@ -85,6 +85,7 @@ class _JobReporter(Reporter):
         self.job.emit({"event": "line", "msg": msg})
 
     def resolved(self, ref, digest, nlayers, total):
+        ref = self.job.ref.familiar  # as asked, not the digest-pinned name the job pulls
         self.job.emit({"event": "resolved", "ref": ref, "digest": digest, "layers": nlayers,
                        "total": total}, key="resolved")
 
@@ -383,14 +384,14 @@ class Service:
 
     def _resolve(self, ref, platform, auth):
         """(client, image, private). The site's credentials first, then the user's."""
-        from hpcc.errors import RegistryError
+        from hpcc.errors import NotInRegistry, RegistryError
 
         from .registry import RegistryClient
 
         client = RegistryClient(self.config)
         try:
             return client, client.resolve(ref, platform), False
-        except RegistryError:
+        except (RegistryError, NotInRegistry):  # some registries hide private repositories
             client.close()
             if not auth:
                 raise

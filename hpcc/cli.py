@@ -208,6 +208,13 @@ def _launch(cmd, argv, verbose, quiet):
         log(f"named container {named.path}" + (" (new)" if named.created else "")
             + (f" running as pid {named.running_pid}: attaching" if named.running_pid
                else ""))
+    premount = None
+    if not privileged and not (named is not None and named.running_pid):
+        # the mount helper works while the spec is built
+        from .runtime.imagemount import HelperMount
+        from .runtime.spec import site_store
+        premount = HelperMount.start(config["launcher"].get("mount_helper", ""),
+                                     image.sqfs_path, site_store(config))
     save_to = None
     if o.save is not None:
         from .runtime.save import open_destination
@@ -227,7 +234,8 @@ def _launch(cmd, argv, verbose, quiet):
     if named is not None and named.running_pid:
         from .runtime.process import attach_container
         return attach_container(spec, named.running_pid, log=log)
-    return run_container(spec, log=log, named=named, save_to=save_to)
+    return run_container(spec, log=log, named=named, save_to=save_to,
+                         premount=premount)
 
 
 def _user_uid(user):

@@ -58,6 +58,7 @@ DEFAULTS = {
         "env_passthrough": ["TERM", "LANG", "LC_ALL", "TZ"],
         "hooks_dir": "/etc/hpcc/hooks.d",
         "warm_mb": 32,
+        "mount_helper": "/opt/hpcc/libexec/hpcc-mount",
         "writable": False,
         "remap_root": False,
         "containers_dir": "/run/hpcc-containers",

@@ -38,8 +38,18 @@ def is_image_path(arg):
 def local_image(arg, cache=None):
     """ImageRecord for a .sqfs path; `cache` (optional) has .get(path, load)."""
     path = os.path.abspath(arg)
-    if not os.path.isfile(path):
-        raise ImageNotFound(f"image file {arg} does not exist")
+    try:
+        st = os.stat(path)
+    except PermissionError:
+        raise ImageNotFound(f"cannot access image file {arg}: permission denied",
+                            hint="a directory on its path is not open to you") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageNotFound(f"image file {arg} does not exist") from None
+    if os.path.isdir(path):
+        raise ImageNotFound(f"{arg} is a directory, not an image",
+                            hint="give a .sqfs file or a store reference such as ubuntu:22.04")
+    if not (st.st_mode & 0o170000 == 0o100000):
+        raise ImageNotFound(f"{arg} is not a regular file; an image is a .sqfs file")
     side = path[:-5] + ".json" if path.endswith(".sqfs") else path + ".json"
     meta = {}
     if os.path.exists(side):

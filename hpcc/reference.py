@@ -20,6 +20,7 @@ from .errors import ReferenceError_
 
 DEFAULT_DOMAIN = "docker.io"
 DEFAULT_TAG = "latest"
+LOCAL_DOMAIN = "localhost"   # names given to imported images: no registry has them
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _PATH_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
@@ -89,6 +90,34 @@ class Reference:
 
     def with_digest(self, digest):
         return Reference(self.domain, self.path, self.tag, digest)
+
+
+def has_domain(name):
+    """Does `name` start with a registry host (a first component with '.' or ':', or
+    'localhost')? Without one, Docker's rules put it on docker.io."""
+    first, sep, _ = name.partition("/")
+    return bool(sep) and ("." in first or ":" in first or first == "localhost"
+                          or first.startswith("["))
+
+
+def parse_local_reference(name):
+    """A name for an image that comes from no registry (`gateway import --tag`): without a
+    registry host it is local (localhost/NAME), not docker.io's."""
+    if isinstance(name, str) and name and not has_domain(name) and "@" not in name:
+        ref = parse_reference(LOCAL_DOMAIN + "/" + name)
+        return ref
+    return parse_reference(name)
+
+
+def local_alternative(name):
+    """The local (localhost/NAME) reference a user's short name may mean, or None when the
+    name has a registry host or a digest."""
+    if has_domain(name) or "@" in name:
+        return None
+    try:
+        return parse_reference(LOCAL_DOMAIN + "/" + name)
+    except ReferenceError_:
+        return None
 
 
 def _bad(ref, why):

@@ -26,10 +26,30 @@ from contextlib import contextmanager
 
 from .errors import ImageNotFound, StoreError
 from .image import ImageRecord, is_image_path, local_image
-from .reference import DIGEST_RE, parse_reference
+from .reference import DIGEST_RE, local_alternative, parse_reference
 
 META_SCHEMA = 1
 PRIVATE_DIR = ".private"   # <site store>/.private/<uid>/: images only <uid> may read
+
+
+class StoreAccessDenied(StoreError):
+    """A store path the caller may not read (an image or tag there is not "missing")."""
+
+
+def store_os_error(verb, path, e, root=None):
+    """StoreError for an OSError on a store path: one line naming the path and the cause,
+    with what to do about it."""
+    why = e.strerror or str(e)
+    if e.errno == errno.EROFS:
+        hint = "the store is on a read-only filesystem; use another store (--store DIR)"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        hint = (f"you may not write to the store {root or os.path.dirname(path)}: run this as "
+                "its owner, or use your own store (hpcc pull, or --store DIR)")
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free space there ('gateway gc' removes debris and unused images' blobs)"
+    else:
+        hint = None
+    return StoreError(f"cannot {verb} {path}: {why}", hint=hint)
 
 
 def digest_stem(digest):
@@ -125,12 +145,11 @@ class Store:
         return cls(os.path.join(site_root, PRIVATE_DIR, str(int(uid))))
 
     def ensure(self):
-        try:
-            for d in (self.root, self.tmp_dir, self.lock_dir, self.refs_dir):
+        for d in (self.root, self.tmp_dir, self.lock_dir, self.refs_dir):
+            try:
                 makedirs_durable(d)
-        except OSError as e:
-            raise StoreError(f"cannot create image store {self.root}: {e.strerror}",
-                             hint="check store.path in the config and your permissions") from None
+            except OSError as e:
+                raise store_os_error("create", e.filename or d, e, self.root) from None
 
     # ---- paths --------------------------------------------------------------------
     @property
@@ -164,11 +183,13 @@ class Store:
         except FileNotFoundError:
             return None
         except PermissionError:
-            raise ImageNotFound(f"image {digest} exists in {self.root} but you may not read it",
-                                hint="ask the site's admins for access") from None
+            raise StoreAccessDenied(f"cannot read {self.meta_path(digest)}: permission denied "
+                                    f"(image {digest} is in {self.root})",
+                                    hint="ask the store's owner for access") from None
         except (OSError, ValueError) as e:
             raise StoreError(f"image metadata {self.meta_path(digest)} is unreadable: {e}",
-                             hint="remove it with 'gateway rm' and pull again") from None
+                             hint="'gateway gc' removes the broken image; then pull it "
+                                  "again") from None
         return ImageRecord(digest, self.sqfs_path(digest), meta, self)
 
     def lookup_tag(self, ref):
@@ -178,8 +199,10 @@ class Store:
                 digest = f.read().strip()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except PermissionError:
-            return None
+        except PermissionError as e:
+            raise StoreAccessDenied(f"cannot read {e.filename or self.ref_path(ref)}: "
+                                    f"permission denied (looking up {ref} in {self.root})",
+                                    hint="ask the store's owner for access") from None
         if not DIGEST_RE.match(digest):
             raise StoreError(f"corrupt reference file {self.ref_path(ref)}",
                              hint="run 'gateway gc' or pull the image again")
@@ -192,10 +215,22 @@ class Store:
         if DIGEST_RE.match(name):
             return self.get(name)
         ref = parse_reference(name)
-        digest = ref.digest or self.lookup_tag(ref)
+        digest = ref.digest or self._tagged(name, ref)[1]
         if digest is None:
             return None
         return self.get(digest)
+
+    def _tagged(self, name, ref):
+        """(the tag's Reference, its digest or None) for a name without a digest; an
+        imported image's local name (localhost/NAME) answers to the short NAME."""
+        digest = self.lookup_tag(ref)
+        if digest is None:
+            local = local_alternative(name)
+            if local is not None:
+                local_digest = self.lookup_tag(local)
+                if local_digest is not None:
+                    return local, local_digest
+        return ref, digest
 
     def resolve(self, name):
         rec = self.find(name)
@@ -210,7 +245,10 @@ class Store:
         """Exclusive per-image lock (flock). Yields True, or False if non-blocking and busy."""
         self.ensure()
         path = os.path.join(self.lock_dir, digest_stem(digest) + ".lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise store_os_error("open the lock file", path, e, self.root) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -234,16 +272,20 @@ class Store:
         meta = dict(meta)
         meta.setdefault("schema", META_SCHEMA)
         meta["digest"] = digest
-        fd = os.open(sqfs_tmp, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(sqfs_tmp, 0o644)
-        os.rename(sqfs_tmp, self.sqfs_path(digest))
-        _write_atomic(self.meta_path(digest),
-                      json.dumps(meta, indent=1, sort_keys=True).encode() + b"\n",
-                      tmpdir=self.tmp_dir)
+            fd = os.open(sqfs_tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(sqfs_tmp, 0o644)
+            os.rename(sqfs_tmp, self.sqfs_path(digest))
+            _write_atomic(self.meta_path(digest),
+                          json.dumps(meta, indent=1, sort_keys=True).encode() + b"\n",
+                          tmpdir=self.tmp_dir)
+        except OSError as e:
+            raise store_os_error("publish", e.filename or self.sqfs_path(digest), e,
+                                 self.root) from None
         for ref in refs:
             self.tag(ref, digest)
         return self.get(digest)
@@ -254,9 +296,9 @@ class Store:
         path = self.ref_path(ref)
         try:
             makedirs_durable(os.path.dirname(path))
+            _write_atomic(path, (digest + "\n").encode(), tmpdir=self.tmp_dir)
         except OSError as e:
-            raise StoreError(f"cannot write reference {ref}: {e.strerror}") from None
-        _write_atomic(path, (digest + "\n").encode(), tmpdir=self.tmp_dir)
+            raise store_os_error("write the tag file", e.filename or path, e, self.root) from None
 
     # ---- listing, removal, garbage collection (admin operations; may scan) ----------
     def iter_refs(self):
@@ -283,22 +325,53 @@ class Store:
         for name, digest in self.iter_refs():
             tags.setdefault(digest, []).append(name)
         out = []
-        try:
-            entries = sorted(os.listdir(self.root))
-        except FileNotFoundError:
-            return out
-        for fname in entries:
+        for fname in self._listdir():
             if not (fname.startswith("sha256-") and fname.endswith(".json")):
                 continue
             digest = _stem_digest(fname[:-5])
             try:
                 rec = self.get(digest)
             except StoreError:
-                continue
+                continue            # listed by broken_images()
             if rec is None or not os.path.exists(rec.sqfs_path):
                 continue
             rec.meta["tags"] = sorted(tags.get(digest, []))
             out.append(rec)
+        return out
+
+    def _listdir(self):
+        try:
+            return sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise store_os_error("list the store", self.root, e, self.root) from None
+
+    def broken_images(self):
+        """Images whose metadata cannot be read or parsed: dicts of digest, metadata path,
+        squashfs path, its size (or None), the error, and whether it is only that the caller
+        may not read it ("denied"). `gc()` removes the others."""
+        out = []
+        for fname in self._listdir():
+            if not (fname.startswith("sha256-") and fname.endswith(".json")):
+                continue
+            digest = _stem_digest(fname[:-5])
+            if not DIGEST_RE.match(digest):
+                continue
+            try:
+                self.get(digest)
+                continue
+            except StoreAccessDenied as e:
+                error, denied = e.message, True
+            except StoreError as e:
+                error, denied = e.message, False
+            sqfs = self.sqfs_path(digest)
+            try:
+                size = os.stat(sqfs).st_size
+            except OSError:
+                size = None
+            out.append({"digest": digest, "metadata": self.meta_path(digest), "path": sqfs,
+                        "size": size, "error": error, "denied": denied})
         return out
 
     def remove(self, name):
@@ -311,7 +384,13 @@ class Store:
         removed_tags = []
         if DIGEST_RE.match(name):
             digest = name
-            if self.get(digest) is None:
+            try:
+                missing = self.get(digest) is None
+            except StoreAccessDenied:
+                raise
+            except StoreError:
+                missing = False             # broken metadata: removing it is the cure
+            if missing:
                 raise ImageNotFound(f"image '{name}' not found in the store {self.root}")
             for ref_name, d in list(self.iter_refs()):
                 if d == digest:
@@ -322,7 +401,7 @@ class Store:
         ref = parse_reference(name)
         if ref.digest:
             return self.remove(ref.digest)
-        digest = self.lookup_tag(ref)
+        ref, digest = self._tagged(name, ref)
         if digest is None:
             raise ImageNotFound(f"image '{name}' not found in the store {self.root}")
         self._unlink_ref(ref)
@@ -338,6 +417,8 @@ class Store:
             os.unlink(path)
         except FileNotFoundError:
             return
+        except OSError as e:
+            raise store_os_error("remove the tag file", path, e, self.root) from None
         # prune empty parent directories up to refs/
         d = os.path.dirname(path)
         while d.startswith(self.refs_dir + os.sep):
@@ -354,6 +435,8 @@ class Store:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
+            except OSError as e:
+                raise store_os_error("remove", p, e, self.root) from None
 
     def gc(self, *, dry_run=False, elsewhere=()):
         """Remove debris: abandoned temp files, squashfs files without metadata, dangling
@@ -369,6 +452,18 @@ class Store:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
+                except OSError as e:
+                    raise store_os_error("remove", path, e, self.root) from None
+
+        # images whose metadata is unreadable (invisible to images(), holding their space)
+        for bad in self.broken_images():
+            if bad["denied"]:
+                continue            # not ours to judge: we cannot even read it
+            with self.lock(bad["digest"], blocking=False) as got:
+                if got:
+                    rm(bad["metadata"])
+                    if bad["size"] is not None:
+                        rm(bad["path"])
 
         # temp files: <stem>.<pid>.<ns>.<suffix>; free lock => abandoned
         if os.path.isdir(self.tmp_dir):
@@ -426,9 +521,13 @@ def resolve_image(arg, config, cache=None):
     user = Store.user(config)
     site = Store.site(config)
     stores = (user, Store.private(site.root, os.getuid()), site)
+    denied = None
     for store in stores:
         try:
             rec = store.find(arg)
+        except StoreAccessDenied as e:
+            denied = denied or e
+            continue
         except OSError as e:
             if e.errno in (errno.EACCES, errno.ENOENT):
                 continue
@@ -438,6 +537,8 @@ def resolve_image(arg, config, cache=None):
     rec = shared_image(user, stores[1:], arg)
     if rec is not None:
         return rec
+    if denied is not None:
+        raise denied
     raise ImageNotFound(f"image '{arg}' not found in the store",
                         hint=f"pull it with 'hpcc pull {arg}' (or ask an admin to 'gateway pull {arg}')")
 
@@ -453,7 +554,7 @@ def shared_image(user, others, name):
     for store in others:
         try:
             rec = store.get(digest)
-        except (OSError, ImageNotFound):
+        except (OSError, ImageNotFound, StoreAccessDenied):
             continue
         if rec is not None:
             return rec

@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from hpcc.testkit.images import ImageBuilder, file
 from hpcc.squashfs import SquashfsReader
+from hpcc.testkit.images import ImageBuilder, file
 from tests.conftest import tool
 
 

@@ -63,7 +63,7 @@ static PyObject *raise_errno(int err, PyObject *path)
     return PyErr_SetFromErrno(PyExc_OSError);
 }
 
-static PyObject *py_unshare(PyObject *self, PyObject *args)
+static PyObject *py_unshare(PyObject *Py_UNUSED(self), PyObject *args)
 {
     int flags, r, err;
     if (!PyArg_ParseTuple(args, "i:unshare", &flags))
@@ -77,7 +77,7 @@ static PyObject *py_unshare(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static PyObject *py_setns(PyObject *self, PyObject *args)
+static PyObject *py_setns(PyObject *Py_UNUSED(self), PyObject *args)
 {
     int fd, nstype, r, err;
     if (!PyArg_ParseTuple(args, "ii:setns", &fd, &nstype))
@@ -91,7 +91,7 @@ static PyObject *py_setns(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static PyObject *py_mount(PyObject *self, PyObject *args)
+static PyObject *py_mount(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *src = NULL, *tgt = NULL, *fstype = NULL, *data = NULL, *ret = NULL;
     PyObject *tgt_obj;
@@ -121,7 +121,7 @@ out:
     return ret;
 }
 
-static PyObject *py_umount2(PyObject *self, PyObject *args)
+static PyObject *py_umount2(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *tgt = NULL, *tgt_obj;
     int flags = 0, r, err;
@@ -137,7 +137,7 @@ static PyObject *py_umount2(PyObject *self, PyObject *args)
     return r < 0 ? raise_errno(err, tgt_obj) : Py_NewRef(Py_None);
 }
 
-static PyObject *py_pivot_root(PyObject *self, PyObject *args)
+static PyObject *py_pivot_root(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *new_root = NULL, *put_old = NULL, *ret = NULL, *new_obj;
     long r;
@@ -157,7 +157,7 @@ out:
     return ret;
 }
 
-static PyObject *py_prctl(PyObject *self, PyObject *args)
+static PyObject *py_prctl(PyObject *Py_UNUSED(self), PyObject *args)
 {
     int option, r, err;
     unsigned long a2 = 0, a3 = 0, a4 = 0, a5 = 0;
@@ -170,7 +170,7 @@ static PyObject *py_prctl(PyObject *self, PyObject *args)
     return PyLong_FromLong(r);
 }
 
-static PyObject *py_openat2(PyObject *self, PyObject *args)
+static PyObject *py_openat2(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *path = NULL, *path_obj;
     int dirfd, err;
@@ -191,7 +191,7 @@ static PyObject *py_openat2(PyObject *self, PyObject *args)
     return PyLong_FromLong(r);
 }
 
-static PyObject *py_open_tree(PyObject *self, PyObject *args)
+static PyObject *py_open_tree(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *path = NULL;
     int dirfd, err;
@@ -209,7 +209,7 @@ static PyObject *py_open_tree(PyObject *self, PyObject *args)
     return PyLong_FromLong(r);
 }
 
-static PyObject *py_move_mount(PyObject *self, PyObject *args)
+static PyObject *py_move_mount(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *from = NULL, *to = NULL, *ret = NULL;
     int from_fd, to_fd, err;
@@ -230,7 +230,7 @@ out:
     return ret;
 }
 
-static PyObject *py_mount_setattr(PyObject *self, PyObject *args)
+static PyObject *py_mount_setattr(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *path = NULL;
     int dirfd, err;
@@ -267,14 +267,14 @@ static int drop_bounding(void)
     return 0;
 }
 
-static PyObject *py_drop_bounding(PyObject *self, PyObject *unused)
+static PyObject *py_drop_bounding(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused))
 {
     if (drop_bounding() < 0)
         return raise_errno(errno, NULL);
     Py_RETURN_NONE;
 }
 
-static PyObject *py_drop_all_capabilities(PyObject *self, PyObject *unused)
+static PyObject *py_drop_all_capabilities(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused))
 {
     /* ambient, bounding, then effective/permitted/inheritable */
     if (drop_bounding() < 0)
@@ -286,7 +286,7 @@ static PyObject *py_drop_all_capabilities(PyObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-static PyObject *py_close_range(PyObject *self, PyObject *args)
+static PyObject *py_close_range(PyObject *Py_UNUSED(self), PyObject *args)
 {
     unsigned int first, last = ~0U;
     if (!PyArg_ParseTuple(args, "I|I:close_range", &first, &last))
@@ -319,8 +319,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_linux",
-    "Linux system calls for hpcc's runtime (see hpcc/runtime/_sys.py).", -1, methods,
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "_linux",
+    .m_doc = "Linux system calls for hpcc's runtime (see hpcc/runtime/_sys.py).",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__linux(void)

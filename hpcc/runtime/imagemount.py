@@ -1,10 +1,13 @@
-"""Mounting the image: the kernel's squashfs through a loop device for files the site
-produced (root-owned, in root-owned directories), squashfuse_ll for everything else."""
+"""Mounting the image: the kernel's squashfs for files the site produced (root-owned in
+root-owned directories, or the site store service account's in the site store): through a
+loop device for root launches, from the setuid mount helper for unprivileged ones;
+squashfuse_ll for everything else."""
 import _signal as signal  # the C module: `signal` would import enum (~3 ms)
 import errno
 import os
 import stat
 import struct
+import sys
 
 from ..errors import MountError
 from . import _sys, namespaces
@@ -16,25 +19,32 @@ LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 
 
-def trusted_for_kernel(fd):
+def trusted_for_kernel(fd, site_store=""):
     """Whether the image open as `fd` may be mounted by the kernel's squashfs (as root).
 
-    The rule (the setuid mount helper's C code applies the same one; keep them in step):
-    the kernel parses only files that nobody but root can change, i.e.
-    1. the file is a regular file owned by root (uid 0), not writable by group or others;
+    The rule (libexec/hpcc-mount.c, the setuid mount helper, applies the same one to the
+    images of the site store: keep the two in step) -- the kernel parses only files that
+    nobody but root, or the site store's service account inside the site store, can change:
+    1. the file is a regular file owned by root, not writable by group or others;
     2. every directory from / down to the file is owned by root and not writable by group
        or others (so nobody else can rename, replace or move anything on the way);
-    3. that chain is walked by file descriptor (openat, O_NOFOLLOW, one component at a
+    3. within the site store `site_store` (config store.path), the owner of the store's
+       root directory is the store's service account (root gave it the store): from that
+       directory down, the directories and the file may be owned by root or that account
+       (still not writable by group or others); every directory above it stays root's;
+    4. that chain is walked by file descriptor (openat, O_NOFOLLOW, one component at a
        time, each checked before the next is opened), starting from the file's current
        name, and the entry found at the end must be this very file (device and inode).
     The name comes from /proc/self/fd (the kernel's current path of the open file), which
     is only a hint: nothing is trusted from it unless the walk confirms it, and a file
     opened through /proc/self/fd/N, a symlink or another mount namespace either walks
-    to the same inode through root-owned directories or is not trusted.
+    to the same inode through trusted directories or is not trusted.
+    The helper, run by anyone, takes only images of the site store; this rule serves root
+    launches, whose caller may name any file.
     CVE-2023-30549: the kernel's squashfs must never parse a file a user can rewrite.
     Anything not trusted is served by squashfuse_ll running as the user instead."""
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+    if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o022:
         return False
     try:
         where = os.readlink(f"/proc/self/fd/{fd}")
@@ -45,10 +55,13 @@ def trusted_for_kernel(fd):
     parts = where.split("/")[1:]
     if not parts or any(c in ("", ".", "..") for c in parts):
         return False
+    store = [c for c in site_store.split("/") if c]
+    store_depth = len(store) if store and parts[:len(store)] == store else -1
+    service = 0  # the owner admitted besides root, once the walk is inside the site store
     cur = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for comp in parts[:-1]:
-            if not _root_only(os.fstat(cur)):
+        for depth, comp in enumerate(parts[:-1], 1):
+            if not _trusted_dir(os.fstat(cur), service):
                 return False
             try:
                 nxt = os.open(comp, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -57,7 +70,9 @@ def trusted_for_kernel(fd):
                 return False
             os.close(cur)
             cur = nxt
-        if not _root_only(os.fstat(cur)):
+            if depth == store_depth:
+                service = os.fstat(cur).st_uid
+        if not _trusted_dir(os.fstat(cur), service) or st.st_uid not in (0, service):
             return False
         try:
             last = os.stat(parts[-1], dir_fd=cur, follow_symlinks=False)
@@ -68,8 +83,9 @@ def trusted_for_kernel(fd):
         os.close(cur)
 
 
-def _root_only(st):
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
+def _trusted_dir(st, service):
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid in (0, service)
+            and not st.st_mode & 0o022)
 
 
 def _loop_mount(img_fd, target, path):
@@ -114,14 +130,20 @@ def _find_exe(name):
     return None
 
 
-def _fuse_mount(img_fd, target, path, privileged):
+def _fuse_mount(img_fd, target, path, privileged, user=None):
     """Mount the image with squashfuse_ll: hpcc opens /dev/fuse and does the mount(2)
     itself (so no setuid fusermount3 is needed), then hands the fd to squashfuse_ll as
-    /dev/fd/3. Unprivileged, the daemon dies with its parent (PR_SET_PDEATHSIG). As root it
-    moves to the host's mount namespace instead (so it does not pin the container's) and
+    /dev/fd/3 and the image as /dev/fd/4 (libfuse 3 takes an inherited fd as a mountpoint
+    of that form). Unprivileged, the daemon dies with its parent (PR_SET_PDEATHSIG). As root
+    it moves to the host's mount namespace instead (so it does not pin the container's) and
     lives exactly as long as the mount: when the container's namespace goes, the kernel
     aborts the FUSE connection and the daemon exits. The Slurm helper relies on this: the
-    namespace outlives the process that called setup_root."""
+    namespace outlives the process that called setup_root.
+
+    As root with a `user` (uid, gid, groups), the daemon is not root: before its exec it
+    takes the user's uid, gid and groups (real, effective and saved), loses every
+    capability (bounding set included) and sets no_new_privs. The image it parses is one
+    the user could rewrite, so a flaw in squashfuse gives nothing the user lacks."""
     exe = _find_exe("squashfuse_ll")
     if not exe:
         raise MountError("squashfuse_ll is not installed",
@@ -163,6 +185,8 @@ def _fuse_mount(img_fd, target, path, privileged):
                 _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)
                 if os.getppid() != parent:
                     os._exit(1)
+            if user is not None:
+                _become(*user)
             os.setsid()  # no terminal signals (Ctrl-C is for the command, not the daemon)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -183,8 +207,104 @@ def _fuse_mount(img_fd, target, path, privileged):
     return pid
 
 
-def mount_image(sqfs, target, privileged):
-    """Mount the squashfs file read-only on target; return the FUSE daemon's pid or None."""
+class HelperMount:
+    """Unprivileged launches: a kernel mount of a site image from the setuid mount helper
+    (libexec/hpcc-mount, config launcher.mount_helper), asked for before entering the user
+    namespace (setuid does not work inside it). start() spawns the helper and returns at
+    once, so that it works while the launcher builds the spec; result() waits for it:
+    (mount fd, None), or (None, why not), and then squashfuse_ll serves the image. The
+    helper decides trust itself, by file descriptor (docs/launcher.md, "The mount helper");
+    this side only skips images obviously not in the site store, to save the helper's
+    start, and hands the helper an fd of the image as proof that the caller may read it."""
+
+    def __init__(self, why=None):
+        self.why, self.pid, self.sock, self.err = why, None, None, None
+
+    @classmethod
+    def start(cls, helper, sqfs, store):
+        sqfs = str(sqfs)
+        if not helper:
+            return cls("launcher.mount_helper is off")
+        if not store or not sqfs.startswith(store + "/"):
+            return cls(f"not an image of the site store {store or '(none)'}")
+        import _socket
+        try:
+            img = os.open(sqfs, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            return cls(f"cannot open the image: {e.strerror}")
+        self = cls()
+        self.sock, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        self.err, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.pid = os.posix_spawn(helper, [helper, sqfs], {}, file_actions=[
+                (os.POSIX_SPAWN_DUP2, img, 0), (os.POSIX_SPAWN_DUP2, theirs.fileno(), 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2)])
+        except OSError as e:
+            self.why = f"mount helper {helper}: {e.strerror}"
+            self.close()
+        finally:
+            os.close(img)
+            os.close(err_w)
+            theirs.close()
+        return self
+
+    @classmethod
+    def for_spec(cls, spec):
+        h = spec["hpcc"]
+        return cls.start(h.get("mount_helper") or "", h["image"], h.get("site_store") or "")
+
+    def result(self):
+        if self.pid is None:
+            return None, self.why
+        import _socket
+        try:
+            _, anc, _, _ = self.sock.recvmsg(1, _socket.CMSG_SPACE(4))
+        except OSError:
+            anc = []
+        fds = [int.from_bytes(d[:4], sys.byteorder) for lvl, typ, d in anc
+               if lvl == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS and len(d) >= 4]
+        status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        self.pid = None
+        why = os.read(self.err, 1024).decode(errors="replace").strip()
+        self.close()
+        if status == 0 and len(fds) == 1:
+            return fds[0], None
+        for fd in fds:
+            os.close(fd)
+        self.why = f"the mount helper refused: {why.removeprefix('hpcc-mount: ') or status}"
+        return None, self.why
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            os.close(self.err)
+            self.sock = self.err = None
+
+
+def attach_mount(mount_fd, target):
+    """Attach the helper's detached mount on target (in our user+mount namespace)."""
+    try:
+        _sys.move_mount(mount_fd, "", _sys.AT_FDCWD, target, _sys.MOVE_MOUNT_F_EMPTY_PATH)
+    finally:
+        os.close(mount_fd)
+
+
+def _become(uid, gid, groups):
+    """Turn this (forked, root) process into the user for good: no way back to root."""
+    _sys.drop_bounding()
+    os.setgroups(list(groups))
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)  # from uid 0 to another: permitted/effective caps go
+    _sys.prctl(_sys.PR_SET_NO_NEW_PRIVS, 1)
+    if os.getresuid() != (uid, uid, uid) or _sys.capabilities_effective():
+        os._exit(126)
+
+
+def mount_image(sqfs, target, privileged, user=None, site_store=""):
+    """Mount the squashfs file read-only on target; return the FUSE daemon's pid or None.
+    user: (uid, gid, groups) the FUSE daemon runs as when root launches for someone else
+    (images root may not give to the kernel are served by the user's own daemon).
+    site_store: the site store's root (its service account's images are trusted too)."""
     try:
         img_fd = os.open(sqfs, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -192,9 +312,11 @@ def mount_image(sqfs, target, privileged):
     try:
         if os.pread(img_fd, 4, 0) != SQUASHFS_MAGIC:
             raise MountError(f"{sqfs} is not a squashfs image")
-        if privileged and trusted_for_kernel(img_fd):
+        if privileged and trusted_for_kernel(img_fd, site_store):
             _loop_mount(img_fd, target, sqfs)
             return None
-        return _fuse_mount(img_fd, target, sqfs, privileged)
+        if not privileged or user is None or user[0] == 0:
+            user = None
+        return _fuse_mount(img_fd, target, sqfs, privileged, user)
     finally:
         os.close(img_fd)

@@ -436,3 +436,29 @@ def list_named(*, privileged, uid=None, job=None, scope="user", config=None):
     finally:
         os.close(top)
     return out
+
+
+def main(argv=None):
+    """python3 -I -m hpcc.runtime.named remove-job JOB: root, at the end of a job (a Slurm
+    Epilog, or the plugin's job epilog), removes the job's named containers on this node."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "remove-job" or not argv[1].isdigit():
+        sys.stderr.write("usage: python3 -m hpcc.runtime.named remove-job JOB\n")
+        return 2
+    if os.geteuid() != 0:
+        sys.stderr.write("hpcc.runtime.named: remove-job is for root\n")
+        return 1
+    from ..config import load_config
+    try:
+        config = load_config(validate_schema=False)
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        sys.stderr.write(f"hpcc.runtime.named: {e}\n")
+        return 1
+    remove_job(int(argv[1]), config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

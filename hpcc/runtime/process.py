@@ -10,9 +10,9 @@ kill -9 of hpcc kills both children through the death signal; the namespace, and
 every mount, goes when its last process is gone. kill -9 of the command: hpcc reaps it,
 stops the daemon and exits 137.
 """
+import _signal as signal  # the C module: `signal` would import enum (~3 ms)
 import errno
 import os
-import _signal as signal  # the C module: `signal` would import enum (~3 ms)
 import sys
 
 from ..errors import EXIT_LAUNCH, EXIT_NOEXEC, EXIT_NOTFOUND, HpccError, LaunchError
@@ -185,7 +185,7 @@ def _kill_leftovers(keep):
 
 
 def run_container(spec, *, privileged=None, log=None, supervise=True, named=None,
-                  save_to=None):
+                  save_to=None, premount=None):
     """Enter namespaces, set up the root and run the command.
 
     supervise=True (the CLI): fork the command and wait for it, forwarding signals; return
@@ -197,7 +197,8 @@ def run_container(spec, *, privileged=None, log=None, supervise=True, named=None
     records its pid there for `exec` attaches and holds the lock until it ends.
     save_to: (dir_fd, name): after the command, write the container's root there as a
     squashfs image (hpcc.runtime.save), as the user; a failure to save makes the status 125
-    when the command itself succeeded."""
+    when the command itself succeeded.
+    premount: an imagemount.HelperMount the caller started early (unprivileged only)."""
     from . import rootfs
     from .ocihooks import run_hooks, state
 
@@ -207,8 +208,14 @@ def run_container(spec, *, privileged=None, log=None, supervise=True, named=None
     if hooks.get("poststart") or hooks.get("poststop") or named or save_to:
         supervise = True
     warn = log or (lambda m: None)
+    mount = None
+    if not privileged:  # before the user namespace: setuid does not work inside it
+        if premount is None:
+            from .imagemount import HelperMount
+            premount = HelperMount.for_spec(spec)
+        mount = premount.result()
     rootfs.enter_namespaces(privileged)
-    handle = rootfs.setup_root(spec, privileged, log=log)
+    handle = rootfs.setup_root(spec, privileged, log=log, premount=mount)
     warn("root ready")
     if not supervise:
         try:

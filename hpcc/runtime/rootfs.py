@@ -19,9 +19,14 @@ import struct
 from ..errors import HookError, LaunchError, MountError
 from . import _sys
 from .identity import AsUser, NoChange
-from .imagemount import mount_image
-from .inroot import (O_PATH_FLAGS, open_in_root, read_file_in_root, resolve_target,
-                     write_file_in_root)
+from .imagemount import attach_mount, mount_image
+from .inroot import (
+    O_PATH_FLAGS,
+    open_in_root,
+    read_file_in_root,
+    resolve_target,
+    write_file_in_root,
+)
 from .namespaces import enter_namespaces, stage_dir, write_id_maps  # noqa: F401 (API)
 
 # ---------------------------------------------------------------------------------------
@@ -221,10 +226,12 @@ class RootHandle:
             self.host_root_fd = None
 
 
-def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=None):
+def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=None,
+               premount=None):
     """Assemble the container's root in the calling process's (private) mount namespace,
     run the createRuntime/prestart/createContainer hooks, make the root read-only (unless
-    spec['root']['readonly'] is false) and pivot_root into it. Returns a RootHandle."""
+    spec['root']['readonly'] is false) and pivot_root into it. Returns a RootHandle.
+    premount: (mount fd or None, why not) from imagemount.helper_mount (unprivileged)."""
     t = log or (lambda msg: None)
     cid = container_id or f"hpcc-{os.getpid()}-{os.urandom(4).hex()}"
     stage = stage_dir(privileged)
@@ -242,9 +249,22 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
     h = spec["hpcc"]
     try:
         _unshare_extra(h.get("unshare") or ())
-        handle.fuse_pid = mount_image(h["image"], os.path.join(stage, "img"), privileged)
-        t("image mounted" + (" (squashfuse_ll)" if handle.fuse_pid else " (kernel)"))
-        if h.get("idmap") and not handle.fuse_pid:
+        mount_fd, why = premount or (None, None)
+        if mount_fd is not None:
+            try:
+                attach_mount(mount_fd, os.path.join(stage, "img"))
+                t("image mounted (kernel, from the mount helper)")
+            except OSError as e:
+                mount_fd, why = None, f"cannot attach the mount helper's mount: {e.strerror}"
+        if mount_fd is None:
+            who = spec["process"]["user"]
+            handle.fuse_pid = mount_image(
+                h["image"], os.path.join(stage, "img"), privileged,
+                (who["uid"], who["gid"], who.get("additionalGids") or []),
+                h.get("site_store", ""))
+            t("image mounted" + (f" (squashfuse_ll: {why})" if handle.fuse_pid and why else
+                                 " (squashfuse_ll)" if handle.fuse_pid else " (kernel)"))
+        if h.get("idmap") and not handle.fuse_pid and mount_fd is None:
             from .idmap import idmap_mount
             try:
                 idmap_mount(f"{stage}/img", *h["idmap"])

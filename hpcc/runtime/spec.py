@@ -366,6 +366,9 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
             "fallback_args": ["/bin/sh"] if mode == "shell" else [],
             "has_bind_mounts": bool(user_mounts),
             "warm_bytes": _warm_mb(launcher) << 20,
+            # unprivileged launches: the setuid helper that kernel-mounts site images
+            "mount_helper": launcher.get("mount_helper", ""),
+            "site_store": site_store(config),
         },
     }
     if not privileged or remap_root:
@@ -381,6 +384,11 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
         spec["hooks"] = select_hooks(load_hooks(hooks_dir, privileged=os.geteuid() == 0,
                                                 cache=cache), spec)
     return spec
+
+
+def site_store(config):
+    """The site store as the mount helper reads it: the config's text, no expansion."""
+    return ((config.get("store") or {}).get("path") or "").rstrip("/")
 
 
 def _warm_mb(launcher):

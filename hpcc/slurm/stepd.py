@@ -196,8 +196,10 @@ def resolve_in_cwd(args, user, config):
     return resolve_as_user(path, user, config)
 
 
-def build(args, user, config, rec, fd):
-    """The spec of this step's container. Returns (spec, extra_env)."""
+def build(args, user, config, rec, fd, opts=None, named=None):
+    """The spec of this step's container. Returns (spec, extra_env). opts: the step's
+    container settings (hpcc.runtime.stepcontainer.StepOptions); named: its named
+    container (hpcc.runtime.named.NamedContainer) or None."""
     from ..runtime import build_spec
     from ..runtime.spec import parse_mount
     from .batch import BATCH_STEP, INTERACTIVE_STEP, slurm_client_setup
@@ -238,7 +240,8 @@ def build(args, user, config, rec, fd):
     # the runtime opens user-given bind sources with the user's credentials.
     spec = build_spec(rec, mode="exec", command=["/bin/true"], mounts=mounts.binds,
                       workdir=options.workdir(args, rec.config),
-                      writable=args.get("writable") == "1", user=str(uid),
+                      writable=opts.writable if opts else args.get("writable") == "1",
+                      user=str(uid), named=named,
                       bind_home=None if mount_home is None else mount_home == "1",
                       annotations=annotations, config=config, privileged=True,
                       host_env={"HOME": user.pw_dir}, cwd=cwd, image_name=args["image"])
@@ -253,10 +256,12 @@ def build(args, user, config, rec, fd):
 
 
 def _runtime_supports(key):
-    """Whether the runtime takes this setting yet (named containers, remap-root, unshare,
-    entrypoint, save are added to hpcc.runtime separately); until then the step is refused
-    rather than run without what the user asked for."""
-    return False
+    """Whether the step can honour this setting: named containers, entrypoint and save are
+    the helper's and the runtime's alone; remap-root and unshare also need each task to
+    join more than the mount namespace (stepcontainer.TASK_SIDE), which spank_hpcc.so does
+    not do yet: until then the step is refused rather than run without them."""
+    from ..runtime.stepcontainer import TASK_SIDE
+    return key not in TASK_SIDE
 
 
 def reply_env(spec, rec, keep, extra):
@@ -310,16 +315,29 @@ def recv_cwd(sock, data=b""):
     return text[4:] if text.startswith("cwd=") else None
 
 
-def container_child(spec, sock, payload):
+def container_child(spec, sock, payload, named=None, entrypoint=None):
     """In the forked child: new mount namespace, root assembly, send the namespace fd.
-    Returns the RootHandle (its FUSE daemon must outlive the message when there is one)."""
+    Returns the RootHandle (its FUSE daemon must outlive the message when there is one),
+    or None when the step attaches to a running named container (its namespace is sent).
+    entrypoint: (image config, log) to run the image's ENTRYPOINT once before the tasks;
+    its output lines (when log) go to the user as "log=" records."""
     from ..runtime import enter_namespaces, setup_root
+    from ..runtime.stepcontainer import attach_fd, run_entrypoint
 
-    enter_namespaces(True)
-    nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    # no page cache warming for the command: this process is gone before the tasks exec
-    spec["hpcc"]["warm_bytes"] = 0
-    handle = setup_root(spec, privileged=True)
+    nsfd = attach_fd(named)
+    handle = None
+    if nsfd is None:
+        enter_namespaces(True)
+        nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        # no page cache warming for the command: this process is gone before the tasks exec
+        spec["hpcc"]["warm_bytes"] = 0
+        handle = setup_root(spec, privileged=True)
+        if entrypoint is not None:
+            lines = run_entrypoint(spec, entrypoint[0], log=entrypoint[1])
+            if lines:
+                logs = "".join(f"log={ln}\0" for ln in lines if "\0" not in ln)
+                payload = payload[:-len(b"end=1\0")] + logs.encode(errors="replace") \
+                    + b"end=1\0"
     send_fd(sock, payload[:1], nsfd)
     sock.sendall(payload[1:])
     os.close(nsfd)
@@ -337,7 +355,20 @@ def run(args, sock, pending=b""):
     args["cwd"] = cwd
     if rec is None:
         rec, img_fd = resolve_in_cwd(args, user, config)
-    spec, extra = build(args, user, config, rec, img_fd)
+    from ..runtime.stepcontainer import StepOptions
+    opts = StepOptions.from_args(args, config)
+    named = opts.open_named(image=rec, image_name=args["image"], uid=user.pw_uid,
+                            job=int(args["job"]))
+    recorded = (named.image or {}).get("sqfs") if named is not None else None
+    if recorded and recorded != str(rec.sqfs_path) and not recorded.startswith("/proc/"):
+        # an existing named container runs on the image it was made from (as pyxis)
+        os.close(img_fd)
+        rec, img_fd = resolve_as_user(recorded, user, config)
+    if named is not None and named.running_pid and opts.save:
+        raise UsageError("--container-save: not with a step that attaches to the running "
+                         f"container '{named.name}' (save it from the step that runs it)")
+    spec, extra = build(args, user, config, rec, img_fd, opts, named)
+    save_to = opts.open_save(spec["hpcc"]["host_user"])
     keep = {n for n in args.get("keep_env", "").split(",") if n}
     env = reply_env(spec, rec, keep, extra)
     records = [f"cwd={spec['process']['cwd']}"] + [f"env={k}={v}" for k, v in env.items()]
@@ -360,17 +391,18 @@ def run(args, sock, pending=b""):
         os.close(devnull)
         try:
             os.close(r)
-            handle = container_child(spec, sock, payload)
-            if handle.fuse_pid:
-                # Keep the FUSE daemon's parent alive until slurmstepd closes its end.
+            entry = ((rec.meta.get("config") or {}), opts.entrypoint_log) \
+                if opts.entrypoint else None
+            handle = container_child(spec, sock, payload, named, entry)
+            if named is not None and named.running_pid:
+                named = None  # attached: the running step's keeper holds the container
+            if opts.keeps(handle, named, save_to):
+                # Keep the FUSE daemon's parent, the named container's lock, the save, alive
+                # until slurmstepd closes its end at the end of the step.
+                from ..runtime.stepcontainer import keep_until_step_end
                 os.write(w, b"k")
                 os.close(w)
-                try:
-                    while sock.recv(4096):
-                        pass
-                except OSError:
-                    pass
-                handle.close()
+                keep_until_step_end(sock, handle, named, save_to, spec)
             else:
                 os.write(w, b"o")
         except HpccError as e:
@@ -383,6 +415,10 @@ def run(args, sock, pending=b""):
     os.close(w)
     os.close(img_fd)
     sock.close()
+    if named is not None:
+        named.close()  # the child holds the lock (the same open file) until the step ends
+    if save_to is not None:
+        os.close(save_to[0])
     status = os.read(r, 1)
     os.close(r)
     if status == b"k":

@@ -1,0 +1,143 @@
+#!/bin/bash
+# The mount helper (libexec/hpcc-mount): reading a realistic image unprivileged through the
+# kernel's squashfs (helper) and through squashfuse_ll (no helper), against the kernel mount
+# of a root launch; and the unprivileged start with and without the helper. Same image,
+# same run, interleaved rounds.
+#
+#   1. read: `tar cf - /usr | wc -c` in the container (a Debian userland's /usr from this
+#      host: Python's standard library and packages, Perl, docs, locales, zoneinfo: many
+#      small files), fresh mount each run, page cache of the .sqfs warm; medians.
+#      Target: unprivileged with the helper >= 0.9x the root kernel mount's speed.
+#   2. start: `hpcc exec IMG true` unprivileged, with and without the helper; medians.
+#      Target: with the helper no slower than without.
+#
+# Run as root (it builds a site store, a helper configured for it, and switches users):
+#   bash bench/mount_helper.sh     # BENCH_RUNS=30 BENCH_READ_RUNS=3 BENCH_USR="lib/python3 ..."
+set -euo pipefail
+
+RUNS=${BENCH_RUNS:-30}
+READ_RUNS=${BENCH_READ_RUNS:-3}
+BENCH_USER=${BENCH_USER:-hpcctest}
+USR_DIRS=${BENCH_USR:-"lib/python3 lib/python3.11 share/perl share/doc share/locale share/i18n share/zoneinfo"}
+HPCC=${HPCC:-$(command -v hpcc || true)}
+PY=/usr/bin/python3
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+
+[ "$(id -u)" = 0 ] || { echo "bench/mount_helper.sh: run as root" >&2; exit 1; }
+[ -n "$HPCC" ] || { echo "bench/mount_helper.sh: hpcc not found (make install, or HPCC=...)" >&2; exit 1; }
+for t in mksquashfs squashfuse_ll busybox cc; do
+    command -v $t >/dev/null || { echo "bench/mount_helper.sh: $t missing (make deps)" >&2; exit 1; }
+done
+id "$BENCH_USER" >/dev/null 2>&1 || useradd --create-home --shell /bin/sh "$BENCH_USER"
+[ -e /dev/fuse ] && chmod 0666 /dev/fuse
+
+# The helper trusts only a store whose every parent directory is root's alone: not /tmp.
+WORK=$(mktemp -d /var/lib/hpcc-bench-mount-XXXXXX)
+chmod 0755 "$WORK"
+trap 'rm -rf "$WORK"' EXIT
+mkdir -m 0755 "$WORK/store" "$WORK/etc" "$WORK/bin"
+
+# --- the image: busybox for the tools, the host's /usr directories for the data ------------
+tree=$WORK/tree
+mkdir -p $tree/bin $tree/etc $tree/tmp $tree/proc $tree/sys $tree/dev $tree/usr/lib $tree/usr/share
+cp "$(command -v busybox)" $tree/bin/busybox
+for a in sh tar wc true; do ln -s busybox $tree/bin/$a; done
+for d in $USR_DIRS; do
+    [ -d /usr/$d ] && cp -a /usr/$d $tree/usr/$(dirname $d)/
+done
+# the gateway's defaults: zstd level 5, 128 KiB blocks
+mksquashfs $tree $WORK/store/usr.sqfs -noappend -quiet -no-progress -all-root -comp zstd \
+    -Xcompression-level 5 -b 131072 >/dev/null
+chmod 0644 $WORK/store/usr.sqfs
+files=$(find $tree -xdev | wc -l)
+bytes=$(du -sb $tree/usr | cut -f1)
+rm -rf $tree
+IMG=$WORK/store/usr.sqfs
+
+make -s -C "$REPO/libexec" OUT=$WORK/bin/hpcc-mount CONFIG=$WORK/etc/hpcc.toml >/dev/null
+chmod 4755 $WORK/bin/hpcc-mount
+for c in helper nohelper; do
+    cat > $WORK/etc/$c.toml <<EOF
+[store]
+path = "$WORK/store"
+[launcher]
+hooks_dir = "$WORK/no-hooks"
+mount_home = false
+mount_cwd = false
+mount_helper = "$([ $c = helper ] && echo $WORK/bin/hpcc-mount)"
+EOF
+done
+cp $WORK/etc/helper.toml $WORK/etc/hpcc.toml   # what the helper itself reads
+chmod 0644 $WORK/etc/*.toml
+echo "image: $(du -h $IMG | cut -f1) squashfs (zstd 5, 128 KiB blocks) of $((bytes >> 20)) MiB in $files files"
+echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg) (figures of a loaded machine are noisy)"
+
+# timer: runs of each command, interleaved round by round; medians of wall time in ms
+cat > $WORK/timer.py <<'EOF'
+import os, statistics, sys, time
+runs, warm = int(sys.argv[1]), int(sys.argv[2])
+cmds, cur = [], []
+for a in sys.argv[3:]:
+    if a == "---":
+        cmds.append(cur); cur = []
+    else:
+        cur.append(a)
+cmds.append(cur)
+def once(cmd):
+    env = dict(os.environ)
+    while cmd[0].startswith("@"):  # @NAME=VALUE: environment of this command
+        k, _, v = cmd[0][1:].partition("="); env[k] = v; cmd = cmd[1:]
+    t = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open("/dev/null", os.O_RDWR)
+        os.dup2(fd, 0); os.dup2(fd, 1)
+        os.execvpe(cmd[0], cmd, env)
+    _, st = os.waitpid(pid, 0)
+    if st != 0:
+        sys.exit(f"timer: {' '.join(cmd)} failed ({st})")
+    return (time.perf_counter() - t) * 1000
+for _ in range(warm):
+    for c in cmds:
+        once(c)
+times = [[] for _ in cmds]
+for _ in range(runs):
+    for i, c in enumerate(cmds):
+        times[i].append(once(c))
+print(" ".join(f"{statistics.median(t):.1f}" for t in times))
+EOF
+chmod 0644 $WORK/timer.py
+as_user() { setpriv --reuid="$BENCH_USER" --regid="$(id -g "$BENCH_USER")" --init-groups \
+            env -u XDG_RUNTIME_DIR USER="$BENCH_USER" LOGNAME="$BENCH_USER" \
+            HOME="$(getent passwd "$BENCH_USER" | cut -d: -f6)" "$@"; }
+ratio() { $PY -c "print(f'{$1/$2:.2f}')"; }
+cd /
+
+# which mount each configuration gets (hpcc -v says it)
+for c in helper nohelper; do
+    how=$(as_user env HPCC_CONFIG=$WORK/etc/$c.toml $HPCC -v exec $IMG true 2>&1 | grep -o 'image mounted.*' || true)
+    echo "  $c: $how"
+done
+
+echo
+echo "== reading the image: tar cf - /usr | wc -c, median of $READ_RUNS runs (ms)"
+READ=(/bin/sh -c 'tar cf - /usr 2>/dev/null | wc -c')
+AS=(setpriv --reuid="$BENCH_USER" --regid="$(id -g "$BENCH_USER")" --init-groups
+    env -u XDG_RUNTIME_DIR USER="$BENCH_USER" LOGNAME="$BENCH_USER"
+    HOME="$(getent passwd "$BENCH_USER" | cut -d: -f6)")
+read -r r_root r_helper r_fuse <<<"$($PY $WORK/timer.py $READ_RUNS 1 \
+    @HPCC_CONFIG=$WORK/etc/nohelper.toml $HPCC exec $IMG "${READ[@]}" --- \
+    @HPCC_CONFIG=$WORK/etc/helper.toml "${AS[@]}" $HPCC exec $IMG "${READ[@]}" --- \
+    @HPCC_CONFIG=$WORK/etc/nohelper.toml "${AS[@]}" $HPCC exec $IMG "${READ[@]}")"
+printf "  %-52s %8s ms\n" "root: kernel squashfs (loop mount by hpcc)" $r_root \
+    "user, mount helper: kernel squashfs" $r_helper "user, no helper: squashfuse_ll" $r_fuse
+echo "  user with helper: $(ratio $r_root $r_helper)x the root kernel mount's speed (target >= 0.9)"
+echo "  user without helper: $(ratio $r_root $r_fuse)x"
+
+echo
+echo "== start: hpcc exec IMG true, unprivileged ($BENCH_USER), median of $RUNS runs (ms)"
+read -r s_helper s_fuse <<<"$($PY $WORK/timer.py $RUNS 3 \
+    @HPCC_CONFIG=$WORK/etc/helper.toml "${AS[@]}" $HPCC exec $IMG true --- \
+    @HPCC_CONFIG=$WORK/etc/nohelper.toml "${AS[@]}" $HPCC exec $IMG true)"
+printf "  %-52s %8s ms\n" "with the mount helper (kernel)" $s_helper "without (squashfuse_ll)" $s_fuse
+echo "  ratio with/without: $(ratio $s_helper $s_fuse) (target <= 1.0)"

@@ -1,0 +1,260 @@
+"""The runtime's side of the Slurm helper's container settings (srun's pyxis options).
+
+The helper (hpcc.slurm.stepd, root in slurmstepd) gets the step's settings as key=value
+strings from spank_hpcc.so: `name=NAME`, `name_mode=auto|exec|no_exec|create`,
+`remap_root=0|1`, `unshare=net,ipc,uts`, `mount_home=0|1`, `entrypoint=0|1`,
+`entrypoint_log=0|1`, `readonly=0|1`, `writable=0|1`, `save=ABS_PATH`. This module turns them
+into the runtime's terms, in small steps the helper calls in order:
+
+    opts = StepOptions.from_args(args, config)     # validated; one line per bad value
+    kw = opts.spec_kwargs()                         # build_spec(..., **kw)
+    named = opts.open_named(image=rec, image_name=..., uid=..., job=...)   # or None
+    spec = build_spec(rec, ..., named=named, **kw)
+    save_to = opts.open_save(user)                  # (dir_fd, name) opened as the user, or None
+    # fork; in the child: enter_namespaces(True), then
+    nsfd = attach_fd(named)                         # a running named container's namespace,
+                                                    # or None: setup_root(spec, True)
+    lines = run_entrypoint(spec, opts)              # the image's ENTRYPOINT, once per node
+    ... send the namespace to slurmstepd ...
+    keep_until_step_end(sock, handle, named, save_to, spec)   # when opts.keeps(handle)
+
+What needs the tasks' side (spank_hpcc.so joining more than the mount namespace) is named
+by `TASK_SIDE`: remap_root (each task enters a user namespace mapping 0 to the job user,
+created by task_userns_fd) and unshare (each task joins the network/IPC/UTS namespaces of
+the helper's child, whose fds namespace_fds returns).
+"""
+import os
+
+from ..errors import LaunchError, UsageError
+
+TASK_SIDE = ("remap_root", "unshare")
+
+
+def _flag(args, key):
+    v = args.get(key)
+    if v in (None, ""):
+        return None
+    if v not in ("0", "1"):
+        raise UsageError(f"hpcc.stepd: {key}={v}: expected 0 or 1")
+    return v == "1"
+
+
+class StepOptions:
+    """The step's container settings, validated."""
+
+    def __init__(self, config=None):
+        self.config = config or {}
+        self.name = None           # 'NAME:FLAG' for open_named
+        self.remap_root = None     # None: the site default (launcher.remap_root)
+        self.unshare = []
+        self.mount_home = None     # None: the site default (launcher.mount_home)
+        self.entrypoint = False
+        self.entrypoint_log = False
+        self.writable = None       # None: the site default (launcher.writable)
+        self.save = None
+
+    @classmethod
+    def from_args(cls, args, config=None):
+        from .named import FLAGS, parse_name
+        from .spec import parse_unshare
+
+        o = cls(config)
+        if args.get("name"):
+            mode = args.get("name_mode") or "auto"
+            if mode not in FLAGS:
+                raise UsageError(f"--container-name: the flag '{mode}' must be one of "
+                                 + ", ".join(FLAGS))
+            o.name = f"{args['name']}:{mode}"
+            parse_name(o.name, "--container-name")
+        o.remap_root = _flag(args, "remap_root")
+        if args.get("unshare"):
+            o.unshare = parse_unshare(args["unshare"], "--container-unshare")
+        o.mount_home = _flag(args, "mount_home")
+        o.entrypoint = bool(_flag(args, "entrypoint"))
+        o.entrypoint_log = bool(_flag(args, "entrypoint_log"))
+        writable, readonly = _flag(args, "writable"), _flag(args, "readonly")
+        if writable and readonly:
+            raise UsageError("--container-writable and --container-readonly contradict each "
+                             "other: give one")
+        o.writable = True if writable else (False if readonly else None)
+        if o.name and readonly:
+            raise UsageError("--container-readonly and --container-name contradict each "
+                             "other (a named container keeps what is written in it)")
+        save = args.get("save")
+        if save:
+            if not save.startswith("/"):
+                raise UsageError(f"--container-save={save}: expected an absolute path")
+            o.save = save
+        return o
+
+    def spec_kwargs(self):
+        """Keyword arguments for build_spec."""
+        return {"writable": self.writable, "remap_root": self.remap_root,
+                "unshare": list(self.unshare),
+                "bind_home": self.mount_home}
+
+    def open_named(self, *, image, image_name=None, uid, job):
+        """The step's named container (hpcc.runtime.named.NamedContainer) or None. Scope:
+        launcher.containers_scope ("job": removed at the end of the job by remove_job)."""
+        if not self.name:
+            return None
+        from .named import open_named
+
+        scope = self.config.get("launcher", {}).get("containers_scope", "job")
+        return open_named(self.name, image=image, image_name=image_name, privileged=True,
+                          uid=uid, job=job, scope=scope, config=self.config,
+                          option="--container-name")
+
+    def open_save(self, user):
+        """(dir_fd, name) of --container-save's PATH, its directory opened with the job
+        user's rights (user: {"uid", "gid", "additionalGids"}), or None."""
+        if not self.save:
+            return None
+        from ..squashfs import writer  # noqa: F401  (nothing can be imported after pivot_root)
+        from .identity import AsUser
+        from .save import open_destination
+
+        with AsUser.of_spec(user):
+            return open_destination(self.save)
+
+    def keeps(self, handle, named, save_to):
+        """Must the helper's child live until the step ends? (the FUSE daemon's parent, a
+        named container's lock and pid, a save at the end)."""
+        return bool(handle is not None and handle.fuse_pid) or named is not None \
+            or save_to is not None
+
+
+def attach_fd(named):
+    """fd of the mount namespace of the running named container (its keeper's), or None."""
+    if named is None or not named.running_pid:
+        return None
+    try:
+        return os.open(f"/proc/{named.running_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise LaunchError(f"cannot attach to container '{named.name}': {e.strerror}") \
+            from None
+
+
+def entrypoint_args(spec, meta_config):
+    """The image's ENTRYPOINT with `true` as its command (an entrypoint ends with
+    `exec "$@"`), or None when the image has none."""
+    ep = list(meta_config.get("Entrypoint") or [])
+    return ep + ["true"] if ep else None
+
+
+def run_entrypoint(spec, meta_config, *, log=False, privileged=True):
+    """Run the image's ENTRYPOINT once in the assembled container (after setup_root, in
+    its namespace), as the container's user, before the tasks: what it writes in the
+    container stays for them. Returns its output lines when log (else they are dropped).
+    Raises LaunchError with its status when it fails."""
+    from .process import exec_process
+
+    args = entrypoint_args(spec, meta_config)
+    if args is None:
+        return []
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        code = 125
+        try:
+            os.close(r)
+            os.dup2(w, 1)
+            os.dup2(w, 2)
+            os.close(w)
+            run = dict(spec, process=dict(spec["process"], args=args))
+            exec_process(run, privileged=privileged)
+        except BaseException as e:  # noqa: BLE001 - its message is the output
+            code = getattr(e, "exit_code", 125)
+            os.write(2, f"hpcc: {e}\n".encode())
+        os._exit(code)
+    os.close(w)
+    out = b""
+    while True:
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        if len(out) < 1 << 20:
+            out += chunk
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    lines = out.decode(errors="replace").splitlines()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        last = lines[-1] if lines else ""
+        raise LaunchError(f"the image's entrypoint failed (status {code})"
+                          + (f": {last}" if last else ""),
+                          hint="if the image has an unusual entrypoint, run the step with "
+                               "--no-container-entrypoint")
+    return lines if log else []
+
+
+def keep_until_step_end(sock, handle, named=None, save_to=None, spec=None):
+    """In the helper's child, after the namespace was sent: hold the named container's
+    lock (and record this pid for attaches) and the FUSE daemon until slurmstepd closes
+    the socket at the step's end; then write --container-save's image as the job user.
+    Returns None, or the save's one-line error."""
+    from .process import _save
+
+    if named is not None:
+        named.record_pid(os.getpid())
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
+    problem = None
+    if save_to is not None:
+        problem = _save(spec, save_to, True)
+    if handle is not None:
+        handle.close()
+    if named is not None:
+        named.close()
+    return problem
+
+
+def task_userns_fd(uid, gid):
+    """fd of a user namespace mapping 0 to uid/gid, owned by uid (created by a child that
+    takes the user's ids first), which a task running as that user may join (setns) after
+    Slurm dropped its privileges: root inside, the user outside (--container-remap-root)."""
+    from . import _sys
+    from .namespaces import write_id_maps
+
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            _sys.prctl(4, 1)  # PR_SET_DUMPABLE: its /proc/self files are ours
+            _sys.unshare(_sys.CLONE_NEWUSER)
+            write_id_maps(0, uid, 0, gid)
+            os.write(ready_w, b"1")
+            os.read(go_r, 1)
+            code = 0
+        except BaseException:  # noqa: BLE001 - the parent reports
+            pass
+        os._exit(code)
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise LaunchError("cannot create the user namespace for --container-remap-root",
+                              hint="the admin must allow unprivileged user namespaces")
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(ready_r)
+        os.close(go_w)
+        os.waitpid(pid, 0)
+
+
+def namespace_fds(kinds):
+    """{kind: fd} of this process's network/IPC/UTS namespaces (after setup_root unshared
+    them) for the tasks to join."""
+    names = {"net": "net", "ipc": "ipc", "uts": "uts"}
+    return {k: os.open(f"/proc/self/ns/{names[k]}", os.O_RDONLY | os.O_CLOEXEC)
+            for k in kinds}

@@ -1,0 +1,133 @@
+"""Unprivileged launches of a site image: the kernel mount from the setuid mount helper
+(libexec/hpcc-mount) and squashfuse_ll give the command the same (absent) powers; `hpcc -v`
+says which mount a launch got and why; root launches keep their own loop mount.
+
+The image is root's, in a site store whose every directory is root's (under /var/lib, not
+/tmp), and holds what an image must not be able to use: a setuid-root program (the probe,
+which reports its ids, no_new_privs, capabilities, and tries a device node of the image and a
+remount) and a world-readable device node."""
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from hpcc.testkit.busybox import busybox_tree
+
+pytestmark = [pytest.mark.root]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def site(test_user):
+    for t in ("mksquashfs", "cc", "squashfuse_ll"):
+        if not shutil.which(t):
+            pytest.skip(f"{t} missing")
+    base = Path(tempfile.mkdtemp(prefix="hpcc-mount-kinds-", dir="/var/lib"))
+    os.chmod(base, 0o755)
+    store, etc, bindir = base / "store", base / "etc", base / "bin"
+    for d in (store, etc, bindir):
+        d.mkdir(mode=0o755)
+    helper = bindir / "hpcc-mount"
+    config = etc / "hpcc.toml"
+    subprocess.run(["make", "-s", "-C", str(REPO / "libexec"), f"OUT={helper}",
+                    f"CONFIG={config}"], check=True, capture_output=True)
+    os.chmod(helper, 0o4755)
+    tree = base / "tree"
+    busybox_tree(tree)
+    subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-static", "-o",
+                    str(tree / "probe"), str(Path(__file__).parent / "mount_probe.c")],
+                   check=True, capture_output=True, text=True)
+    os.chmod(tree / "probe", 0o4755)
+    os.mknod(tree / "node", 0o20666, os.makedev(1, 3))
+    (tree / "hello").write_text("hello from the site image\n")
+    image = store / "probe.sqfs"
+    subprocess.run(["mksquashfs", str(tree), str(image), "-noappend", "-all-root", "-quiet",
+                    "-no-progress"], check=True, capture_output=True)
+    os.chmod(image, 0o644)
+    shutil.rmtree(tree)
+    own = Path(tempfile.mkdtemp(prefix="hpcc-mount-kinds-user-"))
+    os.chmod(own, 0o755)
+    user_image = own / "mine.sqfs"
+    shutil.copy(image, user_image)
+    os.chown(user_image, test_user.pw_uid, test_user.pw_gid)
+
+    def write_config(path, mount_helper):
+        path.write_text(f'[store]\npath = "{store}"\n[launcher]\nhooks_dir = "{base}/none"\n'
+                        f'mount_home = false\nmount_cwd = false\nmount_helper = "{mount_helper}"\n')
+        os.chmod(path, 0o644)
+        return str(path)
+
+    s = {"base": base, "image": image, "user_image": user_image, "helper": helper,
+         "with": write_config(config, helper), "without": write_config(etc / "off.toml", ""),
+         "missing": write_config(etc / "missing.toml", f"{base}/bin/absent")}
+    yield s
+    shutil.rmtree(base)
+    shutil.rmtree(own)
+
+
+def hpcc(run_cli, site, config, image, *cmd, user=None):
+    p = run_cli("hpcc", "-v", "run", image, *cmd, user=user,
+                env={"HPCC_CONFIG": site[config], "XDG_RUNTIME_DIR": ""})
+    mounted = [ln for ln in p.stderr.splitlines() if "image mounted" in ln]
+    return p, (mounted[0].split("image mounted", 1)[1].strip() if mounted else None)
+
+
+def _loops_of(base):
+    out = []
+    for blk in Path("/sys/block").glob("loop*"):
+        try:
+            if (blk / "loop" / "backing_file").read_text().startswith(f"{base}/"):
+                out.append(blk.name)
+        except OSError:
+            pass
+    return out
+
+
+def test_hpcc_v_says_which_mount_and_why(run_cli, site, test_user):
+    u = test_user.pw_name
+    cases = [
+        ("with", site["image"], "(kernel, from the mount helper)"),
+        ("without", site["image"], "(squashfuse_ll: launcher.mount_helper is off)"),
+        ("missing", site["image"], f"(squashfuse_ll: mount helper {site['base']}/bin/absent: "
+                                   "No such file or directory)"),
+        ("with", site["user_image"], "(squashfuse_ll: not an image of the site store "),
+    ]
+    for config, image, expect in cases:
+        p, how = hpcc(run_cli, site, config, image, "cat", "/hello", user=u)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout == "hello from the site image\n"
+        assert how is not None and how.startswith(expect), (config, image, how)
+    # the helper refusing: the site image writable by others
+    os.chmod(site["image"], 0o666)
+    try:
+        p, how = hpcc(run_cli, site, "with", site["image"], "cat", "/hello", user=u)
+    finally:
+        os.chmod(site["image"], 0o644)
+    assert p.returncode == 0 and p.stdout == "hello from the site image\n", p.stderr
+    assert how.startswith("(squashfuse_ll: the mount helper refused: ") and \
+        "writable only by its owner" in how, how
+    # root launches (the Slurm path too) keep their own loop mount, never the helper's
+    p, how = hpcc(run_cli, site, "with", site["image"], "cat", "/hello")
+    assert p.returncode == 0 and how == "(kernel)", (how, p.stderr)
+    assert _loops_of(site["base"]) == []
+
+
+@pytest.mark.parametrize("config", ["with", "without"])
+def test_command_has_no_privileges_in_either_mount_kind(run_cli, site, test_user, config):
+    p, how = hpcc(run_cli, site, config, site["image"], "/probe", user=test_user.pw_name)
+    assert p.returncode == 0, p.stderr
+    assert ("kernel" in how) == (config == "with"), how
+    out = dict(ln.split("=", 1) for ln in p.stdout.splitlines())
+    uid = str(test_user.pw_uid)
+    assert out["euid"] == uid and out["ruid"] == uid  # the image's setuid bit does nothing
+    assert out["no_new_privs"] == "1"
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(out[cap].strip(), 16) == 0, (cap, out[cap])
+    assert out["device_node"] == "Permission denied"  # nodev
+    assert out["remount_root"] == "Operation not permitted"
+    assert out["setuid0"] in ("Operation not permitted", "Invalid argument")  # 0: unmapped
+    assert _loops_of(site["base"]) == []  # the helper's loop device went with the container

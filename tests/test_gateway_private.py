@@ -1,0 +1,61 @@
+"""Private images: pulled by the gateway service with the requesting user's own registry
+credentials, readable and runnable by that user only; the credentials are never stored."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from hpcc.testkit.busybox import busybox_image
+
+pytestmark = [pytest.mark.root]
+
+
+def test_a_private_image_is_readable_by_its_user_only(gateway_service, service_users,
+                                                      token_registry):
+    svc = gateway_service()
+    token_registry.push("team/secret", "1", busybox_image())
+    ref = token_registry.ref("team/secret", "1")
+    alice, bob = service_users
+    home = svc.base / f"home-{alice.pw_name}"
+    svc.run(alice, "version")                       # makes the home
+    auth = token_registry.write_auth_file(home / ".docker" / "config.json")
+    for p in (auth.parent, auth):
+        os.chown(p, alice.pw_uid, alice.pw_gid)
+    password = token_registry.credentials[1]
+
+    # without credentials: the registry refuses, in one line
+    p = svc.run(bob, "pull", ref)
+    assert p.returncode == 3 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "access denied" in p.stderr
+
+    p = svc.run(alice, "pull", "--json", ref)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["private"] is True
+    private_dir = svc.store / ".private" / str(alice.pw_uid)
+    assert out["path"].startswith(str(private_dir) + "/")
+    assert svc.images() == [], "nothing of it in the public part of the store"
+    p = svc.run(alice, "run", ref, "cat", "/etc/os-release")
+    assert p.returncode == 0 and "hpcc demo image" in p.stdout, p.stderr
+    assert svc.home_files(alice) == [".docker/config.json"]
+
+    # bob: cannot list, read, run it by name or by path
+    for argv in (["ls", str(svc.store / ".private")], ["ls", str(private_dir)],
+                 ["cat", out["path"]]):
+        r = subprocess.run(argv, capture_output=True, user=bob.pw_uid, group=bob.pw_gid,
+                           extra_groups=[])
+        assert r.returncode != 0 and b"Permission denied" in r.stderr, argv
+    p = svc.run(bob, "run", ref, "true")
+    assert p.returncode == 125 and "not found" in p.stderr, p.stderr
+    p = svc.run(bob, "run", out["path"], "true")
+    assert p.returncode == 125, p.stderr
+    p = svc.run(bob, "status", "--images", "--json", prog="gateway")
+    assert json.loads(p.stdout) == []
+
+    # the credentials went with the request only
+    for path in svc.base.rglob("*"):
+        if path.is_file() and not path.is_relative_to(home):
+            assert password.encode() not in path.read_bytes(), path
+    rec = [r for r in svc.audit() if r["outcome"] == "pulled"][0]
+    assert rec["private"] is True and rec["user"] == alice.pw_name

@@ -1,0 +1,108 @@
+"""srun's writable, named and saved containers on the real cluster, as an unprivileged user:
+--container-writable (the user writes anywhere in a site image's container),
+--container-name (the layer kept across the steps of a job; attach; refusals) and
+--container-save (an image written as the user when the step ends)."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.root, pytest.mark.slurm]
+
+U1 = "slurmuser1"
+
+
+@pytest.fixture(scope="module")
+def site_image(slurm_site):
+    """The busybox image where root kernel-mounts it (a root-only directory chain), so
+    that writable containers show its files as the job user's (idmapped)."""
+    d = tempfile.mkdtemp(prefix="hpcc-slurm-site-", dir="/run")
+    os.chmod(d, 0o755)
+    path = os.path.join(d, "busybox.sqfs")
+    shutil.copy(slurm_site.images["busybox"].sqfs_path, path)
+    os.chmod(path, 0o644)
+    yield path
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _remove_jobs_containers(job_ids):
+    for job in job_ids:
+        subprocess.run([sys.executable, "-I", "-m", "hpcc.runtime.named", "remove-job",
+                        str(job)], capture_output=True)
+
+
+def test_writable_container_lets_the_job_user_write_anywhere(slurm_cluster, site_image,
+                                                             slurm_users):
+    uid = slurm_users[U1].pw_uid
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={site_image}",
+                          "--container-writable", "sh", "-c",
+                          "touch /newfile && mkdir -p /usr/local/x && echo y > /bin/tool && "
+                          "id -u && stat -c %u /newfile /bin/busybox", user=U1)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [str(uid)] * 3
+
+
+def test_named_container_keeps_its_layer_across_the_steps_of_a_job(slurm_cluster,
+                                                                   site_image):
+    script = (f"srun -n1 --container-image={site_image} --container-name=build "
+              "sh -c 'echo installed > /opt-tool'; "
+              f"srun -n1 --container-image={site_image} --container-name=build "
+              "cat /opt-tool; "
+              f"srun -n1 --container-image={site_image} --container-name=build:create true "
+              "|| echo create-refused; "
+              f"srun -n1 --container-image={site_image} sh -c "
+              "'test -e /opt-tool || echo unnamed-clean'; echo job=$SLURM_JOB_ID")
+    p = slurm_cluster.run("salloc", "-n1", "sh", "-c", script, user=U1)
+    job = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("job=")]
+    try:
+        assert "installed\n" in p.stdout, p.stdout + p.stderr
+        assert "create-refused" in p.stdout and "unnamed-clean" in p.stdout
+        assert "already exists" in p.stderr
+        # the layer lives in a root-only place, per job and user
+        assert job and any(e.startswith(f"job-{job[0]}-u")
+                           for e in os.listdir("/run/hpcc-containers"))
+    finally:
+        _remove_jobs_containers(job)
+    assert not any(e.startswith(f"job-{job[0]}-u") for e in os.listdir("/run/hpcc-containers"))
+
+
+def test_a_step_attaches_to_the_running_named_container(slurm_cluster, site_image):
+    script = (f"srun -n1 --container-image={site_image} --container-name=svc "
+              "sh -c 'echo live > /tmp/only-here; sleep 6' & sleep 3; "
+              f"srun -n1 --overlap --container-image={site_image} --container-name=svc:exec "
+              "cat /tmp/only-here; "
+              f"srun -n1 --overlap --container-image={site_image} --container-name=svc:no_exec "
+              "true || echo no-exec-refused; wait; echo job=$SLURM_JOB_ID")
+    p = slurm_cluster.run("salloc", "-n1", "sh", "-c", script, user=U1, timeout=120)
+    job = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("job=")]
+    try:
+        assert "live\n" in p.stdout, p.stdout + p.stderr
+        assert "no-exec-refused" in p.stdout and "in use" in p.stderr
+    finally:
+        _remove_jobs_containers(job)
+
+
+def test_save_writes_an_image_as_the_user_at_the_end_of_the_step(slurm_cluster, site_image,
+                                                                 slurm_users):
+    u = slurm_users[U1]
+    out = os.path.join(u.pw_dir, f"saved-{os.getpid()}.sqfs")
+    try:
+        p = slurm_cluster.run("srun", "-n1", f"--container-image={site_image}",
+                              "--container-writable", f"--container-save={out}", "sh", "-c",
+                              "echo kept > /kept", user=U1)
+        assert p.returncode == 0, p.stderr
+        for _ in range(100):  # written by the helper's keeper once the step has ended
+            if os.path.exists(out):
+                break
+            time.sleep(0.1)
+        assert os.stat(out).st_uid == u.pw_uid
+        p = slurm_cluster.run("srun", "-n1", f"--container-image={out}", "cat", "/kept",
+                              user=U1)
+        assert (p.returncode, p.stdout) == (0, "kept\n"), p.stderr
+    finally:
+        if os.path.exists(out):
+            os.unlink(out)
