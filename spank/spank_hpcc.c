@@ -541,7 +541,8 @@ static void argv_addu(struct argv_b *a, const char *key, unsigned long v)
 	argv_add(a, key, buf);
 }
 
-/* "note=LINE" records (e.g. waiting for an image's first pull), printed as they arrive. */
+/* "note=LINE" records (e.g. waiting for an image's first pull) and "log=LINE" ones, printed
+ * on the step's stderr as they arrive. */
 static size_t notes_done;
 
 static void print_notes(void)
@@ -552,8 +553,9 @@ static void print_notes(void)
 
 		if (l == reply_len - notes_done)
 			return;         /* not complete yet */
-		if (!strncmp(rec, "note=", 5)) {
-			fprintf(stderr, "%s\n", rec + 5);
+		if (!strncmp(rec, "note=", 5) || !strncmp(rec, "log=", 4)) {
+			/* notes, and the ENTRYPOINT's output with --container-entrypoint-log */
+			fprintf(stderr, "%s\n", strchr(rec, '=') + 1);
 			fflush(stderr);
 		}
 		notes_done += l + 1;

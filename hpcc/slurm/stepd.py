@@ -356,6 +356,9 @@ def run(args, sock, pending=b""):
     if rec is None:
         rec, img_fd = resolve_in_cwd(args, user, config)
     from ..runtime.stepcontainer import StepOptions
+    from .options import save_path
+    if args.get("save"):
+        args["save"] = save_path(args, cwd)  # relative: the job's working directory's
     opts = StepOptions.from_args(args, config)
     named = opts.open_named(image=rec, image_name=args["image"], uid=user.pw_uid,
                             job=int(args["job"]))
