@@ -2,8 +2,8 @@
 machine and the other tests are untouched) and the diagnosis is checked."""
 import json
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -108,6 +108,21 @@ def test_root_also_tries_the_kernel_squashfs_zstd_mount_and_a_loop_device(site):
     assert checks["host.userns"]["status"] == "ok"
 
 
+def test_no_usable_loop_device(site):
+    """As root, in a mount namespace of the test's own, /dev/loop-control is /dev/null."""
+    wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            'mount --bind /dev/null /dev/loop-control && exec "$@"', "sh",
+            HPCC, "doctor", "--json"]
+    p = subprocess.run(wrap, env=_env("root", site["config"]), capture_output=True, text=True,
+                       timeout=120, check=False)
+    _, checks = _report(p)
+    c = checks["host.loop"]
+    assert c["status"] == "fail" and "no usable loop device" in c["summary"], c
+    assert "modprobe loop" in c["fix"]
+    assert checks["host.kernel_squashfs"]["status"] == "skip"
+    assert p.returncode == 1
+
+
 def test_text_output_says_all_checks_passed(site, test_user):
     p = subprocess.run([HPCC, "doctor"], env=_env(test_user.pw_name, site["config"]),
                        user=test_user.pw_uid, group=test_user.pw_gid, extra_groups=[],
@@ -183,24 +198,27 @@ def test_unreadable_site_store(site, test_user, tmp_path):
     assert f"chmod a+rx {store}" in c["fix"]
 
 
-def test_gateway_service_socket(site, test_user, tmp_path):
-    os.chmod(tmp_path, 0o755)
-    path = tmp_path / "gateway.sock"
-    cfg = tmp_path / "hpcc.toml"
-    cfg.write_text(f'[store]\npath = "{site["store"]}"\n[service]\nsocket = "{path}"\n')
-    os.chmod(cfg, 0o644)
-    _, checks = _report(doctor(test_user.pw_name, str(cfg)))
+def test_gateway_service_answers_or_is_down(gateway_service, service_users):
+    """A real `gateway serve` (tests/fixtures/gateway_service.py), asked for its status over
+    its socket, then stopped."""
+    svc = gateway_service(listen=False)
+    user = service_users[0]
+    _, checks = _report(doctor(user.pw_name, str(svc.config)))
     c = checks["gateway.service"]
-    assert c["status"] == "fail" and str(path) in c["summary"]
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        srv.bind(str(path))
-        os.chmod(path, 0o666)
-        srv.listen(4)
-        _, checks = _report(doctor(test_user.pw_name, str(cfg)))
-        assert checks["gateway.service"]["status"] == "ok", checks["gateway.service"]
-    finally:
-        srv.close()
+    assert c["status"] == "ok", c
+    assert c["details"]["answer"]["store"] == str(svc.store)
+    svc.stop()
+    p = doctor(user.pw_name, str(svc.config))
+    _, checks = _report(p)
+    c = checks["gateway.service"]
+    assert c["status"] == "fail" and str(svc.socket) in c["summary"], c
+    assert "systemctl start hpcc-gateway" in c["fix"]
+    assert p.returncode == 1
+
+
+def test_gateway_service_not_enabled_is_off(site, test_user):
+    _, checks = _report(doctor(test_user.pw_name, site["config"]))
+    assert checks["gateway.service"]["status"] == "off"
 
 
 # ------------------------------------------------------------------------------------------
@@ -277,12 +295,33 @@ def test_host_mpi_is_reported(site, test_user):
     assert c["status"] == "ok"
     assert c["details"]["libraries"]["c"]["soname"] in ("libmpich.so.12", "libmpi.so.12")
     assert os.path.isfile(c["details"]["libraries"]["c"]["file"])
+    # the hook's own dependency closure, as for an image with no libraries of its own
+    deps = {d["soname"] for d in c["details"]["dependencies"]}
+    needed = subprocess.run(["readelf", "-d", c["details"]["libraries"]["c"]["file"]],
+                            capture_output=True, text=True, check=True).stdout
+    direct = {n for n in re.findall(r"\[(lib[^\]]+)\]", needed)
+              if not n.startswith(("libc.so", "libm.so", "ld-linux", "libpthread", "libdl",
+                                   "librt", "libmpich"))}
+    assert direct and direct <= deps, (direct, deps)
+    assert re.fullmatch(r"\d+\.\d+", c["details"]["glibc_needed"])
 
 
 @pytest.mark.parametrize("who", ["root", "user"])
 def test_image_whose_mpi_the_hook_accepts(site, test_user, mpi_images, who):
     user = "root" if who == "root" else test_user.pw_name
-    p = doctor(user, site["config"], "--image", mpi_images["nompi"])
+    image = mpi_images["nompi"]
+    trusted = None
+    if who == "root":
+        # the kernel parses only images in root-owned directories all the way up (not /tmp)
+        trusted = Path(tempfile.mkdtemp(prefix="hpcc-doctor-", dir="/run"))
+        os.chmod(trusted, 0o755)
+        image = str(trusted / "nompi.sqfs")
+        shutil.copy(mpi_images["nompi"], image)
+    try:
+        p = doctor(user, site["config"], "--image", image)
+    finally:
+        if trusted:
+            shutil.rmtree(trusted)
     _, checks = _report(p)
     assert checks["image.mount"]["status"] == "ok"
     assert checks["image.mount"]["details"]["mounted"] == ("kernel" if who == "root"
