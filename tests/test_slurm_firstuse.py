@@ -139,3 +139,10 @@ def test_compute_nodes_never_pull(slurm_cluster, pushed, user_store, outdir):
     assert "RAN" not in text, text
     assert "not found in the store" in text, text
     assert _in_store(user_store) == []
+
+
+def test_an_image_the_store_has_but_the_user_may_not_read_is_not_pulled(slurm_cluster,
+                                                                        user_store):
+    p = run(slurm_cluster, "srun", "-n1", "--container=hpcctest/secret:1", "echo", "RAN")
+    assert p.returncode == 125 and "RAN" not in p.stdout
+    assert "pulling" not in p.stderr and "may not read it" in p.stderr, p.stderr

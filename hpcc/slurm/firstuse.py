@@ -48,12 +48,12 @@ def _hpcc():
 
 def _have(image, config):
     """A store has the image (also one the user may not read: the step says so)."""
-    from ..store import Store
+    from ..store import Store, StoreAccessDenied
     for store in (Store.user(config), Store.site(config)):
         try:
             if store.find(image) is not None:
                 return True
-        except PermissionError:
+        except (PermissionError, StoreAccessDenied):
             return True
         except FileNotFoundError:
             continue

@@ -50,7 +50,7 @@ def parse_args(argv):
 
 def resolve_as_user(name, user, config):
     """(ImageRecord, fd of its squashfs opened as the user)."""
-    from ..store import resolve_image
+    from ..store import StoreAccessDenied, resolve_image
 
     saved = {k: os.environ.get(k) for k in ("HOME", "XDG_DATA_HOME", "USER")}
     os.environ["HOME"] = user.pw_dir
@@ -61,7 +61,7 @@ def resolve_as_user(name, user, config):
         with AsUser(user.pw_uid, user.pw_gid, groups):
             try:
                 rec = resolve_image(name, config)
-            except PermissionError:
+            except (PermissionError, StoreAccessDenied):
                 raise ImageNotFound(f"image '{name}': you ({user.pw_name}) may not read it",
                                     hint="ask the image's owner or the admins for access") \
                     from None
