@@ -42,7 +42,7 @@ def make_store(work):
     trees = {}
     trees["bench/busybox:1"] = busybox_tree(work / "t-busybox", extra_dirs=("home",))
     # MPI image: glibc + ping-pong built with Debian's mpicc, MPI itself comes from the host
-    sys.path.insert(0, str(REPO))
+    sys.path.append(str(REPO))  # tests.hooks_images; the installed hpcc stays first
     from tests.hooks_images import base_tree, build_programs
 
     (work / "prog").mkdir()

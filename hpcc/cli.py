@@ -142,6 +142,9 @@ def parse_launch_args(cmd, argv, verbose=False, quiet=False):
     if rest and rest[0] == "--":
         rest = rest[1:]
     o.command = rest
+    if o.command and not o.command[0]:
+        raise UsageError(f"the command is an empty string: hpcc {cmd} [OPTIONS] IMAGE "
+                         f"{_WHAT[cmd][0]}")
     if cmd == "exec" and not o.command:
         raise UsageError("hpcc exec needs a command: hpcc exec IMAGE CMD [ARG...]")
     for a in o.annotations:
@@ -166,6 +169,9 @@ def resolve_image(arg, config, cache=None):
     from .image import is_image_path, local_image
     if is_image_path(arg):
         return local_image(arg, cache)
+    if cache is not None:
+        from .launchcache import resolve_cached
+        return resolve_cached(arg, config, cache)
     from .store import resolve_image as store_resolve
     return store_resolve(arg, config)
 
@@ -180,8 +186,12 @@ def _launch(cmd, argv, verbose, quiet):
 
     from .launchcache import LaunchCache, load_config_cached
     cache = LaunchCache()
-    config = load_config_cached(cache)
+    config = load_config_cached(
+        cache, warn=None if o.quiet else (lambda line: sys.stderr.write(f"hpcc: {line}\n")))
     image = resolve_image(o.image, config, cache)
+    from .image import check_squashfs, is_image_path
+    check_squashfs(image.sqfs_path, o.image if is_image_path(o.image) else
+                   f"{image.sqfs_path} (image {o.image})")
     log(f"image {image.sqfs_path}")
     annotations = dict(a.split("=", 1) for a in o.annotations)
     if o.mpi:

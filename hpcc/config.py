@@ -38,6 +38,7 @@ DEFAULTS = {
         "listen": "",
         "address": "",
         "munge_socket": "",
+        "resolve_cache_seconds": 60,
     },
     "policy": {
         "allow": [],
@@ -127,6 +128,43 @@ def validate(data, source="config"):
         key, why = _key_path(errors[0])
         raise ConfigError(f"{source}: bad value for '{key}': {why}",
                           hint="see etc/hpcc.toml in the hpcc sources for every key")
+
+
+def quick_check(cfg):
+    """Problems a launch should mention about a merged config, found without jsonschema
+    (the launch path cannot afford its import): keys hpcc does not know, and values whose
+    type differs from the default's ("no" for a boolean is true to Python). One string per
+    problem; `hpcc config check` gives the full validation."""
+    out = []
+    for section, value in cfg.items():
+        known = DEFAULTS.get(section)
+        if known is None:
+            out.append(f"unknown section [{section}] (ignored)")
+            continue
+        if section == "registries" or not isinstance(known, dict):
+            continue
+        if not isinstance(value, dict):
+            out.append(f"[{section}] is not a table")
+            continue
+        for key, v in value.items():
+            if key not in known:
+                out.append(f"unknown key '{section}.{key}' (ignored)")
+                continue
+            want = known[key]
+            if isinstance(want, bool):
+                ok, kind = isinstance(v, bool), "true or false"
+            elif isinstance(want, int):
+                ok, kind = isinstance(v, int) and not isinstance(v, bool), "an integer"
+            elif isinstance(want, str):
+                ok, kind = isinstance(v, str), "a string"
+            elif isinstance(want, list):
+                ok, kind = isinstance(v, list), "a list"
+            else:
+                continue
+            if not ok:
+                got = f'"{v}"' if isinstance(v, str) else repr(v)
+                out.append(f"'{section}.{key}' must be {kind}, not {got}")
+    return out
 
 
 def _merge(base, override):

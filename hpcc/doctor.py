@@ -206,22 +206,28 @@ def _unprivileged_probe(work, image):
 
 
 def _kernel_probe(work, image):
-    """As root: a loop device and a kernel squashfs mount of the zstd probe image."""
+    """As root: a loop device ("loop") and a kernel squashfs mount of the zstd probe image
+    ("kernel_squashfs", None when no loop device got that far)."""
     from .runtime import _sys, imagemount
 
-    out = {}
+    out = {"loop": None, "kernel_squashfs": None}
     _sys.unshare(_sys.CLONE_NEWNS)
     _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:
         imagemount._loop_mount(fd, work, image)
+        out["loop"] = {"ok": True}
         with open(f"{work}/probe", "rb") as f:
             ok = f.read() == b"hpcc doctor\n" * 64
         out["kernel_squashfs"] = {"ok": ok} if ok else {"error": "read back wrong bytes"}
     except HpccError as e:
-        out["kernel_squashfs"] = {"error": str(e)}
-    except OSError as e:
-        out["kernel_squashfs"] = _err(e)
+        if "loop device" in e.message:     # attaching failed: the mount was not tried
+            out["loop"] = {"error": str(e)}
+        else:
+            out["loop"] = {"ok": True}
+            out["kernel_squashfs"] = {"error": str(e)}
+    except OSError as e:                   # /dev/loop-control or LOOP_CTL_GET_FREE
+        out["loop"] = _err(e)
     finally:
         os.close(fd)
     return out
@@ -357,16 +363,21 @@ def check_kernel_squashfs(kprobe):
     except OSError:
         listed = False
     zstd = _kernel_config("SQUASHFS_ZSTD")
-    details = {"in_proc_filesystems": listed, "config_squashfs_zstd": zstd, "probe": kprobe}
+    res = (kprobe or {}).get("kernel_squashfs")
+    details = {"in_proc_filesystems": listed, "config_squashfs_zstd": zstd, "probe": res}
     fix = ("use a kernel with CONFIG_SQUASHFS=y and CONFIG_SQUASHFS_ZSTD=y (or modprobe "
            "squashfs), or make the gateway write gzip images (gateway.compressor = \"gzip\")")
-    if kprobe is not None:
-        if kprobe.get("ok"):
+    if res is not None:
+        if res.get("ok"):
             return Check("host.kernel_squashfs", title, "ok",
                          "the kernel mounts zstd squashfs images (loop mount tried)", **details)
         return Check("host.kernel_squashfs", title, "fail",
-                     f"the kernel could not mount a zstd squashfs image: {kprobe.get('error')}",
+                     f"the kernel could not mount a zstd squashfs image: {res.get('error')}",
                      fix, **details)
+    if kprobe is not None:
+        return Check("host.kernel_squashfs", title, "skip",
+                     "not tried: no loop device to mount the image from (see host.loop)",
+                     **details)
     if zstd == "n" or (zstd is None and not listed):
         return Check("host.kernel_squashfs", title, "warn",
                      "this kernel may lack squashfs with zstd (root and Slurm launches mount "
@@ -393,16 +404,14 @@ def check_loop(kprobe):
     title = "loop devices"
     ctl = os.path.exists("/dev/loop-control")
     if kprobe is not None:
-        if kprobe.get("ok"):
+        res = kprobe.get("loop") or {"error": kprobe.get("error", "the probe died")}
+        if res.get("ok"):
             return Check("host.loop", title, "ok", "a loop device was attached and released",
-                         loop_control=ctl)
-        if not ctl or "loop" in (kprobe.get("error") or ""):
-            return Check("host.loop", title, "fail",
-                         f"no usable loop device: {kprobe.get('error')}",
-                         "load the loop module (modprobe loop) and give /dev/loop-control",
-                         loop_control=ctl, probe=kprobe)
-        return Check("host.loop", title, "ok", "a loop device was attached",
-                     loop_control=ctl)
+                         loop_control=ctl, probe=res)
+        return Check("host.loop", title, "fail", f"no usable loop device: {res.get('error')}",
+                     "load the loop module (modprobe loop), and give root /dev/loop-control "
+                     "and /dev/loopN (a container needs them passed in)",
+                     loop_control=ctl, probe=res)
     if not ctl:
         return Check("host.loop", title, "warn",
                      "/dev/loop-control is missing: root and Slurm launches cannot mount site "
@@ -629,12 +638,25 @@ def check_slurm(facts):
 # MPI and NVIDIA
 
 
+class _NoLibraries:
+    """A container with no libraries of its own: the MPI hook's closure then holds every
+    host library it could inject."""
+
+    @staticmethod
+    def find(soname, **kw):
+        return None
+
+
 def check_mpi(config):
     from .hooks.libraries import HostLibraries
-    from .hooks.mpi import host_mpi_libraries
+    from .hooks.mpi import _closure, _glibc_version, host_mpi_libraries
+    from .hooks.plan import Plan
     configured = bool((config.get("mpi") or {}).get("libraries"))
+    hostlibs = HostLibraries()
     try:
-        host = host_mpi_libraries(config, HostLibraries())
+        host = host_mpi_libraries(config, hostlibs)
+        roots = list(host.values())
+        members, glibc = _closure(roots, hostlibs, _NoLibraries(), Plan())
     except HpccError as e:
         return Check("mpi.host", "host MPI (MPICH ABI)", "fail" if configured else "off",
                      str(e), "set mpi.libraries in hpcc.toml to the host's libmpi.so.12"
@@ -642,13 +664,17 @@ def check_mpi(config):
                      "Cray MPICH, MVAPICH) for --mpi", libraries={})
     libs = {fam: {"soname": h.soname, "path": h.path, "file": h.real}
             for fam, h in host.items()}
+    deps = [{"soname": m.soname, "file": m.real} for m in members]
+    need = _glibc_version({v for vs in glibc.values() for v in vs})
+    need_s = ".".join(map(str, need[:2])) if need else None
     mcfg = config.get("mpi") or {}
     return Check("mpi.host", "host MPI (MPICH ABI)", "ok",
                  f"--mpi binds {host['c'].real} ({host['c'].soname})"
                  + "".join(f", {h.real}" for f, h in host.items() if f != "c")
-                 + " and its dependencies the image lacks",
-                 libraries=libs, extra_files=mcfg.get("extra_files") or [],
-                 devices=mcfg.get("devices") or [])
+                 + f" and up to {len(deps)} of its dependencies (those the image lacks in a "
+                 "compatible version)" + (f"; images need glibc >= {need_s}" if need_s else ""),
+                 libraries=libs, dependencies=deps, glibc_needed=need_s,
+                 extra_files=mcfg.get("extra_files") or [], devices=mcfg.get("devices") or [])
 
 
 def check_gpu(config):
@@ -776,8 +802,7 @@ def run_checks(config, image=None):
         probe = _fork_probe(_unprivileged_probe, mnt, probe_img)
         kprobe = None
         if os.geteuid() == 0 and probe_img:
-            kprobe = _fork_probe(_kernel_probe, mnt, probe_img).get("kernel_squashfs") \
-                or {"error": "the probe died"}
+            kprobe = _fork_probe(_kernel_probe, mnt, probe_img)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     try:

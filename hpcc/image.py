@@ -31,8 +31,33 @@ class ImageRecord:
 
 
 def is_image_path(arg):
-    """Does the user's IMAGE argument name a file rather than a reference?"""
-    return arg.endswith(".sqfs") or (os.sep in arg and os.path.isfile(arg))
+    """Does the user's IMAGE argument name a file (or a directory, which is refused with
+    what it is) rather than a reference?"""
+    return arg.endswith(".sqfs") or (os.sep in arg and os.path.lexists(arg))
+
+
+def check_squashfs(path, shown=None):
+    """Refuse, in one line, a file that is not a squashfs image or is cut short (a copy
+    that did not finish): reads the 96-byte superblock (magic "hsqs", bytes_used at 40)
+    before anything is mounted, so squashfuse or the kernel never report it their way."""
+    shown = shown or path
+    try:
+        with open(path, "rb") as f:
+            sb = f.read(96)
+            size = os.fstat(f.fileno()).st_size
+    except PermissionError:
+        raise ImageNotFound(f"cannot read image file {shown}: permission denied") from None
+    except OSError as e:
+        raise ImageNotFound(f"cannot read image file {shown}: {e.strerror}") from None
+    if len(sb) < 96 or sb[:4] != b"hsqs":
+        what = "an empty file" if size == 0 else f"a file of {size} bytes"
+        raise ImageNotFound(f"{shown} is not a squashfs image ({what} that does not start "
+                            "with the squashfs magic)",
+                            hint="hpcc runs .sqfs files made by 'gateway pull' or mksquashfs")
+    used = int.from_bytes(sb[40:48], "little")
+    if used > size:
+        raise ImageNotFound(f"image file {shown} is truncated: {size} of its {used} bytes "
+                            "are there", hint="copy or pull it again")
 
 
 def local_image(arg, cache=None):

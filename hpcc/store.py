@@ -520,7 +520,8 @@ def resolve_image(arg, config, cache=None):
         return local_image(arg, cache)
     user = Store.user(config)
     site = Store.site(config)
-    stores = (user, Store.private(site.root, os.getuid()), site)
+    # geteuid: the Slurm helper resolves with the job user's effective uid
+    stores = (user, Store.private(site.root, os.geteuid()), site)
     denied = None
     for store in stores:
         try:
@@ -539,8 +540,29 @@ def resolve_image(arg, config, cache=None):
         return rec
     if denied is not None:
         raise denied
+    if os.path.lexists(arg):
+        what = "a directory" if os.path.isdir(arg) else "a file"
+        raise ImageNotFound(f"image '{arg}' is not in the store, and '{arg}' here is {what}",
+                            hint=f"to run a .sqfs file give its path: ./{arg}")
     raise ImageNotFound(f"image '{arg}' not found in the store",
                         hint=f"pull it with 'hpcc pull {arg}' (or ask an admin to 'gateway pull {arg}')")
+
+
+def resolution_paths(name, config):
+    """The tag files resolve_image(name) reads, in every store it looks in (the launch
+    cache checks them to know the answer still holds); [] for a digest."""
+    if name.startswith("sha256") or "@" in name:
+        return []
+    ref = parse_reference(name)
+    local = local_alternative(name)
+    user = Store.user(config)
+    site = Store.site(config)
+    paths = []
+    for store in (user, Store.private(site.root, os.getuid()), site):
+        paths.append(store.ref_path(ref))
+        if local is not None:
+            paths.append(store.ref_path(local))
+    return paths
 
 
 def shared_image(user, others, name):

@@ -25,6 +25,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from hpcc.testkit.busybox import install_busybox
+
 REPO = Path(__file__).resolve().parent.parent
 LIBDIR = "/usr/lib/x86_64-linux-gnu"
 HOST_MPICH = Path(LIBDIR) / "libmpich.so.12"
@@ -69,9 +71,8 @@ def base_tree(tree):
     for link, target in (("lib", "usr/lib"), ("lib64", "usr/lib64"), ("sbin", "bin")):
         if not (tree / link).is_symlink():
             (tree / link).symlink_to(target)
-    shutil.copy2("/bin/busybox", tree / "bin/busybox")
-    for applet in ("sh", "cat", "ls", "grep", "echo", "readlink", "stat", "true", "env", "id"):
-        (tree / "bin" / applet).symlink_to("busybox")
+    install_busybox(tree, ("sh", "cat", "ls", "grep", "echo", "readlink", "stat", "true", "env",
+                           "id"))
     # glibc and the interpreter at its ELF path
     for lib in ldd("/bin/ls") + ["/usr/lib/x86_64-linux-gnu/libm.so.6"]:
         _copy_lib(tree, lib)

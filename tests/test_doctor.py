@@ -2,6 +2,7 @@
 machine and the other tests are untouched) and the diagnosis is checked."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,21 @@ def test_root_also_tries_the_kernel_squashfs_zstd_mount_and_a_loop_device(site):
     # the unprivileged probes ran as nobody, not as root
     assert checks["host.userns"]["details"]["as_uid"] == 65534
     assert checks["host.userns"]["status"] == "ok"
+
+
+def test_no_usable_loop_device(site):
+    """As root, in a mount namespace of the test's own, /dev/loop-control is /dev/null."""
+    wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            'mount --bind /dev/null /dev/loop-control && exec "$@"', "sh",
+            HPCC, "doctor", "--json"]
+    p = subprocess.run(wrap, env=_env("root", site["config"]), capture_output=True, text=True,
+                       timeout=120, check=False)
+    _, checks = _report(p)
+    c = checks["host.loop"]
+    assert c["status"] == "fail" and "no usable loop device" in c["summary"], c
+    assert "modprobe loop" in c["fix"]
+    assert checks["host.kernel_squashfs"]["status"] == "skip"
+    assert p.returncode == 1
 
 
 def test_text_output_says_all_checks_passed(site, test_user):
@@ -279,6 +295,15 @@ def test_host_mpi_is_reported(site, test_user):
     assert c["status"] == "ok"
     assert c["details"]["libraries"]["c"]["soname"] in ("libmpich.so.12", "libmpi.so.12")
     assert os.path.isfile(c["details"]["libraries"]["c"]["file"])
+    # the hook's own dependency closure, as for an image with no libraries of its own
+    deps = {d["soname"] for d in c["details"]["dependencies"]}
+    needed = subprocess.run(["readelf", "-d", c["details"]["libraries"]["c"]["file"]],
+                            capture_output=True, text=True, check=True).stdout
+    direct = {n for n in re.findall(r"\[(lib[^\]]+)\]", needed)
+              if not n.startswith(("libc.so", "libm.so", "ld-linux", "libpthread", "libdl",
+                                   "librt", "libmpich"))}
+    assert direct and direct <= deps, (direct, deps)
+    assert re.fullmatch(r"\d+\.\d+", c["details"]["glibc_needed"])
 
 
 @pytest.mark.parametrize("who", ["root", "user"])

@@ -82,6 +82,21 @@ def busybox_image(*, oci=False, compression="gzip"):
 # =========================================================================================
 # On disk: a busybox root squashed with mksquashfs
 # =========================================================================================
+def install_busybox(root, applets=None):
+    """/bin/busybox in the tree at `root`, with `applets` (default: every applet the binary
+    has) as symlinks to it in /bin."""
+    root = Path(root)
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    shutil.copy(BUSYBOX, root / "bin" / "busybox")
+    os.chmod(root / "bin" / "busybox", 0o755)
+    if applets is None:
+        applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True,
+                                 check=True).stdout.split()
+    for a in applets:
+        if a != "busybox" and not (root / "bin" / a).exists():
+            os.symlink("busybox", root / "bin" / a)
+
+
 def busybox_tree(root, *, os_release=TREE_OS_RELEASE, files=None, extra_dirs=()):
     """A minimal root at `root`: static busybox with every applet it has as a symlink,
     BASE_ETC, /etc/os-release, and bin etc tmp (1777) proc sys dev root; `extra_dirs` adds
@@ -90,13 +105,7 @@ def busybox_tree(root, *, os_release=TREE_OS_RELEASE, files=None, extra_dirs=())
     for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root", *extra_dirs):
         (root / d).mkdir(parents=True, exist_ok=True)
     os.chmod(root / "tmp", 0o1777)
-    shutil.copy(BUSYBOX, root / "bin" / "busybox")
-    os.chmod(root / "bin" / "busybox", 0o755)
-    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
-    for a in applets:
-        if a != "busybox" and not (root / "bin" / a).exists():
-            os.symlink("busybox", root / "bin" / a)
+    install_busybox(root)
     etc = dict(BASE_ETC)
     if os_release is not None:
         etc["etc/os-release"] = os_release
