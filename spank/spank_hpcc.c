@@ -544,8 +544,11 @@ static int read_reply(int sock)
 	size_t cap = 65536;
 	char cbuf[CMSG_SPACE(sizeof(int))];
 
-	reply_buf = malloc(cap);
+	free(reply_buf);                /* a second read (fallback helper) replaces the first */
 	reply_len = 0;
+	reply_buf = malloc(cap);
+	if (!reply_buf)
+		return -1;
 	for (;;) {
 		struct iovec iov = { reply_buf + reply_len, cap - reply_len };
 		struct msghdr msg = { 0 };
@@ -575,10 +578,12 @@ static int read_reply(int sock)
 		if (reply_len >= 6 && !memcmp(reply_buf + reply_len - 6, "end=1", 6))
 			break;
 		if (reply_len == cap) {
-			if (cap >= MAX_REPLY)
+			char *bigger;
+
+			if (cap >= MAX_REPLY || !(bigger = realloc(reply_buf, cap * 2)))
 				return -1;
+			reply_buf = bigger;
 			cap *= 2;
-			reply_buf = realloc(reply_buf, cap);
 		}
 	}
 	return 0;

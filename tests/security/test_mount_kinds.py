@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -69,11 +70,30 @@ def site(test_user):
     shutil.rmtree(own)
 
 
+@pytest.fixture
+def helper_mounts(run_cli, site, test_user):
+    """Skip where this kernel cannot give the helper's (id-mapped) squashfs mount."""
+    p, how = hpcc(run_cli, site, "with", site["image"], "true", user=test_user.pw_name)
+    if how and "cannot id-map" in how:
+        pytest.skip(how)
+    assert p.returncode == 0 and how == "(kernel, from the mount helper)", (how, p.stderr)
+
+
 def hpcc(run_cli, site, config, image, *cmd, user=None):
     p = run_cli("hpcc", "-v", "run", image, *cmd, user=user,
                 env={"HPCC_CONFIG": site[config], "XDG_RUNTIME_DIR": ""})
     mounted = [ln for ln in p.stderr.splitlines() if "image mounted" in ln]
     return p, (mounted[0].split("image mounted", 1)[1].strip() if mounted else None)
+
+
+def _no_loops_left(base):
+    """No loop device backed by a file under `base`, once the kernel's asynchronous
+    autoclear (a work item since Linux 5.17) has run."""
+    for _ in range(100):
+        if not _loops_of(base):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _loops_of(base):
@@ -87,7 +107,7 @@ def _loops_of(base):
     return out
 
 
-def test_hpcc_v_says_which_mount_and_why(run_cli, site, test_user):
+def test_hpcc_v_says_which_mount_and_why(run_cli, site, test_user, helper_mounts):
     u = test_user.pw_name
     cases = [
         ("with", site["image"], "(kernel, from the mount helper)"),
@@ -113,11 +133,12 @@ def test_hpcc_v_says_which_mount_and_why(run_cli, site, test_user):
     # root launches (the Slurm path too) keep their own loop mount, never the helper's
     p, how = hpcc(run_cli, site, "with", site["image"], "cat", "/hello")
     assert p.returncode == 0 and how == "(kernel)", (how, p.stderr)
-    assert _loops_of(site["base"]) == []
+    assert _no_loops_left(site["base"])
 
 
 @pytest.mark.parametrize("config", ["with", "without"])
-def test_command_has_no_privileges_in_either_mount_kind(run_cli, site, test_user, config):
+def test_command_has_no_privileges_in_either_mount_kind(run_cli, site, test_user, config,
+                                                       helper_mounts):
     p, how = hpcc(run_cli, site, config, site["image"], "/probe", user=test_user.pw_name)
     assert p.returncode == 0, p.stderr
     assert ("kernel" in how) == (config == "with"), how
@@ -130,4 +151,4 @@ def test_command_has_no_privileges_in_either_mount_kind(run_cli, site, test_user
     assert out["device_node"] == "Permission denied"  # nodev
     assert out["remount_root"] == "Operation not permitted"
     assert out["setuid0"] in ("Operation not permitted", "Invalid argument")  # 0: unmapped
-    assert _loops_of(site["base"]) == []  # the helper's loop device went with the container
+    assert _no_loops_left(site["base"])  # the helper's loop device went with the container
