@@ -59,6 +59,9 @@ install: venv spank libexec
 	@# Ubuntu >= 23.10 (kernel.apparmor_restrict_unprivileged_userns=1): a profile granting
 	@# `userns` to that interpreter (README, "Ubuntu"); nothing elsewhere.
 	@$(VENV)/bin/python3 -I -m hpcc.apparmor install $(VENV)/bin/python3
+	@# ... and to the mount helper, which unshares one after dropping its privileges (to lock
+	@# the flags of the mount it hands out: docs/launcher.md, "The mount helper").
+	@$(VENV)/bin/python3 -I -m hpcc.apparmor install $(PREFIX)/libexec/hpcc-mount
 	@# The launcher's entry script without site.py (-S saves ~9 ms per launch) and isolated
 	@# from PYTHON* variables (-I); it puts the venv's packages on sys.path itself.
 	@purelib=$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \

@@ -212,8 +212,6 @@ def _make_group(prog, user_mode):
 @_common
 @click.pass_obj
 def pull(obj, ref, platform, insecure, force, json_output, quiet):
-    from .pull import pull as do_pull
-
     obj.json, obj.quiet = json_output, quiet
     if obj.user_mode and not obj.explicit_store:
         from .userpull import pull_for_user
@@ -228,6 +226,8 @@ def pull(obj, ref, platform, insecure, force, json_output, quiet):
                                            tags=_tags_of(rec, obj.store.root))}
             obj.emit(res)
         return
+    from .pull import pull as do_pull
+
     obj.admin_store(f"hpcc pull {ref}")
     obj.store.ensure()
     res = do_pull(ref, store=obj.store, config=obj.config, platform=platform,

@@ -45,9 +45,10 @@ class PullResult:
 
 
 def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, reporter=None,
-         client=None, check_size=None, shared=(), trace=None):
+         client=None, check_size=None, shared=(), resolved=None, trace=None):
     """`check_size(bytes)` may refuse the finished squashfs (raise) before it is published.
-    `shared`: stores (the site's) whose copy of the image is used instead of converting."""
+    `shared`: stores (the site's) whose copy of the image is used instead of converting.
+    `resolved`: the ResolvedImage when the caller has resolved `ref_str` already."""
     from .blobcache import BlobCache, blob_cache_dir
     from .cosign import check_policy
     from .progress import Reporter
@@ -60,7 +61,7 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
     client = client or RegistryClient(config, insecure=insecure, notice=reporter.line,
                                       trace=trace)
     try:
-        img = client.resolve(ref, platform or config["gateway"]["platform"] or None)
+        img = resolved or client.resolve(ref, platform or config["gateway"]["platform"] or None)
         digest = img.manifest_digest
         total = sum(layer.size for layer in img.layers)
         reporter.resolved(ref.familiar, digest, len(img.layers), total)

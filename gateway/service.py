@@ -119,6 +119,7 @@ class PullJob:
         self.store = store
         self.ref = ref
         self.digest = img.manifest_digest
+        self.img = img
         self.pin = ref.with_digest(img.index_digest or img.manifest_digest)
         self.client = client
         self.platform = platform
@@ -164,7 +165,7 @@ class PullJob:
         try:
             self.result = pull(str(self.pin), store=self.store, config=svc.config,
                                platform=self.platform, client=self.client,
-                               reporter=_JobReporter(self),
+                               reporter=_JobReporter(self), resolved=self.img,
                                check_size=svc.squashfs_check(self.ref))
         except BaseException as e:  # reported to every requester
             self.error = e
@@ -213,6 +214,8 @@ class Service:
         self.log_stream = log or sys.stderr
         self.jobs = {}
         self.jobs_lock = threading.Lock()
+        self.resolved = {}  # (ref, platform) -> (digest, when): tags resolved lately
+        self.resolve_ttl = svc["resolve_cache_seconds"]
         self.evict_lock = threading.Lock()
         self.stopping = threading.Event()
         self.listeners = []
@@ -405,7 +408,8 @@ class Service:
     def _pull(self, ident, req, f):
         t0 = time.monotonic()
         record = {"op": "pull", **ident.audit(), "ref": req.get("ref")}
-        outcome, error, acquired, client = "failed", None, False, None
+        state = {"outcome": "failed", "client": None}
+        error, acquired = None, False
         try:
             ref_s = req.get("ref")
             if not isinstance(ref_s, str):
@@ -421,58 +425,24 @@ class Service:
             self.policy.check_ref(ref)
             self.limits.acquire(ident.uid, ident.user)
             acquired = True
-            client, img, private = self._resolve(ref, platform, auth)
-            total = sum(layer.size for layer in img.layers)
-            record.update(digest=img.manifest_digest, compressed_size=total, private=private)
-            self.policy.check_compressed(ref, total)
-            keys = self.policy.signature_keys(ref)
-            if keys:
-                from .cosign import verify_image
-
-                signer = verify_image(client, ref, img, keys)
-                record["signed_by"] = signer["key"]
-            if private:
-                from .private import private_store
-
-                store = private_store(self.store.root, ident.uid)
-            else:
-                store = self.store
-            rec = store.get(img.manifest_digest)
-            if rec is not None:
-                if ref.tag:
-                    store.tag(ref, img.manifest_digest)
-                outcome = "present"
+            rec = self._known(ref, platform)
+            if rec is not None:  # answered from the store, no registry round trip
+                private, store = False, self.store
+                self._tag(store, ref, rec.digest)
+                record.update(digest=rec.digest, compressed_size=rec.meta.get("compressed_size"),
+                              private=False, resolved="cache")
+                state["outcome"] = "present"
                 result = {"converted": False, "joined": False}
             else:
-                with self.jobs_lock:
-                    job = self.jobs.get((store.root, img.manifest_digest))
-                    joined = job is not None
-                    if job is None:
-                        job = PullJob(self, store, ref, img, client, platform)
-                        self.jobs[job.key] = job
-                        client = None  # the job owns it now
-                        q = job.subscribe()
-                        threading.Thread(target=job.run, daemon=True, name="pull").start()
-                    else:
-                        q = job.subscribe()
-                if joined and ref.tag:
-                    record["joined"] = True
-                self._stream(job, q, f)
-                if job.error is not None:
-                    raise job.error
-                rec = job.result.record
-                if joined and ref.tag:
-                    store.tag(ref, img.manifest_digest)
-                outcome = "joined" if joined else ("pulled" if job.result.converted
-                                                   else "present")
-                result = {"converted": job.result.converted, "joined": joined}
+                rec, private, store, result = self._pull_at_registry(
+                    ident, ref, platform, auth, record, f, state)
             result.update(ref=str(ref), digest=rec.digest, path=rec.sqfs_path,
                           size=rec.meta.get("size"), private=private, store=store.root,
                           seconds=round(time.monotonic() - t0, 3))
             record["squashfs_size"] = rec.meta.get("size")
             protocol.send(f, {"event": "result", **result})
         except HpccError as e:
-            outcome = "denied" if isinstance(e, PolicyError) else "failed"
+            state["outcome"] = "denied" if isinstance(e, PolicyError) else "failed"
             error = e
             protocol.send(f, {"event": "error", "message": str(e), "exit_code": e.exit_code})
         except Exception as e:  # noqa: BLE001 - the service keeps serving; the client is told
@@ -483,13 +453,87 @@ class Service:
         finally:
             if acquired:
                 self.limits.release(ident.uid)
-            if client is not None:
-                client.close()
+            if state["client"] is not None:
+                state["client"].close()
             secs = round(time.monotonic() - t0, 3)
+            outcome = state["outcome"]
             self.audit.write(**record, outcome=outcome, seconds=secs,
                              error=str(error) if error else None)
             self.log(f"{ident.user} ({ident.via}) pull {record.get('ref')}: {outcome} "
                      f"in {secs:.2f}s" + (f": {error}" if error else ""))
+
+    def _pull_at_registry(self, ident, ref, platform, auth, record, f, state):
+        """Resolve at the registry, check the policy, then answer from the store or convert
+        (one conversion shared by every request for the image). `state` carries the
+        outcome and the registry client still to close (None once a job owns it)."""
+        client, img, private = self._resolve(ref, platform, auth)
+        state["client"] = client
+        total = sum(layer.size for layer in img.layers)
+        record.update(digest=img.manifest_digest, compressed_size=total, private=private)
+        self.policy.check_compressed(ref, total)
+        keys = self.policy.signature_keys(ref)
+        if keys:
+            from .cosign import verify_image
+
+            record["signed_by"] = verify_image(client, ref, img, keys)["key"]
+        if private:
+            from .private import private_store
+
+            store = private_store(self.store.root, ident.uid)
+        else:
+            store = self.store
+        rec = store.get(img.manifest_digest)
+        if rec is not None:
+            self._tag(store, ref, img.manifest_digest)
+            state["outcome"] = "present"
+            result = {"converted": False, "joined": False}
+        else:
+            with self.jobs_lock:
+                job = self.jobs.get((store.root, img.manifest_digest))
+                joined = job is not None
+                if job is None:
+                    job = PullJob(self, store, ref, img, client, platform)
+                    self.jobs[job.key] = job
+                    state["client"] = None  # the job owns it now
+                    q = job.subscribe()
+                    threading.Thread(target=job.run, daemon=True, name="pull").start()
+                else:
+                    q = job.subscribe()
+            self._stream(job, q, f)
+            if job.error is not None:
+                raise job.error
+            rec = job.result.record
+            if joined:
+                self._tag(store, ref, img.manifest_digest)
+            state["outcome"] = ("joined" if joined else
+                                "pulled" if job.result.converted else "present")
+            result = {"converted": job.result.converted, "joined": joined}
+        if not private:
+            self._remember(ref, platform, rec.digest)
+        return rec, private, store, result
+
+    def _known(self, ref, platform):
+        """The public image `ref` names when the store has it and the registry need not be
+        asked: a digest (immutable), or a tag resolved within service.resolve_cache_seconds.
+        Private images are never answered this way: the user's access is checked each time."""
+        digest = ref.digest
+        if digest is None:
+            with self.jobs_lock:
+                hit = self.resolved.get((str(ref), platform or ""))
+            if hit is None or time.monotonic() - hit[1] > self.resolve_ttl:
+                return None
+            digest = hit[0]
+        return self.store.get(digest)
+
+    def _remember(self, ref, platform, digest):
+        if ref.tag and not ref.digest and self.resolve_ttl > 0:
+            with self.jobs_lock:
+                self.resolved[(str(ref), platform or "")] = (digest, time.monotonic())
+
+    @staticmethod
+    def _tag(store, ref, digest):
+        if ref.tag and store.lookup_tag(ref) != digest:
+            store.tag(ref, digest)
 
     def _stream(self, job, q, f):
         """Forward the job's events to this client until the job ends. A client that goes

@@ -38,6 +38,7 @@ DEFAULTS = {
         "listen": "",
         "address": "",
         "munge_socket": "",
+        "resolve_cache_seconds": 60,
     },
     "policy": {
         "allow": [],

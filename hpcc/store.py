@@ -522,7 +522,8 @@ def resolve_image(arg, config, cache=None):
         return local_image(arg, cache)
     user = Store.user(config)
     site = Store.site(config)
-    stores = (user, Store.private(site.root, os.getuid()), site)
+    # geteuid: the Slurm helper resolves with the job user's effective uid
+    stores = (user, Store.private(site.root, os.geteuid()), site)
     denied = None
     for store in stores:
         try:

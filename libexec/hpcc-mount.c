@@ -6,12 +6,15 @@
  * Installed setuid root. It decides by itself, on file descriptors, whether PATH is a
  * trusted image: a regular file under the site store (the `[store] path` of the root-owned
  * site config HPCC_CONFIG, compiled in), reached from / one component at a time without
- * following a symlink; every directory above the store root owned by root, the store root's
- * owner (the store's service account) or root owning each directory below it and the file,
- * nothing writable by group or others; fd 0 the same inode. It then attaches the file to a
- * free loop device (read-only, autoclear), creates a squashfs mount with fsopen/fsmount
- * (read-only, nosuid, nodev), drops every privilege for good and sends the mount fd over
- * fd 1 (SCM_RIGHTS). The caller attaches it with move_mount in its own namespaces.
+ * following a symlink; every directory above the store root owned by root; the store root,
+ * the directories below it and the file owned by root or the store root's owner (the
+ * store's service account); nothing writable by group or others; fd 0 the same inode. The
+ * same rule as root launches (hpcc/runtime/imagemount.py, trusted_for_kernel): keep the
+ * two in step. It then attaches the file to a free loop device (read-only, autoclear),
+ * creates a squashfs mount with fsopen/fsmount (read-only, nosuid, nodev), id-maps it (the
+ * image's uid/gid 0 become the caller's), locks its flags (a copy into a less privileged
+ * user namespace's mount namespace), drops every privilege for good and sends the mount fd
+ * over fd 1 (SCM_RIGHTS). The caller attaches it with move_mount in its own namespaces.
  *
  * It reads no environment, parses no options, allocates nothing, runs nothing.
  * Exit status: 0 sent, 1 refused (not a trusted image), 2 usage, 4 failed.

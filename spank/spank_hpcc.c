@@ -15,7 +15,7 @@
  * long as slurmstepd holds the fd and its tasks run in it: nothing to clean up afterwards.
  *
  * plugstack.conf:  required /path/spank_hpcc.so [python=/opt/hpcc/venv/bin/python3]
- *                  [config=/etc/hpcc/hpcc.toml]
+ *                  [config=/etc/hpcc/hpcc.toml] [server=yes|no] [pull=yes|no]
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -90,6 +90,7 @@ static const struct setting settings[OPT_N] = {
 static char *opt_val[OPT_N];        /* option values seen by the callbacks */
 static char *arg_python, *arg_config;
 static int arg_server = 1;          /* server=no: always a one-shot helper */
+static int arg_pull = 1;            /* pull=no: no first-use pulls on the submit host */
 static char *inherited_container;   /* srun: SLURM_CONTAINER found in srun's own environment */
 
 /* Remote (slurmstepd) state for this step. */
@@ -338,9 +339,11 @@ static void parse_args(int ac, char **av)
 			arg_config = strdup(av[i] + 7);
 		} else if (!strncmp(av[i], "server=", 7)) {
 			arg_server = is_true(av[i] + 7);
+		} else if (!strncmp(av[i], "pull=", 5)) {
+			arg_pull = is_true(av[i] + 5);
 		} else {
 			slurm_error("hpcc: unknown plugstack.conf argument '%s' "
-				    "(known: python=, config=, server=)", av[i]);
+				    "(known: python=, config=, server=, pull=)", av[i]);
 		}
 	}
 }
@@ -538,14 +541,39 @@ static void argv_addu(struct argv_b *a, const char *key, unsigned long v)
 	argv_add(a, key, buf);
 }
 
+/* "note=LINE" records (e.g. waiting for an image's first pull) and "log=LINE" ones, printed
+ * on the step's stderr as they arrive. */
+static size_t notes_done;
+
+static void print_notes(void)
+{
+	while (notes_done < reply_len) {
+		char *rec = reply_buf + notes_done;
+		size_t l = strnlen(rec, reply_len - notes_done);
+
+		if (l == reply_len - notes_done)
+			return;         /* not complete yet */
+		if (!strncmp(rec, "note=", 5) || !strncmp(rec, "log=", 4)) {
+			/* notes, and the ENTRYPOINT's output with --container-entrypoint-log */
+			fprintf(stderr, "%s\n", strchr(rec, '=') + 1);
+			fflush(stderr);
+		}
+		notes_done += l + 1;
+	}
+}
+
 /* Receive the namespace fd (sent with the first bytes) and the rest of the reply. */
 static int read_reply(int sock)
 {
 	size_t cap = 65536;
 	char cbuf[CMSG_SPACE(sizeof(int))];
 
-	reply_buf = malloc(cap);
+	free(reply_buf);                /* a second read (fallback helper) replaces the first */
 	reply_len = 0;
+	notes_done = 0;
+	reply_buf = malloc(cap);
+	if (!reply_buf)
+		return -1;
 	for (;;) {
 		struct iovec iov = { reply_buf + reply_len, cap - reply_len };
 		struct msghdr msg = { 0 };
@@ -572,13 +600,16 @@ static int read_reply(int sock)
 			}
 		}
 		reply_len += n;
+		print_notes();
 		if (reply_len >= 6 && !memcmp(reply_buf + reply_len - 6, "end=1", 6))
 			break;
 		if (reply_len == cap) {
-			if (cap >= MAX_REPLY)
+			char *bigger;
+
+			if (cap >= MAX_REPLY || !(bigger = realloc(reply_buf, cap * 2)))
 				return -1;
+			reply_buf = bigger;
 			cap *= 2;
-			reply_buf = realloc(reply_buf, cap);
 		}
 	}
 	return 0;
@@ -704,6 +735,102 @@ static int server_request(const char *path, struct argv_b *a)
 	return fd;
 }
 
+/* The value of --container=X / --container X on this command's own command line. */
+static char *cmdline_container(void)
+{
+	char *buf = NULL, *out = NULL;
+	size_t cap = 0, len = 0;
+	FILE *f = fopen("/proc/self/cmdline", "r");
+
+	if (!f)
+		return NULL;
+	for (;;) {
+		if (len == cap) {
+			char *nb = realloc(buf, cap = cap ? cap * 2 : 4096);
+			if (!nb)
+				break;
+			buf = nb;
+		}
+		size_t n = fread(buf + len, 1, cap - len, f);
+		if (!n)
+			break;
+		len += n;
+	}
+	fclose(f);
+	for (size_t off = 0; buf && off < len; off += strnlen(buf + off, len - off) + 1) {
+		const char *a = buf + off;
+		if (!strcmp(a, "--"))
+			break;
+		if (!strncmp(a, "--container=", 12)) {
+			free(out);
+			out = strdup(a + 12);
+		} else if (!strcmp(a, "--container")) {
+			size_t next = off + strlen(a) + 1;
+			if (next < len) {
+				free(out);
+				out = strdup(buf + next);
+			}
+		}
+	}
+	free(buf);
+	return out;
+}
+
+/*
+ * Images on first use (srun, salloc, sbatch on the submit host, as the user): an image in
+ * no store is pulled now, with its progress on the user's terminal (sbatch: in the
+ * background, the job's first step waits for it). See hpcc/slurm/firstuse.py. Not in steps
+ * on compute nodes (SLURMD_NODENAME set): compute nodes never pull.
+ */
+static int first_use(spank_t sp)
+{
+	spank_context_t ctx = spank_context();
+	const char *mode;
+	char *image = NULL;
+	pid_t pid;
+	int st;
+
+	(void)sp;
+	if (!arg_pull || (ctx != S_CTX_LOCAL && ctx != S_CTX_ALLOCATOR))
+		return 0;
+	if (getenv("SLURMD_NODENAME"))
+		return 0;
+	if (opt_val[OPT_IMAGE])
+		image = strdup(opt_val[OPT_IMAGE]);
+	else if (getenv("HPCC_CONTAINER_IMAGE") && *getenv("HPCC_CONTAINER_IMAGE"))
+		image = strdup(getenv("HPCC_CONTAINER_IMAGE"));
+	else if (getenv("PYXIS_CONTAINER_IMAGE") && *getenv("PYXIS_CONTAINER_IMAGE"))
+		image = strdup(getenv("PYXIS_CONTAINER_IMAGE"));
+	else
+		image = cmdline_container();
+	if (!image || !*image) {
+		free(image);
+		return 0;
+	}
+	mode = (ctx == S_CTX_ALLOCATOR && !strcmp(program_invocation_short_name, "sbatch"))
+		? "detach" : "wait";
+	fflush(stdout);
+	fflush(stderr);
+	pid = fork();
+	if (pid == 0) {
+		const char *py = arg_python ? arg_python : DEFAULT_PYTHON;
+		if (arg_config)
+			setenv("HPCC_CONFIG", arg_config, 1);
+		execl(py, py, "-I", "-m", "hpcc.slurm.firstuse", mode, image, (char *)NULL);
+		_exit(127);     /* no hpcc here: the step says what is wrong */
+	}
+	free(image);
+	if (pid < 0)
+		return 0;               /* the step says what is missing */
+	while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+		;
+	if (WIFEXITED(st) && (WEXITSTATUS(st) == 0 || WEXITSTATUS(st) == 127))
+		return 0;
+	/* The reason is on the terminal already; nothing was submitted: stop here rather than
+	 * add Slurm's two lines about a failed plugin. */
+	exit(WIFEXITED(st) && WEXITSTATUS(st) ? WEXITSTATUS(st) : 1);
+}
+
 /*
  * Phase 1, init_post_opt (slurmstepd, root, early): start the helper now, so that Python's
  * start-up, the config and the image lookup overlap with Slurm's own step set-up.
@@ -722,7 +849,7 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 
 	(void)ac; (void)av;
 	if (!spank_remote(sp))
-		return 0;
+		return first_use(sp);
 	/* the extern step (PrologFlags=contain) runs no user task */
 	if (spank_get_item(sp, S_JOB_STEPID, &step_id) == ESPANK_SUCCESS &&
 	    step_id == 0xfffffffcU)

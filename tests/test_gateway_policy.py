@@ -3,12 +3,14 @@ image sizes, per-user limits, the store's budget (with a real Slurm cluster's pe
 and the audit log."""
 import json
 import os
+import subprocess
 import threading
 import time
 
 import pytest
 
 from hpcc.testkit.images import ImageBuilder, directory, file, simple_image
+from tests.conftest import tool
 
 pytestmark = [pytest.mark.root]
 
@@ -132,6 +134,15 @@ def test_eviction_keeps_the_images_of_pending_jobs(gateway_service, service_user
     job_id = p.stdout.strip().split(";")[0]
     user = service_users[0]
     try:
+        # gateway prefetch (root, from cron) asks the service for the pending job's image
+        p = subprocess.run([tool("gateway"), "prefetch", "--json"], capture_output=True,
+                           text=True, timeout=120,
+                           env=dict(slurm_cluster.env, HPCC_CONFIG=str(svc.config)))
+        assert p.returncode == 0, p.stderr
+        assert {"image": refs["jobimage"], "status": "pulled"}.items() <= \
+            [e for e in json.loads(p.stdout) if e["image"] == refs["jobimage"]][0].items()
+        rec = svc.audit()[-1]
+        assert (rec["user"], rec["via"], rec["outcome"]) == ("root", "unix", "pulled")
         for name in ("jobimage", "old", "new"):   # oldest first
             assert svc.run(user, "pull", refs[name]).returncode == 0
             time.sleep(0.05)

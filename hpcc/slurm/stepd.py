@@ -50,7 +50,7 @@ def parse_args(argv):
 
 def resolve_as_user(name, user, config):
     """(ImageRecord, fd of its squashfs opened as the user)."""
-    from ..store import resolve_image
+    from ..store import StoreAccessDenied, resolve_image
 
     saved = {k: os.environ.get(k) for k in ("HOME", "XDG_DATA_HOME", "USER")}
     os.environ["HOME"] = user.pw_dir
@@ -61,7 +61,7 @@ def resolve_as_user(name, user, config):
         with AsUser(user.pw_uid, user.pw_gid, groups):
             try:
                 rec = resolve_image(name, config)
-            except PermissionError:
+            except (PermissionError, StoreAccessDenied):
                 raise ImageNotFound(f"image '{name}': you ({user.pw_name}) may not read it",
                                     hint="ask the image's owner or the admins for access") \
                     from None
@@ -112,7 +112,7 @@ def load_config_cached():
     return config
 
 
-def prepare(args):
+def prepare(args, note=None):
     """What needs no working directory: config, user, image (opened as the user)."""
     import pwd
 
@@ -133,10 +133,45 @@ def prepare(args):
     try:
         rec, fd = resolve_as_user(image, user, config)
     except ImageNotFound:
-        if "/" in image and not image.startswith("/"):
+        if image.startswith("/"):
+            raise
+        if note is not None and _waited_for_first_use(image, user, config, note):
+            return prepare(args, None)
+        if "/" in image:
             return user, config, None, None  # maybe a file below the working directory
         raise
     return user, config, rec, fd
+
+
+def _waited_for_first_use(image, user, config, note):
+    """A pull of the image started by sbatch (hpcc.slurm.firstuse) is awaited, as the user.
+    True when one was under way and finished; raises with its reason when it failed."""
+    from .firstuse import pending_path, wait_pending
+
+    saved = {k: os.environ.get(k) for k in ("HOME", "XDG_DATA_HOME", "USER")}
+    os.environ["HOME"] = user.pw_dir
+    os.environ["USER"] = user.pw_name
+    os.environ.pop("XDG_DATA_HOME", None)
+    groups = os.getgrouplist(user.pw_name, user.pw_gid)
+    try:
+        with AsUser(user.pw_uid, user.pw_gid, groups):
+            try:
+                marker = pending_path(config, image)
+            except HpccError:
+                return False
+            if not (os.path.exists(marker) or os.path.exists(marker + ".failed")):
+                return False
+            reason = wait_pending(image, config, note)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if reason:
+        raise ImageNotFound(reason, hint="pull it with 'hpcc pull " + image + "' and submit "
+                            "the job again")
+    return True
 
 
 def is_relative_path(image):
@@ -310,7 +345,10 @@ def container_child(spec, sock, payload, named=None, entrypoint=None):
 
 
 def run(args, sock, pending=b""):
-    user, config, rec, img_fd = prepare(args)
+    def note(message):
+        sock.sendall(f"note={message}\0".encode(errors="replace"))
+
+    user, config, rec, img_fd = prepare(args, note)
     cwd = recv_cwd(sock, pending)
     if cwd is None:
         return 0
@@ -318,6 +356,9 @@ def run(args, sock, pending=b""):
     if rec is None:
         rec, img_fd = resolve_in_cwd(args, user, config)
     from ..runtime.stepcontainer import StepOptions
+    from .options import save_path
+    if args.get("save"):
+        args["save"] = save_path(args, cwd)  # relative: the job's working directory's
     opts = StepOptions.from_args(args, config)
     named = opts.open_named(image=rec, image_name=args["image"], uid=user.pw_uid,
                             job=int(args["job"]))

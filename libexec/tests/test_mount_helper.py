@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,9 +81,31 @@ def site(test_user):
     shutil.rmtree(base)
 
 
+@pytest.fixture(scope="module")
+def mounts(site, test_user):
+    """Skip a test that needs a mount where the kernel cannot give one (the helper id-maps
+    the squashfs mount: a kernel whose squashfs lacks id-mapped mounts refuses that)."""
+    status, err, fd = call(site, test_user)
+    if fd is not None:
+        os.close(fd)
+    if status == FAILED and "cannot id-map" in err:
+        pytest.skip(err.strip())
+    assert status == 0, err
+
+
 def _detach_loops(base):
     for dev in _loops_of(base):
         subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+def _no_loops_left(base):
+    """No loop device backed by a file under `base`, once the kernel's asynchronous
+    autoclear (a work item since Linux 5.17) has run."""
+    for _ in range(100):
+        if not _loops_of(base):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _loops_of(base):
@@ -144,7 +167,7 @@ def refused(site, user, path=None, code=REFUSED, **kw):
     assert status == code, (status, err)
     assert fd is None
     assert err.startswith("hpcc-mount: ") and err.count("\n") == 1, err
-    assert _loops_of(site.base) == []
+    assert _no_loops_left(site.base)
     return err
 
 
@@ -190,7 +213,7 @@ def test_builds_warning_free_under_wall_wextra(site):
     assert len(code) < 300
 
 
-def test_trusted_image_gives_a_locked_idmapped_read_only_mount(site, test_user):
+def test_trusted_image_gives_a_locked_idmapped_read_only_mount(site, test_user, mounts):
     out = probe(site, test_user)
     assert out["status"] == 0
     assert out["hello"] == "hello from the image\n"
@@ -203,10 +226,10 @@ def test_trusted_image_gives_a_locked_idmapped_read_only_mount(site, test_user):
                 "clear_nosuid", "clear_rdonly", "remount_bind", "remount_rw"):
         assert out[key] != "allowed", key
     assert out["open_device_node"] == "Permission denied"
-    assert _loops_of(site.base) == []  # autoclear: gone with the mount
+    assert _no_loops_left(site.base)  # autoclear: gone with the mount
 
 
-def test_mount_fd_is_the_image_and_the_loop_device_goes_with_it(site, test_user):
+def test_mount_fd_is_the_image_and_the_loop_device_goes_with_it(site, test_user, mounts):
     status, err, fd = call(site, test_user)
     assert status == 0, err
     try:
@@ -215,10 +238,10 @@ def test_mount_fd_is_the_image_and_the_loop_device_goes_with_it(site, test_user)
         assert os.major(st.st_dev) == 7  # a loop device's squashfs
     finally:
         os.close(fd)
-    assert _loops_of(site.base) == []
+    assert _no_loops_left(site.base)
 
 
-def test_service_account_owning_the_store_root_is_trusted(site, test_user):
+def test_service_account_owning_the_store_root_is_trusted(site, test_user, mounts):
     svc = ensure_user("hpccsvc")
     with changed(site.store, uid=svc.pw_uid), changed(site.store / "sub", uid=svc.pw_uid), \
             changed(site.image, uid=svc.pw_uid):
@@ -401,7 +424,7 @@ def test_without_setuid_or_inside_a_user_namespace_it_cannot_mount(site, test_us
     # setuid is ignored in a user namespace: the helper is "root" there but not on the host
     status, err, fd = call(site, test_user, wrapper=["unshare", "--user", "--map-root-user"])
     assert status == FAILED and fd is None, err
-    assert _loops_of(site.base) == []
+    assert _no_loops_left(site.base)
 
 
 # --- failures -------------------------------------------------------------------------------
@@ -423,7 +446,7 @@ def test_non_squashfs_files_fail_cleanly(site, test_user):
         fake.unlink()
 
 
-def test_fd_exhaustion_at_every_step_fails_cleanly(site, test_user):
+def test_fd_exhaustion_at_every_step_fails_cleanly(site, test_user, mounts):
     import resource
     seen = set()
     for limit in range(4, 24):  # (with 3 the dynamic loader itself cannot open libc)
@@ -432,7 +455,7 @@ def test_fd_exhaustion_at_every_step_fails_cleanly(site, test_user):
         status, err, fd = call(site, test_user, preexec=lower)
         if fd is not None:
             os.close(fd)
-        assert _loops_of(site.base) == [], limit
+        assert _no_loops_left(site.base), limit
         if status == 0:
             break
         assert status == FAILED and err.startswith("hpcc-mount: ") and err.count("\n") == 1
@@ -461,7 +484,7 @@ def test_loop_device_shortage(site, test_user):
         assert "no free loop device" in err
     finally:
         subprocess.run(["losetup", "-d", busy], check=True)
-    assert _loops_of(site.base) == []
+    assert _no_loops_left(site.base)
 
 
 # --- the same rule as root launches ---------------------------------------------------------
@@ -475,7 +498,7 @@ def _python_rule(site, path):
     return p.stdout.strip() == "True"
 
 
-def test_helper_and_root_launch_trust_rules_agree(site, test_user):
+def test_helper_and_root_launch_trust_rules_agree(site, test_user, mounts):
     """Every case above, decided by both rules: the helper mounts exactly what a root launch
     would kernel-mount (for images of the site store)."""
     svc = ensure_user("hpccsvc")
