@@ -26,6 +26,7 @@ pytest_plugins = [
     "tests.fixtures.registry",
     "tests.fixtures.users",
     "tests.fixtures.launcher_images",
+    "tests.fixtures.mount_helper",
     "tests.fixtures.slurm",
     "tests.fixtures.gateway_service",
 ]

@@ -1,6 +1,7 @@
-"""Escape probes, in both modes: rootless `hpcc run` as an unprivileged user, and `srun` on the
-test cluster as an unprivileged user (site image: kernel squashfs; the user's own image:
-squashfuse_ll as the user). A static C program (probe.c) attempts each escape from inside the
+"""Escape probes, in both modes: rootless `hpcc run` as an unprivileged user (squashfuse_ll,
+and a site image's kernel mount from the setuid mount helper), and `srun` on the test cluster
+as an unprivileged user (site image: kernel squashfs; the user's own image: squashfuse_ll as
+the user). A static C program (probe.c) attempts each escape from inside the
 container; every attempt must be refused by the kernel. Rules (docs/launcher.md, "Security
 rules"):
 
@@ -101,6 +102,32 @@ def test_probes_rootless_hpcc_run(probe_tree, hostdir, test_user, launcher_env):
         assert _listing(hostdir) == files, "rule B: the bound host directory changed"
     finally:
         shutil.rmtree(out)
+
+
+def test_probes_rootless_hpcc_run_kernel_mount_from_the_helper(probe_tree, hostdir, test_user,
+                                                               mount_helper_site):
+    """The same probes on the other unprivileged mount kind: a site image the mount helper
+    kernel-mounts (read-only, nosuid, nodev, flags locked, owners id-mapped)."""
+    out = tempfile.mkdtemp(prefix="hpcc-probe-img-")
+    try:
+        img = str(mount_helper_site.publish(squash(probe_tree, os.path.join(out, "p.sqfs")),
+                                            "probe.sqfs"))
+    finally:
+        shutil.rmtree(out)
+    before, files = _digest(img), _listing(hostdir)
+    cfg = str(mount_helper_site.config)
+    common = ["--no-home", "--no-cwd", "--mount", f"{hostdir}:/hostdir"]
+    p = run_hpcc(["-v", "exec", *common, img, "/bin/probe"], user=test_user.pw_name, config=cfg)
+    assert p.returncode == 0, p.stderr
+    if "cannot id-map" in p.stderr:
+        pytest.skip("this kernel cannot id-map a squashfs mount: the helper refuses")
+    assert "image mounted (kernel, from the mount helper)" in p.stderr, p.stderr
+    e = run_hpcc(["exec", *common, img, "/bin/probe-suid", "euid"], user=test_user.pw_name,
+                 config=cfg)
+    _check(p.stdout, "\n".join(ln for ln in p.stderr.splitlines() if "hpcc: [" not in ln),
+           e.stdout, test_user.pw_uid)
+    assert _digest(img) == before, "rule I: the image file changed"
+    assert _listing(hostdir) == files, "rule B: the bound host directory changed"
 
 
 @pytest.mark.slurm

@@ -19,24 +19,12 @@ from hpcc.testkit.busybox import busybox_tree
 
 pytestmark = [pytest.mark.root]
 
-REPO = Path(__file__).resolve().parents[2]
-
-
 @pytest.fixture(scope="module")
-def site(test_user):
+def site(test_user, mount_helper_site):
     for t in ("mksquashfs", "cc", "squashfuse_ll"):
         if not shutil.which(t):
             pytest.skip(f"{t} missing")
-    base = Path(tempfile.mkdtemp(prefix="hpcc-mount-kinds-", dir="/var/lib"))
-    os.chmod(base, 0o755)
-    store, etc, bindir = base / "store", base / "etc", base / "bin"
-    for d in (store, etc, bindir):
-        d.mkdir(mode=0o755)
-    helper = bindir / "hpcc-mount"
-    config = etc / "hpcc.toml"
-    subprocess.run(["make", "-s", "-C", str(REPO / "libexec"), f"OUT={helper}",
-                    f"CONFIG={config}"], check=True, capture_output=True)
-    os.chmod(helper, 0o4755)
+    base = mount_helper_site.base
     tree = base / "tree"
     busybox_tree(tree)
     subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-static", "-o",
@@ -45,7 +33,7 @@ def site(test_user):
     os.chmod(tree / "probe", 0o4755)
     os.mknod(tree / "node", 0o20666, os.makedev(1, 3))
     (tree / "hello").write_text("hello from the site image\n")
-    image = store / "probe.sqfs"
+    image = mount_helper_site.store / "probe.sqfs"
     subprocess.run(["mksquashfs", str(tree), str(image), "-noappend", "-all-root", "-quiet",
                     "-no-progress"], check=True, capture_output=True)
     os.chmod(image, 0o644)
@@ -56,17 +44,17 @@ def site(test_user):
     shutil.copy(image, user_image)
     os.chown(user_image, test_user.pw_uid, test_user.pw_gid)
 
-    def write_config(path, mount_helper):
-        path.write_text(f'[store]\npath = "{store}"\n[launcher]\nhooks_dir = "{base}/none"\n'
-                        f'mount_home = false\nmount_cwd = false\nmount_helper = "{mount_helper}"\n')
+    def variant(name, helper):
+        path = base / "etc" / f"{name}.toml"
+        path.write_text(mount_helper_site.config.read_text().replace(
+            f'mount_helper = "{mount_helper_site.helper}"', f'mount_helper = "{helper}"'))
         os.chmod(path, 0o644)
         return str(path)
 
-    s = {"base": base, "image": image, "user_image": user_image, "helper": helper,
-         "with": write_config(config, helper), "without": write_config(etc / "off.toml", ""),
-         "missing": write_config(etc / "missing.toml", f"{base}/bin/absent")}
-    yield s
-    shutil.rmtree(base)
+    yield {"base": base, "image": image, "user_image": user_image,
+           "with": str(mount_helper_site.config), "without": variant("off", ""),
+           "missing": variant("missing", f"{base}/bin/absent")}
+    image.unlink()
     shutil.rmtree(own)
 
 
