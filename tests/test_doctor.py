@@ -198,6 +198,25 @@ def test_squashfuse_ll_missing(site, test_user, tmp_path):
     assert p.returncode == 1
 
 
+SECCOMP = str(Path(__file__).parent / "fixtures" / "seccomp_deny.py")
+
+
+@pytest.mark.parametrize("denied,status", [("openat2", "warn"),
+                                           ("openat2,mount_setattr", "fail"),
+                                           ("open_tree", "fail")])
+def test_system_calls_refused_by_seccomp(site, test_user, denied, status):
+    """A seccomp filter (as container runtimes' default profiles have) answers ENOSYS."""
+    p = doctor(test_user.pw_name, site["config"], wrap=[sys.executable, SECCOMP, denied])
+    _, checks = _report(p)
+    c = checks["host.syscalls"]
+    assert c["status"] == status, c
+    for name in denied.split(","):
+        key = "openat2" if name == "openat2" else "mount_api"
+        assert c["details"]["probe"][key]["errno"] == "ENOSYS"
+    assert "seccomp profile" in c["fix"]
+    assert p.returncode == (1 if status == "fail" else 0)
+
+
 def test_unreadable_site_store(site, test_user, tmp_path):
     os.chmod(tmp_path, 0o755)
     store = tmp_path / "private-store"
