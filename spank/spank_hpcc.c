@@ -15,7 +15,7 @@
  * long as slurmstepd holds the fd and its tasks run in it: nothing to clean up afterwards.
  *
  * plugstack.conf:  required /path/spank_hpcc.so [python=/opt/hpcc/venv/bin/python3]
- *                  [config=/etc/hpcc/hpcc.toml]
+ *                  [config=/etc/hpcc/hpcc.toml] [server=yes|no] [pull=yes|no]
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -90,10 +90,16 @@ static const struct setting settings[OPT_N] = {
 static char *opt_val[OPT_N];        /* option values seen by the callbacks */
 static char *arg_python, *arg_config;
 static int arg_server = 1;          /* server=no: always a one-shot helper */
+static int arg_pull = 1;            /* pull=no: no first-use pulls on the submit host */
 static char *inherited_container;   /* srun: SLURM_CONTAINER found in srun's own environment */
 
 /* Remote (slurmstepd) state for this step. */
 static int ns_fd = -1;
+/* Namespaces each task joins besides the mount namespace (remap-root: a user namespace;
+ * unshare: network, IPC, UTS), sent after ns_fd and named by the reply's "nsfds=" record. */
+#define MAX_EXTRA_FDS 8
+static int extra_fds[MAX_EXTRA_FDS];
+static int n_extra_fds;
 static char *reply_buf;             /* NUL-separated records from the helper */
 static size_t reply_len;
 static char *keep_env;              /* comma list: --container-env names the job has set */
@@ -338,9 +344,11 @@ static void parse_args(int ac, char **av)
 			arg_config = strdup(av[i] + 7);
 		} else if (!strncmp(av[i], "server=", 7)) {
 			arg_server = is_true(av[i] + 7);
+		} else if (!strncmp(av[i], "pull=", 5)) {
+			arg_pull = is_true(av[i] + 5);
 		} else {
 			slurm_error("hpcc: unknown plugstack.conf argument '%s' "
-				    "(known: python=, config=, server=)", av[i]);
+				    "(known: python=, config=, server=, pull=)", av[i]);
 		}
 	}
 }
@@ -538,14 +546,36 @@ static void argv_addu(struct argv_b *a, const char *key, unsigned long v)
 	argv_add(a, key, buf);
 }
 
+/* "note=LINE" records (e.g. waiting for an image's first pull) and "log=LINE" ones, printed
+ * on the step's stderr as they arrive. */
+static size_t notes_done;
+
+static void print_notes(void)
+{
+	while (notes_done < reply_len) {
+		char *rec = reply_buf + notes_done;
+		size_t l = strnlen(rec, reply_len - notes_done);
+
+		if (l == reply_len - notes_done)
+			return;         /* not complete yet */
+		if (!strncmp(rec, "note=", 5) || !strncmp(rec, "log=", 4)) {
+			/* notes, and the ENTRYPOINT's output with --container-entrypoint-log */
+			fprintf(stderr, "%s\n", strchr(rec, '=') + 1);
+			fflush(stderr);
+		}
+		notes_done += l + 1;
+	}
+}
+
 /* Receive the namespace fd (sent with the first bytes) and the rest of the reply. */
 static int read_reply(int sock)
 {
 	size_t cap = 65536;
-	char cbuf[CMSG_SPACE(sizeof(int))];
+	char cbuf[CMSG_SPACE(sizeof(int) * (MAX_EXTRA_FDS + 1))];
 
 	free(reply_buf);                /* a second read (fallback helper) replaces the first */
 	reply_len = 0;
+	notes_done = 0;
 	reply_buf = malloc(cap);
 	if (!reply_buf)
 		return -1;
@@ -567,14 +597,24 @@ static int read_reply(int sock)
 			break;
 		for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
 			if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-				int fd;
-				memcpy(&fd, CMSG_DATA(c), sizeof(int));
-				if (ns_fd >= 0)
-					close(ns_fd);
-				ns_fd = fd;
+				size_t nfd = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+				for (size_t i = 0; i < nfd; i++) {
+					int fd;
+					memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+					if (i == 0) {
+						if (ns_fd >= 0)
+							close(ns_fd);
+						ns_fd = fd;
+					} else if (n_extra_fds < MAX_EXTRA_FDS) {
+						extra_fds[n_extra_fds++] = fd;
+					} else {
+						close(fd);
+					}
+				}
 			}
 		}
 		reply_len += n;
+		print_notes();
 		if (reply_len >= 6 && !memcmp(reply_buf + reply_len - 6, "end=1", 6))
 			break;
 		if (reply_len == cap) {
@@ -709,6 +749,102 @@ static int server_request(const char *path, struct argv_b *a)
 	return fd;
 }
 
+/* The value of --container=X / --container X on this command's own command line. */
+static char *cmdline_container(void)
+{
+	char *buf = NULL, *out = NULL;
+	size_t cap = 0, len = 0;
+	FILE *f = fopen("/proc/self/cmdline", "r");
+
+	if (!f)
+		return NULL;
+	for (;;) {
+		if (len == cap) {
+			char *nb = realloc(buf, cap = cap ? cap * 2 : 4096);
+			if (!nb)
+				break;
+			buf = nb;
+		}
+		size_t n = fread(buf + len, 1, cap - len, f);
+		if (!n)
+			break;
+		len += n;
+	}
+	fclose(f);
+	for (size_t off = 0; buf && off < len; off += strnlen(buf + off, len - off) + 1) {
+		const char *a = buf + off;
+		if (!strcmp(a, "--"))
+			break;
+		if (!strncmp(a, "--container=", 12)) {
+			free(out);
+			out = strdup(a + 12);
+		} else if (!strcmp(a, "--container")) {
+			size_t next = off + strlen(a) + 1;
+			if (next < len) {
+				free(out);
+				out = strdup(buf + next);
+			}
+		}
+	}
+	free(buf);
+	return out;
+}
+
+/*
+ * Images on first use (srun, salloc, sbatch on the submit host, as the user): an image in
+ * no store is pulled now, with its progress on the user's terminal (sbatch: in the
+ * background, the job's first step waits for it). See hpcc/slurm/firstuse.py. Not in steps
+ * on compute nodes (SLURMD_NODENAME set): compute nodes never pull.
+ */
+static int first_use(spank_t sp)
+{
+	spank_context_t ctx = spank_context();
+	const char *mode;
+	char *image = NULL;
+	pid_t pid;
+	int st;
+
+	(void)sp;
+	if (!arg_pull || (ctx != S_CTX_LOCAL && ctx != S_CTX_ALLOCATOR))
+		return 0;
+	if (getenv("SLURMD_NODENAME"))
+		return 0;
+	if (opt_val[OPT_IMAGE])
+		image = strdup(opt_val[OPT_IMAGE]);
+	else if (getenv("HPCC_CONTAINER_IMAGE") && *getenv("HPCC_CONTAINER_IMAGE"))
+		image = strdup(getenv("HPCC_CONTAINER_IMAGE"));
+	else if (getenv("PYXIS_CONTAINER_IMAGE") && *getenv("PYXIS_CONTAINER_IMAGE"))
+		image = strdup(getenv("PYXIS_CONTAINER_IMAGE"));
+	else
+		image = cmdline_container();
+	if (!image || !*image) {
+		free(image);
+		return 0;
+	}
+	mode = (ctx == S_CTX_ALLOCATOR && !strcmp(program_invocation_short_name, "sbatch"))
+		? "detach" : "wait";
+	fflush(stdout);
+	fflush(stderr);
+	pid = fork();
+	if (pid == 0) {
+		const char *py = arg_python ? arg_python : DEFAULT_PYTHON;
+		if (arg_config)
+			setenv("HPCC_CONFIG", arg_config, 1);
+		execl(py, py, "-I", "-m", "hpcc.slurm.firstuse", mode, image, (char *)NULL);
+		_exit(127);     /* no hpcc here: the step says what is wrong */
+	}
+	free(image);
+	if (pid < 0)
+		return 0;               /* the step says what is missing */
+	while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+		;
+	if (WIFEXITED(st) && (WEXITSTATUS(st) == 0 || WEXITSTATUS(st) == 127))
+		return 0;
+	/* The reason is on the terminal already; nothing was submitted: stop here rather than
+	 * add Slurm's two lines about a failed plugin. */
+	exit(WIFEXITED(st) && WEXITSTATUS(st) ? WEXITSTATUS(st) : 1);
+}
+
 /*
  * Phase 1, init_post_opt (slurmstepd, root, early): start the helper now, so that Python's
  * start-up, the config and the image lookup overlap with Slurm's own step set-up.
@@ -727,7 +863,7 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 
 	(void)ac; (void)av;
 	if (!spank_remote(sp))
-		return 0;
+		return first_use(sp);
 	/* the extern step (PrologFlags=contain) runs no user task */
 	if (spank_get_item(sp, S_JOB_STEPID, &step_id) == ESPANK_SUCCESS &&
 	    step_id == 0xfffffffcU)
@@ -980,8 +1116,30 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	return 0;
 }
 
+/* The fd of the extra namespace KIND ("user", "net", "ipc", "uts") the helper sent, or -1. */
+static int extra_fd(const char *kind)
+{
+	const char *list = reply_get("nsfds");
+	size_t kl = strlen(kind);
+	int i = 0;
+
+	for (const char *p = list; p && *p && i < n_extra_fds; i++) {
+		const char *e = strchr(p, ',');
+		size_t l = e ? (size_t)(e - p) : strlen(p);
+		if (l == kl && !strncmp(p, kind, kl))
+			return extra_fds[i];
+		if (!e)
+			break;
+		p = e + 1;
+	}
+	return -1;
+}
+
 int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 {
+	static const struct { const char *kind; int type; } shared[] = {
+		{ "net", CLONE_NEWNET }, { "ipc", CLONE_NEWIPC }, { "uts", CLONE_NEWUTS } };
+
 	(void)ac; (void)av;
 	if (!spank_remote(sp) || ns_fd < 0)
 		return 0;
@@ -991,6 +1149,15 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 	}
 	close(ns_fd);
 	ns_fd = -1;
+	/* --container-unshare: the step's own network, IPC and UTS namespaces */
+	for (size_t i = 0; i < sizeof(shared) / sizeof(shared[0]); i++) {
+		int fd = extra_fd(shared[i].kind);
+		if (fd >= 0 && setns(fd, shared[i].type) < 0) {
+			fprintf(stderr, "hpcc: cannot enter the container's %s namespace: %s\n",
+				shared[i].kind, strerror(errno));
+			return -1;
+		}
+	}
 	return 0;
 }
 
@@ -1026,6 +1193,7 @@ static int drop_capabilities(void)
 int slurm_spank_task_init(spank_t sp, int ac, char **av)
 {
 	const char *cwd;
+	int userns, remapped;
 
 	(void)ac; (void)av;
 	if (!spank_remote(sp))
@@ -1056,7 +1224,19 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 		return -1;
 	}
 	spank_setenv(sp, "PWD", cwd, 1);
-	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 || drop_capabilities() < 0) {
+	/* --container-remap-root: as the job user (Slurm dropped root), enter the user namespace
+	 * the helper made for the user (owned by them, mapping 0 to their uid and gid): the task
+	 * is root there, with capabilities that count in that namespace only. */
+	remapped = 0;
+	if ((userns = extra_fd("user")) >= 0) {
+		if (setns(userns, CLONE_NEWUSER) < 0) {
+			fprintf(stderr, "hpcc: --container-remap-root: cannot enter the user "
+				"namespace: %s\n", strerror(errno));
+			return -1;
+		}
+		remapped = 1;
+	}
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 || (!remapped && drop_capabilities() < 0)) {
 		fprintf(stderr, "hpcc: cannot drop privileges: %s\n", strerror(errno));
 		return -1;
 	}
@@ -1070,6 +1250,8 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 		close(ns_fd);
 		ns_fd = -1;
 	}
+	while (n_extra_fds > 0)
+		close(extra_fds[--n_extra_fds]);
 	if (keep_sock >= 0) {
 		close(keep_sock);
 		keep_sock = -1;
@@ -1079,5 +1261,45 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 		waitpid(helper_pid, &st, 0);
 		helper_pid = 0;
 	}
+	return 0;
+}
+
+/*
+ * Job epilog (slurmd, as root, on each node of the job when it ends): remove the job's named
+ * containers (--container-name, launcher.containers_scope = "job") on this node.
+ */
+int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
+{
+	uint32_t job_id = 0;
+	char job[16], *cfg = NULL;
+	pid_t pid;
+	int st;
+
+	parse_args(ac, av);
+	if (spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS || !job_id)
+		return 0;
+	snprintf(job, sizeof(job), "%u", job_id);
+	if (arg_config && asprintf(&cfg, "HPCC_CONFIG=%s", arg_config) < 0)
+		cfg = NULL;
+	pid = fork();
+	if (pid == 0) {
+		char *argv[] = { arg_python ? arg_python : DEFAULT_PYTHON, "-I", "-m",
+				 "hpcc.runtime.named", "remove-job", job, NULL };
+		char *envp[] = { "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
+				 "PYTHONDONTWRITEBYTECODE=1", cfg, NULL };
+		int devnull = open("/dev/null", O_RDWR);
+		if (devnull >= 0) {
+			dup2(devnull, 0);
+			dup2(devnull, 1);
+		}
+		if (chdir("/") < 0)
+			_exit(1);
+		execve(argv[0], argv, envp);
+		_exit(127);
+	}
+	free(cfg);
+	if (pid > 0)
+		while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+			;
 	return 0;
 }

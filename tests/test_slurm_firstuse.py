@@ -1,0 +1,148 @@
+"""Images on first use: an image named by srun, salloc or sbatch that is in no store is pulled
+once, on the submit host, as the user (`hpcc pull`), before the step's tasks start; compute
+nodes never pull. On the real cluster, from a real registry, as an unprivileged user."""
+import itertools
+import os
+import shutil
+import time
+
+import pytest
+
+from tests.test_slurm_sbatch import outdir, wait_job  # noqa: F401 - outdir is a fixture
+
+pytestmark = [pytest.mark.root, pytest.mark.slurm]
+
+U1 = "slurmuser1"
+_tags = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(slurm_site):
+    """A cluster of its own whose plugin pulls on first use (the default; the shared
+    clusters of the other tests turn it off with pull=no)."""
+    import tempfile
+    from pathlib import Path
+
+    from hpcc.testkit.slurmcluster import SlurmCluster
+    d = Path(tempfile.mkdtemp(prefix="slurm-pull-", dir=slurm_site.root))
+    c = SlurmCluster(d, nodes=1, plugstack_lines=[slurm_site.plugstack_line(pull=True)])
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def pushed(registry):
+    from hpcc.testkit.busybox import busybox_image
+    image = busybox_image()
+
+    def push():
+        tag = f"t{os.getpid()}-{next(_tags)}-{time.monotonic_ns()}"
+        registry.push("firstuse/busybox", tag, image)
+        return registry.ref("firstuse/busybox", tag)
+    return push
+
+
+def run(cluster, *argv, **kw):
+    """As slurmuser1 from their home, with their HOME (where `hpcc pull` puts images)."""
+    import pwd
+    env = dict(kw.pop("env", {}), HOME=pwd.getpwnam(U1).pw_dir)
+    return cluster.run(*argv, user=U1, env=env, **kw)
+
+
+def submit(cluster, script, out):
+    p = run(cluster, "sbatch", "--parsable", "-o", str(out), input=script)
+    assert p.returncode == 0, p.stderr
+    wait_job(cluster, int(p.stdout.strip().split(";")[0]))
+    for _ in range(50):
+        if os.path.exists(out):
+            break
+        time.sleep(0.1)
+    return p, open(out).read()
+
+
+@pytest.fixture
+def user_store(slurm_users):
+    """slurmuser1's own store, emptied before and after."""
+    u = slurm_users[U1]
+    d = os.path.join(u.pw_dir, ".local", "share", "hpcc")
+    shutil.rmtree(d, ignore_errors=True)
+    yield os.path.join(d, "images")
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _in_store(store):
+    return [f for f in os.listdir(store) if f.endswith(".sqfs")] if os.path.isdir(store) else []
+
+
+def test_srun_pulls_a_missing_image_once_before_the_step(slurm_cluster, pushed, user_store):
+    ref = pushed()
+    p = run(slurm_cluster, "srun", "-n2", f"--container-image={ref}", "grep", "-c",
+                          "hpcc busybox", "/etc/os-release")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["1", "1"]
+    assert f"hpcc: image '{ref}' is in no store: pulling it" in p.stderr, p.stderr
+    assert len(_in_store(user_store)) == 1          # into the user's own store, as the user
+    assert all(os.stat(os.path.join(user_store, f)).st_uid != 0 for f in _in_store(user_store))
+    p = run(slurm_cluster, "srun", "-n1", f"--container-image={ref}", "true")
+    assert p.returncode == 0 and "pulling" not in p.stderr, p.stderr
+
+
+def test_salloc_pulls_for_the_allocations_steps(slurm_cluster, pushed, user_store):
+    ref = pushed()
+    p = run(slurm_cluster, "salloc", "-n2", f"--container-image={ref}", "sh", "-c",
+                          "srun -n2 grep -c 'hpcc busybox' /etc/os-release")
+    assert p.returncode == 0, p.stderr
+    assert "pulling it" in p.stderr and p.stdout.split() == ["1", "1"], p.stdout + p.stderr
+
+
+def test_sbatch_returns_at_once_and_the_first_step_waits(slurm_cluster, pushed, user_store,
+                                                         outdir):
+    ref = pushed()
+    script = f"""#!/bin/sh
+#SBATCH --container-image={ref}
+#SBATCH -n2
+grep -c 'hpcc busybox' /etc/os-release
+srun -n2 grep -c 'hpcc busybox' /etc/os-release
+"""
+    p, text = submit(slurm_cluster, script, outdir / "o.txt")
+    assert "pulling it for this job in the background" in p.stderr, p.stderr
+    assert text.split()[-3:] == ["1", "1", "1"], text
+    assert not os.listdir(os.path.join(user_store, ".pending")), "the marker is gone"
+
+
+def test_failed_pull_stops_srun_before_anything_is_submitted(slurm_cluster, registry,
+                                                              user_store):
+    ref = registry.ref("firstuse/nothere", "1")
+    p = run(slurm_cluster, "srun", "-n1", f"--container-image={ref}", "echo", "RAN")
+    assert p.returncode != 0 and "RAN" not in p.stdout
+    assert "queued" not in p.stderr and "allocated" not in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert any(ln.startswith("hpcc: ") or ln.startswith("error: ") for ln in
+               p.stderr.splitlines()), p.stderr
+
+
+def test_sbatch_pull_that_fails_fails_the_first_step_with_its_reason(slurm_cluster, registry,
+                                                                     user_store, outdir):
+    ref = registry.ref("firstuse/nothere", "2")
+    _, text = submit(slurm_cluster, f"#!/bin/sh\n#SBATCH --container-image={ref}\necho RAN\n",
+                     outdir / "o.txt")
+    assert "RAN" not in text, text
+    assert f"the pull of '{ref}' started by sbatch failed" in text, text
+
+
+def test_compute_nodes_never_pull(slurm_cluster, pushed, user_store, outdir):
+    # a step started inside a job (on a compute node) names an image in no store
+    ref = pushed()
+    _, text = submit(slurm_cluster, f"#!/bin/sh\nsrun -n1 --container-image={ref} echo RAN\n",
+                     outdir / "o.txt")
+    assert "RAN" not in text, text
+    assert "not found in the store" in text, text
+    assert _in_store(user_store) == []
+
+
+def test_an_image_the_store_has_but_the_user_may_not_read_is_not_pulled(slurm_cluster,
+                                                                        user_store):
+    p = run(slurm_cluster, "srun", "-n1", "--container=hpcctest/secret:1", "echo", "RAN")
+    assert p.returncode == 125 and "RAN" not in p.stdout
+    assert "pulling" not in p.stderr and "may not read it" in p.stderr, p.stderr
