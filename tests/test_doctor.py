@@ -17,8 +17,8 @@ pytestmark = pytest.mark.root
 
 HPCC = str(Path(sys.executable).parent / "hpcc")
 CHECK_IDS = {"host.userns", "host.fuse", "host.squashfuse", "host.kernel_squashfs",
-             "host.overlay", "host.loop", "host.syscalls", "store.site", "store.user",
-             "gateway.service", "mpi.host", "gpu.driver"}
+             "host.overlay", "host.loop", "host.syscalls", "host.mount_helper", "store.site",
+             "store.user", "gateway.service", "mpi.host", "gpu.driver"}
 
 
 def _public_dir(prefix):
@@ -215,6 +215,34 @@ def test_system_calls_refused_by_seccomp(site, test_user, denied, status):
         assert c["details"]["probe"][key]["errno"] == "ENOSYS"
     assert "seccomp profile" in c["fix"]
     assert p.returncode == (1 if status == "fail" else 0)
+
+
+@pytest.mark.parametrize("case", ["off", "missing", "not-setuid", "user-owned", "setuid"])
+def test_mount_helper(site, test_user, tmp_path, case):
+    helper = tmp_path / "hpcc-mount"
+    if case not in ("off", "missing"):
+        shutil.copy("/bin/true", helper)
+        os.chmod(helper, 0o755)
+        if case == "user-owned":
+            os.chown(helper, test_user.pw_uid, test_user.pw_gid)
+            os.chmod(helper, 0o4755)
+        if case == "setuid":
+            os.chmod(helper, 0o4755)
+    cfg = tmp_path / "hpcc.toml"
+    value = "" if case == "off" else str(helper)
+    cfg.write_text(f'[store]\npath = "{site["store"]}"\n[launcher]\nmount_helper = "{value}"\n')
+    os.chmod(cfg, 0o644)
+    _, checks = _report(doctor(test_user.pw_name, str(cfg)))
+    c = checks["host.mount_helper"]
+    nosuid = bool(os.statvfs(tmp_path).f_flag & os.ST_NOSUID)
+    want = {"off": "off", "missing": "warn", "not-setuid": "warn", "user-owned": "fail",
+            "setuid": "warn" if nosuid else "ok"}[case]
+    assert c["status"] == want, c
+    if case == "user-owned":
+        assert "someone other than root can replace it" in c["summary"]
+        assert f"chown root:root {helper}" in c["fix"]
+    if case in ("missing", "not-setuid"):
+        assert "squashfuse_ll" in c["summary"]
 
 
 def test_unreadable_site_store(site, test_user, tmp_path):
