@@ -242,6 +242,8 @@ def build(args, user, config, rec, fd, opts=None, named=None):
                       workdir=options.workdir(args, rec.config),
                       writable=opts.writable if opts else args.get("writable") == "1",
                       user=str(uid), named=named,
+                      remap_root=opts.remap_root if opts else None,
+                      unshare=opts.unshare if opts else (),
                       bind_home=None if mount_home is None else mount_home == "1",
                       annotations=annotations, config=config, privileged=True,
                       host_env={"HOME": user.pw_dir}, cwd=cwd, image_name=args["image"])
@@ -256,12 +258,10 @@ def build(args, user, config, rec, fd, opts=None, named=None):
 
 
 def _runtime_supports(key):
-    """Whether the step can honour this setting: named containers, entrypoint and save are
-    the helper's and the runtime's alone; remap-root and unshare also need each task to
-    join more than the mount namespace (stepcontainer.TASK_SIDE), which spank_hpcc.so does
-    not do yet: until then the step is refused rather than run without them."""
-    from ..runtime.stepcontainer import TASK_SIDE
-    return key not in TASK_SIDE
+    """Whether the step can honour this setting (every pyxis setting now: named containers,
+    entrypoint and save are the helper's; for remap-root and unshare each task also joins
+    the user or network/IPC/UTS namespaces the helper sends, "nsfds=")."""
+    return True
 
 
 def reply_env(spec, rec, keep, extra):
@@ -292,8 +292,10 @@ def reply_unset(env, keep):
     return [k for k in LOCALE_VARS if k not in keep and k not in env]
 
 
-def send_fd(sock, data, fd):
-    sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))])
+def send_fd(sock, data, fd, more=()):
+    """Send data with fd (the mount namespace) and, after it, the fds in `more`."""
+    fds = b"".join(f.to_bytes(4, sys.byteorder) for f in (fd, *more))
+    sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, fds)])
 
 
 def send_error(sock, message):
@@ -322,25 +324,39 @@ def container_child(spec, sock, payload, named=None, entrypoint=None):
     entrypoint: (image config, log) to run the image's ENTRYPOINT once before the tasks;
     its output lines (when log) go to the user as "log=" records."""
     from ..runtime import enter_namespaces, setup_root
-    from ..runtime.stepcontainer import attach_fd, run_entrypoint
+    from ..runtime.stepcontainer import (attach_fd, namespace_fds, run_entrypoint,
+                                         task_userns_fd)
 
     nsfd = attach_fd(named)
     handle = None
-    if nsfd is None:
+    h = spec["hpcc"]
+    extra = {}  # the namespaces each task joins besides the mount namespace
+    if h.get("remap_root"):
+        hu = h["host_user"]
+        extra["user"] = task_userns_fd(hu["uid"], hu["gid"])
+    if nsfd is not None:
+        extra.update(namespace_fds(h.get("unshare") or (), pid=named.running_pid))
+    else:
         enter_namespaces(True)
         nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         # no page cache warming for the command: this process is gone before the tasks exec
         spec["hpcc"]["warm_bytes"] = 0
         handle = setup_root(spec, privileged=True)
+        extra.update(namespace_fds(h.get("unshare") or ()))
         if entrypoint is not None:
             lines = run_entrypoint(spec, entrypoint[0], log=entrypoint[1])
             if lines:
                 logs = "".join(f"log={ln}\0" for ln in lines if "\0" not in ln)
                 payload = payload[:-len(b"end=1\0")] + logs.encode(errors="replace") \
                     + b"end=1\0"
-    send_fd(sock, payload[:1], nsfd)
+    if extra:  # "nsfds=KIND,...": what the fds after the mount namespace's are
+        rec = f"nsfds={','.join(extra)}\0".encode()
+        payload = payload[:-len(b"end=1\0")] + rec + b"end=1\0"
+    send_fd(sock, payload[:1], nsfd, list(extra.values()))
     sock.sendall(payload[1:])
     os.close(nsfd)
+    for fd in extra.values():
+        os.close(fd)
     return handle
 
 
