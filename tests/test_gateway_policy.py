@@ -11,6 +11,7 @@ import pytest
 
 from hpcc.testkit.images import ImageBuilder, directory, file, simple_image
 from tests.conftest import tool
+from tests.test_cli_style import check
 
 pytestmark = [pytest.mark.root]
 
@@ -90,6 +91,8 @@ def test_per_user_limits(gateway_service, service_users, registry, fault_proxy):
         if st["pulls"]:
             break
         time.sleep(0.1)
+    check("status", st)
+    assert st["pulls"][0]["ref"] == fault_proxy.ref("svc/slow", "1")
     p = svc.run(alice, "pull", registry.ref("svc/limit0", "1"))
     assert p.returncode == 1 and "already has 1 pull(s) in progress" in _one_line(p)
     assert svc.run(bob, "pull", registry.ref("svc/limit0", "1")).returncode == 0
