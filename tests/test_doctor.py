@@ -17,8 +17,8 @@ pytestmark = pytest.mark.root
 
 HPCC = str(Path(sys.executable).parent / "hpcc")
 CHECK_IDS = {"host.userns", "host.fuse", "host.squashfuse", "host.kernel_squashfs",
-             "host.overlay", "host.loop", "host.syscalls", "store.site", "store.user",
-             "gateway.service", "mpi.host", "gpu.driver"}
+             "host.overlay", "host.loop", "host.syscalls", "host.mount_helper", "store.site",
+             "store.user", "gateway.service", "mpi.host", "gpu.driver"}
 
 
 def _public_dir(prefix):
@@ -196,6 +196,53 @@ def test_squashfuse_ll_missing(site, test_user, tmp_path):
     assert "squashfuse_ll is not installed" in c["summary"]
     assert "squashfuse package" in c["fix"]
     assert p.returncode == 1
+
+
+SECCOMP = str(Path(__file__).parent / "fixtures" / "seccomp_deny.py")
+
+
+@pytest.mark.parametrize("denied,status", [("openat2", "warn"),
+                                           ("openat2,mount_setattr", "fail"),
+                                           ("open_tree", "fail")])
+def test_system_calls_refused_by_seccomp(site, test_user, denied, status):
+    """A seccomp filter (as container runtimes' default profiles have) answers ENOSYS."""
+    p = doctor(test_user.pw_name, site["config"], wrap=[sys.executable, SECCOMP, denied])
+    _, checks = _report(p)
+    c = checks["host.syscalls"]
+    assert c["status"] == status, c
+    for name in denied.split(","):
+        key = "openat2" if name == "openat2" else "mount_api"
+        assert c["details"]["probe"][key]["errno"] == "ENOSYS"
+    assert "seccomp profile" in c["fix"]
+    assert p.returncode == (1 if status == "fail" else 0)
+
+
+@pytest.mark.parametrize("case", ["off", "missing", "not-setuid", "user-owned", "setuid"])
+def test_mount_helper(site, test_user, tmp_path, case):
+    helper = tmp_path / "hpcc-mount"
+    if case not in ("off", "missing"):
+        shutil.copy("/bin/true", helper)
+        os.chmod(helper, 0o755)
+        if case == "user-owned":
+            os.chown(helper, test_user.pw_uid, test_user.pw_gid)
+            os.chmod(helper, 0o4755)
+        if case == "setuid":
+            os.chmod(helper, 0o4755)
+    cfg = tmp_path / "hpcc.toml"
+    value = "" if case == "off" else str(helper)
+    cfg.write_text(f'[store]\npath = "{site["store"]}"\n[launcher]\nmount_helper = "{value}"\n')
+    os.chmod(cfg, 0o644)
+    _, checks = _report(doctor(test_user.pw_name, str(cfg)))
+    c = checks["host.mount_helper"]
+    nosuid = bool(os.statvfs(tmp_path).f_flag & os.ST_NOSUID)
+    want = {"off": "off", "missing": "warn", "not-setuid": "warn", "user-owned": "fail",
+            "setuid": "warn" if nosuid else "ok"}[case]
+    assert c["status"] == want, c
+    if case == "user-owned":
+        assert "someone other than root can replace it" in c["summary"]
+        assert f"chown root:root {helper}" in c["fix"]
+    if case in ("missing", "not-setuid"):
+        assert "squashfuse_ll" in c["summary"]
 
 
 def test_unreadable_site_store(site, test_user, tmp_path):
