@@ -94,7 +94,12 @@ static int arg_pull = 1;            /* pull=no: no first-use pulls on the submit
 static char *inherited_container;   /* srun: SLURM_CONTAINER found in srun's own environment */
 
 /* Remote (slurmstepd) state for this step. */
-static int ns_fd = -1;
+static int ns_fd = -1;              /* the container's mount namespace */
+#define MAX_NS_FDS 8
+static int recv_fds[MAX_NS_FDS];    /* every fd of the reply, in the order sent */
+static int n_recv_fds;
+static int user_fd = -1;            /* --container-remap-root: joined in task_init */
+static int net_fd = -1, ipc_fd = -1, uts_fd = -1;   /* --container-unshare */
 static char *reply_buf;             /* NUL-separated records from the helper */
 static size_t reply_len;
 static char *keep_env;              /* comma list: --container-env names the job has set */
@@ -566,11 +571,14 @@ static void print_notes(void)
 static int read_reply(int sock)
 {
 	size_t cap = 65536;
-	char cbuf[CMSG_SPACE(sizeof(int))];
+	char cbuf[CMSG_SPACE(sizeof(int) * MAX_NS_FDS)];
 
 	free(reply_buf);                /* a second read (fallback helper) replaces the first */
 	reply_len = 0;
 	notes_done = 0;
+	for (int i = 0; i < n_recv_fds; i++)
+		close(recv_fds[i]);
+	n_recv_fds = 0;
 	reply_buf = malloc(cap);
 	if (!reply_buf)
 		return -1;
@@ -592,11 +600,15 @@ static int read_reply(int sock)
 			break;
 		for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
 			if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-				int fd;
-				memcpy(&fd, CMSG_DATA(c), sizeof(int));
-				if (ns_fd >= 0)
-					close(ns_fd);
-				ns_fd = fd;
+				size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+				for (size_t i = 0; i < k; i++) {
+					int fd;
+					memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+					if (n_recv_fds < MAX_NS_FDS)
+						recv_fds[n_recv_fds++] = fd;
+					else
+						close(fd);
+				}
 			}
 		}
 		reply_len += n;
@@ -622,6 +634,65 @@ static const char *reply_get(const char *key)
 		if (!strncmp(reply_buf + off, key, kl) && reply_buf[off + kl] == '=')
 			return reply_buf + off + kl + 1;
 	return NULL;
+}
+
+/*
+ * Which namespace each received fd is: "ns=mnt,net,user..." names them in order; without
+ * it the one fd is the mount namespace.
+ */
+static void assign_ns_fds(void)
+{
+	const char *names = reply_get("ns");
+	int i = 0;
+
+	if (!names) {
+		for (i = 0; i < n_recv_fds; i++) {
+			if (i == 0)
+				ns_fd = recv_fds[i];
+			else
+				close(recv_fds[i]);
+		}
+		n_recv_fds = 0;
+		return;
+	}
+	for (const char *p = names; *p && i < n_recv_fds; i++) {
+		const char *e = strchr(p, ',');
+		size_t l = e ? (size_t)(e - p) : strlen(p);
+		int *slot = NULL;
+
+		if (l == 3 && !strncmp(p, "mnt", 3))
+			slot = &ns_fd;
+		else if (l == 4 && !strncmp(p, "user", 4))
+			slot = &user_fd;
+		else if (l == 3 && !strncmp(p, "net", 3))
+			slot = &net_fd;
+		else if (l == 3 && !strncmp(p, "ipc", 3))
+			slot = &ipc_fd;
+		else if (l == 3 && !strncmp(p, "uts", 3))
+			slot = &uts_fd;
+		if (slot && *slot < 0)
+			*slot = recv_fds[i];
+		else
+			close(recv_fds[i]);
+		if (!e)
+			break;
+		p = e + 1;
+	}
+	for (i++; i < n_recv_fds; i++)
+		close(recv_fds[i]);
+	n_recv_fds = 0;
+}
+
+static void close_ns_fds(void)
+{
+	int *all[] = { &ns_fd, &user_fd, &net_fd, &ipc_fd, &uts_fd };
+
+	for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) {
+		if (*all[i] >= 0) {
+			close(*all[i]);
+			*all[i] = -1;
+		}
+	}
 }
 
 /* An error record for the plugin, from the helper's child when it cannot exec. */
@@ -1075,6 +1146,7 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 			;
 	}
 	helper_pid = 0;
+	assign_ns_fds();
 	print_errors();
 	if (WIFSIGNALED(status))
 		fprintf(stderr, "hpcc: the container set-up helper died (signal %d)\n",
@@ -1091,10 +1163,7 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 		 * without running anything. The reason was printed once, above.
 		 */
 		setup_failed = 1;
-		if (ns_fd >= 0) {
-			close(ns_fd);
-			ns_fd = -1;
-		}
+		close_ns_fds();
 		close(keep_sock);
 		keep_sock = -1;
 	}
@@ -1107,6 +1176,14 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 	(void)ac; (void)av;
 	if (!spank_remote(sp) || ns_fd < 0)
 		return 0;
+	/* --container-unshare: the container's own network, IPC, UTS namespaces */
+	if ((net_fd >= 0 && setns(net_fd, CLONE_NEWNET) < 0) ||
+	    (ipc_fd >= 0 && setns(ipc_fd, CLONE_NEWIPC) < 0) ||
+	    (uts_fd >= 0 && setns(uts_fd, CLONE_NEWUTS) < 0)) {
+		fprintf(stderr, "hpcc: cannot enter the container's namespaces: %s\n",
+			strerror(errno));
+		return -1;
+	}
 	if (setns(ns_fd, CLONE_NEWNS) < 0) {
 		fprintf(stderr, "hpcc: cannot enter the container: %s\n", strerror(errno));
 		return -1;
@@ -1178,6 +1255,27 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 		return -1;
 	}
 	spank_setenv(sp, "PWD", cwd, 1);
+	if (user_fd >= 0) {
+		/*
+		 * --container-remap-root: already the job user (Slurm dropped root), join the
+		 * user namespace the helper made for them (owned by them, 0 mapped to their
+		 * uid/gid): uid 0 inside, their own ids outside. Its capabilities stay: they act
+		 * only on what the namespace maps (the user's own files), and the mount, network
+		 * and other namespaces belong to the host's, where they give nothing.
+		 */
+		if (setns(user_fd, CLONE_NEWUSER) < 0) {
+			fprintf(stderr, "hpcc: --container-remap-root: cannot enter the user "
+				"namespace: %s\n", strerror(errno));
+			return -1;
+		}
+		close(user_fd);
+		user_fd = -1;
+		if (chdir(cwd) < 0 || prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) {
+			fprintf(stderr, "hpcc: --container-remap-root: %s\n", strerror(errno));
+			return -1;
+		}
+		return 0;
+	}
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 || drop_capabilities() < 0) {
 		fprintf(stderr, "hpcc: cannot drop privileges: %s\n", strerror(errno));
 		return -1;
@@ -1188,10 +1286,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 int slurm_spank_exit(spank_t sp, int ac, char **av)
 {
 	(void)sp; (void)ac; (void)av;
-	if (ns_fd >= 0) {
-		close(ns_fd);
-		ns_fd = -1;
-	}
+	close_ns_fds();
 	if (keep_sock >= 0) {
 		close(keep_sock);
 		keep_sock = -1;

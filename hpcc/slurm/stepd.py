@@ -241,6 +241,8 @@ def build(args, user, config, rec, fd, opts=None, named=None):
     spec = build_spec(rec, mode="exec", command=["/bin/true"], mounts=mounts.binds,
                       workdir=options.workdir(args, rec.config),
                       writable=opts.writable if opts else args.get("writable") == "1",
+                      remap_root=opts.remap_root if opts else None,
+                      unshare=list(opts.unshare) if opts else (),
                       user=str(uid), named=named,
                       bind_home=None if mount_home is None else mount_home == "1",
                       annotations=annotations, config=config, privileged=True,
@@ -252,16 +254,15 @@ def build(args, user, config, rec, fd, opts=None, named=None):
                                "x-hpcc-origin": "slurm"})
     options.apply_mounts(spec, mounts, opt_mounts)
     spec["hpcc"]["image"] = f"/proc/self/fd/{fd}"
+    spec["hpcc"]["job_ids"] = (uid, user.pw_gid)  # what Slurm gives the tasks
     return spec, extra_env
 
 
 def _runtime_supports(key):
-    """Whether the step can honour this setting: named containers, entrypoint and save are
-    the helper's and the runtime's alone; remap-root and unshare also need each task to
-    join more than the mount namespace (stepcontainer.TASK_SIDE), which spank_hpcc.so does
-    not do yet: until then the step is refused rather than run without them."""
-    from ..runtime.stepcontainer import TASK_SIDE
-    return key not in TASK_SIDE
+    """Whether the step can honour this setting. Named containers, entrypoint and save are
+    the helper's and the runtime's; remap-root and unshare are also the tasks' (the plugin
+    joins the user, network, IPC and UTS namespaces the helper sends: ns= record)."""
+    return True
 
 
 def reply_env(spec, rec, keep, extra):
@@ -292,8 +293,9 @@ def reply_unset(env, keep):
     return [k for k in LOCALE_VARS if k not in keep and k not in env]
 
 
-def send_fd(sock, data, fd):
-    sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))])
+def send_fds(sock, data, fds):
+    sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS,
+                           b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
 
 
 def send_error(sock, message):
@@ -322,25 +324,46 @@ def container_child(spec, sock, payload, named=None, entrypoint=None):
     entrypoint: (image config, log) to run the image's ENTRYPOINT once before the tasks;
     its output lines (when log) go to the user as "log=" records."""
     from ..runtime import enter_namespaces, setup_root
-    from ..runtime.stepcontainer import attach_fd, run_entrypoint
+    from ..runtime.stepcontainer import attach_fd, namespace_fds, run_entrypoint, task_userns_fd
 
+    h = spec["hpcc"]
+    # --container-remap-root: a user namespace owned by the job user, mapping 0 to them,
+    # which each task joins after Slurm dropped its privileges (made before the root is set
+    # up: its creator must be able to write its own /proc/self maps)
+    user_fd = None
+    if h.get("remap_root"):
+        # the ids the tasks have (Slurm's job uid and gid) are the ones mapped to 0
+        user_fd = task_userns_fd(*h["job_ids"])
     nsfd = attach_fd(named)
     handle = None
+    extra = {}
     if nsfd is None:
         enter_namespaces(True)
         nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         # no page cache warming for the command: this process is gone before the tasks exec
-        spec["hpcc"]["warm_bytes"] = 0
+        h["warm_bytes"] = 0
         handle = setup_root(spec, privileged=True)
+        extra = namespace_fds(h.get("unshare") or ())
         if entrypoint is not None:
             lines = run_entrypoint(spec, entrypoint[0], log=entrypoint[1])
             if lines:
                 logs = "".join(f"log={ln}\0" for ln in lines if "\0" not in ln)
                 payload = payload[:-len(b"end=1\0")] + logs.encode(errors="replace") \
                     + b"end=1\0"
-    send_fd(sock, payload[:1], nsfd)
+    elif h.get("unshare"):
+        raise UsageError("--container-unshare: not with a step that attaches to a running "
+                         "named container (it has the namespaces it was started with)")
+    fds = {"mnt": nsfd, **extra}
+    if user_fd is not None:
+        fds["user"] = user_fd
+    if len(fds) > 1:
+        # which namespace each fd is, in the order they are sent
+        rec = ("ns=" + ",".join(fds) + "\0").encode()
+        payload = payload[:-len(b"end=1\0")] + rec + b"end=1\0"
+    send_fds(sock, payload[:1], list(fds.values()))
     sock.sendall(payload[1:])
-    os.close(nsfd)
+    for fd in fds.values():
+        os.close(fd)
     return handle
 
 
