@@ -91,6 +91,7 @@ def main():
     if os.geteuid() != 0:
         sys.exit("run as root (a service account is created and used)")
     from hpcc.gateway import service_client
+
     from hpcc.config import load_config
     from hpcc.testkit.registry import LocalRegistry
 
@@ -191,8 +192,9 @@ def main():
                                       stderr=subprocess.PIPE) for _ in range(args.n)]
             rcs = [p.wait() for p in procs]
             processes = time.monotonic() - t0
-            if any(rcs):
-                sys.exit(f"hpcc pull failed: {procs[rcs.index(next(r for r in rcs if r))].stderr.read()}")
+            failed = [p for p, rc in zip(procs, rcs) if rc]
+            if failed:
+                sys.exit(f"hpcc pull failed: {failed[0].stderr.read().decode()}")
     finally:
         if serve is not None and serve.poll() is None:
             serve.terminate()

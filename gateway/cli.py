@@ -30,6 +30,13 @@ class Ctx:
         self.quiet = quiet
         self.prog = prog
         self.user_mode = user_mode
+        self.verbose = False
+
+    def trace(self):
+        """With -v: a callable printing one line per registry request."""
+        if not self.verbose or self.quiet:
+            return None
+        return lambda line: click.echo(f"{self.prog}: {line}", err=True)
 
     def reporter(self):
         from .progress import make_reporter
@@ -94,6 +101,35 @@ class Ctx:
                              "write it)", hint=f"use '{instead}' for your own images")
 
 
+def image_json(rec, store_root, ref=None, tags=None):
+    """The fields every command's JSON gives an image (etc/hpcc-output.schema.json,
+    $defs/image): the name asked for, digest, tags, store, the squashfs file, drops."""
+    meta = rec.meta or {}
+    sq = meta.get("squashfs") or {}
+    conv = meta.get("conversion") or {}
+    return {
+        "ref": ref,
+        "digest": rec.digest,
+        "tags": sorted(meta.get("tags", []) if tags is None else tags),
+        "store": store_root,
+        "squashfs": {"path": rec.sqfs_path, "size": meta.get("size"),
+                     "compressor": sq.get("compressor"), "block_size": sq.get("block_size")},
+        "drops": {"entries": dict(conv.get("dropped") or {}),
+                  "xattrs": conv.get("dropped_xattrs", 0),
+                  "stripped_mode_bits": conv.get("stripped_mode_bits", 0)},
+    }
+
+
+def _tags_of(rec, store_root):
+    """Every tag of the store at `store_root` that names the image (scans its refs)."""
+    return sorted(n for n, d in Store(store_root).iter_refs() if d == rec.digest)
+
+
+def _store_of(rec, default):
+    st = getattr(rec, "store", None)
+    return st.root if st is not None else default
+
+
 def _human(n):
     if n is None:
         return "-"
@@ -103,10 +139,29 @@ def _human(n):
         n /= 1000
 
 
+def _root_flag(name):
+    """Default of a command's -q/-v: the same flag given before the command
+    (`gateway -q pull X` and `gateway pull -q X` mean the same)."""
+    def default():
+        ctx = click.get_current_context(silent=True)
+        return bool(ctx and ctx.find_root().params.get(name))
+    return default
+
+
+def _set_verbose(ctx, _param, value):
+    obj = ctx.find_object(Ctx)
+    if obj is not None and value:
+        obj.verbose = True
+
+
 def _common(f):
     f = click.option("--json", "json_output", is_flag=True,
-                     help="Machine-readable JSON on stdout.")(f)
-    f = click.option("-q", "--quiet", is_flag=True, help="No progress or informational output.")(f)
+                     help="Machine-readable JSON on stdout (schemas: etc/schemas/).")(f)
+    f = click.option("-q", "--quiet", is_flag=True, default=_root_flag("quiet"),
+                     help="Print only errors.")(f)
+    f = click.option("-v", "--verbose", is_flag=True, default=_root_flag("verbose"),
+                     expose_value=False, callback=_set_verbose,
+                     help="Say more: every registry request with its answer.")(f)
     return f
 
 
@@ -119,9 +174,12 @@ def _make_group(prog, user_mode):
                   help="Site config (default $HPCC_CONFIG or /etc/hpcc/hpcc.toml).")
     @click.option("--store", "store_path", metavar="DIR",
                   help="Image store to use instead of the configured one.")
-    @click.version_option(package_name="hpcc", prog_name=prog)
+    @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+    @click.option("-v", "--verbose", is_flag=True,
+                  help="Say more: every registry request with its answer.")
+    @click.version_option(package_name="hpcc", prog_name=prog, message="%(prog)s %(version)s")
     @click.pass_context
-    def group(ctx, config_path, store_path):
+    def group(ctx, config_path, store_path, quiet, verbose):
         config = load_config(config_path)
         if store_path:
             store = Store(store_path)
@@ -129,7 +187,8 @@ def _make_group(prog, user_mode):
             store = Store.user(config)
         else:
             store = Store.site(config)
-        ctx.obj = Ctx(config, store, False, False, prog, user_mode)
+        ctx.obj = Ctx(config, store, False, quiet, prog, user_mode)
+        ctx.obj.verbose = verbose
         ctx.obj.explicit_store = bool(store_path)
 
     for cmd in _USER_COMMANDS + ([] if user_mode else _ADMIN_COMMANDS):
@@ -160,6 +219,11 @@ def pull(obj, ref, platform, insecure, force, json_output, quiet):
         res = pull_for_user(obj.config, obj.store, ref, platform=platform, insecure=insecure,
                             force=force, reporter=obj.reporter())
         if json_output:
+            st = Store(res.get("store") or obj.store.root)
+            rec = st.get(res["digest"]) if res.get("digest") else None
+            if rec is not None:   # the image may be the site's; the tag is the user's
+                res = {**res, **image_json(rec, st.root, ref=ref,
+                                           tags=_tags_of(rec, obj.store.root))}
             obj.emit(res)
         return
     from .pull import pull as do_pull
@@ -167,9 +231,13 @@ def pull(obj, ref, platform, insecure, force, json_output, quiet):
     obj.admin_store(f"hpcc pull {ref}")
     obj.store.ensure()
     res = do_pull(ref, store=obj.store, config=obj.config, platform=platform,
-                  insecure=insecure, force=force, reporter=obj.reporter())
+                  insecure=insecure, force=force, reporter=obj.reporter(), trace=obj.trace())
     if json_output:
-        obj.emit(res.as_dict())
+        out = res.as_dict()
+        if res.record is not None:
+            st = _store_of(res.record, obj.store.root)
+            out.update(image_json(res.record, st, ref=ref, tags=_tags_of(res.record, st)))
+        obj.emit(out)
 
 
 @click.command(name="import", help="Import a docker-archive (docker save), an oci-archive "
@@ -187,8 +255,9 @@ def import_(obj, path, tag, platform, json_output, quiet):
     rec, report = import_image(path, store=obj.store, config=obj.config, tag=tag,
                                platform=platform, reporter=obj.reporter())
     if json_output:
-        obj.emit({"digest": rec.digest, "path": rec.sqfs_path, "size": rec.meta.get("size"),
-                  "tags": [str(t) for t in ([tag] if tag else [])], "conversion": report})
+        out = image_json(rec, obj.store.root, ref=tag, tags=_tags_of(rec, obj.store.root))
+        out.update(path=rec.sqfs_path, size=rec.meta.get("size"), conversion=report)
+        obj.emit(out)
 
 
 @click.command(help="List the images in the store.")
@@ -200,25 +269,21 @@ def images(obj, json_output, quiet):
     for st in stores:
         if st is not obj.store and not os.path.isdir(st.root):
             continue
+        kind = obj.store_label(st) if obj.user_mode else "site"
         for rec in st.images():
-            rows.append({
-                "digest": rec.digest,
-                "tags": rec.meta.get("tags", []),
-                "size": rec.meta.get("size"),
-                "created": rec.meta.get("created"),
-                "converted_at": rec.meta.get("converted_at"),
-                "path": rec.sqfs_path,
-                "store": st.root,
-                "store_kind": obj.store_label(st) if obj.user_mode else "site",
-                "broken": None,
-            })
+            row = image_json(rec, st.root)
+            row.update(size=rec.meta.get("size"), created=rec.meta.get("created"),
+                       converted_at=rec.meta.get("converted_at"), path=rec.sqfs_path,
+                       store_kind=kind, broken=None)
+            rows.append(row)
         for bad in st.broken_images():
-            rows.append({
-                "digest": bad["digest"], "tags": [], "size": bad["size"], "created": None,
-                "converted_at": None, "path": bad["path"], "store": st.root,
-                "store_kind": obj.store_label(st) if obj.user_mode else "site",
-                "broken": bad["error"],
-            })
+            from hpcc.image import ImageRecord
+
+            row = image_json(ImageRecord(bad["digest"], bad["path"], {"size": bad["size"]}),
+                             st.root)
+            row.update(size=bad["size"], created=None, converted_at=None, path=bad["path"],
+                       store_kind=kind, broken=bad["error"])
+            rows.append(row)
     if json_output:
         obj.emit(rows)
         return
@@ -252,6 +317,10 @@ def images(obj, json_output, quiet):
 def inspect(obj, ref, json_output, quiet):
     rec = obj.find(ref)
     info = dict(rec.meta)
+    st = _store_of(rec, obj.store.root)
+    common = image_json(rec, st, ref=ref, tags=_tags_of(rec, st))
+    common["squashfs"] = {**(rec.meta.get("squashfs") or {}), **common["squashfs"]}
+    info.update(common)
     info["path"] = rec.sqfs_path
     try:
         from hpcc.squashfs import SquashfsReader
@@ -313,7 +382,7 @@ def rm(obj, refs, json_output, quiet):
             failed += 1
             out.append({"ref": ref, "untagged": [], "deleted": None, "error": str(e)})
             if not json_output:
-                click.echo(f"{obj.prog}: error: {e}", err=True)
+                click.echo(f"{obj.prog}: {e}", err=True)
             continue
         out.append({"ref": ref, "untagged": tags, "deleted": digest, "error": None})
         if not json_output and not quiet:
@@ -444,7 +513,7 @@ def _run(group, argv, prog):
         # (`rm` or `prefetch` with a failure) instead of raising it.
         return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except HpccError as e:
-        click.echo(f"{prog}: error: {e}", err=True)
+        click.echo(f"{prog}: {e}", err=True)
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
@@ -454,16 +523,21 @@ def _run(group, argv, prog):
     except KeyboardInterrupt:
         click.echo(f"{prog}: interrupted", err=True)
         return 130
+    except click.UsageError as e:
+        # One line with the way out, not click's usage block.
+        where = e.ctx.command_path if e.ctx is not None else prog
+        click.echo(f"{prog}: {e.format_message()} (see '{where} --help')", err=True)
+        return EXIT_USAGE
     except click.ClickException as e:
-        e.show()
-        return EXIT_USAGE if isinstance(e, click.UsageError) else 1
+        click.echo(f"{prog}: {e.format_message()}", err=True)
+        return 1
     except BrokenPipeError:
         return 1
     except OSError as e:
         # A store or file operation no handler above turned into an HpccError: still one
         # line, naming the path.
         where = f" {e.filename}" if e.filename else ""
-        click.echo(f"{prog}: error: cannot access{where}: {e.strerror or e}", err=True)
+        click.echo(f"{prog}: cannot access{where}: {e.strerror or e}", err=True)
         return 1
 
 

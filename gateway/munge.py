@@ -31,7 +31,8 @@ def _ctx(ffi, lib, socket):
         err = lib.munge_ctx_set(ctx, lib.MUNGE_OPT_SOCKET, ffi.cast("char *", path))
         if err != lib.EMUNGE_SUCCESS:
             lib.munge_ctx_destroy(ctx)
-            raise MungeError(f"munge socket {socket}: {ffi.string(lib.munge_strerror(err)).decode()}")
+            why = ffi.string(lib.munge_strerror(err)).decode()
+            raise MungeError(f"munge socket {socket}: {why}")
     return ctx
 
 

@@ -45,7 +45,7 @@ class PullResult:
 
 
 def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, reporter=None,
-         client=None, check_size=None, shared=(), resolved=None):
+         client=None, check_size=None, shared=(), resolved=None, trace=None):
     """`check_size(bytes)` may refuse the finished squashfs (raise) before it is published.
     `shared`: stores (the site's) whose copy of the image is used instead of converting.
     `resolved`: the ResolvedImage when the caller has resolved `ref_str` already."""
@@ -58,7 +58,8 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
     t0 = time.monotonic()
     ref = parse_reference(ref_str)
     own_client = client is None
-    client = client or RegistryClient(config, insecure=insecure, notice=reporter.line)
+    client = client or RegistryClient(config, insecure=insecure, notice=reporter.line,
+                                      trace=trace)
     try:
         img = resolved or client.resolve(ref, platform or config["gateway"]["platform"] or None)
         digest = img.manifest_digest

@@ -18,7 +18,15 @@ def pull_for_user(config, store, ref, *, platform=None, insecure=False, force=Fa
     from .service_client import enabled
 
     if enabled(config):
+        from hpcc.errors import UsageError
+
         from .service_client import pull as service_pull
+
+        if insecure or force:
+            raise UsageError(f"{'--insecure' if insecure else '--force'} is not for pulls "
+                             "through the site's gateway service",
+                             hint="the site's config decides which registries are insecure; "
+                                  "ask the admins to convert an image again")
 
         res = service_pull(config, ref, platform=platform, reporter=reporter)
         return {k: res.get(k) for k in ("ref", "digest", "converted", "joined", "path", "size",

@@ -2,7 +2,9 @@
 the runtime's in-root module (hpcc.runtime.inroot), so hooks and runtime follow one rule:
 lookups stay inside the root, and anything created, replaced or removed lands only on the
 container's own writable layer. A hook that needs a host file in a directory bound from the
-host binds over a file that exists there; it never creates or deletes entries in it.
+host binds over a file that exists there, or, to add entries, first covers that directory
+with an overlay whose upper layer is a tmpfs of the container's own (the host directory is
+its read-only lower layer): nothing is ever created or deleted in the host directory.
 
 Under hpcc the writable layer is named by the runtime in config.json (`hpcc.writable_devs`:
 the overlay root and the tmpfs mounts it made); started by another runtime (crun, runc),
@@ -26,6 +28,7 @@ class Root:
             raise HookError(f"container root {self.path} is not accessible: "
                             f"{e.strerror}") from None
         self.writable = set(writable_devs or ()) or {os.fstat(self.fd).st_dev}
+        self._covered = set()
 
     def close(self):
         os.close(self.fd)
@@ -88,22 +91,33 @@ class Root:
             os.close(fd)
 
     # -- changes (the writable layer only) -------------------------------------------------
-    def makedirs(self, cpath, mode=0o755):
+    def _change(self, fn, *args, **kw):
+        """Run an inroot change; where it would touch a directory that is not on the
+        container's own layer (a host directory bound in), first cover that directory with
+        an overlay whose upper layer is a tmpfs of the container's own, then retry."""
         with _as_hook_error():
-            os.close(inroot.makedirs(self.fd, cpath, self.writable, mode))
+            for _ in range(8):
+                try:
+                    return fn(self.fd, *args, **kw)
+                except inroot.NotOwnLayer as e:
+                    if not e.directory or e.directory in self._covered:
+                        raise
+                    inroot.overlay_on_own_layer(self.fd, e.directory, self.writable)
+                    self._covered.add(e.directory)
+            return fn(self.fd, *args, **kw)
+
+    def makedirs(self, cpath, mode=0o755):
+        os.close(self._change(inroot.makedirs, cpath, self.writable, mode))
 
     def create_file(self, cpath, mode=0o644):
         """Make sure a file exists at cpath (a bind target); new files are empty."""
-        with _as_hook_error():
-            inroot.create_file(self.fd, cpath, self.writable, mode)
+        self._change(inroot.create_file, cpath, self.writable, mode)
 
     def symlink(self, target, cpath, *, replace=False):
-        with _as_hook_error():
-            return inroot.symlink(self.fd, target, cpath, self.writable, replace=replace)
+        return self._change(inroot.symlink, target, cpath, self.writable, replace=replace)
 
     def write_file(self, cpath, data, mode=0o644):
-        with _as_hook_error():
-            inroot.write_file(self.fd, cpath, data, self.writable, mode)
+        self._change(inroot.write_file, cpath, data, self.writable, mode)
 
     # -- mounts --------------------------------------------------------------------------
     def bind(self, src, cpath, *, readonly=True, device=False):

@@ -70,6 +70,14 @@ Exit status: the command's; 128+N when it dies by signal N; 125 when hpcc fails 
 command starts; 126 when the command cannot be executed; 127 when it is not found.
 """
 
+CONFIG_CHECK_USAGE = """\
+usage: hpcc config check [FILE]
+
+Validate the site configuration (FILE, else $HPCC_CONFIG, else /etc/hpcc/hpcc.toml) against
+hpcc's schema, and the OCI hook configs in its launcher.hooks_dir. Prints "FILE: ok", or one
+line naming the first bad key, with exit status 1.
+"""
+
 _WHAT = {
     "run": ("[--] [CMD [ARG...]]", "Run the image's ENTRYPOINT with its CMD, or with CMD ARG... instead."),
     "exec": ("CMD [ARG...]", "Run CMD ARG... in the image as is (no ENTRYPOINT)."),
@@ -332,8 +340,14 @@ def main(argv=None):
             return _containers(rest)
         if cmd == "config":
             if rest[:1] == ["check"]:
+                if any(a in ("-h", "--help") for a in rest[1:]):
+                    sys.stdout.write(CONFIG_CHECK_USAGE)
+                    return 0
                 return _config_check(rest[1:])
-            raise UsageError("usage: hpcc config check [FILE]")
+            if rest[:1] in (["-h"], ["--help"]):
+                sys.stdout.write(CONFIG_CHECK_USAGE)
+                return 0
+            raise UsageError("unknown config command (see 'hpcc config check --help')")
         if cmd == "doctor":
             from .doctor import main as doctor_main
             return doctor_main(rest)

@@ -94,12 +94,12 @@ static int arg_pull = 1;            /* pull=no: no first-use pulls on the submit
 static char *inherited_container;   /* srun: SLURM_CONTAINER found in srun's own environment */
 
 /* Remote (slurmstepd) state for this step. */
-static int ns_fd = -1;              /* the container's mount namespace */
-#define MAX_NS_FDS 8
-static int recv_fds[MAX_NS_FDS];    /* every fd of the reply, in the order sent */
-static int n_recv_fds;
-static int user_fd = -1;            /* --container-remap-root: joined in task_init */
-static int net_fd = -1, ipc_fd = -1, uts_fd = -1;   /* --container-unshare */
+static int ns_fd = -1;
+/* Namespaces each task joins besides the mount namespace (remap-root: a user namespace;
+ * unshare: network, IPC, UTS), sent after ns_fd and named by the reply's "nsfds=" record. */
+#define MAX_EXTRA_FDS 8
+static int extra_fds[MAX_EXTRA_FDS];
+static int n_extra_fds;
 static char *reply_buf;             /* NUL-separated records from the helper */
 static size_t reply_len;
 static char *keep_env;              /* comma list: --container-env names the job has set */
@@ -571,14 +571,11 @@ static void print_notes(void)
 static int read_reply(int sock)
 {
 	size_t cap = 65536;
-	char cbuf[CMSG_SPACE(sizeof(int) * MAX_NS_FDS)];
+	char cbuf[CMSG_SPACE(sizeof(int) * (MAX_EXTRA_FDS + 1))];
 
 	free(reply_buf);                /* a second read (fallback helper) replaces the first */
 	reply_len = 0;
 	notes_done = 0;
-	for (int i = 0; i < n_recv_fds; i++)
-		close(recv_fds[i]);
-	n_recv_fds = 0;
 	reply_buf = malloc(cap);
 	if (!reply_buf)
 		return -1;
@@ -600,14 +597,19 @@ static int read_reply(int sock)
 			break;
 		for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
 			if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-				size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-				for (size_t i = 0; i < k; i++) {
+				size_t nfd = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+				for (size_t i = 0; i < nfd; i++) {
 					int fd;
 					memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-					if (n_recv_fds < MAX_NS_FDS)
-						recv_fds[n_recv_fds++] = fd;
-					else
+					if (i == 0) {
+						if (ns_fd >= 0)
+							close(ns_fd);
+						ns_fd = fd;
+					} else if (n_extra_fds < MAX_EXTRA_FDS) {
+						extra_fds[n_extra_fds++] = fd;
+					} else {
 						close(fd);
+					}
 				}
 			}
 		}
@@ -634,65 +636,6 @@ static const char *reply_get(const char *key)
 		if (!strncmp(reply_buf + off, key, kl) && reply_buf[off + kl] == '=')
 			return reply_buf + off + kl + 1;
 	return NULL;
-}
-
-/*
- * Which namespace each received fd is: "ns=mnt,net,user..." names them in order; without
- * it the one fd is the mount namespace.
- */
-static void assign_ns_fds(void)
-{
-	const char *names = reply_get("ns");
-	int i = 0;
-
-	if (!names) {
-		for (i = 0; i < n_recv_fds; i++) {
-			if (i == 0)
-				ns_fd = recv_fds[i];
-			else
-				close(recv_fds[i]);
-		}
-		n_recv_fds = 0;
-		return;
-	}
-	for (const char *p = names; *p && i < n_recv_fds; i++) {
-		const char *e = strchr(p, ',');
-		size_t l = e ? (size_t)(e - p) : strlen(p);
-		int *slot = NULL;
-
-		if (l == 3 && !strncmp(p, "mnt", 3))
-			slot = &ns_fd;
-		else if (l == 4 && !strncmp(p, "user", 4))
-			slot = &user_fd;
-		else if (l == 3 && !strncmp(p, "net", 3))
-			slot = &net_fd;
-		else if (l == 3 && !strncmp(p, "ipc", 3))
-			slot = &ipc_fd;
-		else if (l == 3 && !strncmp(p, "uts", 3))
-			slot = &uts_fd;
-		if (slot && *slot < 0)
-			*slot = recv_fds[i];
-		else
-			close(recv_fds[i]);
-		if (!e)
-			break;
-		p = e + 1;
-	}
-	for (i++; i < n_recv_fds; i++)
-		close(recv_fds[i]);
-	n_recv_fds = 0;
-}
-
-static void close_ns_fds(void)
-{
-	int *all[] = { &ns_fd, &user_fd, &net_fd, &ipc_fd, &uts_fd };
-
-	for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) {
-		if (*all[i] >= 0) {
-			close(*all[i]);
-			*all[i] = -1;
-		}
-	}
 }
 
 /* An error record for the plugin, from the helper's child when it cannot exec. */
@@ -1146,7 +1089,6 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 			;
 	}
 	helper_pid = 0;
-	assign_ns_fds();
 	print_errors();
 	if (WIFSIGNALED(status))
 		fprintf(stderr, "hpcc: the container set-up helper died (signal %d)\n",
@@ -1163,7 +1105,10 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 		 * without running anything. The reason was printed once, above.
 		 */
 		setup_failed = 1;
-		close_ns_fds();
+		if (ns_fd >= 0) {
+			close(ns_fd);
+			ns_fd = -1;
+		}
 		close(keep_sock);
 		keep_sock = -1;
 	}
@@ -1171,25 +1116,48 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	return 0;
 }
 
+/* The fd of the extra namespace KIND ("user", "net", "ipc", "uts") the helper sent, or -1. */
+static int extra_fd(const char *kind)
+{
+	const char *list = reply_get("nsfds");
+	size_t kl = strlen(kind);
+	int i = 0;
+
+	for (const char *p = list; p && *p && i < n_extra_fds; i++) {
+		const char *e = strchr(p, ',');
+		size_t l = e ? (size_t)(e - p) : strlen(p);
+		if (l == kl && !strncmp(p, kind, kl))
+			return extra_fds[i];
+		if (!e)
+			break;
+		p = e + 1;
+	}
+	return -1;
+}
+
 int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 {
+	static const struct { const char *kind; int type; } shared[] = {
+		{ "net", CLONE_NEWNET }, { "ipc", CLONE_NEWIPC }, { "uts", CLONE_NEWUTS } };
+
 	(void)ac; (void)av;
 	if (!spank_remote(sp) || ns_fd < 0)
 		return 0;
-	/* --container-unshare: the container's own network, IPC, UTS namespaces */
-	if ((net_fd >= 0 && setns(net_fd, CLONE_NEWNET) < 0) ||
-	    (ipc_fd >= 0 && setns(ipc_fd, CLONE_NEWIPC) < 0) ||
-	    (uts_fd >= 0 && setns(uts_fd, CLONE_NEWUTS) < 0)) {
-		fprintf(stderr, "hpcc: cannot enter the container's namespaces: %s\n",
-			strerror(errno));
-		return -1;
-	}
 	if (setns(ns_fd, CLONE_NEWNS) < 0) {
 		fprintf(stderr, "hpcc: cannot enter the container: %s\n", strerror(errno));
 		return -1;
 	}
 	close(ns_fd);
 	ns_fd = -1;
+	/* --container-unshare: the step's own network, IPC and UTS namespaces */
+	for (size_t i = 0; i < sizeof(shared) / sizeof(shared[0]); i++) {
+		int fd = extra_fd(shared[i].kind);
+		if (fd >= 0 && setns(fd, shared[i].type) < 0) {
+			fprintf(stderr, "hpcc: cannot enter the container's %s namespace: %s\n",
+				shared[i].kind, strerror(errno));
+			return -1;
+		}
+	}
 	return 0;
 }
 
@@ -1225,6 +1193,7 @@ static int drop_capabilities(void)
 int slurm_spank_task_init(spank_t sp, int ac, char **av)
 {
 	const char *cwd;
+	int userns, remapped;
 
 	(void)ac; (void)av;
 	if (!spank_remote(sp))
@@ -1255,28 +1224,19 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 		return -1;
 	}
 	spank_setenv(sp, "PWD", cwd, 1);
-	if (user_fd >= 0) {
-		/*
-		 * --container-remap-root: already the job user (Slurm dropped root), join the
-		 * user namespace the helper made for them (owned by them, 0 mapped to their
-		 * uid/gid): uid 0 inside, their own ids outside. Its capabilities stay: they act
-		 * only on what the namespace maps (the user's own files), and the mount, network
-		 * and other namespaces belong to the host's, where they give nothing.
-		 */
-		if (setns(user_fd, CLONE_NEWUSER) < 0) {
+	/* --container-remap-root: as the job user (Slurm dropped root), enter the user namespace
+	 * the helper made for the user (owned by them, mapping 0 to their uid and gid): the task
+	 * is root there, with capabilities that count in that namespace only. */
+	remapped = 0;
+	if ((userns = extra_fd("user")) >= 0) {
+		if (setns(userns, CLONE_NEWUSER) < 0) {
 			fprintf(stderr, "hpcc: --container-remap-root: cannot enter the user "
 				"namespace: %s\n", strerror(errno));
 			return -1;
 		}
-		close(user_fd);
-		user_fd = -1;
-		if (chdir(cwd) < 0 || prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) {
-			fprintf(stderr, "hpcc: --container-remap-root: %s\n", strerror(errno));
-			return -1;
-		}
-		return 0;
+		remapped = 1;
 	}
-	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 || drop_capabilities() < 0) {
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 || (!remapped && drop_capabilities() < 0)) {
 		fprintf(stderr, "hpcc: cannot drop privileges: %s\n", strerror(errno));
 		return -1;
 	}
@@ -1286,7 +1246,12 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 int slurm_spank_exit(spank_t sp, int ac, char **av)
 {
 	(void)sp; (void)ac; (void)av;
-	close_ns_fds();
+	if (ns_fd >= 0) {
+		close(ns_fd);
+		ns_fd = -1;
+	}
+	while (n_extra_fds > 0)
+		close(extra_fds[--n_extra_fds]);
 	if (keep_sock >= 0) {
 		close(keep_sock);
 		keep_sock = -1;
@@ -1296,5 +1261,45 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 		waitpid(helper_pid, &st, 0);
 		helper_pid = 0;
 	}
+	return 0;
+}
+
+/*
+ * Job epilog (slurmd, as root, on each node of the job when it ends): remove the job's named
+ * containers (--container-name, launcher.containers_scope = "job") on this node.
+ */
+int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
+{
+	uint32_t job_id = 0;
+	char job[16], *cfg = NULL;
+	pid_t pid;
+	int st;
+
+	parse_args(ac, av);
+	if (spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS || !job_id)
+		return 0;
+	snprintf(job, sizeof(job), "%u", job_id);
+	if (arg_config && asprintf(&cfg, "HPCC_CONFIG=%s", arg_config) < 0)
+		cfg = NULL;
+	pid = fork();
+	if (pid == 0) {
+		char *argv[] = { arg_python ? arg_python : DEFAULT_PYTHON, "-I", "-m",
+				 "hpcc.runtime.named", "remove-job", job, NULL };
+		char *envp[] = { "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
+				 "PYTHONDONTWRITEBYTECODE=1", cfg, NULL };
+		int devnull = open("/dev/null", O_RDWR);
+		if (devnull >= 0) {
+			dup2(devnull, 0);
+			dup2(devnull, 1);
+		}
+		if (chdir("/") < 0)
+			_exit(1);
+		execve(argv[0], argv, envp);
+		_exit(127);
+	}
+	free(cfg);
+	if (pid > 0)
+		while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+			;
 	return 0;
 }

@@ -148,6 +148,19 @@ def test_a_host_without_user_namespaces(site, test_user):
     assert doc["ok"] is False and p.returncode == 1
 
 
+def test_without_user_namespaces_a_slurm_site_gets_a_warning(site, test_user, tmp_path,
+                                                              spank_plugin):
+    """A site that runs everything through Slurm may switch user namespaces off."""
+    conf = _slurm_conf(tmp_path, [f"required {spank_plugin} python={sys.executable}"])
+    p = run_without_userns([HPCC, "doctor", "--json"], test_user.pw_uid, test_user.pw_gid,
+                           env=_env(test_user.pw_name, site["config"], SLURM_CONF=conf),
+                           cwd="/", capture_output=True, text=True, timeout=120)
+    _, checks = _report(p)
+    c = checks["host.userns"]
+    assert c["status"] == "warn" and "srun --container-image can" in c["summary"], c
+    assert checks["slurm.plugin"]["status"] == "ok"
+
+
 def test_dev_fuse_that_users_cannot_open(site, test_user, tmp_path):
     """In a mount namespace of the test's own, /dev/fuse is covered by a 0600 node."""
     os.chmod(tmp_path, 0o755)

@@ -2,6 +2,7 @@
 account, and its clients (`hpcc pull`, `gateway status`) run as unprivileged users."""
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -11,6 +12,7 @@ import pytest
 
 from hpcc.testkit.busybox import BUSYBOX
 from hpcc.testkit.images import ImageBuilder, directory, file, simple_image, symlink
+from tests.fixtures.gateway_service import _new_munged
 
 pytestmark = [pytest.mark.root]
 
@@ -102,6 +104,15 @@ def test_progress_reaches_every_requester(gateway_service, service_users, regist
         assert "is in the site store" in p.stderr, p.stderr
 
 
+def test_insecure_and_force_are_not_for_the_service(gateway_service, service_users):
+    svc = gateway_service()
+    for flag in ("--insecure", "--force"):
+        p = svc.run(service_users[0], "pull", flag, "busybox")
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert flag in p.stderr
+    assert svc.audit() == []
+
+
 def test_absent_service_is_one_line_naming_the_socket(gateway_service, service_users):
     svc = gateway_service(run=False)
     p = svc.run(service_users[0], "pull", "docker.io/library/busybox:latest")
@@ -173,8 +184,17 @@ def test_forged_identities_are_refused(gateway_service, service_users, munged):
                         socket=munged.socket)
     ev = ask({"munge": cred}, tcp=True)
     assert ev["event"] == "error" and "claims uid" in ev["message"]
+    # a credential sealed with another cluster's key
+    other = _new_munged()
+    try:
+        cred = munge.encode(json.dumps({"op": "status"}).encode(), socket=other.socket)
+    finally:
+        other.stop()
+        shutil.rmtree(other.dir, ignore_errors=True)
+    ev = ask({"munge": cred}, tcp=True)
+    assert ev["event"] == "error" and "munge credential refused" in ev["message"], ev
     refused = [r for r in svc.audit() if r["outcome"] == "refused"]
-    assert len(refused) == 5, svc.audit()
+    assert len(refused) == 6, svc.audit()
 
 
 def test_a_user_on_another_host_pulls_over_tcp_with_munge(gateway_service, service_users,
@@ -200,3 +220,18 @@ def test_status_and_list(gateway_service, service_users, registry):
     p = svc.run(user, "status", "--images", "--json", prog="gateway")
     images = json.loads(p.stdout)
     assert [i["tags"] for i in images] == [[registry.ref("svc/list", "1")]]
+
+
+def test_the_policy_is_validated_by_the_schema(tmp_path, run_cli):
+    from tests.fixtures.gateway_service import write_config
+
+    for section, bad, key in (("policy", {"max_squashfs_mb": -1}, "policy.max_squashfs_mb"),
+                              ("policy", {"allow": ["has space"]}, "policy.allow.0"),
+                              ("policy", {"signatures": [{"match": "x/*"}]}, "policy.signatures.0"),
+                              ("service", {"listen": "nope"}, "service.listen"),
+                              ("service", {"sockt": "/x"}, "service.sockt")):
+        cfg = tmp_path / "hpcc.toml"
+        write_config(cfg, {section: bad})
+        p = run_cli("hpcc", "config", "check", cfg)
+        assert p.returncode == 1 and key in p.stderr, (bad, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1

@@ -1,9 +1,11 @@
 """The hooks' helper layer: OCI state, in-root resolution, ld.so.cache and ELF reading."""
 import io
 import json
+import os
 import subprocess
 
 import pytest
+
 from hpcc.hooks.elf import ElfInfo
 from hpcc.hooks.libraries import parse_ld_cache
 from hpcc.hooks.oci import read_state
@@ -213,3 +215,35 @@ def test_hooks_elf_reader_survives_corrupted_files():
             e.symbols()
         except HookError:
             pass
+
+
+@pytest.mark.root
+def test_hooks_add_files_in_a_bound_host_directory_on_a_tmpfs_overlay(tmp_path):
+    """Rule W: a hook that creates, replaces or removes entries where a host directory is
+    bound covers that directory with an overlay (upper: a tmpfs of the container's own);
+    the host directory itself never changes."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "keep").write_text("host")
+    os.symlink("/nonexistent", host / "dangling")
+    script = f"""
+import os, subprocess
+from hpcc.hooks.root import Root
+r = "{tmp_path}/root"
+os.makedirs(r + "/usr/lib")
+subprocess.run(["mount", "-t", "tmpfs", "t", r], check=True)
+os.makedirs(r + "/usr/lib")
+subprocess.run(["mount", "--bind", "-o", "ro", "{host}", r + "/usr/lib"], check=True)
+root = Root(r)
+root.write_file("/usr/lib/new.conf", b"x")
+root.symlink("keep", "/usr/lib/link", replace=True)
+root.create_file("/usr/lib/dangling")
+root.makedirs("/usr/lib/ucx")
+print(sorted(os.listdir(r + "/usr/lib")))
+"""
+    p = subprocess.run(["unshare", "--mount", "--propagation", "private", tool("python"), "-c",
+                        script], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split("\n")[0] == str(["dangling", "keep", "link", "new.conf", "ucx"])
+    assert sorted(os.listdir(host)) == ["dangling", "keep"]
+    assert os.readlink(host / "dangling") == "/nonexistent"

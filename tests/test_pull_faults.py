@@ -55,7 +55,7 @@ def error_line(p):
     assert "Traceback" not in p.stderr, p.stderr
     errs = [ln for ln in p.stderr.splitlines() if not ln.startswith("[")]
     assert len(errs) == 1, p.stderr
-    assert errs[0].startswith("gateway: error: "), errs[0]
+    assert errs[0].startswith("gateway: "), errs[0]
     return errs[0]
 
 

@@ -63,11 +63,43 @@ def test_named_container_keeps_its_layer_across_the_steps_of_a_job(slurm_cluster
         assert "create-refused" in p.stdout and "unnamed-clean" in p.stdout
         assert "already exists" in p.stderr
         # the layer lives in a root-only place, per job and user
-        assert job and any(e.startswith(f"job-{job[0]}-u")
-                           for e in os.listdir("/run/hpcc-containers"))
+        assert job and os.path.isdir("/run/hpcc-containers")
+        # the plugin's job epilog removes the job's named containers when the job ends
+        deadline = time.monotonic() + 20
+        while any(e.startswith(f"job-{job[0]}-u") for e in os.listdir("/run/hpcc-containers")):
+            assert time.monotonic() < deadline, "the job's named containers were not removed"
+            time.sleep(0.2)
     finally:
         _remove_jobs_containers(job)
-    assert not any(e.startswith(f"job-{job[0]}-u") for e in os.listdir("/run/hpcc-containers"))
+
+
+def test_job_scope_named_containers_are_removed_when_the_job_ends(slurm_cluster, site_image):
+    """The plugin's job epilog removes the job's named containers (scope "job")."""
+    script = (f"srun -n1 --container-image={site_image} --container-name=tmp "
+              "sh -c 'echo x > /x' || exit 1; echo job=$SLURM_JOB_ID; sleep 3")
+    proc = subprocess.Popen(["salloc", "-n1", "sh", "-c", script], env=slurm_cluster.env,
+                            user=U1, cwd="/tmp", stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    job = None
+    try:
+        for line in proc.stdout:
+            if line.startswith("job="):
+                job = line.strip()[4:]
+                break
+        assert job, proc.stderr.read() if proc.poll() is not None else "no job id"
+        mine = [e for e in os.listdir("/run/hpcc-containers") if e.startswith(f"job-{job}-u")]
+        assert len(mine) == 1  # while the job runs, its container is there
+        assert os.listdir(f"/run/hpcc-containers/{mine[0]}") == ["tmp"]
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while os.path.exists(f"/run/hpcc-containers/{mine[0]}"):
+            assert time.monotonic() < deadline, "the job's named containers were not removed"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _remove_jobs_containers([job] if job else [])
 
 
 def test_a_step_attaches_to_the_running_named_container(slurm_cluster, site_image):
@@ -106,3 +138,51 @@ def test_save_writes_an_image_as_the_user_at_the_end_of_the_step(slurm_cluster, 
     finally:
         if os.path.exists(out):
             os.unlink(out)
+
+
+def test_remap_root_is_root_inside_and_the_user_outside(slurm_cluster, site_image,
+                                                         slurm_users):
+    """--container-remap-root: uid 0 with capabilities in the task's own user namespace,
+    which maps 0 to the job user; a file written on a bound host directory is the user's;
+    no mount, no hostname change; with --container-writable root may change any file."""
+    u = slurm_users[U1]
+    work = os.path.join(u.pw_dir, f"remap-{os.getpid()}")
+    os.makedirs(work, exist_ok=True)
+    os.chown(work, u.pw_uid, u.pw_gid)
+    try:
+        p = slurm_cluster.run(
+            "srun", "-n2", f"--container-image={site_image}", "--container-remap-root",
+            "--container-writable", f"--container-mounts={work}:/work", "sh", "-c",
+            "id -u; cat /proc/self/uid_map; stat -c %u /bin/busybox; "
+            "chown 0:0 /bin/busybox && echo /bin/x > /bin/x && echo changed; "
+            "touch /work/made-$SLURM_PROCID; "
+            "mount -t tmpfs none /mnt 2>/dev/null && echo MOUNTED; "
+            "hostname evil 2>/dev/null && echo RENAMED; true", user=U1)
+        assert p.returncode == 0, p.stderr
+        out = p.stdout.split()
+        assert out.count("0") >= 6 and out.count(str(u.pw_uid)) == 2, p.stdout
+        assert out.count("changed") == 2
+        assert "MOUNTED" not in out and "RENAMED" not in out
+        for r in (0, 1):
+            assert os.stat(os.path.join(work, f"made-{r}")).st_uid == u.pw_uid
+        p = slurm_cluster.run("srun", "-n1", f"--container-image={site_image}",
+                              "--no-container-remap-root", "id", "-u", user=U1)
+        assert p.stdout.strip() == str(u.pw_uid)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_unshare_gives_the_step_its_own_namespaces(slurm_cluster, site_image):
+    host = {k: os.readlink(f"/proc/self/ns/{k}") for k in ("net", "ipc")}
+    p = slurm_cluster.run("srun", "-n2", f"--container-image={site_image}",
+                          "--container-unshare=net,ipc", "sh", "-c",
+                          "readlink /proc/self/ns/net; readlink /proc/self/ns/ipc; "
+                          "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '", user=U1)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.split()
+    nets = {ln for ln in lines if ln.startswith("net:")}
+    ipcs = {ln for ln in lines if ln.startswith("ipc:")}
+    # both tasks share the step's namespaces, which are not the host's
+    assert len(nets) == 1 and len(ipcs) == 1
+    assert nets != {host["net"]} and ipcs != {host["ipc"]}
+    assert [ln for ln in lines if ":" not in ln] == ["lo", "lo"]

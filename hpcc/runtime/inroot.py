@@ -220,14 +220,24 @@ def read_file_in_root(root_fd, path, limit=4 << 20):
 # ---------------------------------------------------------------------------------------
 # changes inside the root: only on the container's own writable layer
 
+class NotOwnLayer(MountError):
+    """A change refused by the writable-layer rule; .directory is the directory (inside the
+    container) that would have changed."""
+
+    def __init__(self, message, *, hint=None, directory=None):
+        super().__init__(message, hint=hint)
+        self.directory = directory
+
+
 def refuse_unless_writable(dir_fd, cpath, writable_devs, what="create"):
     """The one rule for changes: `dir_fd` (the directory that would change) must be on a
     filesystem in writable_devs; otherwise one line naming the path."""
     if os.fstat(dir_fd).st_dev not in writable_devs:
-        raise MountError(f"refusing to {what} {cpath} in the container: its directory is not "
+        raise NotOwnLayer(f"refusing to {what} {cpath} in the container: its directory is not "
                          "on the container's own writable layer (it is a host directory bound "
                          "into the container, or the image), and hpcc never writes there",
-                         hint="bind that host directory elsewhere in the container")
+                         hint="bind that host directory elsewhere in the container",
+                         directory=os.path.dirname(clean_dest(cpath)))
 
 
 def parent_in_root(root_fd, cpath, writable_devs, *, create=True):
@@ -359,3 +369,66 @@ def write_file(root_fd, cpath, data, writable_devs, mode=0o644):
         raise MountError(f"cannot write {cpath} in the container: {e.strerror}") from None
     finally:
         os.close(pfd)
+
+
+def overlay_on_own_layer(root_fd, dir_cpath, writable_devs):
+    """Give directory dir_cpath (a host directory bound into the container, say) a writable
+    layer of the container's own: an overlay whose lower layer is what is there now and
+    whose upper layer is a fresh tmpfs, mounted over it. New entries then land in that tmpfs
+    and the host directory is never changed (rule W). The tmpfs is mounted on a scratch
+    directory of the root's own layer, which is detached and removed once the overlay holds
+    it. Adds the overlay's device to writable_devs; raises MountError."""
+    try:
+        dfd = open_in_root(root_fd, dir_cpath, O_PATH_FLAGS | os.O_DIRECTORY)
+    except OSError as e:
+        raise MountError(f"cannot resolve {dir_cpath} in the container: {e.strerror}") from None
+    scratch = f".hpcc-layer-{os.getpid()}-{os.urandom(3).hex()}"
+    try:
+        refuse_unless_writable(root_fd, f"/{scratch}", writable_devs)
+        os.mkdir(scratch, 0o700, dir_fd=root_fd)
+        try:
+            sfd = os.open(scratch, O_PATH_FLAGS | os.O_DIRECTORY | os.O_NOFOLLOW,
+                          dir_fd=root_fd)
+            try:
+                _sys.mount("hpcc-layer", f"/proc/self/fd/{sfd}", "tmpfs",
+                           _sys.MS_NOSUID | _sys.MS_NODEV, "mode=0755")
+                # a fresh lookup crosses onto the tmpfs (sfd's magic link is the covered dir)
+                tfd = os.open(scratch, O_PATH_FLAGS | os.O_DIRECTORY | os.O_NOFOLLOW,
+                              dir_fd=root_fd)
+                try:
+                    if os.fstat(tfd).st_dev == os.fstat(sfd).st_dev:
+                        raise OSError(errno.EIO, "the scratch tmpfs is not where it was mounted")
+                    for d in ("upper", "work"):
+                        os.mkdir(d, 0o755, dir_fd=tfd)
+                    st = os.fstat(dfd)
+                    os.chown("upper", st.st_uid, st.st_gid, dir_fd=tfd)
+                    os.chmod("upper", stat.S_IMODE(st.st_mode), dir_fd=tfd)
+                    opts = (f"lowerdir=/proc/self/fd/{dfd},upperdir=/proc/self/fd/{tfd}/upper,"
+                            f"workdir=/proc/self/fd/{tfd}/work"
+                            + ("" if _in_initial_userns() else ",userxattr"))
+                    _sys.mount("overlay", f"/proc/self/fd/{dfd}", "overlay",
+                               _sys.MS_NOSUID | _sys.MS_NODEV, opts)
+                finally:
+                    # the overlay keeps its layers; the scratch mount point goes either way
+                    _sys.umount2(f"/proc/self/fd/{tfd}", _sys.MNT_DETACH)
+                    os.close(tfd)
+            finally:
+                os.close(sfd)
+        finally:
+            os.rmdir(scratch, dir_fd=root_fd)
+        nfd = open_in_root(root_fd, dir_cpath, O_PATH_FLAGS | os.O_DIRECTORY)
+        writable_devs.add(os.fstat(nfd).st_dev)
+        os.close(nfd)
+    except OSError as e:
+        raise MountError(f"cannot give {dir_cpath} a writable layer of the container's own: "
+                         f"{e.strerror}") from None
+    finally:
+        os.close(dfd)
+
+
+def _in_initial_userns():
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False

@@ -18,10 +18,11 @@ into the runtime's terms, in small steps the helper calls in order:
     ... send the namespace to slurmstepd ...
     keep_until_step_end(sock, handle, named, save_to, spec)   # when opts.keeps(handle)
 
-What needs the tasks' side (spank_hpcc.so joining more than the mount namespace) is named
-by `TASK_SIDE`: remap_root (each task enters a user namespace mapping 0 to the job user,
-created by task_userns_fd) and unshare (each task joins the network/IPC/UTS namespaces of
-the helper's child, whose fds namespace_fds returns).
+What the tasks join besides the mount namespace (`TASK_SIDE`; spank_hpcc.so gets their fds
+after the mount namespace's, named by the record "nsfds=KIND,..."): remap_root, a user
+namespace mapping 0 to the job user (task_userns_fd; each task enters it in task_init, as
+the user, and keeps root's capabilities in it only), and unshare, the network/IPC/UTS
+namespaces of the helper's child (namespace_fds; joined in task_init_privileged).
 """
 import os
 
@@ -252,9 +253,16 @@ def task_userns_fd(uid, gid):
         os.waitpid(pid, 0)
 
 
-def namespace_fds(kinds):
-    """{kind: fd} of this process's network/IPC/UTS namespaces (after setup_root unshared
-    them) for the tasks to join."""
-    names = {"net": "net", "ipc": "ipc", "uts": "uts"}
-    return {k: os.open(f"/proc/self/ns/{names[k]}", os.O_RDONLY | os.O_CLOEXEC)
-            for k in kinds}
+def namespace_fds(kinds, pid=None):
+    """{kind: fd} of the network/IPC/UTS namespaces of this process (after setup_root
+    unshared them) or of `pid` (a running named container's keeper, when attaching) for
+    the tasks to join. With pid, every kind of its own (not the host's) is included."""
+    where = "self" if pid is None else str(pid)
+    out = {}
+    for k in (("net", "ipc", "uts") if pid is not None else kinds):
+        fd = os.open(f"/proc/{where}/ns/{k}", os.O_RDONLY | os.O_CLOEXEC)
+        if pid is not None and os.fstat(fd).st_ino == os.stat(f"/proc/self/ns/{k}").st_ino:
+            os.close(fd)
+            continue
+        out[k] = fd
+    return out

@@ -241,9 +241,9 @@ def build(args, user, config, rec, fd, opts=None, named=None):
     spec = build_spec(rec, mode="exec", command=["/bin/true"], mounts=mounts.binds,
                       workdir=options.workdir(args, rec.config),
                       writable=opts.writable if opts else args.get("writable") == "1",
-                      remap_root=opts.remap_root if opts else None,
-                      unshare=list(opts.unshare) if opts else (),
                       user=str(uid), named=named,
+                      remap_root=opts.remap_root if opts else None,
+                      unshare=opts.unshare if opts else (),
                       bind_home=None if mount_home is None else mount_home == "1",
                       annotations=annotations, config=config, privileged=True,
                       host_env={"HOME": user.pw_dir}, cwd=cwd, image_name=args["image"])
@@ -254,14 +254,13 @@ def build(args, user, config, rec, fd, opts=None, named=None):
                                "x-hpcc-origin": "slurm"})
     options.apply_mounts(spec, mounts, opt_mounts)
     spec["hpcc"]["image"] = f"/proc/self/fd/{fd}"
-    spec["hpcc"]["job_ids"] = (uid, user.pw_gid)  # what Slurm gives the tasks
     return spec, extra_env
 
 
 def _runtime_supports(key):
-    """Whether the step can honour this setting. Named containers, entrypoint and save are
-    the helper's and the runtime's; remap-root and unshare are also the tasks' (the plugin
-    joins the user, network, IPC and UTS namespaces the helper sends: ns= record)."""
+    """Whether the step can honour this setting (every pyxis setting now: named containers,
+    entrypoint and save are the helper's; for remap-root and unshare each task also joins
+    the user or network/IPC/UTS namespaces the helper sends, "nsfds=")."""
     return True
 
 
@@ -293,9 +292,10 @@ def reply_unset(env, keep):
     return [k for k in LOCALE_VARS if k not in keep and k not in env]
 
 
-def send_fds(sock, data, fds):
-    sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS,
-                           b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
+def send_fd(sock, data, fd, more=()):
+    """Send data with fd (the mount namespace) and, after it, the fds in `more`."""
+    fds = b"".join(f.to_bytes(4, sys.byteorder) for f in (fd, *more))
+    sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, fds)])
 
 
 def send_error(sock, message):
@@ -324,45 +324,38 @@ def container_child(spec, sock, payload, named=None, entrypoint=None):
     entrypoint: (image config, log) to run the image's ENTRYPOINT once before the tasks;
     its output lines (when log) go to the user as "log=" records."""
     from ..runtime import enter_namespaces, setup_root
-    from ..runtime.stepcontainer import attach_fd, namespace_fds, run_entrypoint, task_userns_fd
+    from ..runtime.stepcontainer import (attach_fd, namespace_fds, run_entrypoint,
+                                         task_userns_fd)
 
-    h = spec["hpcc"]
-    # --container-remap-root: a user namespace owned by the job user, mapping 0 to them,
-    # which each task joins after Slurm dropped its privileges (made before the root is set
-    # up: its creator must be able to write its own /proc/self maps)
-    user_fd = None
-    if h.get("remap_root"):
-        # the ids the tasks have (Slurm's job uid and gid) are the ones mapped to 0
-        user_fd = task_userns_fd(*h["job_ids"])
     nsfd = attach_fd(named)
     handle = None
-    extra = {}
-    if nsfd is None:
+    h = spec["hpcc"]
+    extra = {}  # the namespaces each task joins besides the mount namespace
+    if h.get("remap_root"):
+        hu = h["host_user"]
+        extra["user"] = task_userns_fd(hu["uid"], hu["gid"])
+    if nsfd is not None:
+        extra.update(namespace_fds(h.get("unshare") or (), pid=named.running_pid))
+    else:
         enter_namespaces(True)
         nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         # no page cache warming for the command: this process is gone before the tasks exec
-        h["warm_bytes"] = 0
+        spec["hpcc"]["warm_bytes"] = 0
         handle = setup_root(spec, privileged=True)
-        extra = namespace_fds(h.get("unshare") or ())
+        extra.update(namespace_fds(h.get("unshare") or ()))
         if entrypoint is not None:
             lines = run_entrypoint(spec, entrypoint[0], log=entrypoint[1])
             if lines:
                 logs = "".join(f"log={ln}\0" for ln in lines if "\0" not in ln)
                 payload = payload[:-len(b"end=1\0")] + logs.encode(errors="replace") \
                     + b"end=1\0"
-    elif h.get("unshare"):
-        raise UsageError("--container-unshare: not with a step that attaches to a running "
-                         "named container (it has the namespaces it was started with)")
-    fds = {"mnt": nsfd, **extra}
-    if user_fd is not None:
-        fds["user"] = user_fd
-    if len(fds) > 1:
-        # which namespace each fd is, in the order they are sent
-        rec = ("ns=" + ",".join(fds) + "\0").encode()
+    if extra:  # "nsfds=KIND,...": what the fds after the mount namespace's are
+        rec = f"nsfds={','.join(extra)}\0".encode()
         payload = payload[:-len(b"end=1\0")] + rec + b"end=1\0"
-    send_fds(sock, payload[:1], list(fds.values()))
+    send_fd(sock, payload[:1], nsfd, list(extra.values()))
     sock.sendall(payload[1:])
-    for fd in fds.values():
+    os.close(nsfd)
+    for fd in extra.values():
         os.close(fd)
     return handle
 

@@ -6,6 +6,7 @@ and nothing else (issue 10, §2)."""
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -89,17 +90,25 @@ def test_image_rewritten_during_the_job_gives_io_errors_in_the_job_only(slurm_cl
                                                                         user_image):
     u, rec = user_image
     image = os.path.realpath(rec.sqfs_path)
+    sig = tempfile.mkdtemp(prefix="hpcc-fuse-sig-")
+    os.chmod(sig, 0o755)
     t, out = _in_background(
-        slurm_cluster, "srun", "-n1", "--container=hpcctest/fusemine:1", "sh", "-c",
-        "sleep 3; cat /data/blob > /dev/null; echo blob=$?; ls /etc > /dev/null; echo ls=$?",
-        user=U2)
-    pid, _ = _wait_daemon(image, t)
-    assert pid, "no squashfuse_ll served the user's image"
-    # the user rewrites their own file in place (as themselves) while it is mounted
-    size = os.path.getsize(image)
-    subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=64k", f"count={size // 65536 + 1}",
-                    "conv=notrunc"], user=U2, check=True, capture_output=True)
-    t.join()
+        slurm_cluster, "srun", "-n1", "--container=hpcctest/fusemine:1",
+        f"--container-mounts={sig}:/sig", "sh", "-c",
+        "i=0; while [ ! -e /sig/go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
+        "cat /data/blob > /dev/null; echo blob=$?", user=U2)
+    try:
+        pid, _ = _wait_daemon(image, t)
+        assert pid, "no squashfuse_ll served the user's image"
+        # the user rewrites their own file in place (as themselves) while it is mounted
+        size = os.path.getsize(image)
+        subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=64k",
+                        f"count={size // 65536 + 1}", "conv=notrunc"], user=U2, check=True,
+                       capture_output=True)
+    finally:
+        open(os.path.join(sig, "go"), "w").close()
+        t.join()
+        shutil.rmtree(sig)
     p = out["p"]
     # reads fail with EIO, or the task dies of SIGBUS when a page of its own (mmap'd)
     # executable can no longer be read: an I/O error either way, never data from garbage
