@@ -42,7 +42,8 @@ usage: hpcc doctor [--json] [--image IMAGE]
 Check that this host can run hpcc containers: unprivileged user namespaces (sysctls,
 AppArmor), /dev/fuse, squashfuse_ll, kernel squashfs with zstd, overlayfs in a user
 namespace, loop devices, openat2 and the new mount API, the image stores, the gateway
-service, the Slurm plugin, the host's MPI and NVIDIA driver. Each problem comes with its fix.
+service, the setuid mount helper, the Slurm plugin, the host's MPI and NVIDIA driver. Each
+problem comes with its fix.
 
 options:
   --image IMAGE   also mount IMAGE as a launch would, and say whether the MPI hook accepts
@@ -419,6 +420,63 @@ def check_loop(kprobe):
                      "load the loop module (modprobe loop)", loop_control=ctl)
     return Check("host.loop", title, "skip", "/dev/loop-control exists; attaching a loop "
                  "device needs root", loop_control=ctl)
+
+
+def check_mount_helper(config):
+    """The setuid mount helper (launcher.mount_helper) that gives unprivileged launches kernel
+    mounts of site images: installed setuid root on a filesystem that honours it, and run for
+    real on a path outside any store, which it must refuse naming the site store it reads
+    (from its own compiled-in config): the launcher's, or its images get no kernel mount."""
+    import socket
+
+    from .runtime.spec import site_store
+    cid, title = "host.mount_helper", "mount helper (kernel mounts for unprivileged launches)"
+    helper = (config.get("launcher") or {}).get("mount_helper", "")
+    store = site_store(config)
+    off = 'or set launcher.mount_helper = "" to turn it off'
+    if not helper:
+        return Check(cid, title, "off", "launcher.mount_helper is off: unprivileged launches "
+                     "read every image through squashfuse_ll", helper=helper)
+    slower = "unprivileged launches read site images through squashfuse_ll (slower)"
+    try:
+        st = os.stat(helper)
+        nosuid = bool(os.statvfs(helper).f_flag & os.ST_NOSUID)
+    except OSError as e:
+        return Check(cid, title, "warn", f"{helper}: {e.strerror}: {slower}",
+                     f"make install (it installs {helper} setuid root), {off}", helper=helper)
+    if st.st_uid != 0 or not st.st_mode & stat.S_ISUID or nosuid:
+        why = "lies on a nosuid filesystem" if nosuid and st.st_mode & stat.S_ISUID \
+            else "is not setuid root"
+        return Check(cid, title, "warn", f"{helper} {why}: {slower}",
+                     f"chown root:root {helper}; chmod 4755 {helper} (make install does; "
+                     f"SUID=no leaves it off) on a filesystem without nosuid, {off}",
+                     helper=helper)
+    ours, theirs = socket.socketpair()
+    try:
+        with open(os.devnull, "rb") as null:
+            p = subprocess.run([helper, "/"], stdin=null, stdout=theirs.fileno(),
+                               stderr=subprocess.PIPE, env={}, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Check(cid, title, "warn", f"{helper} does not run: {getattr(e, 'strerror', e)}",
+                     f"reinstall it (make install), {off}", helper=helper)
+    finally:
+        ours.close()
+        theirs.close()
+    said = p.stderr.decode(errors="replace").strip().removeprefix("hpcc-mount: ")
+    m = re.fullmatch(r"/ is not in the site store (.+)", said)
+    if p.returncode != 1 or not m:
+        return Check(cid, title, "warn", f"{helper} fails: {said or p.returncode}",
+                     "fix what it says (its site config must be root's, in root's "
+                     f"directories, with [store] path a plain string), {off}", helper=helper)
+    if m.group(1) != store:
+        return Check(cid, title, "warn", f"{helper} reads the site store {m.group(1)} (from its "
+                     f"own config), the launcher {store}: images there get no kernel mount",
+                     "make [store] path of the root-owned site config the helper was built "
+                     f"with (/etc/hpcc/hpcc.toml by default) name the site store, {off}",
+                     helper=helper, helper_store=m.group(1), store=store)
+    return Check(cid, title, "ok", f"{helper} is setuid root and reads the site store {store}: "
+                 "unprivileged launches of its images get kernel mounts", helper=helper,
+                 helper_store=m.group(1), store=store)
 
 
 def check_syscalls(probe):
@@ -823,6 +881,7 @@ def run_checks(config, image=None):
                           ("host.overlay", check_overlay, (probe,)),
                           ("host.loop", check_loop, (kprobe,)),
                           ("host.syscalls", check_syscalls, (probe,)),
+                          ("host.mount_helper", check_mount_helper, (config,)),
                           ("store.site", check_stores, (config,)),
                           ("gateway.service", check_service, (config,)),
                           ("slurm.plugin", check_slurm, (slurm,)),
