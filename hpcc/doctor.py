@@ -423,60 +423,71 @@ def check_loop(kprobe):
 
 
 def check_mount_helper(config):
-    """The setuid mount helper (launcher.mount_helper) that gives unprivileged launches kernel
-    mounts of site images: installed setuid root on a filesystem that honours it, and run for
-    real on a path outside any store, which it must refuse naming the site store it reads
-    (from its own compiled-in config): the launcher's, or its images get no kernel mount."""
+    """The setuid mount helper (launcher.mount_helper): kernel mounts of site images for
+    unprivileged launches. Without it squashfuse_ll serves them (slower with many files).
+    Installed setuid root, replaceable by nobody else, on a filesystem that honours setuid;
+    then run for real on a path outside any store, which it must refuse naming the site store
+    it reads (from its own compiled-in config): the launcher's, or its images get no kernel
+    mount."""
     import socket
 
     from .runtime.spec import site_store
-    cid, title = "host.mount_helper", "mount helper (kernel mounts for unprivileged launches)"
-    helper = (config.get("launcher") or {}).get("mount_helper", "")
-    store = site_store(config)
-    off = 'or set launcher.mount_helper = "" to turn it off'
-    if not helper:
-        return Check(cid, title, "off", "launcher.mount_helper is off: unprivileged launches "
-                     "read every image through squashfuse_ll", helper=helper)
-    slower = "unprivileged launches read site images through squashfuse_ll (slower)"
+    title = "mount helper (setuid)"
+    path = ((config.get("launcher") or {}).get("mount_helper") or "").strip()
+    fallback = "unprivileged launches serve site images with squashfuse_ll (slower)"
+    off = 'or set launcher.mount_helper = ""'
+    if not path:
+        return Check("host.mount_helper", title, "off",
+                     f"launcher.mount_helper is off: {fallback}", path=None)
     try:
-        st = os.stat(helper)
-        nosuid = bool(os.statvfs(helper).f_flag & os.ST_NOSUID)
+        st = os.stat(path)
+        nosuid = bool(os.statvfs(path).f_flag & os.ST_NOSUID)
     except OSError as e:
-        return Check(cid, title, "warn", f"{helper}: {e.strerror}: {slower}",
-                     f"make install (it installs {helper} setuid root), {off}", helper=helper)
-    if st.st_uid != 0 or not st.st_mode & stat.S_ISUID or nosuid:
-        why = "lies on a nosuid filesystem" if nosuid and st.st_mode & stat.S_ISUID \
-            else "is not setuid root"
-        return Check(cid, title, "warn", f"{helper} {why}: {slower}",
-                     f"chown root:root {helper}; chmod 4755 {helper} (make install does; "
-                     f"SUID=no leaves it off) on a filesystem without nosuid, {off}",
-                     helper=helper)
+        return Check("host.mount_helper", title, "warn",
+                     f"{path} (launcher.mount_helper): {e.strerror}; {fallback}",
+                     f"run `make install` as root (installs it setuid root), {off}", path=path)
+    mode = stat.S_IMODE(st.st_mode)
+    details = {"path": path, "mode": f"{mode:04o}", "uid": st.st_uid, "nosuid_mount": nosuid}
+    if mode & 0o022 or st.st_uid != 0:
+        return Check("host.mount_helper", title, "fail",
+                     f"{path} is setuid-capable but owned by uid {st.st_uid} with mode "
+                     f"{mode:04o}: someone other than root can replace it",
+                     f"chown root:root {path} && chmod 4755 {path}", **details)
+    if not mode & stat.S_ISUID or nosuid:
+        why = "not setuid" if not mode & stat.S_ISUID else "on a nosuid filesystem"
+        return Check("host.mount_helper", title, "warn", f"{path} is {why}: {fallback}",
+                     f"chmod 4755 {path} (as installed by make install), on a filesystem "
+                     f"mounted without nosuid; {off}", **details)
+    store = site_store(config)
     ours, theirs = socket.socketpair()
     try:
         with open(os.devnull, "rb") as null:
-            p = subprocess.run([helper, "/"], stdin=null, stdout=theirs.fileno(),
+            p = subprocess.run([path, "/"], stdin=null, stdout=theirs.fileno(),
                                stderr=subprocess.PIPE, env={}, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
-        return Check(cid, title, "warn", f"{helper} does not run: {getattr(e, 'strerror', e)}",
-                     f"reinstall it (make install), {off}", helper=helper)
+        return Check("host.mount_helper", title, "warn",
+                     f"{path} does not run: {getattr(e, 'strerror', None) or e}; {fallback}",
+                     f"reinstall it (make install), {off}", **details)
     finally:
         ours.close()
         theirs.close()
     said = p.stderr.decode(errors="replace").strip().removeprefix("hpcc-mount: ")
     m = re.fullmatch(r"/ is not in the site store (.+)", said)
     if p.returncode != 1 or not m:
-        return Check(cid, title, "warn", f"{helper} fails: {said or p.returncode}",
-                     "fix what it says (its site config must be root's, in root's "
-                     f"directories, with [store] path a plain string), {off}", helper=helper)
+        return Check("host.mount_helper", title, "warn", f"{path} does not answer as the mount "
+                     f"helper does (exit {p.returncode}: {said or 'nothing said'}); {fallback}",
+                     "fix what it says (its site config must be root's, in root's directories, "
+                     f"with [store] path a plain string), or reinstall it; {off}", **details)
+    details.update(helper_store=m.group(1), store=store)
     if m.group(1) != store:
-        return Check(cid, title, "warn", f"{helper} reads the site store {m.group(1)} (from its "
-                     f"own config), the launcher {store}: images there get no kernel mount",
-                     "make [store] path of the root-owned site config the helper was built "
-                     f"with (/etc/hpcc/hpcc.toml by default) name the site store, {off}",
-                     helper=helper, helper_store=m.group(1), store=store)
-    return Check(cid, title, "ok", f"{helper} is setuid root and reads the site store {store}: "
-                 "unprivileged launches of its images get kernel mounts", helper=helper,
-                 helper_store=m.group(1), store=store)
+        return Check("host.mount_helper", title, "warn", f"{path} reads the site store "
+                     f"{m.group(1)} (from its own config), the launcher {store}: images there "
+                     "get no kernel mount", "make [store] path of the root-owned site config "
+                     "the helper was built with (/etc/hpcc/hpcc.toml by default) name the site "
+                     f"store; {off}", **details)
+    return Check("host.mount_helper", title, "ok", f"{path} is setuid root and reads the site "
+                 f"store {store}: unprivileged launches get kernel mounts of its images",
+                 **details)
 
 
 def check_syscalls(probe):
