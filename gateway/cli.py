@@ -156,7 +156,8 @@ def _set_verbose(ctx, _param, value):
 
 def _common(f):
     f = click.option("--json", "json_output", is_flag=True,
-                     help="Machine-readable JSON on stdout (schemas: etc/schemas/).")(f)
+                     help="Machine-readable JSON on stdout (schema: "
+                          "etc/hpcc-output.schema.json).")(f)
     f = click.option("-q", "--quiet", is_flag=True, default=_root_flag("quiet"),
                      help="Print only errors.")(f)
     f = click.option("-v", "--verbose", is_flag=True, default=_root_flag("verbose"),

@@ -20,6 +20,7 @@ from hpcc.reference import parse_reference
 from .convert import convert_image
 from .download import root_failure
 from .flatten import LayerSource
+from .progress import drop_summary, short
 
 
 @dataclass
@@ -77,7 +78,7 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
             if rec is not None:
                 for r in refs:
                     store.tag(r, digest)
-                reporter.done(f"up to date: {ref.familiar} is {digest}")
+                reporter.done(f"up to date: {ref.familiar} is {short(digest)}")
                 return PullResult(rec, str(ref), digest, False, time.monotonic() - t0)
 
         cache = BlobCache(blob_cache_dir(config, store.root))
@@ -86,7 +87,8 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
             if rec is not None:  # another pull converted it while we waited for the lock
                 for r in refs:
                     store.tag(r, digest)
-                reporter.done(f"up to date: {ref.familiar} is {digest} (converted by another pull)")
+                reporter.done(f"up to date: {ref.familiar} is {short(digest)} "
+                              "(converted by another pull)")
                 return PullResult(rec, str(ref), digest, False, time.monotonic() - t0)
             workers = max(1, min(config["gateway"]["concurrent_downloads"], len(img.layers) or 1))
             # Everything is imported by now: move those objects out of the garbage
@@ -130,9 +132,11 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
                         raise root from None
                     raise
         secs = time.monotonic() - t0
+        drops = drop_summary(report)
         reporter.done(f"pulled {ref.familiar} -> {rec.sqfs_path} "
                       f"({rec.meta.get('size', 0) / 1e6:.1f} MB squashfs, "
-                      f"{report['entries']} entries, {secs:.1f}s)")
+                      f"{report['entries']} entries, {secs:.1f}s)"
+                      + (f"; {drops}" if drops else ""))
         return PullResult(rec, str(ref), digest, True, secs, report)
     finally:
         reporter.close()

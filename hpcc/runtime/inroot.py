@@ -401,7 +401,10 @@ def overlay_on_own_layer(root_fd, dir_cpath, writable_devs):
                     for d in ("upper", "work"):
                         os.mkdir(d, 0o755, dir_fd=tfd)
                     st = os.fstat(dfd)
-                    os.chown("upper", st.st_uid, st.st_gid, dir_fd=tfd)
+                    try:
+                        os.chown("upper", st.st_uid, st.st_gid, dir_fd=tfd)
+                    except OSError:  # an owner this user namespace does not map
+                        pass
                     os.chmod("upper", stat.S_IMODE(st.st_mode), dir_fd=tfd)
                     opts = (f"lowerdir=/proc/self/fd/{dfd},upperdir=/proc/self/fd/{tfd}/upper,"
                             f"workdir=/proc/self/fd/{tfd}/work"
