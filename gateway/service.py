@@ -438,7 +438,8 @@ class Service:
                     ident, ref, platform, auth, record, f, state)
             result.update(ref=str(ref), digest=rec.digest, path=rec.sqfs_path,
                           size=rec.meta.get("size"), private=private, store=store.root,
-                          seconds=round(time.monotonic() - t0, 3))
+                          seconds=round(time.monotonic() - t0, 3),
+                          conversion=rec.meta.get("conversion") or {})
             record["squashfs_size"] = rec.meta.get("size")
             protocol.send(f, {"event": "result", **result})
         except HpccError as e:

@@ -30,7 +30,8 @@ def pull_for_user(config, store, ref, *, platform=None, insecure=False, force=Fa
 
         res = service_pull(config, ref, platform=platform, reporter=reporter)
         return {k: res.get(k) for k in ("ref", "digest", "converted", "joined", "path", "size",
-                                        "private", "store", "seconds")} | {"via": "service"}
+                                        "private", "store", "seconds", "conversion")} \
+            | {"via": "service"}
     from .pull import pull  # the conversion's modules: only for a pull of one's own
 
     site = Store.site(config)
