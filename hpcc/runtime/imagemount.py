@@ -271,7 +271,10 @@ class HelperMount:
             return fds[0], None
         for fd in fds:
             os.close(fd)
-        self.why = f"the mount helper refused: {why.removeprefix('hpcc-mount: ') or status}"
+        if status == 0:  # sent, but not received: no fd free here (MSG_CTRUNC)
+            self.why = "the mount helper's mount did not arrive (too many open files?)"
+        else:
+            self.why = f"the mount helper refused: {why.removeprefix('hpcc-mount: ') or status}"
         return None, self.why
 
     def close(self):
