@@ -46,7 +46,8 @@ class PullResult:
 
 
 def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, reporter=None,
-         client=None, check_size=None, shared=(), resolved=None, trace=None):
+         client=None, check_size=None, shared=(), resolved=None, trace=None,
+         auth_file=None):
     """`check_size(bytes)` may refuse the finished squashfs (raise) before it is published.
     `shared`: stores (the site's) whose copy of the image is used instead of converting.
     `resolved`: the ResolvedImage when the caller has resolved `ref_str` already."""
@@ -60,7 +61,7 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
     ref = parse_reference(ref_str)
     own_client = client is None
     client = client or RegistryClient(config, insecure=insecure, notice=reporter.line,
-                                      trace=trace)
+                                      trace=trace, auth_file=auth_file)
     try:
         img = resolved or client.resolve(ref, platform or config["gateway"]["platform"] or None)
         digest = img.manifest_digest

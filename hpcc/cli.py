@@ -26,6 +26,7 @@ commands:
   images | inspect REF | rm REF             list, show, remove images (--json for output)
   containers [--json] | containers rm NAME  list, remove your named containers (--name)
   gc                                        clean your own store (debris, layer blobs)
+  login REGISTRY | logout REGISTRY          store, remove your registry credentials
   config check                              validate the site configuration
   doctor [--json] [--image IMAGE]           check this host and say how to fix problems
   version                                   print hpcc's version
@@ -333,7 +334,7 @@ def main(argv=None):
             except (OSError, ValueError):
                 pass
             os._exit(code)  # after pivot_root, Python's teardown must not import anything
-        if cmd in ("pull", "images", "inspect", "rm", "gc"):
+        if cmd in ("pull", "images", "inspect", "rm", "gc", "login", "logout"):
             from .gateway.cli import user_main
             return user_main(argv)
         if cmd == "containers":

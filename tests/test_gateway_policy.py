@@ -125,9 +125,10 @@ def test_the_audit_log_holds_every_request(gateway_service, service_users, regis
 @pytest.mark.slurm
 def test_eviction_keeps_the_images_of_pending_jobs(gateway_service, service_users, registry,
                                                    slurm_cluster):
-    refs = {}
+    refs, images = {}, {}
     for name in ("jobimage", "old", "new"):
-        registry.push(f"svc/{name}", "1", _random_image(name, 600_000))
+        images[name] = _random_image(name, 600_000)
+        registry.push(f"svc/{name}", "1", images[name])
         refs[name] = registry.ref(f"svc/{name}", "1")
     svc = gateway_service(policy={"store_budget_mb": 1}, run=False)
     svc.start(env={"SLURM_CONF": slurm_cluster.env["SLURM_CONF"]})
@@ -154,6 +155,11 @@ def test_eviction_keeps_the_images_of_pending_jobs(gateway_service, service_user
         assert svc.run(user, "inspect", refs["jobimage"]).returncode == 0
         assert svc.run(user, "inspect", refs["new"]).returncode == 0
         assert svc.run(user, "inspect", refs["old"]).returncode == 1
+        # the evicted image's own layer blob went with it; the kept images' stay
+        blobs = {p.name for p in (svc.store / ".blobs").rglob("*") if p.is_file()}
+        for name, image in images.items():
+            hexes = {layer.digest.split(":")[1] for layer in image.layers}
+            assert bool(hexes & blobs) == (name != "old"), (name, hexes, blobs)
     finally:
         slurm_cluster.run("scancel", job_id)
 
