@@ -195,8 +195,8 @@ def _launch(cmd, argv, verbose, quiet):
 
     from .launchcache import LaunchCache, load_config_cached
     cache = LaunchCache()
-    config = load_config_cached(
-        cache, warn=None if o.quiet else (lambda line: sys.stderr.write(f"hpcc: {line}\n")))
+    warn = None if o.quiet else (lambda line: sys.stderr.write(f"hpcc: {line}\n"))
+    config = load_config_cached(cache, warn=warn)
     image = resolve_image(o.image, config, cache)
     from .image import check_squashfs, is_image_path
     check_squashfs(image.sqfs_path, o.image if is_image_path(o.image) else
@@ -247,7 +247,7 @@ def _launch(cmd, argv, verbose, quiet):
                       bind_cwd=False if o.no_cwd else None, user=o.user,
                       annotations=annotations, config=config, image_name=o.image,
                       cache=cache, remap_root=True if o.root else (False if o.no_root else None),
-                      unshare=unshare, named=named)
+                      unshare=unshare, named=named, warn=warn)
     cache.save()
     log(f"spec built: {spec['process']['args']!r} in {spec['process']['cwd']}")
     if named is not None and named.running_pid:
