@@ -79,7 +79,10 @@ install: venv spank libexec
 	@install -d -m 0755 $(BINDIR)
 	@for s in hpcc gateway hpcc-hook; do ln -sf $(VENV)/bin/$$s $(BINDIR)/$$s; done
 	@install -d -m 0755 /etc/hpcc
-	@[ -e /etc/hpcc/hpcc.toml ] || install -m 0644 etc/hpcc.toml /etc/hpcc/hpcc.toml
+	@# a first install names this PREFIX's mount helper in launcher.mount_helper
+	@[ -e /etc/hpcc/hpcc.toml ] || { sed 's|"/opt/hpcc/libexec/hpcc-mount"|"$(PREFIX)/libexec/hpcc-mount"|' \
+		etc/hpcc.toml > /etc/hpcc/.hpcc.toml.new && chmod 0644 /etc/hpcc/.hpcc.toml.new && \
+		mv /etc/hpcc/.hpcc.toml.new /etc/hpcc/hpcc.toml; }
 	@install -d -m 0755 /etc/hpcc/hooks.d
 	@for f in etc/hooks.d/*.json; do d=/etc/hpcc/hooks.d/$$(basename $$f); \
 		[ -e $$d ] || sed 's|/usr/local/bin/hpcc-hook|$(BINDIR)/hpcc-hook|' $$f > $$d; done

@@ -83,6 +83,9 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
                 return PullResult(rec, str(ref), digest, False, time.monotonic() - t0)
 
         cache = BlobCache(blob_cache_dir(config, store.root))
+        cap_mb = (config.get("store") or {}).get("blob_cache_max_mb") or 0
+        if cap_mb:
+            _fit_cache(cache, store, img, cap_mb, reporter)
         with store.lock(digest):
             rec = None if force else store.get(digest)
             if rec is not None:  # another pull converted it while we waited for the lock
@@ -143,6 +146,29 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
         reporter.close()
         if own_client:
             client.close()
+
+
+def _fit_cache(cache, store, img, cap_mb, reporter):
+    """Keep the blob cache (partial downloads counted) under store.blob_cache_max_mb:
+    remove the least recently used blobs no image of the store uses; refuse the pull when
+    what it still has to download does not fit even so."""
+    from hpcc.errors import StoreError
+
+    need = sum(max(0, layer.size - cache.partial_size(layer.digest))
+               for layer in img.layers if not cache.has(layer.digest, layer.size))
+    keep = {layer.digest for layer in img.layers}
+    keep |= {layer["digest"] for rec in store.images() for layer in rec.meta.get("layers", [])}
+    cap = cap_mb << 20
+    used, removed = cache.make_room(need, cap, keep)
+    if removed:
+        reporter.line(f"blob cache: removed {len(removed)} unused blob file(s) to stay under "
+                      f"{cap_mb} MB")
+    if used + need > cap:
+        raise StoreError(f"the blob cache {cache.dir} holds {used / 1e6:.1f} MB (partial "
+                         f"downloads included) and this pull needs {need / 1e6:.1f} MB more, "
+                         f"beyond store.blob_cache_max_mb = {cap_mb}",
+                         hint="'gateway gc --blobs' removes blobs no image uses; or raise "
+                              "store.blob_cache_max_mb")
 
 
 def _convert(store, digest, img, ref, refs, config, feeds, futures, reporter, check_size,
