@@ -791,6 +791,32 @@ static char *cmdline_container(void)
 }
 
 /*
+ * hpcc.slurm.firstuse found IMAGE (as typed) in a store less than an hour ago: its marker
+ * ($XDG_CACHE_HOME or ~/.cache, hpcc/seen/<FNV-1a of IMAGE>) saves starting Python on every
+ * srun. An image removed since then fails the step with "not found" (the usual message).
+ */
+static int seen_recently(const char *image)
+{
+	uint64_t h = 1469598103934665603ULL;
+	const char *base = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+	char path[4096];
+	struct stat st;
+
+	for (const unsigned char *p = (const unsigned char *)image; *p; p++)
+		h = (h ^ *p) * 1099511628211ULL;
+	if (base && *base)
+		snprintf(path, sizeof(path), "%s/hpcc/seen/%016llx", base, (unsigned long long)h);
+	else if (home && *home)
+		snprintf(path, sizeof(path), "%s/.cache/hpcc/seen/%016llx", home,
+			 (unsigned long long)h);
+	else
+		return 0;
+	if (stat(path, &st) < 0 || st.st_uid != getuid())
+		return 0;
+	return time(NULL) - st.st_mtime < 3600;
+}
+
+/*
  * Images on first use (srun, salloc, sbatch on the submit host, as the user): an image in
  * no store is pulled now, with its progress on the user's terminal (sbatch: in the
  * background, the job's first step waits for it). See hpcc/slurm/firstuse.py. Not in steps
@@ -817,7 +843,7 @@ static int first_use(spank_t sp)
 		image = strdup(getenv("PYXIS_CONTAINER_IMAGE"));
 	else
 		image = cmdline_container();
-	if (!image || !*image) {
+	if (!image || !*image || seen_recently(image)) {
 		free(image);
 		return 0;
 	}
