@@ -8,6 +8,11 @@ PREFIX  ?= /opt/hpcc
 VENV    ?= $(PREFIX)/venv
 BINDIR  ?= /usr/local/bin
 PYTEST_ARGS ?=
+# Man pages and shell completions (generated from the CLI definitions by hpcc.clidoc).
+MANDIR  ?= /usr/local/share/man
+BASHCOMPDIR ?= /usr/share/bash-completion/completions
+ZSHCOMPDIR  ?= /usr/local/share/zsh/site-functions
+FISHCOMPDIR ?= /usr/share/fish/vendor_completions.d
 # `make install SUID=no` installs the mount helper without the setuid bit (unprivileged
 # launches then keep squashfuse_ll for every image): see README, "Kernel mounts for users".
 SUID    ?= yes
@@ -74,10 +79,25 @@ install: venv spank libexec
 	@install -d -m 0755 $(BINDIR)
 	@for s in hpcc gateway hpcc-hook; do ln -sf $(VENV)/bin/$$s $(BINDIR)/$$s; done
 	@install -d -m 0755 /etc/hpcc
-	@[ -e /etc/hpcc/hpcc.toml ] || install -m 0644 etc/hpcc.toml /etc/hpcc/hpcc.toml
+	@# a first install names this PREFIX's mount helper in launcher.mount_helper
+	@[ -e /etc/hpcc/hpcc.toml ] || { sed 's|"/opt/hpcc/libexec/hpcc-mount"|"$(PREFIX)/libexec/hpcc-mount"|' \
+		etc/hpcc.toml > /etc/hpcc/.hpcc.toml.new && chmod 0644 /etc/hpcc/.hpcc.toml.new && \
+		mv /etc/hpcc/.hpcc.toml.new /etc/hpcc/hpcc.toml; }
 	@install -d -m 0755 /etc/hpcc/hooks.d
 	@for f in etc/hooks.d/*.json; do d=/etc/hpcc/hooks.d/$$(basename $$f); \
 		[ -e $$d ] || sed 's|/usr/local/bin/hpcc-hook|$(BINDIR)/hpcc-hook|' $$f > $$d; done
+	@# man pages hpcc(1), gateway(8), hpcc-hook(8), hpcc.toml(5) and bash/zsh/fish
+	@# completions, generated from the programs' own option definitions
+	@rm -rf $(VENV)/share/hpcc-doc && $(VENV)/bin/python -P -m hpcc.clidoc \
+		$(VENV)/share/hpcc-doc etc/hpcc.toml >/dev/null
+	@for f in $(VENV)/share/hpcc-doc/man/man*/*; do \
+		install -D -m 0644 $$f $(MANDIR)/$$(basename $$(dirname $$f))/$$(basename $$f); done
+	@for f in $(VENV)/share/hpcc-doc/completions/bash/*; do \
+		install -D -m 0644 $$f $(BASHCOMPDIR)/$$(basename $$f); done
+	@for f in $(VENV)/share/hpcc-doc/completions/zsh/*; do \
+		install -D -m 0644 $$f $(ZSHCOMPDIR)/$$(basename $$f); done
+	@for f in $(VENV)/share/hpcc-doc/completions/fish/*; do \
+		install -D -m 0644 $$f $(FISHCOMPDIR)/$$(basename $$f); done
 	@chmod -R a+rX $(VENV)
 
 spank:

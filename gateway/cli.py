@@ -156,7 +156,8 @@ def _set_verbose(ctx, _param, value):
 
 def _common(f):
     f = click.option("--json", "json_output", is_flag=True,
-                     help="Machine-readable JSON on stdout (schemas: etc/schemas/).")(f)
+                     help="Machine-readable JSON on stdout (schema: "
+                          "etc/hpcc-output.schema.json).")(f)
     f = click.option("-q", "--quiet", is_flag=True, default=_root_flag("quiet"),
                      help="Print only errors.")(f)
     f = click.option("-v", "--verbose", is_flag=True, default=_root_flag("verbose"),
@@ -209,15 +210,17 @@ def _make_group(prog, user_mode):
 @click.option("--insecure", is_flag=True,
               help="Allow plain HTTP / unverified TLS for this registry.")
 @click.option("--force", is_flag=True, help="Convert again even if the store has the digest.")
+@click.option("--auth-file", metavar="FILE",
+              help="Registry credentials to use first (docker config.json / auth.json).")
 @_common
 @click.pass_obj
-def pull(obj, ref, platform, insecure, force, json_output, quiet):
+def pull(obj, ref, platform, insecure, force, auth_file, json_output, quiet):
     obj.json, obj.quiet = json_output, quiet
     if obj.user_mode and not obj.explicit_store:
         from .userpull import pull_for_user
 
         res = pull_for_user(obj.config, obj.store, ref, platform=platform, insecure=insecure,
-                            force=force, reporter=obj.reporter())
+                            force=force, reporter=obj.reporter(), auth_file=auth_file)
         if json_output:
             st = Store(res.get("store") or obj.store.root)
             rec = st.get(res["digest"]) if res.get("digest") else None
@@ -231,7 +234,8 @@ def pull(obj, ref, platform, insecure, force, json_output, quiet):
     obj.admin_store(f"hpcc pull {ref}")
     obj.store.ensure()
     res = do_pull(ref, store=obj.store, config=obj.config, platform=platform,
-                  insecure=insecure, force=force, reporter=obj.reporter(), trace=obj.trace())
+                  insecure=insecure, force=force, reporter=obj.reporter(), trace=obj.trace(),
+                  auth_file=auth_file)
     if json_output:
         out = res.as_dict()
         if res.record is not None:
@@ -496,7 +500,60 @@ def gc(obj, dry_run, blobs, json_output, quiet):
 
 
 
-_USER_COMMANDS = [pull, import_, images, inspect, rm]
+@click.command(help="Log in to a registry: check the credentials with it, then store them "
+                    "in the auth file pulls read first (--auth-file, else $REGISTRY_AUTH_FILE, "
+                    "else ~/.docker/config.json), in docker's format.")
+@click.argument("registry")
+@click.option("-u", "--username", metavar="USER", help="User name (asked for on a terminal).")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the password (or token) from standard input.")
+@click.option("--auth-file", metavar="FILE", help="Auth file to write instead.")
+@click.option("--insecure", is_flag=True,
+              help="Allow plain HTTP / unverified TLS for this registry.")
+@_common
+@click.pass_obj
+def login(obj, registry, username, password_stdin, auth_file, insecure, json_output, quiet):
+    from .login import check_credentials, store_credentials
+
+    interactive = sys.stdin.isatty()
+    if not username:
+        if not interactive or password_stdin:
+            raise click.UsageError("give the user name with -u USER")
+        username = click.prompt("Username", err=True)
+    if password_stdin:
+        password = sys.stdin.read().rstrip("\r\n")
+    elif interactive:
+        password = click.prompt("Password", hide_input=True, err=True)
+    else:
+        raise click.UsageError("no terminal to ask for the password: use --password-stdin")
+    if not password:
+        raise click.UsageError("the password is empty")
+    note = check_credentials(obj.config, registry, username, password, insecure=insecure)
+    path = store_credentials(registry, username, password, auth_file)
+    if json_output:
+        obj.emit({"registry": registry, "username": username, "auth_file": str(path)})
+    elif not quiet:
+        click.echo(f"logged in to {registry} as {username}; credentials in {path}"
+                   + (f" ({note})" if note else ""), err=True)
+
+
+@click.command(help="Remove a registry's credentials from the auth file.")
+@click.argument("registry")
+@click.option("--auth-file", metavar="FILE", help="Auth file to change instead.")
+@_common
+@click.pass_obj
+def logout(obj, registry, auth_file, json_output, quiet):
+    from .login import remove_credentials
+
+    path, had = remove_credentials(registry, auth_file)
+    if json_output:
+        obj.emit({"registry": registry, "auth_file": str(path), "removed": had})
+    elif not quiet:
+        click.echo(f"removed the credentials for {registry} from {path}" if had else
+                   f"no credentials for {registry} in {path}", err=True)
+
+
+_USER_COMMANDS = [pull, import_, images, inspect, rm, login, logout]
 _ADMIN_COMMANDS = [prefetch, gc]
 
 

@@ -438,7 +438,8 @@ class Service:
                     ident, ref, platform, auth, record, f, state)
             result.update(ref=str(ref), digest=rec.digest, path=rec.sqfs_path,
                           size=rec.meta.get("size"), private=private, store=store.root,
-                          seconds=round(time.monotonic() - t0, 3))
+                          seconds=round(time.monotonic() - t0, 3),
+                          conversion=rec.meta.get("conversion") or {})
             record["squashfs_size"] = rec.meta.get("size")
             protocol.send(f, {"event": "result", **result})
         except HpccError as e:
@@ -572,6 +573,22 @@ class Service:
             self.audit.write(op="evict", digest=digest, squashfs_size=size, tags=tags,
                              outcome="evicted")
             self.log(f"evicted {digest} ({', '.join(tags) or 'untagged'}, {size} bytes)")
+        if removed:
+            self._prune_blobs()
+
+    def _prune_blobs(self):
+        """The layer blobs of evicted images go too: keep those of the store's images and
+        of the pulls in progress (a blob being downloaded is locked and skipped anyway)."""
+        from .blobcache import BlobCache, blob_cache_dir
+
+        keep = {layer["digest"] for rec in self.store.images()
+                for layer in rec.meta.get("layers", [])}
+        with self.jobs_lock:
+            keep |= {layer.digest for job in self.jobs.values() for layer in job.img.layers}
+        try:
+            BlobCache(blob_cache_dir(self.config, self.store.root)).prune(keep)
+        except (HpccError, OSError) as e:
+            self.log(f"could not prune the blob cache: {e}")
 
     # ---- status and list -----------------------------------------------------------------
     def status(self):

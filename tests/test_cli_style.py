@@ -141,3 +141,57 @@ def test_every_command_output_validates_against_its_schema(registry, site):
     check("rm", removed)
     check("gc", jrun("gateway", env, "gc", "--blobs"))
     check("gc", jrun("gateway", env, "gc", "--dry-run"))
+
+
+# progress and summaries --------------------------------------------------------------------
+def _device_image_archive(path):
+    from hpcc.testkit.images import ImageBuilder, chardev, file
+    built = (ImageBuilder().layer([file("a", "x"), chardev("dev/null2", 1, 3),
+                                   file("s", "y", mode=0o4755)], compression="none").build())
+    write_docker_archive(path, built, repo_tag=None)
+    return built
+
+
+def test_closing_line_reports_drops_and_digests_are_short(site):
+    d, env = site
+    _device_image_archive(d / "dev.tar")
+    p = run("gateway", "import", d / "dev.tar", "--tag", "style/dev:1", env=env)
+    assert p.returncode == 0, p.stderr
+    last = p.stderr.splitlines()[-1]
+    assert last.endswith("; dropped 1 device node; setuid/setgid bits stripped from 1 files")
+    first = p.stderr.splitlines()[0]
+    digest = json.loads(run("gateway", "images", "--json", env=env).stdout)[0]["digest"]
+    assert first.endswith(f"as {digest[7:19]}") and digest not in first
+
+
+@pytest.mark.skipif(not shutil.which("script"), reason="script(1) is not installed")
+def test_conversion_bar_on_a_terminal_is_indeterminate_until_the_end(site):
+    """Under a pseudo-terminal the conversion bar has no total ('?') while it runs; the
+    total appears when the image is written."""
+    d, env = site
+    _device_image_archive(d / "dev.tar")
+    out = d / "typescript"
+    cmd = f"{tool('gateway')} import {d / 'dev.tar'} --tag style/tty:1"
+    subprocess.run(["script", "-q", "-c", cmd, str(out)], env=dict(env, COLUMNS="120"),
+                   capture_output=True, timeout=120, check=True)
+    import re
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.read_text(errors="replace"))
+    frames = [ln for ln in text.replace("\r", "\n").splitlines() if ln.startswith("squashfs")]
+    assert frames and "/?" in frames[0], frames
+
+
+@pytest.mark.root
+def test_containers_json_validates(images, launcher_env):
+    from tests.fixtures.launcher_images import run_hpcc
+    name = f"jsonout{os.getpid()}"
+    p = run_hpcc(["run", "--name", name, images["base"], "--", "true"],
+                 config=launcher_env["HPCC_CONFIG"])
+    assert p.returncode == 0, p.stderr
+    try:
+        p = run_hpcc(["containers", "--json"], config=launcher_env["HPCC_CONFIG"])
+        assert p.returncode == 0, p.stderr
+        rows = json.loads(p.stdout)
+        check("containers", rows)
+        assert name in [r["name"] for r in rows]
+    finally:
+        run_hpcc(["containers", "rm", name], config=launcher_env["HPCC_CONFIG"])

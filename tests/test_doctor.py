@@ -235,14 +235,18 @@ def test_mount_helper(site, test_user, tmp_path, case):
     _, checks = _report(doctor(test_user.pw_name, str(cfg)))
     c = checks["host.mount_helper"]
     nosuid = bool(os.statvfs(tmp_path).f_flag & os.ST_NOSUID)
+    # "setuid": root's and setuid, but /bin/true, not the helper: doctor runs it and says so
+    # (the real helper's "ok": test_mount_helper_installed_off_missing_not_setuid_or_...)
     want = {"off": "off", "missing": "warn", "not-setuid": "warn", "user-owned": "fail",
-            "setuid": "warn" if nosuid else "ok"}[case]
+            "setuid": "warn"}[case]
     assert c["status"] == want, c
     if case == "user-owned":
         assert "someone other than root can replace it" in c["summary"]
         assert f"chown root:root {helper}" in c["fix"]
     if case in ("missing", "not-setuid"):
         assert "squashfuse_ll" in c["summary"]
+    if case == "setuid" and not nosuid:
+        assert "does not answer as the mount helper does" in c["summary"], c
 
 
 def test_unreadable_site_store(site, test_user, tmp_path):
@@ -418,3 +422,39 @@ def test_bad_usage(site, test_user):
     assert p.returncode == 0 and "usage: hpcc doctor" in p.stdout
 
 
+def test_mount_helper_installed_off_missing_not_setuid_or_another_store(test_user,
+                                                                        mount_helper_site):
+    """host.mount_helper runs the helper for real: it must be setuid root and read the
+    launcher's site store."""
+    site = mount_helper_site
+    cfg_text = site.config.read_text()
+    variants = site.base / "doctor"
+    variants.mkdir(mode=0o755, exist_ok=True)
+    plain = variants / "hpcc-mount-plain"
+    shutil.copy(site.helper, plain)
+    os.chmod(plain, 0o755)
+
+    def config(name, helper=None, store=None):
+        text = cfg_text
+        if helper is not None:
+            text = text.replace(f'mount_helper = "{site.helper}"', f'mount_helper = "{helper}"')
+        if store is not None:
+            text = text.replace(f'path = "{site.store}"', f'path = "{store}"')
+        path = variants / f"{name}.toml"
+        path.write_text(text)
+        os.chmod(path, 0o644)
+        return str(path)
+
+    cases = {
+        config("installed"): ("ok", f"reads the site store {site.store}"),
+        config("off", helper=""): ("off", "launcher.mount_helper is off"),
+        config("missing", helper=variants / "absent"): ("warn", "No such file or directory"),
+        config("plain", helper=plain): ("warn", "is not setuid"),
+        config("other", store=variants): ("warn", f"reads the site store {site.store} (from "
+                                                  f"its own config), the launcher {variants}"),
+    }
+    for cfg, (status, words) in cases.items():
+        doc, checks = _report(doctor(test_user.pw_name, cfg))
+        c = checks["host.mount_helper"]
+        assert c["status"] == status and words in c["summary"], (cfg, c)
+        assert c["status"] == "ok" or c["status"] == "off" or c["fix"], c

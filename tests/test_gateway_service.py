@@ -13,6 +13,7 @@ import pytest
 from hpcc.testkit.busybox import BUSYBOX
 from hpcc.testkit.images import ImageBuilder, directory, file, simple_image, symlink
 from tests.fixtures.gateway_service import _new_munged
+from tests.test_cli_style import check
 
 pytestmark = [pytest.mark.root]
 
@@ -63,6 +64,7 @@ def test_two_users_pulling_one_image_at_once_share_one_conversion(
         p = results[user.pw_name]
         assert p.returncode == 0, p.stderr
         out = json.loads(p.stdout)
+        check("pull", out)
         assert out["via"] == "service" and out["store"] == str(svc.store)
         assert os.path.exists(out["path"])
         assert svc.home_files(user) == [], "nothing of the image may land in the home"
@@ -216,9 +218,11 @@ def test_status_and_list(gateway_service, service_users, registry):
     p = svc.run(user, "status", "--json", prog="gateway")
     assert p.returncode == 0, p.stderr
     st = json.loads(p.stdout)
+    check("status", st)
     assert st["store"] == str(svc.store) and st["pulls"] == []
     p = svc.run(user, "status", "--images", "--json", prog="gateway")
     images = json.loads(p.stdout)
+    check("status_images", images)
     assert [i["tags"] for i in images] == [[registry.ref("svc/list", "1")]]
 
 

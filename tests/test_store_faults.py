@@ -191,3 +191,16 @@ def test_import_recognises_an_image_pulled_under_its_manifest_digest(gw, open_tm
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["digest"] == pulled["digest"]
     assert len(list(gw.path.glob("*.sqfs"))) == 1
+
+
+def test_hpcc_rm_of_a_site_image_says_so_and_images_shows_the_store(gw, open_tmp):
+    rec = gw.imported(open_tmp, "siteimg", "site/only:1")
+    p = gw.run("rm", "site/only:1", prog="hpcc")
+    line = one_line(p, 1, prog="hpcc")
+    assert f"image 'site/only:1' is in the site store {gw.path}, not in yours" in line, line
+    assert "gateway rm site/only:1" in line
+    assert os.path.exists(rec["path"])
+    p = gw.run("images", prog="hpcc")
+    assert p.returncode == 0, p.stderr
+    header, row = p.stdout.splitlines()[:2]
+    assert header.split()[-1] == "STORE" and row.split()[-1] == "site", p.stdout

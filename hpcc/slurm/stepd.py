@@ -254,6 +254,7 @@ def build(args, user, config, rec, fd, opts=None, named=None):
                                "x-hpcc-origin": "slurm"})
     options.apply_mounts(spec, mounts, opt_mounts)
     spec["hpcc"]["image"] = f"/proc/self/fd/{fd}"
+    spec["hpcc"]["job_ids"] = (uid, user.pw_gid)  # what Slurm gives the tasks
     return spec, extra_env
 
 
@@ -332,8 +333,10 @@ def container_child(spec, sock, payload, named=None, entrypoint=None):
     h = spec["hpcc"]
     extra = {}  # the namespaces each task joins besides the mount namespace
     if h.get("remap_root"):
+        # the ids Slurm gives the tasks (the job's uid and gid, which may be another group
+        # than the passwd one, e.g. under sg) are the ones mapped to 0
         hu = h["host_user"]
-        extra["user"] = task_userns_fd(hu["uid"], hu["gid"])
+        extra["user"] = task_userns_fd(*h.get("job_ids", (hu["uid"], hu["gid"])))
     if nsfd is not None:
         extra.update(namespace_fds(h.get("unshare") or (), pid=named.running_pid))
     else:

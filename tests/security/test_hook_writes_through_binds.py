@@ -35,10 +35,14 @@ def _listing(d):
 def root_libdir():
     """A root-owned 0755 copy of the host's library directory (hard links: same files),
     plus a dangling symlink, in a directory the job user can reach but not write."""
-    base = Path(tempfile.mkdtemp(prefix="hpcc-rootlibs-"))
+    # hard links need the copy on the library directory's filesystem: /tmp is often a
+    # tmpfs of its own (then /var/tmp usually is on the root filesystem); else a real copy
+    dev = os.stat(LIBDIR).st_dev
+    near = [t for t in (tempfile.gettempdir(), "/var/tmp") if os.stat(t).st_dev == dev]
+    base = Path(tempfile.mkdtemp(prefix="hpcc-rootlibs-", dir=(near or [None])[0]))
     os.chmod(base, 0o755)
     d = base / "lib"
-    subprocess.run(["cp", "-al", LIBDIR, str(d)], check=True)
+    subprocess.run(["cp", "-al" if near else "-a", LIBDIR, str(d)], check=True)
     os.chmod(d, 0o755)
     os.unlink(d / "libucp.so.0.0.0")
     os.symlink("/nonexistent", d / "libucp.so.0.0.0")
