@@ -258,9 +258,11 @@ static int opt_cb(int val, const char *optarg, int remote)
 		char opt[64];
 		snprintf(opt, sizeof(opt), "--%s", settings[which].opt);
 		if ((msg = check_setting(which, opt_val[which], opt)) != NULL) {
+			/* one line and the usage status (2), before anything was submitted,
+			 * rather than Slurm's second "Invalid argument" line and 255 */
 			fprintf(stderr, "hpcc: %s\n", msg);
 			free(msg);
-			return -1;
+			exit(2);
 		}
 	}
 	return 0;
