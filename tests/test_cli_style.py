@@ -178,3 +178,20 @@ def test_conversion_bar_on_a_terminal_is_indeterminate_until_the_end(site):
     text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.read_text(errors="replace"))
     frames = [ln for ln in text.replace("\r", "\n").splitlines() if ln.startswith("squashfs")]
     assert frames and "/?" in frames[0], frames
+
+
+@pytest.mark.root
+def test_containers_json_validates(images, launcher_env):
+    from tests.fixtures.launcher_images import run_hpcc
+    name = f"jsonout{os.getpid()}"
+    p = run_hpcc(["run", "--name", name, images["base"], "--", "true"],
+                 config=launcher_env["HPCC_CONFIG"])
+    assert p.returncode == 0, p.stderr
+    try:
+        p = run_hpcc(["containers", "--json"], config=launcher_env["HPCC_CONFIG"])
+        assert p.returncode == 0, p.stderr
+        rows = json.loads(p.stdout)
+        check("containers", rows)
+        assert name in [r["name"] for r in rows]
+    finally:
+        run_hpcc(["containers", "rm", name], config=launcher_env["HPCC_CONFIG"])

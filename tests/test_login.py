@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from tests.conftest import tool
+from tests.test_cli_style import check
 from tests.fixtures.registry import REGISTRY_USERS, TOKEN_USERS
 
 
@@ -43,10 +44,14 @@ def test_login_writes_the_docker_config_and_the_pull_uses_it(env, tls_registry,
     pull = subprocess.run([tool("gateway"), "pull", tls_registry.ref("login/img", "1")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert pull.returncode == 0, pull.stderr
-    out = subprocess.run([tool("gateway"), "logout", tls_registry.host], env=env,
+    out = subprocess.run([tool("gateway"), "logout", tls_registry.host, "--json"], env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0
+    check("logout", json.loads(out.stdout))
     assert tls_registry.host not in json.loads(conf.read_text())["auths"]
+    again = login("gateway", env, tls_registry.host, user, password, "--json")
+    assert again.returncode == 0, again.stderr
+    check("login", json.loads(again.stdout))
 
 
 def test_refused_credentials_are_one_line_and_change_nothing(env, tls_registry,

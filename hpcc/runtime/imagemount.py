@@ -225,6 +225,8 @@ class HelperMount:
         sqfs = str(sqfs)
         if not helper:
             return cls("launcher.mount_helper is off")
+        if not isinstance(helper, str) or not helper.startswith("/"):
+            return cls(f"launcher.mount_helper must be an absolute path, not {helper!r}")
         if not store or not sqfs.startswith(store + "/"):
             return cls(f"not an image of the site store {store or '(none)'}")
         import _socket

@@ -53,7 +53,8 @@ def site(test_user, mount_helper_site):
 
     yield {"base": base, "image": image, "user_image": user_image,
            "with": str(mount_helper_site.config), "without": variant("off", ""),
-           "missing": variant("missing", f"{base}/bin/absent")}
+           "missing": variant("missing", f"{base}/bin/absent"),
+           "relative": variant("relative", "hpcc-mount")}
     image.unlink()
     shutil.rmtree(own)
 
@@ -103,6 +104,8 @@ def test_hpcc_v_says_which_mount_and_why(run_cli, site, test_user, helper_mounts
         ("missing", site["image"], f"(squashfuse_ll: mount helper {site['base']}/bin/absent: "
                                    "No such file or directory)"),
         ("with", site["user_image"], "(squashfuse_ll: not an image of the site store "),
+        ("relative", site["image"], "(squashfuse_ll: launcher.mount_helper must be an "
+                                    "absolute path, not 'hpcc-mount')"),
     ]
     for config, image, expect in cases:
         p, how = hpcc(run_cli, site, config, image, "cat", "/hello", user=u)
