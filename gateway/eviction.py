@@ -1,6 +1,6 @@
 """Keep the site store (with its users' private stores) within its size budget (config
-`policy.store_budget_mb`): remove the least recently used images first, never one that a pending or running Slurm job names, nor
-one being pulled.
+`policy.store_budget_mb`): remove the least recently used images first, never one that a
+pending or running Slurm job names, nor one being pulled.
 
 "Recently used" is the later of the squashfs file's access time (mounts read it; relatime
 updates it at least daily) and the metadata file's change time (a pull of an image already
