@@ -293,3 +293,13 @@ def test_relative_container_save_is_the_jobs_directorys_and_runs_again(slurm_clu
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_hook_messages_name_the_srun_option(slurm_cluster):
+    # the MPI hook speaks of hpcc run's --mpi; under srun the user typed --container-mpi
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}", "--container-mpi", "true",
+                          user=U1)
+    assert p.returncode == 125
+    lines = hpcc_lines(p.stderr)
+    assert len(lines) == 1 and "--container-mpi:" in lines[0], p.stderr
+    assert " --mpi" not in lines[0]
