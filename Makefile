@@ -25,7 +25,7 @@ APT_PKGS := libsquashfs-dev squashfs-tools-ng squashfs-tools squashfuse fuse3 \
 	skopeo apparmor procps strace
 BENCH_APT_PKGS := charliecloud charliecloud-builders debootstrap hyperfine
 
-.PHONY: all deps bench-deps venv install spank libexec test demo bench clean
+.PHONY: all deps bench-deps venv install spank libexec mpi4py-wheel test demo bench clean
 
 all: install
 
@@ -107,7 +107,14 @@ spank:
 libexec:
 	@$(MAKE) -s -C libexec install PREFIX=$(PREFIX) SUID=$(SUID)
 
-test: install
+# The MPI tests' mpi4py, built from source against Debian's MPICH into .whl/ (git-ignored)
+# once: minutes of compiling that belong here, not inside a test's timeout.
+mpi4py-wheel: venv
+	@ls .whl/mpi4py-*.whl >/dev/null 2>&1 || { \
+		echo "building mpi4py against MPICH (once, into .whl/)"; \
+		MPICC=mpicc $(VENV)/bin/pip wheel -q --no-deps --no-binary mpi4py mpi4py -w .whl; }
+
+test: install mpi4py-wheel
 	$(VENV)/bin/python -P -m pytest $(PYTEST_ARGS)
 
 demo: install

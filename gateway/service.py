@@ -176,7 +176,7 @@ class PullJob:
                 svc.jobs.pop(self.key, None)
             self.done.set()
             self.emit(None)
-        if self.result is not None and self.store.root == svc.store.root:
+        if self.result is not None:
             svc.evict(keep=self.digest)
 
 
@@ -564,31 +564,47 @@ class Service:
             with self.jobs_lock:
                 busy = {d for (_root, d) in self.jobs} | {keep}
             try:
-                removed = evict(self.store, budget, busy=busy)
+                removed = evict(self.all_stores(), budget, busy=busy)
             except HpccError as e:
                 self.log(f"store over its budget, nothing evicted: {e}")
                 self.audit.write(op="evict", outcome="failed", error=str(e))
                 return
-        for digest, size, tags in removed:
+        for digest, size, tags, root in removed:
             self.audit.write(op="evict", digest=digest, squashfs_size=size, tags=tags,
-                             outcome="evicted")
-            self.log(f"evicted {digest} ({', '.join(tags) or 'untagged'}, {size} bytes)")
+                             store=root, outcome="evicted")
+            self.log(f"evicted {digest} ({', '.join(tags) or 'untagged'}, {size} bytes) "
+                     f"from {root}")
         if removed:
             self._prune_blobs()
 
+    def all_stores(self):
+        """The site store and every private store in it."""
+        from hpcc.store import PRIVATE_DIR
+
+        stores = [self.store]
+        base = os.path.join(self.store.root, PRIVATE_DIR)
+        try:
+            names = sorted(os.listdir(base))
+        except FileNotFoundError:
+            names = []
+        stores += [Store.private(self.store.root, int(n)) for n in names if n.isdigit()]
+        return stores
+
     def _prune_blobs(self):
-        """The layer blobs of evicted images go too: keep those of the store's images and
-        of the pulls in progress (a blob being downloaded is locked and skipped anyway)."""
+        """The layer blobs of evicted images go too: keep those of the stores' images and of
+        the pulls in progress (a blob being downloaded is locked and skipped anyway)."""
         from .blobcache import BlobCache, blob_cache_dir
 
-        keep = {layer["digest"] for rec in self.store.images()
+        stores = self.all_stores()
+        keep = {layer["digest"] for store in stores for rec in store.images()
                 for layer in rec.meta.get("layers", [])}
         with self.jobs_lock:
             keep |= {layer.digest for job in self.jobs.values() for layer in job.img.layers}
-        try:
-            BlobCache(blob_cache_dir(self.config, self.store.root)).prune(keep)
-        except (HpccError, OSError) as e:
-            self.log(f"could not prune the blob cache: {e}")
+        for cache_dir in {str(blob_cache_dir(self.config, st.root)) for st in stores}:
+            try:
+                BlobCache(cache_dir).prune(keep)
+            except (HpccError, OSError) as e:
+                self.log(f"could not prune the blob cache {cache_dir}: {e}")
 
     # ---- status and list -----------------------------------------------------------------
     def status(self):

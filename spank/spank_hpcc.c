@@ -258,9 +258,11 @@ static int opt_cb(int val, const char *optarg, int remote)
 		char opt[64];
 		snprintf(opt, sizeof(opt), "--%s", settings[which].opt);
 		if ((msg = check_setting(which, opt_val[which], opt)) != NULL) {
+			/* one line and the usage status (2), before anything was submitted,
+			 * rather than Slurm's second "Invalid argument" line and 255 */
 			fprintf(stderr, "hpcc: %s\n", msg);
 			free(msg);
-			return -1;
+			exit(2);
 		}
 	}
 	return 0;
@@ -791,6 +793,32 @@ static char *cmdline_container(void)
 }
 
 /*
+ * hpcc.slurm.firstuse found IMAGE (as typed) in a store less than an hour ago: its marker
+ * ($XDG_CACHE_HOME or ~/.cache, hpcc/seen/<FNV-1a of IMAGE>) saves starting Python on every
+ * srun. An image removed since then fails the step with "not found" (the usual message).
+ */
+static int seen_recently(const char *image)
+{
+	uint64_t h = 1469598103934665603ULL;
+	const char *base = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+	char path[4096];
+	struct stat st;
+
+	for (const unsigned char *p = (const unsigned char *)image; *p; p++)
+		h = (h ^ *p) * 1099511628211ULL;
+	if (base && *base)
+		snprintf(path, sizeof(path), "%s/hpcc/seen/%016llx", base, (unsigned long long)h);
+	else if (home && *home)
+		snprintf(path, sizeof(path), "%s/.cache/hpcc/seen/%016llx", home,
+			 (unsigned long long)h);
+	else
+		return 0;
+	if (stat(path, &st) < 0 || st.st_uid != getuid())
+		return 0;
+	return time(NULL) - st.st_mtime < 3600;
+}
+
+/*
  * Images on first use (srun, salloc, sbatch on the submit host, as the user): an image in
  * no store is pulled now, with its progress on the user's terminal (sbatch: in the
  * background, the job's first step waits for it). See hpcc/slurm/firstuse.py. Not in steps
@@ -817,7 +845,7 @@ static int first_use(spank_t sp)
 		image = strdup(getenv("PYXIS_CONTAINER_IMAGE"));
 	else
 		image = cmdline_container();
-	if (!image || !*image) {
+	if (!image || !*image || seen_recently(image)) {
 		free(image);
 		return 0;
 	}

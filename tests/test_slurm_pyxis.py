@@ -104,11 +104,18 @@ def test_relative_image_path_is_the_jobs_working_directorys(slurm_cluster, slurm
 def test_bad_values_are_refused_by_srun_before_anything_runs(slurm_cluster, args, opt):
     p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}", *args, "echo", "RAN",
                           user=U1)
-    assert p.returncode != 0 and "RAN" not in p.stdout
-    lines = hpcc_lines(p.stderr)
-    assert len(lines) == 1, p.stderr
+    assert p.returncode == 2 and "RAN" not in p.stdout   # a usage error
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, p.stderr                     # one line, refused by srun itself
     assert lines[0].startswith(f"hpcc: {opt}"), lines
-    assert "queued" not in p.stderr and "allocated" not in p.stderr  # refused locally
+
+
+def test_bad_values_in_a_batch_script_are_refused_by_sbatch(slurm_cluster):
+    p = slurm_cluster.run("sbatch", input="#!/bin/sh\n#SBATCH --container-env=A,,B\ntrue\n",
+                          user=U1)
+    assert p.returncode == 2 and "Submitted" not in p.stdout
+    assert p.stderr.splitlines() == ["hpcc: --container-env=A,,B: an empty item (a stray "
+                                     "comma); give NAME,NAME... without empty items"]
 
 
 def test_bad_variable_values_fail_the_step_naming_the_variable(slurm_cluster):
@@ -286,3 +293,13 @@ def test_relative_container_save_is_the_jobs_directorys_and_runs_again(slurm_clu
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_hook_messages_name_the_srun_option(slurm_cluster):
+    # the MPI hook speaks of hpcc run's --mpi; under srun the user typed --container-mpi
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}", "--container-mpi", "true",
+                          user=U1)
+    assert p.returncode == 125
+    lines = hpcc_lines(p.stderr)
+    assert len(lines) == 1 and "--container-mpi:" in lines[0], p.stderr
+    assert " --mpi" not in lines[0]
