@@ -179,3 +179,21 @@ def test_an_image_found_recently_costs_srun_one_stat(slurm_cluster, pushed, user
     os.unlink(marker)
     p = run(slurm_cluster, "srun", "-n1", f"--container-image={ref}", "echo", "RAN")
     assert p.returncode == 0 and "pulling" in p.stderr, p.stderr
+
+
+def test_the_first_step_says_it_waits_for_a_slow_pull(slurm_cluster, registry, fault_proxy,
+                                                      user_store, outdir):
+    # a slow registry (blob bodies at 256 KB/s): the job starts before the pull ends, and
+    # its output says what it waits for
+    from hpcc.testkit.busybox import busybox_image
+
+    tag = f"slow{os.getpid()}-{time.monotonic_ns()}"
+    registry.push("firstuse/slow", tag, busybox_image())
+    ref = fault_proxy.ref("firstuse/slow", tag)
+    fault_proxy.throttle = 256 * 1024
+    script = (f"#!/bin/sh\n#SBATCH --container-image={ref}\n"
+              "grep -c 'hpcc busybox' /etc/os-release\n")
+    p, text = submit(slurm_cluster, script, outdir / "o.txt")
+    assert "in the background" in p.stderr, p.stderr
+    assert f"hpcc: waiting for image '{ref}'" in text, text
+    assert text.split()[-1] == "1", text
