@@ -414,6 +414,10 @@ def _remove(obj, ref):
                     rec = st.find(ref)
                 except HpccError:
                     continue
+                if rec is not None and obj.store_label(st) == "private":
+                    from .service_client import remove_private
+
+                    return remove_private(obj.config, ref)  # the service owns that store
                 if rec is not None:
                     raise ImageNotFound(
                         f"image '{ref}' is in the {obj.store_label(st)} store {st.root}, not "

@@ -333,6 +333,8 @@ class Service:
                 protocol.send(f, {"event": "result", "status": self.status()})
             elif op == "list":
                 protocol.send(f, {"event": "result", "images": self.list_images(ident)})
+            elif op == "rm":
+                self._rm(ident, req, f)
             else:
                 e = UsageError(f"unknown request '{op}'")
                 self.audit.write(op=str(op)[:32], **ident.audit(), outcome="refused",
@@ -552,6 +554,31 @@ class Service:
                             alive = False
         finally:
             job.unsubscribe(q)
+
+    # ---- rm (the caller's private images only) --------------------------------------------
+    def _rm(self, ident, req, f):
+        from hpcc.errors import ImageNotFound
+
+        ref = req.get("ref")
+        record = {"op": "rm", **ident.audit(), "ref": ref}
+        try:
+            if not isinstance(ref, str):
+                raise UsageError("an rm request needs a reference")
+            store = Store.private(self.store.root, ident.uid)
+            if not os.path.isdir(store.root):
+                raise ImageNotFound(f"you have no private image '{ref}'")
+            with self.jobs_lock:
+                busy = {d for (root, d) in self.jobs if root == store.root}
+            rec = store.find(ref)
+            if rec is not None and rec.digest in busy:
+                raise UsageError(f"'{ref}' is being pulled; remove it when the pull is done")
+            untagged, deleted = store.remove(ref)
+        except HpccError as e:
+            self.audit.write(**record, outcome="failed", error=str(e))
+            protocol.send(f, {"event": "error", "message": str(e), "exit_code": e.exit_code})
+            return
+        self.audit.write(**record, digest=deleted, tags=untagged, outcome="removed")
+        protocol.send(f, {"event": "result", "untagged": untagged, "deleted": deleted})
 
     # ---- store budget --------------------------------------------------------------------
     def evict(self, keep):

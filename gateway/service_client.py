@@ -173,3 +173,10 @@ def pull(config, ref, platform=None, reporter=None):
         if reporter is not None:
             reporter.close()
     return res
+
+
+def remove_private(config, ref):
+    """`hpcc rm` of one of the caller's private images: the service owns the private store.
+    Returns (untagged, deleted digest or None), like Store.remove."""
+    res = call(config, {"op": "rm", "ref": ref})
+    return list(res.get("untagged") or []), res.get("deleted")
