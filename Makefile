@@ -8,6 +8,11 @@ PREFIX  ?= /opt/hpcc
 VENV    ?= $(PREFIX)/venv
 BINDIR  ?= /usr/local/bin
 PYTEST_ARGS ?=
+# Man pages and shell completions (generated from the CLI definitions by hpcc.clidoc).
+MANDIR  ?= /usr/local/share/man
+BASHCOMPDIR ?= /usr/share/bash-completion/completions
+ZSHCOMPDIR  ?= /usr/local/share/zsh/site-functions
+FISHCOMPDIR ?= /usr/share/fish/vendor_completions.d
 # `make install SUID=no` installs the mount helper without the setuid bit (unprivileged
 # launches then keep squashfuse_ll for every image): see README, "Kernel mounts for users".
 SUID    ?= yes
@@ -17,10 +22,10 @@ APT_PKGS := libsquashfs-dev squashfs-tools-ng squashfs-tools squashfuse fuse3 \
 	docker-registry umoci busybox-static zstd apache2-utils openssl \
 	python3-venv python3-dev build-essential pkg-config iproute2 util-linux \
 	slurm-wlm slurmd slurmctld libslurm-dev munge libmunge-dev mpich libmpich-dev libopenmpi3 \
-	skopeo apparmor procps strace
+	skopeo apparmor procps strace zsh fish
 BENCH_APT_PKGS := charliecloud charliecloud-builders debootstrap hyperfine
 
-.PHONY: all deps bench-deps venv install spank libexec test demo bench clean
+.PHONY: all deps bench-deps venv install spank libexec mpi4py-wheel test demo bench clean
 
 all: install
 
@@ -74,10 +79,25 @@ install: venv spank libexec
 	@install -d -m 0755 $(BINDIR)
 	@for s in hpcc gateway hpcc-hook; do ln -sf $(VENV)/bin/$$s $(BINDIR)/$$s; done
 	@install -d -m 0755 /etc/hpcc
-	@[ -e /etc/hpcc/hpcc.toml ] || install -m 0644 etc/hpcc.toml /etc/hpcc/hpcc.toml
+	@# a first install names this PREFIX's mount helper in launcher.mount_helper
+	@[ -e /etc/hpcc/hpcc.toml ] || { sed 's|"/opt/hpcc/libexec/hpcc-mount"|"$(PREFIX)/libexec/hpcc-mount"|' \
+		etc/hpcc.toml > /etc/hpcc/.hpcc.toml.new && chmod 0644 /etc/hpcc/.hpcc.toml.new && \
+		mv /etc/hpcc/.hpcc.toml.new /etc/hpcc/hpcc.toml; }
 	@install -d -m 0755 /etc/hpcc/hooks.d
 	@for f in etc/hooks.d/*.json; do d=/etc/hpcc/hooks.d/$$(basename $$f); \
 		[ -e $$d ] || sed 's|/usr/local/bin/hpcc-hook|$(BINDIR)/hpcc-hook|' $$f > $$d; done
+	@# man pages hpcc(1), gateway(8), hpcc-hook(8), hpcc.toml(5) and bash/zsh/fish
+	@# completions, generated from the programs' own option definitions
+	@rm -rf $(VENV)/share/hpcc-doc && $(VENV)/bin/python -P -m hpcc.clidoc \
+		$(VENV)/share/hpcc-doc etc/hpcc.toml >/dev/null
+	@for f in $(VENV)/share/hpcc-doc/man/man*/*; do \
+		install -D -m 0644 $$f $(MANDIR)/$$(basename $$(dirname $$f))/$$(basename $$f); done
+	@for f in $(VENV)/share/hpcc-doc/completions/bash/*; do \
+		install -D -m 0644 $$f $(BASHCOMPDIR)/$$(basename $$f); done
+	@for f in $(VENV)/share/hpcc-doc/completions/zsh/*; do \
+		install -D -m 0644 $$f $(ZSHCOMPDIR)/$$(basename $$f); done
+	@for f in $(VENV)/share/hpcc-doc/completions/fish/*; do \
+		install -D -m 0644 $$f $(FISHCOMPDIR)/$$(basename $$f); done
 	@chmod -R a+rX $(VENV)
 
 spank:
@@ -87,7 +107,14 @@ spank:
 libexec:
 	@$(MAKE) -s -C libexec install PREFIX=$(PREFIX) SUID=$(SUID)
 
-test: install
+# The MPI tests' mpi4py, built from source against Debian's MPICH into .whl/ (git-ignored)
+# once: minutes of compiling that belong here, not inside a test's timeout.
+mpi4py-wheel: venv
+	@ls .whl/mpi4py-*.whl >/dev/null 2>&1 || { \
+		echo "building mpi4py against MPICH (once, into .whl/)"; \
+		MPICC=mpicc $(VENV)/bin/pip wheel -q --no-deps --no-binary mpi4py mpi4py -w .whl; }
+
+test: install mpi4py-wheel
 	$(VENV)/bin/python -P -m pytest $(PYTEST_ARGS)
 
 demo: install

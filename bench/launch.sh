@@ -3,6 +3,8 @@
 #
 #   1. start cost, unprivileged user, warm, N runs each, medians:
 #        host `true`  |  ch-run IMG.sqfs -- true  |  hpcc exec IMG.sqfs true  (+ ratio)
+#      and the image users run, made by `gateway import` (zstd, 128 KiB blocks): ch-run on
+#      that file, hpcc by its path, hpcc by its store name (bench/busybox:1)
 #   2. start cost as root: hpcc (kernel squashfs) vs `unshare -m` + `mount -o loop` + `chroot`
 #   3. reading a large file (BENCH_READ_MB, default 250 MB) from the image, fresh mount each
 #      time, page cache of the .sqfs file warm: squashfuse, squashfuse_ll, the kernel,
@@ -50,12 +52,26 @@ mksquashfs $tree $WORK/big.sqfs -noappend -quiet -no-progress -all-root >/dev/nu
 rm -rf $tree
 chmod 0644 $WORK/img.sqfs $WORK/big.sqfs
 cat > $WORK/hpcc.toml <<EOF
+[store]
+path = "$WORK/store"
+user_path = "$WORK/user-store"
 [launcher]
 hooks_dir = "$WORK/no-hooks"
 EOF
 chmod 0644 $WORK/hpcc.toml
 export HPCC_CONFIG=$WORK/hpcc.toml
 echo "images: $(du -h $WORK/img.sqfs | cut -f1) (busybox), $(du -h $WORK/big.sqfs | cut -f1) (+${READ_MB} MB file)"
+# the image users run: converted by the gateway (zstd, 128 KiB blocks), in the site store
+VENVBIN=$(dirname "$(readlink -f "$HPCC")")
+GATEWAY=${GATEWAY:-$VENVBIN/gateway}
+$VENVBIN/python3 -P -c "
+from hpcc.testkit.busybox import busybox_image
+from hpcc.testkit.images import write_docker_archive
+write_docker_archive('$WORK/busybox.tar', busybox_image(), repo_tag=None)"
+$GATEWAY import -q $WORK/busybox.tar --tag bench/busybox:1
+chmod -R a+rX $WORK/store
+GW_IMG=$(ls $WORK/store/sha256-*.sqfs)
+echo "gateway image: $(du -h $GW_IMG | cut -f1) (busybox, zstd, 128 KiB blocks) as bench/busybox:1"
 
 # --- timer: N runs of each command after warm-up, interleaved (one run of each per round, so
 # that a slow spell of this shared machine hits every command alike); prints the medians of
@@ -106,6 +122,14 @@ read -r t_ch t_hp t_hp_run <<<"$(as_user $PY $WORK/timer.py $RUNS ch-run $WORK/i
 printf "  %-44s %8s ms\n" "host true" $t_host "python3 -c pass (interpreter start)" $t_py \
     "ch-run IMG.sqfs -- true" $t_ch "hpcc exec IMG.sqfs true" $t_hp "hpcc run IMG.sqfs -- true" $t_hp_run
 echo "  ratio hpcc/ch-run: $(ratio $t_hp $t_ch)   (target <= 1.5)"
+
+echo
+echo "== start cost of the gateway's image (zstd, 128 KiB blocks), unprivileged, median of $RUNS runs"
+read -r g_ch g_path g_name <<<"$(as_user $PY $WORK/timer.py $RUNS ch-run $GW_IMG -- /bin/true \
+    --- $HPCC exec $GW_IMG /bin/true --- $HPCC exec bench/busybox:1 /bin/true)"
+printf "  %-44s %8s ms\n" "ch-run GW.sqfs -- true" $g_ch "hpcc exec GW.sqfs true (by path)" $g_path \
+    "hpcc exec bench/busybox:1 true (by name)" $g_name
+echo "  ratio hpcc-by-path/ch-run: $(ratio $g_path $g_ch)   hpcc-by-name/hpcc-by-path: $(ratio $g_name $g_path)   (target 1.0)"
 
 echo
 echo "== start cost, root (privileged mode: kernel squashfs), median of $RUNS runs"

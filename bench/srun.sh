@@ -5,7 +5,8 @@
 #      injected) vs native                                         (target >= 0.98x)
 #   3. in one allocation: a step in an existing named container (--container-name) vs a
 #      plain step                                                  (target <= 1.1x)
-# Options: --reps N, --mpi-reps N, --named-reps N, --named-only.
+#   4. the first-use pull of an image from srun vs gateway pull of it (target <= 1.1x)
+# Options: --reps N, --mpi-reps N, --named-reps N, --pull-reps N, --named-only.
 # Run as root after `make install` (make bench does it). See bench/srun.py.
 set -euo pipefail
 VENV=${VENV:-/opt/hpcc/venv}

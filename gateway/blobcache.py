@@ -334,6 +334,76 @@ class BlobCache:
                 os.close(fd)
         return removed
 
+    def usage(self):
+        """Bytes the cache holds: complete blobs and partial downloads alike."""
+        total = 0
+        try:
+            with os.scandir(self.dir) as it:
+                for e in it:
+                    if not e.name.endswith(".lock"):
+                        try:
+                            total += e.stat(follow_symlinks=False).st_size
+                        except FileNotFoundError:
+                            pass
+        except FileNotFoundError:
+            pass
+        return total
+
+    def make_room(self, need, cap, keep_digests):
+        """Remove the least recently used blobs and partial files whose digest is not in
+        `keep_digests` (nor locked by a download) until `need` more bytes fit under `cap`.
+        Returns (bytes held after, paths removed)."""
+        used = self.usage()
+        removed = []
+        if used + need <= cap:
+            return used, removed
+        keep = {_split(d)[1] for d in keep_digests}
+        entries = []
+        try:
+            with os.scandir(self.dir) as it:
+                for e in it:
+                    hexd = e.name.split(".", 1)[0]
+                    if e.name.endswith(".lock") or hexd in keep or len(hexd) != 64:
+                        continue
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    entries.append((max(st.st_atime, st.st_mtime), st.st_size, hexd))
+        except FileNotFoundError:
+            return used, removed
+        for _when, size, hexd in sorted(entries):
+            if used + need <= cap:
+                break
+            gone = self.prune_one(hexd)
+            if gone:
+                removed += gone
+                used -= size
+        return used, removed
+
+    def prune_one(self, hexd):
+        """Remove one digest's blob and partial file unless a download holds its lock."""
+        lockp = self.dir / (hexd + ".lock")
+        try:
+            fd = os.open(lockp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return []
+        removed = []
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return []
+            for name in (hexd, hexd + ".partial"):
+                try:
+                    os.unlink(self.dir / name)
+                    removed.append(self.dir / name)
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(fd)
+        return removed
+
     def digests(self):
         """Digests of the complete blobs in the cache."""
         try:

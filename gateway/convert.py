@@ -111,6 +111,26 @@ class _Syncer:
                 return      # the final fsync reports what is wrong
 
 
+def _size_checking(progress, check_size, path, every=0.25):
+    """`progress` that also hands the growing image's size to `check_size` (every `every`
+    seconds), whose exception stops the conversion early: a site's largest image is
+    refused before the whole of an oversized one is written."""
+    due = [0.0]
+
+    def wrapped(n):
+        if progress is not None:
+            progress(n)
+        now = time.monotonic()
+        if now >= due[0]:
+            due[0] = now + every
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                return
+            check_size(size)
+    return wrapped
+
+
 def convert_image(store, digest, layer_getters, *, config, image_config, meta, refs=(),
                   progress=None, before_publish=None, check_size=None):
     """Flatten and publish. `layer_getters` (oldest first) return LayerSource objects.
@@ -120,6 +140,8 @@ def convert_image(store, digest, layer_getters, *, config, image_config, meta, r
     """
     wopts = writer_options(config)
     tmp = store.temp_path(digest, ".sqfs")
+    if check_size is not None:
+        progress = _size_checking(progress, check_size, tmp)
     t0 = time.monotonic()
     try:
         with SquashfsWriter(tmp, **wopts) as writer, _Syncer(writer.fileno()):

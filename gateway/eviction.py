@@ -1,6 +1,6 @@
-"""Keep the site store within its size budget (config `policy.store_budget_mb`): remove the
-least recently used images first, never one that a pending or running Slurm job names, nor
-one being pulled.
+"""Keep the site store (with its users' private stores) within its size budget (config
+`policy.store_budget_mb`): remove the least recently used images first, never one that a
+pending or running Slurm job names, nor one being pulled.
 
 "Recently used" is the later of the squashfs file's access time (mounts read it; relatime
 updates it at least daily) and the metadata file's change time (a pull of an image already
@@ -14,8 +14,8 @@ from hpcc.errors import HpccError
 RUNNING = "RUNNING"
 
 
-def job_image_digests(store, env=None):
-    """Digests in `store` of the images named by pending and running jobs."""
+def job_image_digests(stores, env=None):
+    """Digests, in any of `stores`, of the images named by pending and running jobs."""
     from hpcc.slurm.jobs import jobs, pending_job_images
 
     names = set(pending_job_images(env=env))
@@ -25,12 +25,13 @@ def job_image_digests(store, env=None):
     for name in names:
         if name.startswith(("/", "./", "../")):
             continue
-        try:
-            rec = store.find(name)
-        except HpccError:
-            continue
-        if rec is not None:
-            out.add(rec.digest)
+        for store in stores:
+            try:
+                rec = store.find(name)
+            except HpccError:
+                continue
+            if rec is not None:
+                out.add(rec.digest)
     return out
 
 
@@ -45,16 +46,17 @@ def _last_used(rec):
     return t
 
 
-def evict(store, budget, *, busy=(), protected=None, env=None):
-    """Remove least-recently-used images of `store` until its images fit in `budget` bytes.
-    `busy`: digests never to evict (pulls in progress, the image just pulled). `protected`:
-    digests jobs name (default: asked from Slurm). Returns [(digest, size, tags)] removed."""
-    images = store.images()
+def evict(stores, budget, *, busy=(), protected=None, env=None):
+    """Remove least-recently-used images of `stores` (the site store and its users' private
+    stores: one budget for all) until their images fit in `budget` bytes. `busy`: digests
+    never to evict (pulls in progress, the image just pulled). `protected`: digests jobs
+    name (default: asked from Slurm). Returns [(digest, size, tags, store root)] removed."""
+    images = [rec for store in stores for rec in store.images()]
     total = sum(rec.meta.get("size") or 0 for rec in images)
     if total <= budget:
         return []
     if protected is None:
-        protected = job_image_digests(store, env=env)
+        protected = job_image_digests(stores, env=env)
     keep = set(busy) | set(protected)
     removed = []
     for rec in sorted(images, key=_last_used):
@@ -63,10 +65,11 @@ def evict(store, budget, *, busy=(), protected=None, env=None):
         if rec.digest in keep:
             continue
         size = rec.meta.get("size") or 0
+        store = rec.store
         with store.lock(rec.digest, blocking=False) as got:
             if not got:
                 continue
             tags, _ = store.remove(rec.digest)
         total -= size
-        removed.append((rec.digest, size, tags))
+        removed.append((rec.digest, size, tags, store.root))
     return removed

@@ -22,6 +22,7 @@ from hpcc.reference import DIGEST_RE, parse_local_reference, parse_reference
 
 from .convert import convert_image
 from .flatten import LayerSource, open_raw
+from .progress import drop_summary, short
 
 _MAX_JSON = 4 << 20
 _INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
@@ -220,11 +221,12 @@ def import_image(path, *, store, config, tag=None, platform=None, reporter=None)
         # config, which names every layer's content): tag it, convert nothing.
         for r in refs:
             store.tag(r, same.digest)
-        reporter.done(f"{path} is already in the store as {same.digest} "
+        reporter.done(f"{path} is already in the store as {short(same.digest)} "
                       f"({same.sqfs_path}); nothing converted")
         return store.get(same.digest), dict(same.meta.get("conversion") or {},
                                             already_present=True)
-    reporter.line(f"importing {path} ({meta_source}, {len(layers)} layers) as {digest}")
+    reporter.line(f"importing {path} ({meta_source}, {len(layers)} layers) as {short(digest)}")
+    reporter.converting(sum(getattr(src, "length", None) or 0 for src in layers))
     with store.lock(digest):
         meta = {
             "source": str(refs[0]) if refs else os.path.abspath(path),
@@ -242,7 +244,8 @@ def import_image(path, *, store, config, tag=None, platform=None, reporter=None)
         rec, _stats, report = convert_image(store, digest, getters, config=config,
                                             image_config=image_config, meta=meta, refs=refs,
                                             progress=reporter.converted_bytes)
-    reporter.done(f"imported {path} -> {rec.sqfs_path}")
+    drops = drop_summary(report)
+    reporter.done(f"imported {path} -> {rec.sqfs_path}" + (f"; {drops}" if drops else ""))
     return rec, report
 
 

@@ -56,7 +56,7 @@ class Policy:
                               hint="ask the site's admins for an exception")
 
     def squashfs_limit_error(self, ref, size):
-        return PolicyError(f"{ref.familiar} converts to a {size / MB:.0f} MB squashfs, more "
+        return PolicyError(f"the squashfs of {ref.familiar} grew to {size / MB:.0f} MB, more "
                            f"than the site's limit of {self.max_squashfs / MB:.0f} MB",
                            hint="ask the site's admins for an exception")
 

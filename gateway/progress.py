@@ -13,6 +13,25 @@ def _mb(n):
     return f"{n / 1e6:.1f} MB"
 
 
+def short(digest):
+    """sha256:da81c14264d15cd7... -> da81c14264d1 (what a terminal line needs)."""
+    return str(digest).split(":")[-1][:12]
+
+
+def drop_summary(report):
+    """What a conversion left out or changed, for the closing line ('' when nothing): the
+    full list is in the image's metadata (`gateway inspect`)."""
+    report = report or {}
+    parts = [f"{n} {kind}" for kind, n in sorted((report.get("dropped") or {}).items()) if n]
+    if report.get("dropped_xattrs"):
+        parts.append(f"{report['dropped_xattrs']} xattrs")
+    out = ("dropped " + ", ".join(parts)) if parts else ""
+    if report.get("stripped_mode_bits"):
+        out += ("; " if out else "") + (f"setuid/setgid bits stripped from "
+                                        f"{report['stripped_mode_bits']} files")
+    return out
+
+
 class Reporter:
     """Base/plain reporter: a line per phase on stderr."""
 
@@ -33,7 +52,7 @@ class Reporter:
 
     # phases
     def resolved(self, ref, digest, nlayers, total):
-        self.line(f"{ref}: {digest} ({nlayers} layers, {_mb(total)} compressed)")
+        self.line(f"{ref}: {short(digest)} ({nlayers} layers, {_mb(total)} compressed)")
 
     def download(self, event, digest, done, total):
         """Callback for RegistryClient.fetch_blob."""

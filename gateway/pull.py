@@ -20,6 +20,7 @@ from hpcc.reference import parse_reference
 from .convert import convert_image
 from .download import root_failure
 from .flatten import LayerSource
+from .progress import drop_summary, short
 
 
 @dataclass
@@ -45,7 +46,8 @@ class PullResult:
 
 
 def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, reporter=None,
-         client=None, check_size=None, shared=(), resolved=None):
+         client=None, check_size=None, shared=(), resolved=None, trace=None,
+         auth_file=None):
     """`check_size(bytes)` may refuse the finished squashfs (raise) before it is published.
     `shared`: stores (the site's) whose copy of the image is used instead of converting.
     `resolved`: the ResolvedImage when the caller has resolved `ref_str` already."""
@@ -58,7 +60,8 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
     t0 = time.monotonic()
     ref = parse_reference(ref_str)
     own_client = client is None
-    client = client or RegistryClient(config, insecure=insecure, notice=reporter.line)
+    client = client or RegistryClient(config, insecure=insecure, notice=reporter.line,
+                                      trace=trace, auth_file=auth_file)
     try:
         img = resolved or client.resolve(ref, platform or config["gateway"]["platform"] or None)
         digest = img.manifest_digest
@@ -76,16 +79,20 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
             if rec is not None:
                 for r in refs:
                     store.tag(r, digest)
-                reporter.done(f"up to date: {ref.familiar} is {digest}")
+                reporter.done(f"up to date: {ref.familiar} is {short(digest)}")
                 return PullResult(rec, str(ref), digest, False, time.monotonic() - t0)
 
         cache = BlobCache(blob_cache_dir(config, store.root))
+        cap_mb = (config.get("store") or {}).get("blob_cache_max_mb") or 0
+        if cap_mb:
+            _fit_cache(cache, store, img, cap_mb, reporter)
         with store.lock(digest):
             rec = None if force else store.get(digest)
             if rec is not None:  # another pull converted it while we waited for the lock
                 for r in refs:
                     store.tag(r, digest)
-                reporter.done(f"up to date: {ref.familiar} is {digest} (converted by another pull)")
+                reporter.done(f"up to date: {ref.familiar} is {short(digest)} "
+                              "(converted by another pull)")
                 return PullResult(rec, str(ref), digest, False, time.monotonic() - t0)
             workers = max(1, min(config["gateway"]["concurrent_downloads"], len(img.layers) or 1))
             # Everything is imported by now: move those objects out of the garbage
@@ -129,14 +136,39 @@ def pull(ref_str, *, store, config, platform=None, insecure=False, force=False, 
                         raise root from None
                     raise
         secs = time.monotonic() - t0
+        drops = drop_summary(report)
         reporter.done(f"pulled {ref.familiar} -> {rec.sqfs_path} "
                       f"({rec.meta.get('size', 0) / 1e6:.1f} MB squashfs, "
-                      f"{report['entries']} entries, {secs:.1f}s)")
+                      f"{report['entries']} entries, {secs:.1f}s)"
+                      + (f"; {drops}" if drops else ""))
         return PullResult(rec, str(ref), digest, True, secs, report)
     finally:
         reporter.close()
         if own_client:
             client.close()
+
+
+def _fit_cache(cache, store, img, cap_mb, reporter):
+    """Keep the blob cache (partial downloads counted) under store.blob_cache_max_mb:
+    remove the least recently used blobs no image of the store uses; refuse the pull when
+    what it still has to download does not fit even so."""
+    from hpcc.errors import StoreError
+
+    need = sum(max(0, layer.size - cache.partial_size(layer.digest))
+               for layer in img.layers if not cache.has(layer.digest, layer.size))
+    keep = {layer.digest for layer in img.layers}
+    keep |= {layer["digest"] for rec in store.images() for layer in rec.meta.get("layers", [])}
+    cap = cap_mb << 20
+    used, removed = cache.make_room(need, cap, keep)
+    if removed:
+        reporter.line(f"blob cache: removed {len(removed)} unused blob file(s) to stay under "
+                      f"{cap_mb} MB")
+    if used + need > cap:
+        raise StoreError(f"the blob cache {cache.dir} holds {used / 1e6:.1f} MB (partial "
+                         f"downloads included) and this pull needs {need / 1e6:.1f} MB more, "
+                         f"beyond store.blob_cache_max_mb = {cap_mb}",
+                         hint="'gateway gc --blobs' removes blobs no image uses; or raise "
+                              "store.blob_cache_max_mb")
 
 
 def _convert(store, digest, img, ref, refs, config, feeds, futures, reporter, check_size,

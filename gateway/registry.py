@@ -45,10 +45,11 @@ from .transport import Transport, describe_conn_error, is_loopback
 class RegistryClient:
     """A client for one or more registries; thread-safe (one requests.Session).
 
-    `notice`: an optional callable given one line when a request waits (rate limit)."""
+    `notice`: an optional callable given one line when a request waits (rate limit);
+    `trace`: one given a line per response (method, URL, status: `gateway -v`)."""
 
     def __init__(self, config=None, *, auth_file=None, insecure=False, ca_file=None,
-                 retries=None, timeout=(10, 60), backoff=0.5, notice=None):
+                 retries=None, timeout=(10, 60), backoff=0.5, notice=None, trace=None):
         config = config or {}
         self.config = config
         gw = config.get("gateway", {}) or {}
@@ -56,7 +57,7 @@ class RegistryClient:
         self.concurrency = gw.get("concurrent_downloads", 4)
         self.transport = Transport(config, auth_file=auth_file, insecure=insecure,
                                    ca_file=ca_file, retries=retries, timeout=timeout,
-                                   backoff=backoff, notice=notice)
+                                   backoff=backoff, notice=notice, trace=trace)
 
     @property
     def retries(self):

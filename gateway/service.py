@@ -176,7 +176,7 @@ class PullJob:
                 svc.jobs.pop(self.key, None)
             self.done.set()
             self.emit(None)
-        if self.result is not None and self.store.root == svc.store.root:
+        if self.result is not None:
             svc.evict(keep=self.digest)
 
 
@@ -215,6 +215,9 @@ class Service:
         self.jobs = {}
         self.jobs_lock = threading.Lock()
         self.resolved = {}  # (ref, platform) -> (digest, when): tags resolved lately
+        self.max_connections = svc["max_connections"]
+        self.slots = threading.BoundedSemaphore(self.max_connections)
+        self.last_busy_log = 0.0
         self.resolve_ttl = svc["resolve_cache_seconds"]
         self.evict_lock = threading.Lock()
         self.stopping = threading.Event()
@@ -304,8 +307,34 @@ class Service:
                 time.sleep(0.05)
                 continue
             host = addr[0] if kind == "tcp" else None
-            threading.Thread(target=self._handle, args=(conn, kind, host), daemon=True,
+            if not self.slots.acquire(blocking=False):
+                # Connections held open (each costs a thread) cannot starve the service:
+                # beyond service.max_connections, one line and close.
+                self._refuse_busy(conn, kind, host)
+                continue
+            threading.Thread(target=self._handle_slot, args=(conn, kind, host), daemon=True,
                              name="request").start()
+
+    def _refuse_busy(self, conn, kind, host):
+        try:
+            conn.settimeout(1)
+            conn.sendall(b'{"event":"error","exit_code":3,"message":"the gateway service is '
+                         b'busy (too many connections); try again in a moment"}\n')
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        if time.monotonic() - self.last_busy_log > 10:
+            self.last_busy_log = time.monotonic()
+            self.log(f"refusing connections: {self.max_connections} already open")
+            self.audit.write(op="connect", via=kind, host=host, outcome="refused",
+                             error="too many connections")
+
+    def _handle_slot(self, conn, kind, host):
+        try:
+            self._handle(conn, kind, host)
+        finally:
+            self.slots.release()
 
     # ---- one connection ------------------------------------------------------------------
     def _handle(self, conn, kind, host):
@@ -333,6 +362,8 @@ class Service:
                 protocol.send(f, {"event": "result", "status": self.status()})
             elif op == "list":
                 protocol.send(f, {"event": "result", "images": self.list_images(ident)})
+            elif op == "rm":
+                self._rm(ident, req, f)
             else:
                 e = UsageError(f"unknown request '{op}'")
                 self.audit.write(op=str(op)[:32], **ident.audit(), outcome="refused",
@@ -438,7 +469,8 @@ class Service:
                     ident, ref, platform, auth, record, f, state)
             result.update(ref=str(ref), digest=rec.digest, path=rec.sqfs_path,
                           size=rec.meta.get("size"), private=private, store=store.root,
-                          seconds=round(time.monotonic() - t0, 3))
+                          seconds=round(time.monotonic() - t0, 3),
+                          conversion=rec.meta.get("conversion") or {})
             record["squashfs_size"] = rec.meta.get("size")
             protocol.send(f, {"event": "result", **result})
         except HpccError as e:
@@ -552,6 +584,31 @@ class Service:
         finally:
             job.unsubscribe(q)
 
+    # ---- rm (the caller's private images only) --------------------------------------------
+    def _rm(self, ident, req, f):
+        from hpcc.errors import ImageNotFound
+
+        ref = req.get("ref")
+        record = {"op": "rm", **ident.audit(), "ref": ref}
+        try:
+            if not isinstance(ref, str):
+                raise UsageError("an rm request needs a reference")
+            store = Store.private(self.store.root, ident.uid)
+            if not os.path.isdir(store.root):
+                raise ImageNotFound(f"you have no private image '{ref}'")
+            with self.jobs_lock:
+                busy = {d for (root, d) in self.jobs if root == store.root}
+            rec = store.find(ref)
+            if rec is not None and rec.digest in busy:
+                raise UsageError(f"'{ref}' is being pulled; remove it when the pull is done")
+            untagged, deleted = store.remove(ref)
+        except HpccError as e:
+            self.audit.write(**record, outcome="failed", error=str(e))
+            protocol.send(f, {"event": "error", "message": str(e), "exit_code": e.exit_code})
+            return
+        self.audit.write(**record, digest=deleted, tags=untagged, outcome="removed")
+        protocol.send(f, {"event": "result", "untagged": untagged, "deleted": deleted})
+
     # ---- store budget --------------------------------------------------------------------
     def evict(self, keep):
         budget = self.policy.store_budget
@@ -563,15 +620,47 @@ class Service:
             with self.jobs_lock:
                 busy = {d for (_root, d) in self.jobs} | {keep}
             try:
-                removed = evict(self.store, budget, busy=busy)
+                removed = evict(self.all_stores(), budget, busy=busy)
             except HpccError as e:
                 self.log(f"store over its budget, nothing evicted: {e}")
                 self.audit.write(op="evict", outcome="failed", error=str(e))
                 return
-        for digest, size, tags in removed:
+        for digest, size, tags, root in removed:
             self.audit.write(op="evict", digest=digest, squashfs_size=size, tags=tags,
-                             outcome="evicted")
-            self.log(f"evicted {digest} ({', '.join(tags) or 'untagged'}, {size} bytes)")
+                             store=root, outcome="evicted")
+            self.log(f"evicted {digest} ({', '.join(tags) or 'untagged'}, {size} bytes) "
+                     f"from {root}")
+        if removed:
+            self._prune_blobs()
+
+    def all_stores(self):
+        """The site store and every private store in it."""
+        from hpcc.store import PRIVATE_DIR
+
+        stores = [self.store]
+        base = os.path.join(self.store.root, PRIVATE_DIR)
+        try:
+            names = sorted(os.listdir(base))
+        except FileNotFoundError:
+            names = []
+        stores += [Store.private(self.store.root, int(n)) for n in names if n.isdigit()]
+        return stores
+
+    def _prune_blobs(self):
+        """The layer blobs of evicted images go too: keep those of the stores' images and of
+        the pulls in progress (a blob being downloaded is locked and skipped anyway)."""
+        from .blobcache import BlobCache, blob_cache_dir
+
+        stores = self.all_stores()
+        keep = {layer["digest"] for store in stores for rec in store.images()
+                for layer in rec.meta.get("layers", [])}
+        with self.jobs_lock:
+            keep |= {layer.digest for job in self.jobs.values() for layer in job.img.layers}
+        for cache_dir in {str(blob_cache_dir(self.config, st.root)) for st in stores}:
+            try:
+                BlobCache(cache_dir).prune(keep)
+            except (HpccError, OSError) as e:
+                self.log(f"could not prune the blob cache {cache_dir}: {e}")
 
     # ---- status and list -----------------------------------------------------------------
     def status(self):

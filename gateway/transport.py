@@ -116,9 +116,10 @@ class Transport:
     """Requests to one or more registries; thread-safe (one requests.Session)."""
 
     def __init__(self, config=None, *, auth_file=None, insecure=False, ca_file=None,
-                 retries=None, timeout=(10, 60), backoff=0.5, notice=None):
+                 retries=None, timeout=(10, 60), backoff=0.5, notice=None, trace=None):
         config = config or {}
         self.notice = notice        # callable(line): says why a request waits (rate limit)
+        self.trace = trace          # callable(line): one line per response (gateway -v)
         self.registries = config.get("registries", {}) or {}
         gw = config.get("gateway", {}) or {}
         self.retries = gw.get("retries", 5) if retries is None else retries
@@ -363,6 +364,8 @@ class Transport:
                     f"cannot fetch {what} from registry {ref.api_host}: "
                     f"{describe_conn_error(e)} (after {attempt + 1} attempts)") from None
             self.request_log.append((method, url, r.status_code))
+            if self.trace:
+                self.trace(f"{method} {url} -> {r.status_code}")
             if r.status_code == 429 and attempt < self.retries:
                 wait = retry_after_seconds(r.headers.get("Retry-After"))
                 if wait is None:

@@ -14,7 +14,7 @@ MB = 1000 * 1000
 
 
 def pull_for_user(config, store, ref, *, platform=None, insecure=False, force=False,
-                  reporter=None):
+                  reporter=None, auth_file=None):
     from .service_client import enabled
 
     if enabled(config):
@@ -30,14 +30,16 @@ def pull_for_user(config, store, ref, *, platform=None, insecure=False, force=Fa
 
         res = service_pull(config, ref, platform=platform, reporter=reporter)
         return {k: res.get(k) for k in ("ref", "digest", "converted", "joined", "path", "size",
-                                        "private", "store", "seconds")} | {"via": "service"}
+                                        "private", "store", "seconds", "conversion")} \
+            | {"via": "service"}
     from .pull import pull  # the conversion's modules: only for a pull of one's own
 
     site = Store.site(config)
     shared = [Store.private(site.root, os.getuid()), site]
     store.ensure()
     res = pull(ref, store=store, config=config, platform=platform, insecure=insecure,
-               force=force, reporter=reporter, shared=() if force else shared)
+               force=force, reporter=reporter, shared=() if force else shared,
+               auth_file=auth_file)
     if res.converted:
         trim_blobs(config, store)
     out = res.as_dict()

@@ -14,13 +14,27 @@ import sys
 from hpcc.errors import HpccError
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line with the way out (argparse prints its usage block and a second line)."""
+        sys.stderr.write(f"hpcc-hook: {message} (see 'hpcc-hook --help')\n")
+        raise SystemExit(2)
+
+
+def _version():
+    from hpcc import __version__
+    return f"hpcc-hook {__version__}"
+
+
 def _parser():
-    p = argparse.ArgumentParser(prog="hpcc-hook", description="hpcc's OCI hooks (MPI, NVIDIA GPU)")
+    p = _Parser(prog="hpcc-hook", description="hpcc's OCI hooks (MPI, NVIDIA GPU)")
+    p.add_argument("--version", action="version", version=_version())
     p.add_argument("hook", choices=("mpi", "nvidia"), help="which hook to run")
     p.add_argument("--config", help="hpcc.toml to use (default: $HPCC_CONFIG, /etc/hpcc/hpcc.toml)")
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be injected (JSON) and change nothing")
     p.add_argument("-v", "--verbose", action="store_true", help="say on stderr what was injected")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors (the default)")
     return p
 
 

@@ -26,6 +26,7 @@ commands:
   images | inspect REF | rm REF             list, show, remove images (--json for output)
   containers [--json] | containers rm NAME  list, remove your named containers (--name)
   gc                                        clean your own store (debris, layer blobs)
+  login REGISTRY | logout REGISTRY          store, remove your registry credentials
   config check                              validate the site configuration
   doctor [--json] [--image IMAGE]           check this host and say how to fix problems
   version                                   print hpcc's version
@@ -68,6 +69,14 @@ options:
 
 Exit status: the command's; 128+N when it dies by signal N; 125 when hpcc fails before the
 command starts; 126 when the command cannot be executed; 127 when it is not found.
+"""
+
+CONFIG_CHECK_USAGE = """\
+usage: hpcc config check [FILE]
+
+Validate the site configuration (FILE, else $HPCC_CONFIG, else /etc/hpcc/hpcc.toml) against
+hpcc's schema, and the OCI hook configs in its launcher.hooks_dir. Prints "FILE: ok", or one
+line naming the first bad key, with exit status 1.
 """
 
 _WHAT = {
@@ -186,8 +195,8 @@ def _launch(cmd, argv, verbose, quiet):
 
     from .launchcache import LaunchCache, load_config_cached
     cache = LaunchCache()
-    config = load_config_cached(
-        cache, warn=None if o.quiet else (lambda line: sys.stderr.write(f"hpcc: {line}\n")))
+    warn = None if o.quiet else (lambda line: sys.stderr.write(f"hpcc: {line}\n"))
+    config = load_config_cached(cache, warn=warn)
     image = resolve_image(o.image, config, cache)
     from .image import check_squashfs, is_image_path
     check_squashfs(image.sqfs_path, o.image if is_image_path(o.image) else
@@ -238,7 +247,7 @@ def _launch(cmd, argv, verbose, quiet):
                       bind_cwd=False if o.no_cwd else None, user=o.user,
                       annotations=annotations, config=config, image_name=o.image,
                       cache=cache, remap_root=True if o.root else (False if o.no_root else None),
-                      unshare=unshare, named=named)
+                      unshare=unshare, named=named, warn=warn)
     cache.save()
     log(f"spec built: {spec['process']['args']!r} in {spec['process']['cwd']}")
     if named is not None and named.running_pid:
@@ -325,15 +334,21 @@ def main(argv=None):
             except (OSError, ValueError):
                 pass
             os._exit(code)  # after pivot_root, Python's teardown must not import anything
-        if cmd in ("pull", "images", "inspect", "rm", "gc"):
+        if cmd in ("pull", "images", "inspect", "rm", "gc", "login", "logout"):
             from .gateway.cli import user_main
-            return user_main(argv)
+            return user_main((["-q"] if quiet else []) + (["-v"] if verbose else []) + argv)
         if cmd == "containers":
             return _containers(rest)
         if cmd == "config":
             if rest[:1] == ["check"]:
+                if any(a in ("-h", "--help") for a in rest[1:]):
+                    sys.stdout.write(CONFIG_CHECK_USAGE)
+                    return 0
                 return _config_check(rest[1:])
-            raise UsageError("usage: hpcc config check [FILE]")
+            if rest[:1] in (["-h"], ["--help"]):
+                sys.stdout.write(CONFIG_CHECK_USAGE)
+                return 0
+            raise UsageError("unknown config command (see 'hpcc config check --help')")
         if cmd == "doctor":
             from .doctor import main as doctor_main
             return doctor_main(rest)

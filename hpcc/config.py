@@ -18,6 +18,7 @@ DEFAULTS = {
         "user_path": "$XDG_DATA_HOME/hpcc/images",
         "blob_cache": "",
         "user_blob_cache_mb": 0,
+        "blob_cache_max_mb": 0,
     },
     "gateway": {
         "compressor": "zstd",
@@ -39,6 +40,7 @@ DEFAULTS = {
         "address": "",
         "munge_socket": "",
         "resolve_cache_seconds": 60,
+        "max_connections": 512,
     },
     "policy": {
         "allow": [],

@@ -42,7 +42,8 @@ usage: hpcc doctor [--json] [--image IMAGE]
 Check that this host can run hpcc containers: unprivileged user namespaces (sysctls,
 AppArmor), /dev/fuse, squashfuse_ll, kernel squashfs with zstd, overlayfs in a user
 namespace, loop devices, openat2 and the new mount API, the image stores, the gateway
-service, the Slurm plugin, the host's MPI and NVIDIA driver. Each problem comes with its fix.
+service, the setuid mount helper, the Slurm plugin, the host's MPI and NVIDIA driver. Each
+problem comes with its fix.
 
 options:
   --image IMAGE   also mount IMAGE as a launch would, and say whether the MPI hook accepts
@@ -421,6 +422,74 @@ def check_loop(kprobe):
                  "device needs root", loop_control=ctl)
 
 
+def check_mount_helper(config):
+    """The setuid mount helper (launcher.mount_helper): kernel mounts of site images for
+    unprivileged launches. Without it squashfuse_ll serves them (slower with many files).
+    Installed setuid root, replaceable by nobody else, on a filesystem that honours setuid;
+    then run for real on a path outside any store, which it must refuse naming the site store
+    it reads (from its own compiled-in config): the launcher's, or its images get no kernel
+    mount."""
+    import socket
+
+    from .runtime.spec import site_store
+    title = "mount helper (setuid)"
+    path = ((config.get("launcher") or {}).get("mount_helper") or "").strip()
+    fallback = "unprivileged launches serve site images with squashfuse_ll (slower)"
+    off = 'or set launcher.mount_helper = ""'
+    if not path:
+        return Check("host.mount_helper", title, "off",
+                     f"launcher.mount_helper is off: {fallback}", path=None)
+    try:
+        st = os.stat(path)
+        nosuid = bool(os.statvfs(path).f_flag & os.ST_NOSUID)
+    except OSError as e:
+        return Check("host.mount_helper", title, "warn",
+                     f"{path} (launcher.mount_helper): {e.strerror}; {fallback}",
+                     f"run `make install` as root (installs it setuid root), {off}", path=path)
+    mode = stat.S_IMODE(st.st_mode)
+    details = {"path": path, "mode": f"{mode:04o}", "uid": st.st_uid, "nosuid_mount": nosuid}
+    if mode & 0o022 or st.st_uid != 0:
+        return Check("host.mount_helper", title, "fail",
+                     f"{path} is setuid-capable but owned by uid {st.st_uid} with mode "
+                     f"{mode:04o}: someone other than root can replace it",
+                     f"chown root:root {path} && chmod 4755 {path}", **details)
+    if not mode & stat.S_ISUID or nosuid:
+        why = "not setuid" if not mode & stat.S_ISUID else "on a nosuid filesystem"
+        return Check("host.mount_helper", title, "warn", f"{path} is {why}: {fallback}",
+                     f"chmod 4755 {path} (as installed by make install), on a filesystem "
+                     f"mounted without nosuid; {off}", **details)
+    store = site_store(config)
+    ours, theirs = socket.socketpair()
+    try:
+        with open(os.devnull, "rb") as null:
+            p = subprocess.run([path, "/"], stdin=null, stdout=theirs.fileno(),
+                               stderr=subprocess.PIPE, env={}, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Check("host.mount_helper", title, "warn",
+                     f"{path} does not run: {getattr(e, 'strerror', None) or e}; {fallback}",
+                     f"reinstall it (make install), {off}", **details)
+    finally:
+        ours.close()
+        theirs.close()
+    said = p.stderr.decode(errors="replace").strip().removeprefix("hpcc-mount: ")
+    m = re.fullmatch(r"/ is not in the site store (.+)", said)
+    if p.returncode != 1 or not m:
+        return Check("host.mount_helper", title, "warn", f"{path} does not answer as the mount "
+                     f"helper does (exit {p.returncode}: {said or 'nothing said'}); {fallback}",
+                     "fix what it says (its site config must be root's, in root's directories, "
+                     f"with [store] path a plain string), or reinstall it; {off}", **details)
+    details.update(helper_store=m.group(1), store=store)
+    if m.group(1) != store:
+        return Check("host.mount_helper", title, "warn", f"{path} reads the site store "
+                     f"{m.group(1)} (from its own config), the launcher {store}: images there "
+                     "get no kernel mount", "make [store] path of the root-owned site config "
+                     "the helper was built with (/etc/hpcc/hpcc.toml by default) name the site "
+                     f"store; {off}", **details)
+    return Check("host.mount_helper", title, "ok", f"{path} is setuid root and reads the site "
+                 f"store {store}: unprivileged launches get kernel mounts of its images",
+                 **details)
+
+
 def check_syscalls(probe):
     title = "openat2 and the new mount API"
     res = {k: probe.get(k) for k in ("openat2", "mount_api")}
@@ -432,9 +501,15 @@ def check_syscalls(probe):
         return Check("host.syscalls", title, "ok", "openat2(RESOLVE_IN_ROOT), open_tree, "
                      "move_mount and mount_setattr work", probe=res)
     what = "; ".join(f"{k}: {v.get('error')}" for k, v in bad.items())
-    return Check("host.syscalls", title, "fail", f"missing system calls ({what})",
-                 "use Linux >= 5.12 (openat2 5.6, mount_setattr 5.12), and a seccomp "
-                 "profile that allows them", probe=res)
+    fix = ("use Linux >= 5.12 (openat2 5.6, mount_setattr 5.12), and a seccomp profile that "
+           "allows them")
+    if list(bad) == ["openat2"]:
+        # the in-root module falls back to a component-by-component O_NOFOLLOW walk
+        return Check("host.syscalls", title, "warn", f"openat2 is refused ({what}): paths "
+                     "inside containers are resolved by hpcc's slower fallback walk", fix,
+                     probe=res)
+    return Check("host.syscalls", title, "fail", f"missing system calls ({what}): hpcc "
+                 "cannot bind mounts into a container", fix, probe=res)
 
 
 # ------------------------------------------------------------------------------------------
@@ -817,6 +892,7 @@ def run_checks(config, image=None):
                           ("host.overlay", check_overlay, (probe,)),
                           ("host.loop", check_loop, (kprobe,)),
                           ("host.syscalls", check_syscalls, (probe,)),
+                          ("host.mount_helper", check_mount_helper, (config,)),
                           ("store.site", check_stores, (config,)),
                           ("gateway.service", check_service, (config,)),
                           ("slurm.plugin", check_slurm, (slurm,)),

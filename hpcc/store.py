@@ -272,6 +272,8 @@ class Store:
         meta = dict(meta)
         meta.setdefault("schema", META_SCHEMA)
         meta["digest"] = digest
+        if isinstance(meta.get("squashfs"), dict):   # the writer saw the temporary name
+            meta["squashfs"] = dict(meta["squashfs"], path=self.sqfs_path(digest))
         try:
             fd = os.open(sqfs_tmp, os.O_RDONLY)
             try:

@@ -61,8 +61,9 @@ def run_cli():
         if env:
             full_env.update(env)
         cmd = [tool(name), *map(str, args)]
+        # another user starts in /: the checkout (the cwd) may be below root's 0700 home
         p = subprocess.run(cmd, env=full_env, input=input, capture_output=True, text=True,
-                           timeout=timeout, user=user)
+                           timeout=timeout, user=user, cwd="/" if user is not None else None)
         if check and p.returncode != 0:
             raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
         return p

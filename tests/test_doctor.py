@@ -17,8 +17,8 @@ pytestmark = pytest.mark.root
 
 HPCC = str(Path(sys.executable).parent / "hpcc")
 CHECK_IDS = {"host.userns", "host.fuse", "host.squashfuse", "host.kernel_squashfs",
-             "host.overlay", "host.loop", "host.syscalls", "store.site", "store.user",
-             "gateway.service", "mpi.host", "gpu.driver"}
+             "host.overlay", "host.loop", "host.syscalls", "host.mount_helper", "store.site",
+             "store.user", "gateway.service", "mpi.host", "gpu.driver"}
 
 
 def _public_dir(prefix):
@@ -148,6 +148,19 @@ def test_a_host_without_user_namespaces(site, test_user):
     assert doc["ok"] is False and p.returncode == 1
 
 
+def test_without_user_namespaces_a_slurm_site_gets_a_warning(site, test_user, tmp_path,
+                                                              spank_plugin):
+    """A site that runs everything through Slurm may switch user namespaces off."""
+    conf = _slurm_conf(tmp_path, [f"required {spank_plugin} python={sys.executable}"])
+    p = run_without_userns([HPCC, "doctor", "--json"], test_user.pw_uid, test_user.pw_gid,
+                           env=_env(test_user.pw_name, site["config"], SLURM_CONF=conf),
+                           cwd="/", capture_output=True, text=True, timeout=120)
+    _, checks = _report(p)
+    c = checks["host.userns"]
+    assert c["status"] == "warn" and "srun --container-image can" in c["summary"], c
+    assert checks["slurm.plugin"]["status"] == "ok"
+
+
 def test_dev_fuse_that_users_cannot_open(site, test_user, tmp_path):
     """In a mount namespace of the test's own, /dev/fuse is covered by a 0600 node."""
     os.chmod(tmp_path, 0o755)
@@ -183,6 +196,57 @@ def test_squashfuse_ll_missing(site, test_user, tmp_path):
     assert "squashfuse_ll is not installed" in c["summary"]
     assert "squashfuse package" in c["fix"]
     assert p.returncode == 1
+
+
+SECCOMP = str(Path(__file__).parent / "fixtures" / "seccomp_deny.py")
+
+
+@pytest.mark.parametrize("denied,status", [("openat2", "warn"),
+                                           ("openat2,mount_setattr", "fail"),
+                                           ("open_tree", "fail")])
+def test_system_calls_refused_by_seccomp(site, test_user, denied, status):
+    """A seccomp filter (as container runtimes' default profiles have) answers ENOSYS."""
+    p = doctor(test_user.pw_name, site["config"], wrap=[sys.executable, SECCOMP, denied])
+    _, checks = _report(p)
+    c = checks["host.syscalls"]
+    assert c["status"] == status, c
+    for name in denied.split(","):
+        key = "openat2" if name == "openat2" else "mount_api"
+        assert c["details"]["probe"][key]["errno"] == "ENOSYS"
+    assert "seccomp profile" in c["fix"]
+    assert p.returncode == (1 if status == "fail" else 0)
+
+
+@pytest.mark.parametrize("case", ["off", "missing", "not-setuid", "user-owned", "setuid"])
+def test_mount_helper(site, test_user, tmp_path, case):
+    helper = tmp_path / "hpcc-mount"
+    if case not in ("off", "missing"):
+        shutil.copy("/bin/true", helper)
+        os.chmod(helper, 0o755)
+        if case == "user-owned":
+            os.chown(helper, test_user.pw_uid, test_user.pw_gid)
+            os.chmod(helper, 0o4755)
+        if case == "setuid":
+            os.chmod(helper, 0o4755)
+    cfg = tmp_path / "hpcc.toml"
+    value = "" if case == "off" else str(helper)
+    cfg.write_text(f'[store]\npath = "{site["store"]}"\n[launcher]\nmount_helper = "{value}"\n')
+    os.chmod(cfg, 0o644)
+    _, checks = _report(doctor(test_user.pw_name, str(cfg)))
+    c = checks["host.mount_helper"]
+    nosuid = bool(os.statvfs(tmp_path).f_flag & os.ST_NOSUID)
+    # "setuid": root's and setuid, but /bin/true, not the helper: doctor runs it and says so
+    # (the real helper's "ok": test_mount_helper_installed_off_missing_not_setuid_or_...)
+    want = {"off": "off", "missing": "warn", "not-setuid": "warn", "user-owned": "fail",
+            "setuid": "warn"}[case]
+    assert c["status"] == want, c
+    if case == "user-owned":
+        assert "someone other than root can replace it" in c["summary"]
+        assert f"chown root:root {helper}" in c["fix"]
+    if case in ("missing", "not-setuid"):
+        assert "squashfuse_ll" in c["summary"]
+    if case == "setuid" and not nosuid:
+        assert "does not answer as the mount helper does" in c["summary"], c
 
 
 def test_unreadable_site_store(site, test_user, tmp_path):
@@ -358,3 +422,39 @@ def test_bad_usage(site, test_user):
     assert p.returncode == 0 and "usage: hpcc doctor" in p.stdout
 
 
+def test_mount_helper_installed_off_missing_not_setuid_or_another_store(test_user,
+                                                                        mount_helper_site):
+    """host.mount_helper runs the helper for real: it must be setuid root and read the
+    launcher's site store."""
+    site = mount_helper_site
+    cfg_text = site.config.read_text()
+    variants = site.base / "doctor"
+    variants.mkdir(mode=0o755, exist_ok=True)
+    plain = variants / "hpcc-mount-plain"
+    shutil.copy(site.helper, plain)
+    os.chmod(plain, 0o755)
+
+    def config(name, helper=None, store=None):
+        text = cfg_text
+        if helper is not None:
+            text = text.replace(f'mount_helper = "{site.helper}"', f'mount_helper = "{helper}"')
+        if store is not None:
+            text = text.replace(f'path = "{site.store}"', f'path = "{store}"')
+        path = variants / f"{name}.toml"
+        path.write_text(text)
+        os.chmod(path, 0o644)
+        return str(path)
+
+    cases = {
+        config("installed"): ("ok", f"reads the site store {site.store}"),
+        config("off", helper=""): ("off", "launcher.mount_helper is off"),
+        config("missing", helper=variants / "absent"): ("warn", "No such file or directory"),
+        config("plain", helper=plain): ("warn", "is not setuid"),
+        config("other", store=variants): ("warn", f"reads the site store {site.store} (from "
+                                                  f"its own config), the launcher {variants}"),
+    }
+    for cfg, (status, words) in cases.items():
+        doc, checks = _report(doctor(test_user.pw_name, cfg))
+        c = checks["host.mount_helper"]
+        assert c["status"] == status and words in c["summary"], (cfg, c)
+        assert c["status"] == "ok" or c["status"] == "off" or c["fix"], c

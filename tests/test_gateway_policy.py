@@ -11,6 +11,7 @@ import pytest
 
 from hpcc.testkit.images import ImageBuilder, directory, file, simple_image
 from tests.conftest import tool
+from tests.test_cli_style import check
 
 pytestmark = [pytest.mark.root]
 
@@ -59,7 +60,7 @@ def test_images_over_the_size_limits_are_refused_and_leave_nothing(
     svc2 = gateway_service(policy={"max_squashfs_mb": 1})
     p = svc2.run(user, "pull", ref)
     last = p.stderr.strip().splitlines()[-1]   # after the progress lines of the conversion
-    assert p.returncode == 1 and "squashfs, more than the site's limit" in last, p.stderr
+    assert p.returncode == 1 and "MB, more than the site's limit of 1 MB" in last, p.stderr
     assert "Traceback" not in p.stderr
     assert svc2.images() == [] and list((svc2.store / ".tmp").iterdir()) == []
     rec = svc2.audit()[-1]
@@ -90,6 +91,8 @@ def test_per_user_limits(gateway_service, service_users, registry, fault_proxy):
         if st["pulls"]:
             break
         time.sleep(0.1)
+    check("status", st)
+    assert st["pulls"][0]["ref"] == fault_proxy.ref("svc/slow", "1")
     p = svc.run(alice, "pull", registry.ref("svc/limit0", "1"))
     assert p.returncode == 1 and "already has 1 pull(s) in progress" in _one_line(p)
     assert svc.run(bob, "pull", registry.ref("svc/limit0", "1")).returncode == 0
@@ -122,9 +125,10 @@ def test_the_audit_log_holds_every_request(gateway_service, service_users, regis
 @pytest.mark.slurm
 def test_eviction_keeps_the_images_of_pending_jobs(gateway_service, service_users, registry,
                                                    slurm_cluster):
-    refs = {}
+    refs, images = {}, {}
     for name in ("jobimage", "old", "new"):
-        registry.push(f"svc/{name}", "1", _random_image(name, 600_000))
+        images[name] = _random_image(name, 600_000)
+        registry.push(f"svc/{name}", "1", images[name])
         refs[name] = registry.ref(f"svc/{name}", "1")
     svc = gateway_service(policy={"store_budget_mb": 1}, run=False)
     svc.start(env={"SLURM_CONF": slurm_cluster.env["SLURM_CONF"]})
@@ -146,10 +150,37 @@ def test_eviction_keeps_the_images_of_pending_jobs(gateway_service, service_user
         for name in ("jobimage", "old", "new"):   # oldest first
             assert svc.run(user, "pull", refs[name]).returncode == 0
             time.sleep(0.05)
-        evicted = [r for r in svc.audit() if r.get("op") == "evict"]
+        deadline = time.monotonic() + 20   # eviction follows the answer to the pull
+        while time.monotonic() < deadline:
+            evicted = [r for r in svc.audit() if r.get("op") == "evict"]
+            if evicted:
+                break
+            time.sleep(0.1)
         assert [r["tags"] for r in evicted] == [[refs["old"]]], svc.audit()
         assert svc.run(user, "inspect", refs["jobimage"]).returncode == 0
         assert svc.run(user, "inspect", refs["new"]).returncode == 0
         assert svc.run(user, "inspect", refs["old"]).returncode == 1
+        # the evicted image's own layer blob went with it; the kept images' stay
+        blobs = {p.name for p in (svc.store / ".blobs").rglob("*") if p.is_file()}
+        for name, image in images.items():
+            hexes = {layer.digest.split(":")[1] for layer in image.layers}
+            assert bool(hexes & blobs) == (name != "old"), (name, hexes, blobs)
     finally:
         slurm_cluster.run("scancel", job_id)
+
+
+def test_an_oversized_squashfs_is_refused_while_it_is_converted(
+        gateway_service, service_users, registry, fault_proxy):
+    b = ImageBuilder()
+    b.layer([directory("data")] + [file(f"data/{i}", os.urandom(512 << 10)) for i in range(24)])
+    registry.push("svc/huge", "1", b.build())
+    fault_proxy.throttle = 3 << 20          # 12 MB arrive over ~4 s, converted as they come
+    svc = gateway_service(policy={"max_squashfs_mb": 1})
+    t0 = time.monotonic()
+    p = svc.run(service_users[0], "pull", fault_proxy.ref("svc/huge", "1"))
+    took = time.monotonic() - t0
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "more than the site's limit of 1 MB" in last, p.stderr
+    written = int(last.split("grew to ")[1].split(" MB")[0])
+    assert written < 8, f"stopped at {written} MB of 12 ({took:.1f} s)"
+    assert svc.images() == [] and list((svc.store / ".tmp").iterdir()) == []

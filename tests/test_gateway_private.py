@@ -3,10 +3,12 @@ credentials, readable and runnable by that user only; the credentials are never 
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
 from hpcc.testkit.busybox import busybox_image
+from tests.test_cli_style import check
 
 pytestmark = [pytest.mark.root]
 
@@ -59,3 +61,50 @@ def test_a_private_image_is_readable_by_its_user_only(gateway_service, service_u
             assert password.encode() not in path.read_bytes(), path
     rec = [r for r in svc.audit() if r["outcome"] == "pulled"][0]
     assert rec["private"] is True and rec["user"] == alice.pw_name
+
+    # only alice can remove it (through the service, which owns the private store)
+    p = svc.run(bob, "rm", ref)
+    assert p.returncode == 1 and os.path.exists(out["path"])
+    p = svc.run(alice, "rm", "--json", ref)
+    assert p.returncode == 0, p.stderr
+    check("rm", json.loads(p.stdout))
+    assert json.loads(p.stdout)[0]["deleted"] == out["digest"]
+    assert not os.path.exists(out["path"])
+    assert svc.audit()[-1]["op"] == "rm" and svc.audit()[-1]["outcome"] == "removed"
+
+
+@pytest.mark.slurm
+def test_private_images_count_against_the_store_budget(gateway_service, service_users,
+                                                       token_registry, registry,
+                                                       slurm_cluster):
+    from hpcc.testkit.images import ImageBuilder, directory, file
+
+    def random_image(tag):
+        b = ImageBuilder()
+        b.layer([directory("d"), file("d/blob", os.urandom(600_000)), file("d/t", tag)])
+        return b.build()
+
+    svc = gateway_service(policy={"store_budget_mb": 1}, run=False)
+    svc.start(env={"SLURM_CONF": slurm_cluster.env["SLURM_CONF"]})
+    alice, bob = service_users
+    token_registry.push("team/budget", "1", random_image("private"))
+    registry.push("svc/budget", "1", random_image("public"))
+    home = svc.base / f"home-{alice.pw_name}"
+    svc.run(alice, "version")
+    auth = token_registry.write_auth_file(home / ".docker" / "config.json")
+    for p in (auth.parent, auth):
+        os.chown(p, alice.pw_uid, alice.pw_gid)
+    p = svc.run(alice, "pull", "--json", token_registry.ref("team/budget", "1"))
+    assert p.returncode == 0, p.stderr
+    private_path = json.loads(p.stdout)["path"]
+    assert svc.run(bob, "pull", registry.ref("svc/budget", "1")).returncode == 0
+    deadline = time.monotonic() + 20       # eviction follows the answer to the pull
+    while time.monotonic() < deadline:
+        evicted = [r for r in svc.audit() if r.get("op") == "evict"]
+        if evicted:
+            break
+        time.sleep(0.1)
+    assert len(evicted) == 1, (svc.audit(), svc.log.read_text())
+    assert evicted[0]["store"].endswith(f"/.private/{alice.pw_uid}")
+    assert not os.path.exists(private_path)
+    assert len(svc.images()) == 1

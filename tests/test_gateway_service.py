@@ -13,6 +13,7 @@ import pytest
 from hpcc.testkit.busybox import BUSYBOX
 from hpcc.testkit.images import ImageBuilder, directory, file, simple_image, symlink
 from tests.fixtures.gateway_service import _new_munged
+from tests.test_cli_style import check
 
 pytestmark = [pytest.mark.root]
 
@@ -63,6 +64,7 @@ def test_two_users_pulling_one_image_at_once_share_one_conversion(
         p = results[user.pw_name]
         assert p.returncode == 0, p.stderr
         out = json.loads(p.stdout)
+        check("pull", out)
         assert out["via"] == "service" and out["store"] == str(svc.store)
         assert os.path.exists(out["path"])
         assert svc.home_files(user) == [], "nothing of the image may land in the home"
@@ -216,9 +218,11 @@ def test_status_and_list(gateway_service, service_users, registry):
     p = svc.run(user, "status", "--json", prog="gateway")
     assert p.returncode == 0, p.stderr
     st = json.loads(p.stdout)
+    check("status", st)
     assert st["store"] == str(svc.store) and st["pulls"] == []
     p = svc.run(user, "status", "--images", "--json", prog="gateway")
     images = json.loads(p.stdout)
+    check("status_images", images)
     assert [i["tags"] for i in images] == [[registry.ref("svc/list", "1")]]
 
 
@@ -235,3 +239,28 @@ def test_the_policy_is_validated_by_the_schema(tmp_path, run_cli):
         p = run_cli("hpcc", "config", "check", cfg)
         assert p.returncode == 1 and key in p.stderr, (bad, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_connections_held_open_cannot_starve_the_service(gateway_service, service_users):
+    from hpcc.gateway import protocol
+
+    svc = gateway_service(service={"max_connections": 2})
+    idle = []
+    try:
+        for _ in range(2):                      # connected, never asking anything
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(svc.socket))
+            idle.append(s)
+        time.sleep(0.2)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(svc.socket))
+        with s, s.makefile("rwb") as f:
+            ev = protocol.recv(f)
+        assert ev["event"] == "error" and "busy" in ev["message"], ev
+        p = svc.run(service_users[0], "status", prog="gateway")
+        assert p.returncode == 3 and "busy" in p.stderr, p.stderr
+    finally:
+        for s in idle:
+            s.close()
+    _wait(lambda: svc.run(service_users[0], "status", prog="gateway").returncode == 0,
+          what="the service to serve again")

@@ -6,6 +6,7 @@ kernel loop mounts.
 import os
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -136,6 +137,21 @@ def test_workdir_from_image_option_and_cwd(images, launcher_env, who, shared_dir
     # the current directory is bound and is the default workdir
     p = hpcc(launcher_env, who, "exec", images["base"], "sh", "-c", "pwd; ls", cwd=shared_dir)
     assert p.stdout.splitlines()[0] == shared_dir
+
+
+def test_a_current_directory_the_user_cannot_read_is_not_bound(images, launcher_env, test_user):
+    """A shell left in a directory its user cannot read (`su` from root's home): the default
+    bind of the current directory is skipped with one line saying so, and the command starts
+    where it would with --no-cwd, instead of the launch failing on a bind nobody asked for."""
+    d = tempfile.mkdtemp(prefix="hpcc-rootonly-")       # root's, mode 0700
+    try:
+        p = hpcc(launcher_env, test_user.pw_name, "exec", images["entry"], "pwd", cwd=d)
+        assert (p.returncode, p.stdout) == (0, "/app/data\n"), p.stderr
+        assert p.stderr == f"hpcc: not binding the current directory {d}: you cannot read it\n"
+        p = hpcc(launcher_env, test_user.pw_name, "exec", "-q", images["base"], "pwd", cwd=d)
+        assert (p.returncode, p.stdout, p.stderr) == (0, "/\n", "")
+    finally:
+        os.rmdir(d)
 
 
 def test_binds_read_only_and_read_write(images, launcher_env, who, shared_dir):

@@ -55,7 +55,7 @@ def error_line(p):
     assert "Traceback" not in p.stderr, p.stderr
     errs = [ln for ln in p.stderr.splitlines() if not ln.startswith("[")]
     assert len(errs) == 1, p.stderr
-    assert errs[0].startswith("gateway: error: "), errs[0]
+    assert errs[0].startswith("gateway: "), errs[0]
     return errs[0]
 
 
@@ -231,3 +231,27 @@ def test_new_store_directories_are_fsynced_before_a_tag_names_them(gw, tmp_path)
     assert mk < fsync < tag_rename
     blobs = str(gw.path / ".blobs" / "sha256")
     assert any("mkdir" in ln and f'"{blobs}"' in ln for ln in lines)
+
+
+def test_blob_cache_cap_counts_partial_files_and_evicts_unused_blobs(gw):
+    built = _image(300 * 1024)
+    ref = gw.push(built)
+    blobs = gw.path / ".blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    orphan = blobs / ("a" * 64)
+    orphan.write_bytes(os.urandom(400 * 1024))
+    stale = blobs / ("b" * 64 + ".partial")
+    stale.write_bytes(os.urandom(800 * 1024))
+    cap = 'blob_cache_max_mb = 1'
+    p = gw.run("pull", ref, extra=cap)
+    assert p.returncode == 0, p.stderr
+    assert not orphan.exists() and not stale.exists()     # partial files count and go too
+    assert "to stay under 1 MB" in p.stderr
+    # an image whose layers alone pass the cap is refused, before any download
+    big = _image(1536 * 1024)
+    ref = gw.push(big)
+    p = gw.run("pull", ref, extra=cap)
+    assert p.returncode == 1
+    line = error_line(p)
+    assert "beyond store.blob_cache_max_mb = 1" in line and "'gateway gc --blobs'" in line
+    assert gw.proxy.blob_gets(big.layers[0].digest) == []

@@ -4,6 +4,7 @@ scripts) run by real launches."""
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 
 import pytest
@@ -144,6 +145,35 @@ def test_poststop_hook_runs_on_the_host_after_the_command(images, hooks_env, who
     assert p.returncode == 0, p.stderr
     with open(rec) as f:
         assert f.read() == "stopped"
+
+
+@pytest.mark.root
+def test_poststop_hook_sees_the_hosts_mounts_below_its_root(images, hooks_env, who):
+    """The host's root the poststop hook runs in keeps its submounts (a /tmp or /home of
+    its own): the hook, and where it writes, sit on a tmpfs mounted below the host's root."""
+    mnt = os.path.join(hooks_env.dir, "mnt")
+    os.mkdir(mnt)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "hpcc-test", mnt], check=True)
+    try:
+        os.mkdir(os.path.join(mnt, "out"), 0o777)
+        os.chmod(os.path.join(mnt, "out"), 0o777)
+        rec = os.path.join(mnt, "out", f"poststop-{who}")
+        hooks_env([("after", POSTSTOP_HOOK, {"always": True}, ["poststop"], {"args": [rec]})])
+        exe = shutil.copy(os.path.join(hooks_env.dir, "bin", "after.py"), mnt)
+        conf = os.path.join(hooks_env.dir, "hooks.d", "after.json")
+        with open(conf) as f:
+            h = json.load(f)
+        h["hook"]["path"] = exe
+        with open(conf, "w") as f:
+            json.dump(h, f)
+        p = run_hpcc(["exec", "-v", images["base"], "true"], user=who,
+                     config=os.path.join(hooks_env.dir, "hpcc.toml"))
+        assert p.returncode == 0, p.stderr
+        assert "poststop hook" not in p.stderr, p.stderr    # -v: a failed one is told
+        with open(rec) as f:
+            assert f.read() == "stopped"
+    finally:
+        subprocess.run(["umount", "-l", mnt], check=False)
 
 
 @pytest.mark.root

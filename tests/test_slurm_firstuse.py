@@ -63,12 +63,15 @@ def submit(cluster, script, out):
 
 @pytest.fixture
 def user_store(slurm_users):
-    """slurmuser1's own store, emptied before and after."""
+    """slurmuser1's own store (and first-use markers), emptied before and after."""
     u = slurm_users[U1]
     d = os.path.join(u.pw_dir, ".local", "share", "hpcc")
-    shutil.rmtree(d, ignore_errors=True)
+    seen = os.path.join(u.pw_dir, ".cache", "hpcc", "seen")
+    for x in (d, seen):
+        shutil.rmtree(x, ignore_errors=True)
     yield os.path.join(d, "images")
-    shutil.rmtree(d, ignore_errors=True)
+    for x in (d, seen):
+        shutil.rmtree(x, ignore_errors=True)
 
 
 def _in_store(store):
@@ -146,3 +149,73 @@ def test_an_image_the_store_has_but_the_user_may_not_read_is_not_pulled(slurm_cl
     p = run(slurm_cluster, "srun", "-n1", "--container=hpcctest/secret:1", "echo", "RAN")
     assert p.returncode == 125 and "RAN" not in p.stdout
     assert "pulling" not in p.stderr and "may not read it" in p.stderr, p.stderr
+
+
+def test_an_image_found_recently_costs_srun_one_stat(slurm_cluster, pushed, user_store,
+                                                     slurm_users):
+    # after a lookup found the image, the plugin skips the Python check for an hour: its
+    # marker (named by the same hash in C and Python) is all it reads
+    from hpcc.slurm.firstuse import seen_path
+
+    u = slurm_users[U1]
+    ref = pushed()
+    p = run(slurm_cluster, "srun", "-n1", f"--container-image={ref}", "true")
+    assert p.returncode == 0, p.stderr
+    p = run(slurm_cluster, "srun", "-n1", f"--container-image={ref}", "true")
+    assert p.returncode == 0, p.stderr
+    old_home = os.environ.get("HOME")
+    os.environ["HOME"] = u.pw_dir
+    try:
+        marker = seen_path(ref)
+    finally:
+        os.environ["HOME"] = old_home
+    assert os.path.exists(marker)
+    # proof that srun trusted the marker: with the image gone, nothing is pulled and the
+    # step says the image is in no store
+    shutil.rmtree(user_store)
+    p = run(slurm_cluster, "srun", "-n1", f"--container-image={ref}", "echo", "RAN")
+    assert p.returncode == 125 and "pulling" not in p.stderr, p.stderr
+    assert "not found in the store" in p.stderr
+    os.unlink(marker)
+    p = run(slurm_cluster, "srun", "-n1", f"--container-image={ref}", "echo", "RAN")
+    assert p.returncode == 0 and "pulling" in p.stderr, p.stderr
+
+
+def test_the_first_step_says_it_waits_for_a_slow_pull(slurm_cluster, registry, fault_proxy,
+                                                      user_store, outdir):
+    # a slow registry (blob bodies at 256 KB/s): the job starts before the pull ends, and
+    # its output says what it waits for
+    from hpcc.testkit.busybox import busybox_image
+
+    tag = f"slow{os.getpid()}-{time.monotonic_ns()}"
+    registry.push("firstuse/slow", tag, busybox_image())
+    ref = fault_proxy.ref("firstuse/slow", tag)
+    fault_proxy.throttle = 256 * 1024
+    script = (f"#!/bin/sh\n#SBATCH --container-image={ref}\n"
+              "grep -c 'hpcc busybox' /etc/os-release\n")
+    p, text = submit(slurm_cluster, script, outdir / "o.txt")
+    assert "in the background" in p.stderr, p.stderr
+    assert f"hpcc: waiting for image '{ref}'" in text, text
+    assert text.split()[-1] == "1", text
+
+
+def test_sbatch_container_directive_in_a_script_file_is_pulled_too(slurm_cluster, pushed,
+                                                                   user_store, outdir,
+                                                                   slurm_users):
+    # Slurm's own --container in an #SBATCH line: the plugin reads the script file
+    u = slurm_users[U1]
+    ref = pushed()
+    script = outdir / "job.sh"
+    script.write_text(f"#!/bin/sh\n# a comment\n#SBATCH -n1\n#SBATCH --container={ref}\n"
+                      "grep -c 'hpcc busybox' /etc/os-release\n")
+    os.chown(script, u.pw_uid, u.pw_gid)
+    out = outdir / "o.txt"
+    p = run(slurm_cluster, "sbatch", "--parsable", "-o", str(out), str(script))
+    assert p.returncode == 0, p.stderr
+    assert "in the background" in p.stderr, p.stderr
+    wait_job(slurm_cluster, int(p.stdout.strip().split(";")[0]))
+    for _ in range(50):
+        if out.exists():
+            break
+        time.sleep(0.1)
+    assert out.read_text().split()[-1] == "1", out.read_text()

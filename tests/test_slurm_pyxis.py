@@ -104,11 +104,18 @@ def test_relative_image_path_is_the_jobs_working_directorys(slurm_cluster, slurm
 def test_bad_values_are_refused_by_srun_before_anything_runs(slurm_cluster, args, opt):
     p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}", *args, "echo", "RAN",
                           user=U1)
-    assert p.returncode != 0 and "RAN" not in p.stdout
-    lines = hpcc_lines(p.stderr)
-    assert len(lines) == 1, p.stderr
+    assert p.returncode == 2 and "RAN" not in p.stdout   # a usage error
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, p.stderr                     # one line, refused by srun itself
     assert lines[0].startswith(f"hpcc: {opt}"), lines
-    assert "queued" not in p.stderr and "allocated" not in p.stderr  # refused locally
+
+
+def test_bad_values_in_a_batch_script_are_refused_by_sbatch(slurm_cluster):
+    p = slurm_cluster.run("sbatch", input="#!/bin/sh\n#SBATCH --container-env=A,,B\ntrue\n",
+                          user=U1)
+    assert p.returncode == 2 and "Submitted" not in p.stdout
+    assert p.stderr.splitlines() == ["hpcc: --container-env=A,,B: an empty item (a stray "
+                                     "comma); give NAME,NAME... without empty items"]
 
 
 def test_bad_variable_values_fail_the_step_naming_the_variable(slurm_cluster):
@@ -204,17 +211,45 @@ def test_no_container_mount_home(slurm_cluster, slurm_users):
     assert p.stdout.strip() == "nohome", p.stderr
 
 
-@pytest.mark.parametrize("opt", ["--container-remap-root", "--container-unshare=net",
-                                 "--container-unshare=ipc,uts"])
-def test_options_the_tasks_cannot_honour_yet_are_refused_not_ignored(slurm_cluster, opt):
-    # remap-root and unshare need every task to join more than the container's mount
-    # namespace; until the plugin does, the step is refused in one line naming the option
-    p = slurm_cluster.run("srun", "-n2", f"--container-image={IMG}", opt, "echo", "RAN",
-                          user=U1)
-    assert p.returncode == 125 and "RAN" not in p.stdout
-    lines = hpcc_lines(p.stderr)
-    assert len(lines) == 1 and lines[0].startswith("hpcc: " + opt.split("=")[0]), p.stderr
-    assert "not supported yet" in lines[0]
+def test_remap_root_is_uid_0_inside_and_the_user_outside(slurm_cluster, slurm_users):
+    u = slurm_users[U1]
+    mark = os.path.join(u.pw_dir, f"remapped-{os.getpid()}")
+    try:
+        p = slurm_cluster.run("srun", "-n2", f"--container-image={IMG}",
+                              "--container-remap-root", "sh", "-c",
+                              f"id -u; id -g; touch {mark}", user=U1)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.split() == ["0", "0", "0", "0"], p.stdout
+        # what root inside made is the user's outside (uid; the gid is the job's)
+        assert os.stat(mark).st_uid == u.pw_uid
+        # and nothing more: the host's root-owned files stay out of reach
+        p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}",
+                              "--container-remap-root", "sh", "-c",
+                              "cat /proc/1/environ >/dev/null 2>&1 && echo LEAK; "
+                              "grep -E '^(NoNewPrivs|CapEff)' /proc/self/status", user=U1)
+        assert "LEAK" not in p.stdout and "NoNewPrivs:\t1" in p.stdout, p.stdout + p.stderr
+        p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}",
+                              "--no-container-remap-root", "id", "-u", user=U1)
+        assert p.stdout.strip() == str(u.pw_uid)
+    finally:
+        if os.path.exists(mark):
+            os.unlink(mark)
+
+
+def test_unshare_gives_the_step_its_own_namespaces(slurm_cluster):
+    probe = "for n in net ipc uts; do readlink /proc/self/ns/$n; done"
+    host = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}", "sh", "-c", probe,
+                             user=U1)
+    assert host.returncode == 0, host.stderr
+    p = slurm_cluster.run("srun", "-n2", f"--container-image={IMG}",
+                          "--container-unshare=net,uts", "sh", "-c", probe, user=U1)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.split()
+    net, ipc, uts = host.stdout.split()
+    assert lines.count(net) == 0 and lines.count(uts) == 0, (host.stdout, p.stdout)
+    assert lines.count(ipc) == 2          # not asked for: the host's
+    # both tasks of the node share the step's namespaces
+    assert len(set(lines)) == 3, p.stdout
 
 
 def test_negative_options_are_accepted_as_the_defaults(slurm_cluster):
@@ -258,3 +293,13 @@ def test_relative_container_save_is_the_jobs_directorys_and_runs_again(slurm_clu
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_hook_messages_name_the_srun_option(slurm_cluster):
+    # the MPI hook speaks of hpcc run's --mpi; under srun the user typed --container-mpi
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={IMG}", "--container-mpi", "true",
+                          user=U1)
+    assert p.returncode == 125
+    lines = hpcc_lines(p.stderr)
+    assert len(lines) == 1 and "--container-mpi:" in lines[0], p.stderr
+    assert " --mpi" not in lines[0]

@@ -57,7 +57,7 @@ def one_line(p, code, prog="gateway"):
     assert "Traceback" not in p.stderr, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if not ln.startswith("[")]
     assert len(lines) == 1, p.stderr
-    assert lines[0].startswith(f"{prog}: "), lines[0]
+    assert lines[0].startswith(f"{prog}: ") and ": error:" not in lines[0], lines[0]
     return lines[0]
 
 
@@ -160,7 +160,7 @@ def test_rm_json_reports_what_was_removed_and_what_failed(gw, open_tmp):
     p = gw.run("rm", "site/nope:1", "site/b:1")
     assert p.returncode == 1
     assert f"deleted {rec['digest']}" in p.stdout
-    assert p.stderr.count("gateway: error: ") == 1
+    assert p.stderr.count("gateway: ") == 1
 
 
 def test_import_of_what_the_store_has_converts_nothing_and_local_tags_stay_local(gw, open_tmp):
@@ -191,3 +191,16 @@ def test_import_recognises_an_image_pulled_under_its_manifest_digest(gw, open_tm
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["digest"] == pulled["digest"]
     assert len(list(gw.path.glob("*.sqfs"))) == 1
+
+
+def test_hpcc_rm_of_a_site_image_says_so_and_images_shows_the_store(gw, open_tmp):
+    rec = gw.imported(open_tmp, "siteimg", "site/only:1")
+    p = gw.run("rm", "site/only:1", prog="hpcc")
+    line = one_line(p, 1, prog="hpcc")
+    assert f"image 'site/only:1' is in the site store {gw.path}, not in yours" in line, line
+    assert "gateway rm site/only:1" in line
+    assert os.path.exists(rec["path"])
+    p = gw.run("images", prog="hpcc")
+    assert p.returncode == 0, p.stderr
+    header, row = p.stdout.splitlines()[:2]
+    assert header.split()[-1] == "STORE" and row.split()[-1] == "site", p.stdout

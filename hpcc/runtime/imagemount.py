@@ -225,6 +225,8 @@ class HelperMount:
         sqfs = str(sqfs)
         if not helper:
             return cls("launcher.mount_helper is off")
+        if not isinstance(helper, str) or not helper.startswith("/"):
+            return cls(f"launcher.mount_helper must be an absolute path, not {helper!r}")
         if not store or not sqfs.startswith(store + "/"):
             return cls(f"not an image of the site store {store or '(none)'}")
         import _socket
@@ -271,7 +273,10 @@ class HelperMount:
             return fds[0], None
         for fd in fds:
             os.close(fd)
-        self.why = f"the mount helper refused: {why.removeprefix('hpcc-mount: ') or status}"
+        if status == 0:  # sent, but not received: no fd free here (MSG_CTRUNC)
+            self.why = "the mount helper's mount did not arrive (too many open files?)"
+        else:
+            self.why = f"the mount helper refused: {why.removeprefix('hpcc-mount: ') or status}"
         return None, self.why
 
     def close(self):

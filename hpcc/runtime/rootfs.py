@@ -317,7 +317,12 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
             if spec["root"].get("readonly", True):
                 _sys.mount_setattr(root_fd, "", _sys.AT_EMPTY_PATH, _sys.MOUNT_ATTR_RDONLY)
             if hooks.get("poststart") or hooks.get("poststop"):
-                handle.host_root_fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                # A clone of the host's whole tree: pivot_root below detaches the old root,
+                # and as root (mounts not locked) its submounts with it, so an fd of "/" alone
+                # would show the hooks a host without its /tmp, /home, /opt...
+                handle.host_root_fd = _sys.open_tree(
+                    _sys.AT_FDCWD, "/",
+                    _sys.OPEN_TREE_CLONE | _sys.OPEN_TREE_CLOEXEC | _sys.AT_RECURSIVE)
             if pivot:
                 os.fchdir(root_fd)
                 _sys.pivot_root(".", ".")

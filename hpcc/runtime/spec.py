@@ -190,7 +190,7 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
                mounts=(), workdir=None, writable=False, bind_home=None, bind_cwd=None,
                user=None, annotations=None, config=None, privileged=None, host_env=None,
                cwd=None, image_name=None, cache=None, remap_root=None, unshare=(),
-               named=None):
+               named=None, warn=None):
     """Return the OCI-shaped spec dict for one container (see the module docstring).
 
     image: an object with .sqfs_path, .digest and .meta (hpcc.store.ImageRecord);
@@ -200,7 +200,8 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
     writable: None takes launcher.writable; remap_root: the command is uid 0 in a user
     namespace that maps the user's own uid (None: launcher.remap_root); unshare: names from
     ("net", "ipc", "uts"), namespaces of the container's own; named: a
-    hpcc.runtime.named.NamedContainer whose upper/work directories hold the writable layer.
+    hpcc.runtime.named.NamedContainer whose upper/work directories hold the writable layer;
+    warn: called with one line for what the user should know (the current directory not bound).
     """
     if config is None:
         from ..config import load_config
@@ -290,6 +291,12 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
             cwd == p or cwd.startswith(p + "/") for p in _NO_CWD_BIND_UNDER):
         if bind_home and (cwd == home or cwd.startswith(home.rstrip("/") + "/")):
             cwd_bound = True
+        elif not privileged and not os.access(cwd, os.R_OK | os.X_OK):
+            # Bound only by default, never asked for: a directory the user cannot read (a
+            # shell left in root's directory by su or sudo) is not bound and the command
+            # starts where it would without it, instead of the launch failing.
+            if warn:
+                warn(f"not binding the current directory {cwd}: you cannot read it")
         else:
             auto.append(_bind(cwd, cwd, False, "cwd"))
             cwd_bound = True

@@ -6,9 +6,11 @@ compute node), as the user who typed the command, with the command's terminal:
 
     python3 -I -m hpcc.slurm.firstuse wait|detach IMAGE
 
-- the image is a file, or a store has it: exit 0 at once (the usual case: one lookup);
-- `wait` (srun, salloc): `hpcc pull IMAGE` runs in the foreground, progress on the user's
-  terminal, and the command goes on when it succeeded (it fails with the pull's message);
+- the image is a file, or a store has it: exit 0 at once (the usual case: one lookup; it
+  leaves a marker, seen_path, with which the plugin skips this process for an hour);
+- `wait` (srun, salloc): `hpcc pull IMAGE` runs in the foreground (in this process),
+  progress on the user's terminal, and the command goes on when it succeeded (it stops
+  with the pull's message when it failed);
 - `detach` (sbatch): the pull is handed to a background process and sbatch returns at
   once. A marker in the user's store (.pending/<hash of the reference>) says that the pull
   is under way; the job's first step (hpcc.slurm.stepd) waits for the marker to go, with a
@@ -22,6 +24,29 @@ import sys
 
 PENDING_DIR = ".pending"
 WAIT_LIMIT = 3600  # seconds a first step waits for a pull started by sbatch
+SEEN_TTL = 3600    # the plugin skips this process for an image found less than this ago
+
+
+def seen_path(image):
+    """A marker that IMAGE (as typed) was found in a store: spank_hpcc.so checks it with one
+    stat and skips starting Python for the next SEEN_TTL seconds (srun's cost on the submit
+    host). Named by the FNV-1a hash the plugin computes (64-bit, hex)."""
+    h = 1469598103934665603
+    for b in image.encode(errors="surrogateescape"):
+        h = ((h ^ b) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "hpcc", "seen", f"{h:016x}")
+
+
+def mark_seen(image):
+    path = seen_path(image)
+    try:
+        os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+        with open(path, "w"):
+            pass
+        os.utime(path)
+    except OSError:
+        pass  # only a speed-up
 
 
 def _is_path(image):
@@ -49,7 +74,8 @@ def _hpcc():
 def _have(image, config):
     """A store has the image (also one the user may not read: the step says so)."""
     from ..store import Store, StoreAccessDenied
-    for store in (Store.user(config), Store.site(config)):
+    site = Store.site(config)
+    for store in (Store.user(config), Store.private(site.root, os.geteuid()), site):
         try:
             if store.find(image) is not None:
                 return True
@@ -141,6 +167,7 @@ def main(argv=None):
         config = load_config_cached(cache)
         cache.save()
         if _have(image, config):
+            mark_seen(image)
             return 0
         if mode == "detach":
             detach(image, config)
@@ -157,7 +184,11 @@ def main(argv=None):
     print(f"hpcc: image '{image}' is in no store: pulling it before the step starts",
           file=sys.stderr)
     sys.stderr.flush()
-    os.execv(_hpcc(), [_hpcc(), "pull", image])
+    from ..cli import main as hpcc_main  # `hpcc pull IMAGE`, in this process
+    code = hpcc_main(["pull", image])
+    if code == 0:
+        mark_seen(image)
+    return 1 if code else 0
 
 
 if __name__ == "__main__":

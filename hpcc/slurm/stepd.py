@@ -254,6 +254,7 @@ def build(args, user, config, rec, fd, opts=None, named=None):
                                "x-hpcc-origin": "slurm"})
     options.apply_mounts(spec, mounts, opt_mounts)
     spec["hpcc"]["image"] = f"/proc/self/fd/{fd}"
+    spec["hpcc"]["job_ids"] = (uid, user.pw_gid)  # what Slurm gives the tasks
     return spec, extra_env
 
 
@@ -270,7 +271,8 @@ def reply_env(spec, rec, keep, extra):
     out = {}
     image_env = (rec.meta.get("config") or {}).get("Env") or []
     spec_env = dict(item.partition("=")[::2] for item in spec["process"]["env"])
-    out["PATH"] = spec_env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    out["PATH"] = spec_env.get("PATH",
+                               "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     for item in image_env:
         k, eq, v = item.partition("=")
         if k and eq:
@@ -298,9 +300,27 @@ def send_fd(sock, data, fd, more=()):
     sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, fds)])
 
 
+# hpcc's runtime and hooks name `hpcc run`'s options in their messages; under srun the user
+# typed the --container-* ones (Slurm's own --mpi=TYPE is left alone).
+_SRUN_OPTIONS = {"mpi": "--container-mpi", "mount": "--container-mounts",
+                 "workdir": "--container-workdir", "gpus": "--container-gpus",
+                 "writable": "--container-writable", "readonly": "--container-readonly",
+                 "root": "--container-remap-root", "unshare": "--container-unshare",
+                 "name": "--container-name", "save": "--container-save"}
+
+
+def srun_words(message):
+    """A message with hpcc run's option names replaced by srun's."""
+    if "--" not in message:
+        return message
+    import re
+    return re.sub(r"(?<![\w-])--(mpi|mount|workdir|gpus|writable|readonly|root|unshare|name|"
+                  r"save)(?![\w=-])", lambda m: _SRUN_OPTIONS[m.group(1)], message)
+
+
 def send_error(sock, message):
     try:
-        sock.sendall(f"error={message}\0end=1\0".encode(errors="replace"))
+        sock.sendall(f"error={srun_words(message)}\0end=1\0".encode(errors="replace"))
     except OSError:
         pass
 
@@ -332,8 +352,10 @@ def container_child(spec, sock, payload, named=None, entrypoint=None):
     h = spec["hpcc"]
     extra = {}  # the namespaces each task joins besides the mount namespace
     if h.get("remap_root"):
+        # the ids Slurm gives the tasks (the job's uid and gid, which may be another group
+        # than the passwd one, e.g. under sg) are the ones mapped to 0
         hu = h["host_user"]
-        extra["user"] = task_userns_fd(hu["uid"], hu["gid"])
+        extra["user"] = task_userns_fd(*h.get("job_ids", (hu["uid"], hu["gid"])))
     if nsfd is not None:
         extra.update(namespace_fds(h.get("unshare") or (), pid=named.running_pid))
     else:

@@ -246,14 +246,16 @@ class SlurmCluster:
                 continue
         return out
 
-    def helper_server_pids(self):
-        """hpcc.stepd servers started for this cluster's plugin (matched by their config)."""
+    def helper_server_pids(self, children=False):
+        """hpcc.stepd servers started for this cluster's plugin (matched by their config);
+        the children a server forks for each step, which may outlive srun a moment, only
+        with children=True."""
         configs = set()
         for line in self.plugstack_lines:
             for word in line.split():
                 if word.startswith("config="):
                     configs.add(b"HPCC_CONFIG=" + word[len("config="):].encode())
-        out = []
+        found = {}
         for d in os.listdir("/proc"):
             if not d.isdigit():
                 continue
@@ -262,11 +264,13 @@ class SlurmCluster:
                     if b"hpcc.stepd\0--serve" not in f.read():
                         continue
                 with open(f"/proc/{d}/environ", "rb") as f:
-                    if configs & set(f.read().split(b"\0")):
-                        out.append(int(d))
-            except OSError:
+                    if not configs & set(f.read().split(b"\0")):
+                        continue
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    found[int(d)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-        return out
+        return sorted(pid for pid, ppid in found.items() if children or ppid not in found)
 
     def stop(self):
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
@@ -280,7 +284,7 @@ class SlurmCluster:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for pid in self.helper_server_pids():
+        for pid in self.helper_server_pids(children=True):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:

@@ -53,7 +53,8 @@ def site(test_user, mount_helper_site):
 
     yield {"base": base, "image": image, "user_image": user_image,
            "with": str(mount_helper_site.config), "without": variant("off", ""),
-           "missing": variant("missing", f"{base}/bin/absent")}
+           "missing": variant("missing", f"{base}/bin/absent"),
+           "relative": variant("relative", "hpcc-mount")}
     image.unlink()
     shutil.rmtree(own)
 
@@ -103,6 +104,8 @@ def test_hpcc_v_says_which_mount_and_why(run_cli, site, test_user, helper_mounts
         ("missing", site["image"], f"(squashfuse_ll: mount helper {site['base']}/bin/absent: "
                                    "No such file or directory)"),
         ("with", site["user_image"], "(squashfuse_ll: not an image of the site store "),
+        ("relative", site["image"], "(squashfuse_ll: launcher.mount_helper must be an "
+                                    "absolute path, not 'hpcc-mount')"),
     ]
     for config, image, expect in cases:
         p, how = hpcc(run_cli, site, config, image, "cat", "/hello", user=u)
@@ -140,3 +143,29 @@ def test_command_has_no_privileges_in_either_mount_kind(run_cli, site, test_user
     assert out["remount_root"] == "Operation not permitted"
     assert out["setuid0"] in ("Operation not permitted", "Invalid argument")  # 0: unmapped
     assert _no_loops_left(site["base"])  # the helper's loop device went with the container
+
+
+def test_writable_and_named_containers_on_the_helpers_mount(run_cli, site, test_user,
+                                                            helper_mounts):
+    """The overlay copies the id-mapped kernel mount's files up as it does squashfuse_ll's
+    (root's files are the user's in the setup namespace), and the image is unchanged."""
+    u = test_user.pw_name
+    before = site["image"].read_bytes()
+    p, how = hpcc(run_cli, site, "with", "--writable", site["image"], "sh", "-c",
+                  "echo changed >> /hello && cat /hello && echo new > /bin/new && cat /bin/new",
+                  user=u)
+    assert p.returncode == 0, p.stderr
+    assert how == "(kernel, from the mount helper)"
+    assert p.stdout == "hello from the site image\nchanged\nnew\n"
+    name = f"mount-kinds-{os.getpid()}"
+    try:
+        p, how = hpcc(run_cli, site, "with", "--name", name, site["image"], "sh", "-c",
+                      "echo kept > /kept", user=u)
+        assert p.returncode == 0 and how == "(kernel, from the mount helper)", p.stderr
+        p, _ = hpcc(run_cli, site, "with", "--name", name, site["image"], "cat", "/kept",
+                    user=u)
+        assert p.returncode == 0 and p.stdout == "kept\n", p.stderr
+    finally:
+        run_cli("hpcc", "containers", "rm", name, user=u,
+                env={"HPCC_CONFIG": site["with"], "XDG_RUNTIME_DIR": ""})
+    assert site["image"].read_bytes() == before
