@@ -11,7 +11,8 @@ A client sends one request line and reads event lines until a `result` or an `er
     <- {"event": "line", "msg": "..."}
     <- {"event": "result", ...}  or  {"event": "error", "message": "...", "exit_code": 1}
 
-Other ops: {"op": "status"}, {"op": "list"}. Over TCP the request line is
+Other ops: {"op": "status"}, {"op": "list"}, {"op": "rm", "ref": ...} (the caller's
+private images only). Over TCP the request line is
 {"munge": CREDENTIAL} whose (munge-encrypted) payload is the request itself.
 """
 import json

@@ -215,6 +215,9 @@ class Service:
         self.jobs = {}
         self.jobs_lock = threading.Lock()
         self.resolved = {}  # (ref, platform) -> (digest, when): tags resolved lately
+        self.max_connections = svc["max_connections"]
+        self.slots = threading.BoundedSemaphore(self.max_connections)
+        self.last_busy_log = 0.0
         self.resolve_ttl = svc["resolve_cache_seconds"]
         self.evict_lock = threading.Lock()
         self.stopping = threading.Event()
@@ -304,8 +307,34 @@ class Service:
                 time.sleep(0.05)
                 continue
             host = addr[0] if kind == "tcp" else None
-            threading.Thread(target=self._handle, args=(conn, kind, host), daemon=True,
+            if not self.slots.acquire(blocking=False):
+                # Connections held open (each costs a thread) cannot starve the service:
+                # beyond service.max_connections, one line and close.
+                self._refuse_busy(conn, kind, host)
+                continue
+            threading.Thread(target=self._handle_slot, args=(conn, kind, host), daemon=True,
                              name="request").start()
+
+    def _refuse_busy(self, conn, kind, host):
+        try:
+            conn.settimeout(1)
+            conn.sendall(b'{"event":"error","exit_code":3,"message":"the gateway service is '
+                         b'busy (too many connections); try again in a moment"}\n')
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        if time.monotonic() - self.last_busy_log > 10:
+            self.last_busy_log = time.monotonic()
+            self.log(f"refusing connections: {self.max_connections} already open")
+            self.audit.write(op="connect", via=kind, host=host, outcome="refused",
+                             error="too many connections")
+
+    def _handle_slot(self, conn, kind, host):
+        try:
+            self._handle(conn, kind, host)
+        finally:
+            self.slots.release()
 
     # ---- one connection ------------------------------------------------------------------
     def _handle(self, conn, kind, host):
@@ -333,6 +362,8 @@ class Service:
                 protocol.send(f, {"event": "result", "status": self.status()})
             elif op == "list":
                 protocol.send(f, {"event": "result", "images": self.list_images(ident)})
+            elif op == "rm":
+                self._rm(ident, req, f)
             else:
                 e = UsageError(f"unknown request '{op}'")
                 self.audit.write(op=str(op)[:32], **ident.audit(), outcome="refused",
@@ -552,6 +583,31 @@ class Service:
                             alive = False
         finally:
             job.unsubscribe(q)
+
+    # ---- rm (the caller's private images only) --------------------------------------------
+    def _rm(self, ident, req, f):
+        from hpcc.errors import ImageNotFound
+
+        ref = req.get("ref")
+        record = {"op": "rm", **ident.audit(), "ref": ref}
+        try:
+            if not isinstance(ref, str):
+                raise UsageError("an rm request needs a reference")
+            store = Store.private(self.store.root, ident.uid)
+            if not os.path.isdir(store.root):
+                raise ImageNotFound(f"you have no private image '{ref}'")
+            with self.jobs_lock:
+                busy = {d for (root, d) in self.jobs if root == store.root}
+            rec = store.find(ref)
+            if rec is not None and rec.digest in busy:
+                raise UsageError(f"'{ref}' is being pulled; remove it when the pull is done")
+            untagged, deleted = store.remove(ref)
+        except HpccError as e:
+            self.audit.write(**record, outcome="failed", error=str(e))
+            protocol.send(f, {"event": "error", "message": str(e), "exit_code": e.exit_code})
+            return
+        self.audit.write(**record, digest=deleted, tags=untagged, outcome="removed")
+        protocol.send(f, {"event": "result", "untagged": untagged, "deleted": deleted})
 
     # ---- store budget --------------------------------------------------------------------
     def evict(self, keep):

@@ -1,10 +1,10 @@
 """ELF facts for the hooks: the reader is the runtime's (hpcc.runtime.elf.ElfInfo, one for
-both); here the glibc sonames, the (class, machine) check and the host's library directories.
+both, with its (class, machine) check); here the glibc sonames and the host's library
+directories.
 """
 import platform
-import struct
 
-from hpcc.runtime.elf import ElfInfo  # noqa: F401 (the hooks' one ELF reader)
+from hpcc.runtime.elf import ElfInfo, elf_header  # noqa: F401 (the one ELF reader)
 
 GLIBC_SONAMES = frozenset({
     "libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1", "libresolv.so.2",
@@ -16,14 +16,6 @@ GLIBC_SONAMES = frozenset({
 
 def is_glibc(soname):
     return soname in GLIBC_SONAMES
-
-
-def elf_header(data):
-    """(class, machine) from the first bytes of an ELF file, or None."""
-    if len(data) < 20 or data[:4] != b"\x7fELF":
-        return None
-    order = "<" if data[5] == 1 else ">"
-    return data[4], struct.unpack_from(order + "H", data, 18)[0]
 
 
 def multiarch_triplet():

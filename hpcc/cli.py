@@ -336,7 +336,7 @@ def main(argv=None):
             os._exit(code)  # after pivot_root, Python's teardown must not import anything
         if cmd in ("pull", "images", "inspect", "rm", "gc", "login", "logout"):
             from .gateway.cli import user_main
-            return user_main(argv)
+            return user_main((["-q"] if quiet else []) + (["-v"] if verbose else []) + argv)
         if cmd == "containers":
             return _containers(rest)
         if cmd == "config":

@@ -195,3 +195,14 @@ def test_containers_json_validates(images, launcher_env):
         assert name in [r["name"] for r in rows]
     finally:
         run_hpcc(["containers", "rm", name], config=launcher_env["HPCC_CONFIG"])
+
+
+def test_quiet_before_the_command_reaches_the_image_commands(tmp_path):
+    cfg = tmp_path / "hpcc.toml"
+    cfg.write_text(f'[store]\npath = "{tmp_path}/s"\nuser_path = "{tmp_path}/u"\n')
+    env = dict(os.environ, HPCC_CONFIG=str(cfg))
+    for prog in ("hpcc", "gateway"):
+        loud = run(prog, "images", env=env)
+        assert loud.returncode == 0 and "no images in" in loud.stderr
+        quiet = run(prog, "-q", "images", env=env)
+        assert quiet.returncode == 0 and quiet.stderr == "", (prog, quiet.stderr)

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from hpcc.testkit.busybox import busybox_image
+from tests.test_cli_style import check
 
 pytestmark = [pytest.mark.root]
 
@@ -60,6 +61,16 @@ def test_a_private_image_is_readable_by_its_user_only(gateway_service, service_u
             assert password.encode() not in path.read_bytes(), path
     rec = [r for r in svc.audit() if r["outcome"] == "pulled"][0]
     assert rec["private"] is True and rec["user"] == alice.pw_name
+
+    # only alice can remove it (through the service, which owns the private store)
+    p = svc.run(bob, "rm", ref)
+    assert p.returncode == 1 and os.path.exists(out["path"])
+    p = svc.run(alice, "rm", "--json", ref)
+    assert p.returncode == 0, p.stderr
+    check("rm", json.loads(p.stdout))
+    assert json.loads(p.stdout)[0]["deleted"] == out["digest"]
+    assert not os.path.exists(out["path"])
+    assert svc.audit()[-1]["op"] == "rm" and svc.audit()[-1]["outcome"] == "removed"
 
 
 @pytest.mark.slurm

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from tests.conftest import tool
-from tests.test_cli_style import check
 from tests.fixtures.registry import REGISTRY_USERS, TOKEN_USERS
+from tests.test_cli_style import check
 
 
 @pytest.fixture

@@ -117,3 +117,15 @@ def test_eagain_from_openat2_is_retried(root, monkeypatch):
     t = inroot.open_in_root(fd, "/etc/passwd")
     assert _real(t) == str(r / "etc" / "passwd") and len(calls) == 3
     os.close(t)
+
+
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "nofollow-walk"])
+def test_directories_reached_through_links_open_with_the_flags_asked(root, monkeypatch, openat2):
+    r, fd = root
+    monkeypatch.setattr(inroot, "_HAVE_OPENAT2", openat2)
+    for path in ("/up", "/tmp", "/"):
+        t = inroot.open_in_root(fd, path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert "passwd" in os.listdir(t) or path == "/", path  # O_PATH fds cannot list
+        finally:
+            os.close(t)

@@ -4,6 +4,7 @@ an empty answer, never an exception of another kind).
 
 - `elf_deps(head, fd, size)`: the interpreter and DT_NEEDED names, from the program headers,
   by a few preads (the launch path: runtime.warm reads the command's loader chain with it).
+- `elf_header(data)`: (class, machine) from the first 20 bytes (does a host library suit).
 - `ElfInfo`: soname, DT_NEEDED, RPATH/RUNPATH, symbol versions needed and defined, dynamic
   symbols, from the section headers over an mmap (the MPI and GPU hooks: ~50x faster than
   pyelftools for the same facts; tests check that both agree).
@@ -21,6 +22,14 @@ SHT_DYNSYM, SHT_DYNAMIC = 11, 6
 SHT_GNU_VERDEF, SHT_GNU_VERNEED = 0x6FFFFFFD, 0x6FFFFFFE
 DT_NEEDED, DT_STRTAB, DT_SONAME, DT_RPATH, DT_RUNPATH = 1, 5, 14, 15, 29
 MAX_NEEDED = 32
+
+
+def elf_header(data):
+    """(class, machine) from the first bytes of an ELF file, or None."""
+    if len(data) < 20 or data[:4] != b"\x7fELF":
+        return None
+    order = "<" if data[5] == 1 else ">"
+    return data[4], struct.unpack_from(order + "H", data, 18)[0]
 
 
 def elf_deps(head, fd, size):

@@ -35,9 +35,11 @@ def _walk(root_fd, rel, flags, follow):
     stack = [os.dup(root_fd)]
     links = 0
     plain = (flags & ~(os.O_NOFOLLOW | os.O_CLOEXEC)) == os.O_PATH
+    done = False  # the top of the stack was opened with `flags`
     try:
         while todo:
             comp = todo.pop(0)
+            done = False
             if comp == "..":
                 if len(stack) > 1:
                     os.close(stack.pop())
@@ -58,10 +60,14 @@ def _walk(root_fd, rel, flags, follow):
             if last and not plain:
                 os.close(fd)
                 fd = os.open(comp, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stack[-1])
+                done = True
             stack.append(fd)
-        if not plain and len(stack) == 1:
-            return os.open(".", (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC, dir_fd=root_fd)
-        return os.dup(stack[-1]) if plain else stack.pop()
+        if plain:
+            return os.dup(stack[-1])
+        if done:
+            return stack.pop()
+        # ended on a directory reached by `..` or a symlink's target (or the root itself)
+        return os.open(".", (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC, dir_fd=stack[-1])
     finally:
         for fd in stack:
             os.close(fd)

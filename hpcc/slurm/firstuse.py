@@ -6,9 +6,11 @@ compute node), as the user who typed the command, with the command's terminal:
 
     python3 -I -m hpcc.slurm.firstuse wait|detach IMAGE
 
-- the image is a file, or a store has it: exit 0 at once (the usual case: one lookup);
-- `wait` (srun, salloc): `hpcc pull IMAGE` runs in the foreground (in this process), progress on the user's
-  terminal, and the command goes on when it succeeded (it fails with the pull's message);
+- the image is a file, or a store has it: exit 0 at once (the usual case: one lookup; it
+  leaves a marker, seen_path, with which the plugin skips this process for an hour);
+- `wait` (srun, salloc): `hpcc pull IMAGE` runs in the foreground (in this process),
+  progress on the user's terminal, and the command goes on when it succeeded (it stops
+  with the pull's message when it failed);
 - `detach` (sbatch): the pull is handed to a background process and sbatch returns at
   once. A marker in the user's store (.pending/<hash of the reference>) says that the pull
   is under way; the job's first step (hpcc.slurm.stepd) waits for the marker to go, with a

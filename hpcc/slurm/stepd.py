@@ -271,7 +271,8 @@ def reply_env(spec, rec, keep, extra):
     out = {}
     image_env = (rec.meta.get("config") or {}).get("Env") or []
     spec_env = dict(item.partition("=")[::2] for item in spec["process"]["env"])
-    out["PATH"] = spec_env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    out["PATH"] = spec_env.get("PATH",
+                               "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     for item in image_env:
         k, eq, v = item.partition("=")
         if k and eq:
