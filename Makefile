@@ -22,7 +22,7 @@ APT_PKGS := libsquashfs-dev squashfs-tools-ng squashfs-tools squashfuse fuse3 \
 	docker-registry umoci busybox-static zstd apache2-utils openssl \
 	python3-venv python3-dev build-essential pkg-config iproute2 util-linux \
 	slurm-wlm slurmd slurmctld libslurm-dev munge libmunge-dev mpich libmpich-dev libopenmpi3 \
-	skopeo apparmor procps strace
+	skopeo apparmor procps strace zsh fish
 BENCH_APT_PKGS := charliecloud charliecloud-builders debootstrap hyperfine
 
 .PHONY: all deps bench-deps venv install spank libexec mpi4py-wheel test demo bench clean

@@ -792,6 +792,79 @@ static char *cmdline_container(void)
 	return out;
 }
 
+/* --container=X / --container X in an #SBATCH line of the script `path` (NULL if none). */
+static char *script_container(const char *path)
+{
+	char line[8192], *out = NULL;
+	FILE *f = fopen(path, "r");
+
+	if (!f)
+		return NULL;
+	if (!fgets(line, sizeof(line), f) || strncmp(line, "#!", 2)) {
+		fclose(f);
+		return NULL;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		char *p = line, *v = NULL;
+
+		line[strcspn(line, "\r\n")] = '\0';
+		if (*p == '\0' || (*p == '#' && strncmp(p, "#SBATCH", 7)))
+			continue;       /* blank lines and other comments */
+		if (*p != '#')
+			break;          /* sbatch reads directives up to the first command */
+		for (p += 7; *p == ' ' || *p == '\t'; p++)
+			;
+		if (!strncmp(p, "--container=", 12))
+			v = p + 12;
+		else if (!strncmp(p, "--container ", 12))
+			for (v = p + 12; *v == ' '; v++)
+				;
+		if (v) {
+			v[strcspn(v, " \t#")] = '\0';
+			free(out);
+			out = strdup(v);
+		}
+	}
+	fclose(f);
+	return out;
+}
+
+/* sbatch's script: the first argument after the options that is a file starting "#!". */
+static char *sbatch_script_container(void)
+{
+	char *buf = NULL, *out = NULL;
+	size_t cap = 0, len = 0;
+	FILE *f = fopen("/proc/self/cmdline", "r");
+
+	if (!f)
+		return NULL;
+	for (;;) {
+		if (len == cap) {
+			char *nb = realloc(buf, cap = cap ? cap * 2 : 4096);
+			if (!nb)
+				break;
+			buf = nb;
+		}
+		size_t n = fread(buf + len, 1, cap - len, f);
+		if (!n)
+			break;
+		len += n;
+	}
+	fclose(f);
+	for (size_t off = buf ? strnlen(buf, len) + 1 : len; off < len;
+	     off += strnlen(buf + off, len - off) + 1) {
+		const char *a = buf + off;
+		struct stat st;
+
+		if (a[0] == '-' || stat(a, &st) < 0 || !S_ISREG(st.st_mode))
+			continue;
+		if ((out = script_container(a)) != NULL)
+			break;
+	}
+	free(buf);
+	return out;
+}
+
 /*
  * hpcc.slurm.firstuse found IMAGE (as typed) in a store less than an hour ago: its marker
  * ($XDG_CACHE_HOME or ~/.cache, hpcc/seen/<FNV-1a of IMAGE>) saves starting Python on every
@@ -845,6 +918,8 @@ static int first_use(spank_t sp)
 		image = strdup(getenv("PYXIS_CONTAINER_IMAGE"));
 	else
 		image = cmdline_container();
+	if (!image && ctx == S_CTX_ALLOCATOR && !strcmp(program_invocation_short_name, "sbatch"))
+		image = sbatch_script_container();  /* #SBATCH --container=IMAGE in the script */
 	if (!image || !*image || seen_recently(image)) {
 		free(image);
 		return 0;

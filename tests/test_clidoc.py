@@ -75,3 +75,14 @@ def test_make_install_installs_them():
     assert "-m hpcc.clidoc" in mk and "$(MANDIR)" in mk and "$(BASHCOMPDIR)" in mk
     assert os.path.exists(os.path.join(sys.prefix, "share", "hpcc-doc", "man", "man1",
                                        "hpcc.1"))
+
+
+def test_fish_completion_completes_commands_and_options(out):
+    if not shutil.which("fish"):
+        pytest.skip("fish is not installed")
+    for prog, line, expect in (("gateway", "gateway pu", "pull"),
+                               ("hpcc", "hpcc run --mp", "--mpi"),
+                               ("gateway", "gateway gc --bl", "--blobs")):
+        p = subprocess.run(["fish", "-c", f"source {out}/completions/fish/{prog}.fish; "
+                            f"complete -C '{line}'"], capture_output=True, text=True, check=True)
+        assert expect in [ln.split("\t")[0] for ln in p.stdout.splitlines()], p.stdout

@@ -197,3 +197,25 @@ def test_the_first_step_says_it_waits_for_a_slow_pull(slurm_cluster, registry, f
     assert "in the background" in p.stderr, p.stderr
     assert f"hpcc: waiting for image '{ref}'" in text, text
     assert text.split()[-1] == "1", text
+
+
+def test_sbatch_container_directive_in_a_script_file_is_pulled_too(slurm_cluster, pushed,
+                                                                   user_store, outdir,
+                                                                   slurm_users):
+    # Slurm's own --container in an #SBATCH line: the plugin reads the script file
+    u = slurm_users[U1]
+    ref = pushed()
+    script = outdir / "job.sh"
+    script.write_text(f"#!/bin/sh\n# a comment\n#SBATCH -n1\n#SBATCH --container={ref}\n"
+                      "grep -c 'hpcc busybox' /etc/os-release\n")
+    os.chown(script, u.pw_uid, u.pw_gid)
+    out = outdir / "o.txt"
+    p = run(slurm_cluster, "sbatch", "--parsable", "-o", str(out), str(script))
+    assert p.returncode == 0, p.stderr
+    assert "in the background" in p.stderr, p.stderr
+    wait_job(slurm_cluster, int(p.stdout.strip().split(";")[0]))
+    for _ in range(50):
+        if out.exists():
+            break
+        time.sleep(0.1)
+    assert out.read_text().split()[-1] == "1", out.read_text()
