@@ -215,6 +215,9 @@ class Service:
         self.jobs = {}
         self.jobs_lock = threading.Lock()
         self.resolved = {}  # (ref, platform) -> (digest, when): tags resolved lately
+        self.max_connections = svc["max_connections"]
+        self.slots = threading.BoundedSemaphore(self.max_connections)
+        self.last_busy_log = 0.0
         self.resolve_ttl = svc["resolve_cache_seconds"]
         self.evict_lock = threading.Lock()
         self.stopping = threading.Event()
@@ -304,8 +307,34 @@ class Service:
                 time.sleep(0.05)
                 continue
             host = addr[0] if kind == "tcp" else None
-            threading.Thread(target=self._handle, args=(conn, kind, host), daemon=True,
+            if not self.slots.acquire(blocking=False):
+                # Connections held open (each costs a thread) cannot starve the service:
+                # beyond service.max_connections, one line and close.
+                self._refuse_busy(conn, kind, host)
+                continue
+            threading.Thread(target=self._handle_slot, args=(conn, kind, host), daemon=True,
                              name="request").start()
+
+    def _refuse_busy(self, conn, kind, host):
+        try:
+            conn.settimeout(1)
+            conn.sendall(b'{"event":"error","exit_code":3,"message":"the gateway service is '
+                         b'busy (too many connections); try again in a moment"}\n')
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        if time.monotonic() - self.last_busy_log > 10:
+            self.last_busy_log = time.monotonic()
+            self.log(f"refusing connections: {self.max_connections} already open")
+            self.audit.write(op="connect", via=kind, host=host, outcome="refused",
+                             error="too many connections")
+
+    def _handle_slot(self, conn, kind, host):
+        try:
+            self._handle(conn, kind, host)
+        finally:
+            self.slots.release()
 
     # ---- one connection ------------------------------------------------------------------
     def _handle(self, conn, kind, host):

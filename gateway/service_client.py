@@ -101,7 +101,10 @@ def call(config, request, on_event=None, timeout=30):
         s.settimeout(None)
         f = s.makefile("rwb")
         try:
-            protocol.send(f, line)
+            try:
+                protocol.send(f, line)
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # refused before reading (busy): its one line may be there to read
             while True:
                 ev = protocol.recv(f)
                 if ev is None:
@@ -124,7 +127,10 @@ def call(config, request, on_event=None, timeout=30):
                                hint="run the command again: a pull goes on where it "
                                     "stopped") from None
         finally:
-            f.close()
+            try:
+                f.close()
+            except OSError:
+                pass  # a request that could not be sent: already reported
     finally:
         s.close()
 

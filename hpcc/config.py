@@ -40,6 +40,7 @@ DEFAULTS = {
         "address": "",
         "munge_socket": "",
         "resolve_cache_seconds": 60,
+        "max_connections": 512,
     },
     "policy": {
         "allow": [],

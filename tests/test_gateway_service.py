@@ -239,3 +239,28 @@ def test_the_policy_is_validated_by_the_schema(tmp_path, run_cli):
         p = run_cli("hpcc", "config", "check", cfg)
         assert p.returncode == 1 and key in p.stderr, (bad, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_connections_held_open_cannot_starve_the_service(gateway_service, service_users):
+    from hpcc.gateway import protocol
+
+    svc = gateway_service(service={"max_connections": 2})
+    idle = []
+    try:
+        for _ in range(2):                      # connected, never asking anything
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(svc.socket))
+            idle.append(s)
+        time.sleep(0.2)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(svc.socket))
+        with s, s.makefile("rwb") as f:
+            ev = protocol.recv(f)
+        assert ev["event"] == "error" and "busy" in ev["message"], ev
+        p = svc.run(service_users[0], "status", prog="gateway")
+        assert p.returncode == 3 and "busy" in p.stderr, p.stderr
+    finally:
+        for s in idle:
+            s.close()
+    _wait(lambda: svc.run(service_users[0], "status", prog="gateway").returncode == 0,
+          what="the service to serve again")
