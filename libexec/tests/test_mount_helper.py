@@ -43,6 +43,7 @@ class Site:
         self.above = base / "site"  # a directory above the store root (root's only)
         self.store = self.above / "store"
         self.helper = base / "bin" / "hpcc-mount"
+        self.probe = base / "bin" / "attach_probe.py"  # a copy the test user can read
         self.image = self.store / "sub" / "good.sqfs"
 
 
@@ -69,6 +70,8 @@ def site(test_user):
     assert build.returncode == 0 and not build.stderr.strip(), build.stderr
     os.chown(s.helper, 0, 0)
     os.chmod(s.helper, 0o4755)
+    shutil.copy(PROBE, s.probe)      # the checkout may be below root's 0700 home
+    os.chmod(s.probe, 0o644)
     src = base / "src"
     src.mkdir()
     (src / "hello").write_text("hello from the image\n")
@@ -197,7 +200,8 @@ def config_text(site, text):
 
 
 def probe(site, user, path=None):
-    p = subprocess.run([sys.executable, str(PROBE), str(site.helper), str(path or site.image)],
+    p = subprocess.run([sys.executable, str(site.probe), str(site.helper),
+                        str(path or site.image)],
                        user=user.pw_uid, group=user.pw_gid, extra_groups=[],
                        capture_output=True, text=True, timeout=60, env={})
     assert p.returncode == 0, p.stderr
