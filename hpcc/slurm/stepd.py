@@ -416,7 +416,8 @@ def run(args, sock, pending=b""):
         args["save"] = save_path(args, cwd)  # relative: the job's working directory's
     opts = StepOptions.from_args(args, config)
     named = opts.open_named(image=rec, image_name=args["image"], uid=user.pw_uid,
-                            job=int(args["job"]))
+                            job=int(args["job"]),
+                            node=int(args["node"]) if args.get("node", "").isdigit() else None)
     recorded = (named.image or {}).get("sqfs") if named is not None else None
     if recorded and recorded != str(rec.sqfs_path) and not recorded.startswith("/proc/"):
         # an existing named container runs on the image it was made from (as pyxis)
