@@ -73,23 +73,35 @@ def timed(cluster, argv):
 
 def named_figures(cluster, image, reps):
     """3. In one allocation: srun -N2 -n8 true plain, in an existing named container (made
-    by a first step), and in a fresh unnamed container, alternating; times from the
-    allocation's own shell (date +%s%N around each srun)."""
+    by a first step: its layer is reused, its root assembled again), in a fresh unnamed
+    container, alternating; then, while a step keeps the named container running, plain vs
+    attached (--container-name=NAME:exec: the tasks join the running container). Times from
+    the allocation's own shell (date +%s%N around each srun)."""
     c = f"--container-image={image}"
+    now = "$(date +%s%N)"
     script = (f"srun -N2 -n8 {c} --container-name=bench true || exit 1; "
               f"for i in $(seq {reps}); do "
-              "a=$(date +%s%N); srun -N2 -n8 true || exit 1; b=$(date +%s%N); "
-              f"srun -N2 -n8 {c} --container-name=bench true || exit 1; d=$(date +%s%N); "
-              f"srun -N2 -n8 {c} true || exit 1; e=$(date +%s%N); "
-              "echo T $((b-a)) $((d-b)) $((e-d)); done; echo job=$SLURM_JOB_ID")
+              f"a={now}; srun -N2 -n8 true || exit 1; b={now}; "
+              f"srun -N2 -n8 {c} --container-name=bench true || exit 1; d={now}; "
+              f"srun -N2 -n8 {c} true || exit 1; e={now}; "
+              "echo T $((b-a)) $((d-b)) $((e-d)); done; "
+              f"srun -N2 -n8 --overlap {c} --container-name=bench sleep 600 & sleep 4; "
+              f"for i in $(seq {reps}); do "
+              f"a={now}; srun -N2 -n8 --overlap true || exit 1; b={now}; "
+              f"srun -N2 -n8 --overlap {c} --container-name=bench:exec true || exit 1; "
+              f"d={now}; echo A $((b-a)) $((d-b)); done; kill %1; wait; "
+              "echo job=$SLURM_JOB_ID")
     _, out = timed(cluster, ["salloc", "-N2", "-n8", "sh", "-c", script])
-    rows = [[int(x) / 1e9 for x in ln.split()[1:]] for ln in out.splitlines()
-            if ln.startswith("T ")]
+    rows = {"T": [], "A": []}
     for ln in out.splitlines():
-        if ln.startswith("job="):
+        if ln[:2] in ("T ", "A "):
+            rows[ln[0]].append([int(x) / 1e9 for x in ln.split()[1:]])
+        elif ln.startswith("job="):
             subprocess.run([sys.executable, "-I", "-m", "hpcc.runtime.named", "remove-job",
                             ln[4:]], capture_output=True)
-    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+    t, a = rows["T"], rows["A"]
+    return ([r[0] for r in t], [r[1] for r in t], [r[2] for r in t],
+            [r[0] for r in a], [r[1] for r in a])
 
 
 def pull_figures(cluster, work, reps):
@@ -182,13 +194,17 @@ def main():
         cluster.start()
         try:
             if args.named_reps > 0:  # --named-reps 0 skips part 3
-                tp, tn, tu = named_figures(cluster, "bench/busybox:1", args.named_reps)
-                mp, mn, mu = (statistics.median(x) for x in (tp, tn, tu))
+                tp, tn, tu, ap, at = named_figures(cluster, "bench/busybox:1",
+                                                   args.named_reps)
+                mp, mn, mu, map_, mat = (statistics.median(x) for x in (tp, tn, tu, ap, at))
                 print(f"in one allocation, {len(tp)} rounds: srun -N2 -n8 true median "
                       f"{mp * 1000:.1f} ms; in the existing named container "
                       f"{mn * 1000:.1f} ms; in a fresh unnamed container {mu * 1000:.1f} ms")
                 print(f"named/plain: {mn / mp:.2f}x median, {min(tn) / min(tp):.2f}x best "
                       f"(target <= 1.1x); named/unnamed container: {mn / mu:.2f}x median")
+                print(f"while it runs: plain {map_ * 1000:.1f} ms, attached (NAME:exec) "
+                      f"{mat * 1000:.1f} ms: attached/plain {mat / map_:.2f}x median, "
+                      f"{min(at) / min(ap):.2f}x best")
             if args.named_only:
                 return
             if args.pull_reps > 0:

@@ -1368,10 +1368,11 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 }
 
 /*
- * Job epilog (slurmd, as root, on each node of the job when it ends): remove the job's named
- * containers (--container-name, launcher.containers_scope = "job") on this node.
+ * Job prolog and epilog (slurmd, as root, on each node of the job when it starts and ends):
+ * remove the job's named containers (--container-name, launcher.containers_scope = "job") on
+ * this node; at the start, what a node that crashed (or a reused job id) left behind.
  */
-int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
+static int remove_job_containers(spank_t sp, int ac, char **av)
 {
 	uint32_t job_id = 0;
 	char job[16], *cfg = NULL;
@@ -1405,4 +1406,14 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 		while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
 			;
 	return 0;
+}
+
+int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
+{
+	return remove_job_containers(sp, ac, av);
+}
+
+int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
+{
+	return remove_job_containers(sp, ac, av);
 }

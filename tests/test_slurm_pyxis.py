@@ -303,3 +303,12 @@ def test_hook_messages_name_the_srun_option(slurm_cluster):
     lines = hpcc_lines(p.stderr)
     assert len(lines) == 1 and "--container-mpi:" in lines[0], p.stderr
     assert " --mpi" not in lines[0]
+
+
+def test_an_image_from_the_environment_names_its_variable(slurm_cluster):
+    p = slurm_cluster.run("srun", "-n1", "echo", "RAN", user=U1,
+                          env={"PYXIS_CONTAINER_IMAGE": "hpcctest/left-over:1"})
+    assert p.returncode == 125 and "RAN" not in p.stdout
+    lines = hpcc_lines(p.stderr)
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("hpcc: PYXIS_CONTAINER_IMAGE=hpcctest/left-over:1: image "), lines

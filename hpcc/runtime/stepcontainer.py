@@ -94,9 +94,10 @@ class StepOptions:
                 "unshare": list(self.unshare),
                 "bind_home": self.mount_home}
 
-    def open_named(self, *, image, image_name=None, uid, job):
+    def open_named(self, *, image, image_name=None, uid, job, node=None):
         """The step's named container (hpcc.runtime.named.NamedContainer) or None. Scope:
-        launcher.containers_scope ("job": removed at the end of the job by remove_job)."""
+        launcher.containers_scope ("job": per job and node, removed at the end of the job
+        by remove_job; "user": per user on this host)."""
         if not self.name:
             return None
         from .named import open_named
@@ -104,7 +105,7 @@ class StepOptions:
         scope = self.config.get("launcher", {}).get("containers_scope", "job")
         return open_named(self.name, image=image, image_name=image_name, privileged=True,
                           uid=uid, job=job, scope=scope, config=self.config,
-                          option="--container-name")
+                          option="--container-name", node=node)
 
     def open_save(self, user):
         """(dir_fd, name) of --container-save's PATH, its directory opened with the job

@@ -106,7 +106,8 @@ def serve(path):
     from .. import config, store  # noqa: F401
     from ..runtime import build_spec, enter_namespaces, setup_root  # noqa: F401
     from ..runtime import elf, imagemount, inroot, ocihooks, spec, warm  # noqa: F401
-    from . import batch  # noqa: F401
+    from ..runtime import idmap, named, stepcontainer  # noqa: F401
+    from . import batch, options  # noqa: F401
     import json  # noqa: F401
     import re  # noqa: F401
 

@@ -28,7 +28,8 @@ import os
 import sys
 from _socket import SCM_RIGHTS, SOL_SOCKET
 
-from ..errors import EXIT_LAUNCH, HpccError, ImageNotFound, LaunchError, UsageError
+from ..errors import (EXIT_LAUNCH, HpccError, ImageNotFound, LaunchError, ReferenceError_,
+                      UsageError)
 from ..runtime.identity import AsUser
 
 # Variables of Slurm and of the PMI servers always keep the job's values.
@@ -382,24 +383,41 @@ def container_child(spec, sock, payload, named=None, entrypoint=None):
     return handle
 
 
+def _name_image_variable(args, e):
+    """An image that came from the environment: the message says which variable (the user
+    may not know it is set: a PYXIS_CONTAINER_IMAGE left from another job, say)."""
+    origin = args.get("from_image", "")
+    if origin.startswith(("HPCC_CONTAINER_", "PYXIS_CONTAINER_")):
+        e.message = f"{origin}={args['image']}: {e.message}"
+
+
 def run(args, sock, pending=b""):
     def note(message):
         sock.sendall(f"note={message}\0".encode(errors="replace"))
 
-    user, config, rec, img_fd = prepare(args, note)
+    try:
+        user, config, rec, img_fd = prepare(args, note)
+    except (ImageNotFound, ReferenceError_) as e:
+        _name_image_variable(args, e)
+        raise
     cwd = recv_cwd(sock, pending)
     if cwd is None:
         return 0
     args["cwd"] = cwd
     if rec is None:
-        rec, img_fd = resolve_in_cwd(args, user, config)
+        try:
+            rec, img_fd = resolve_in_cwd(args, user, config)
+        except (ImageNotFound, ReferenceError_) as e:
+            _name_image_variable(args, e)
+            raise
     from ..runtime.stepcontainer import StepOptions
     from .options import save_path
     if args.get("save"):
         args["save"] = save_path(args, cwd)  # relative: the job's working directory's
     opts = StepOptions.from_args(args, config)
     named = opts.open_named(image=rec, image_name=args["image"], uid=user.pw_uid,
-                            job=int(args["job"]))
+                            job=int(args["job"]),
+                            node=int(args["node"]) if args.get("node", "").isdigit() else None)
     recorded = (named.image or {}).get("sqfs") if named is not None else None
     if recorded and recorded != str(rec.sqfs_path) and not recorded.startswith("/proc/"):
         # an existing named container runs on the image it was made from (as pyxis)

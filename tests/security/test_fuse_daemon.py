@@ -92,14 +92,19 @@ def test_image_rewritten_during_the_job_gives_io_errors_in_the_job_only(slurm_cl
     image = os.path.realpath(rec.sqfs_path)
     sig = tempfile.mkdtemp(prefix="hpcc-fuse-sig-")
     os.chmod(sig, 0o755)
+    os.chown(sig, u.pw_uid, u.pw_gid)
     t, out = _in_background(
         slurm_cluster, "srun", "-n1", "--container=hpcctest/fusemine:1",
         f"--container-mounts={sig}:/sig", "sh", "-c",
-        "i=0; while [ ! -e /sig/go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
+        "touch /sig/started; i=0; while [ ! -e /sig/go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
         "cat /data/blob > /dev/null; echo blob=$?", user=U2)
     try:
         pid, _ = _wait_daemon(image, t)
         assert pid, "no squashfuse_ll served the user's image"
+        deadline = time.monotonic() + 60  # the command runs (its shell is loaded)
+        while not os.path.exists(os.path.join(sig, "started")) and t.is_alive() \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
         # the user rewrites their own file in place (as themselves) while it is mounted
         size = os.path.getsize(image)
         subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=64k",
