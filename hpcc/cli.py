@@ -72,7 +72,7 @@ command starts; 126 when the command cannot be executed; 127 when it is not foun
 """
 
 CONFIG_CHECK_USAGE = """\
-usage: hpcc config check [FILE]
+usage: hpcc config check [--json] [FILE]
 
 Validate the site configuration (FILE, else $HPCC_CONFIG, else /etc/hpcc/hpcc.toml) against
 hpcc's schema, and the OCI hook configs in its launcher.hooks_dir. Prints "FILE: ok", or one
@@ -300,6 +300,11 @@ def _containers(argv):
 
 def _config_check(argv):
     from .config import config_path, load_config
+    as_json = "--json" in argv
+    argv = [a for a in argv if a != "--json"]
+    if len(argv) > 1 or (argv and argv[0].startswith("-")):
+        raise UsageError("usage: hpcc config check [--json] [FILE] (see 'hpcc config check "
+                         "--help')")
     path, _ = config_path(argv[0] if argv else None)
     load_config(argv[0] if argv else None, validate_schema=True, memo=False)
     hooks_dir = load_config(argv[0] if argv else None, validate_schema=False)["launcher"].get(
@@ -308,6 +313,11 @@ def _config_check(argv):
     if hooks_dir and os.path.isdir(hooks_dir):
         from .runtime.ocihooks import load_hooks
         n = len(load_hooks(hooks_dir))
+    if as_json:
+        import json
+        print(json.dumps({"config": str(path), "ok": True, "hooks_dir": hooks_dir,
+                          "hook_configs": n}))
+        return 0
     print(f"{path}: ok" + (f"; {n} hook config(s) in {hooks_dir}: ok" if n else ""))
     return 0
 

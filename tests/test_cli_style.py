@@ -56,7 +56,7 @@ def test_quiet_and_verbose_are_accepted_everywhere(argv, tmp_path):
 
 def test_config_check_help():
     p = run("hpcc", "config", "check", "--help")
-    assert p.returncode == 0 and p.stdout.startswith("usage: hpcc config check [FILE]")
+    assert p.returncode == 0 and p.stdout.startswith("usage: hpcc config check [--json] [FILE]")
 
 
 def test_errors_start_with_the_program_name_and_no_error_word(tmp_path):
@@ -206,3 +206,14 @@ def test_quiet_before_the_command_reaches_the_image_commands(tmp_path):
         assert loud.returncode == 0 and "no images in" in loud.stderr
         quiet = run(prog, "-q", "images", env=env)
         assert quiet.returncode == 0 and quiet.stderr == "", (prog, quiet.stderr)
+
+
+def test_config_check_json_validates(tmp_path):
+    cfg = tmp_path / "hpcc.toml"
+    cfg.write_text(f'[store]\npath = "{tmp_path}/s"\n')
+    p = run("hpcc", "config", "check", "--json", cfg)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    check("config_check", out)
+    assert out["config"] == str(cfg)
+    assert run("hpcc", "config", "check", str(cfg)).stdout.startswith(f"{cfg}: ok")

@@ -150,6 +150,13 @@ def test_a_current_directory_the_user_cannot_read_is_not_bound(images, launcher_
         assert p.stderr == f"hpcc: not binding the current directory {d}: you cannot read it\n"
         p = hpcc(launcher_env, test_user.pw_name, "exec", "-q", images["base"], "pwd", cwd=d)
         assert (p.returncode, p.stdout, p.stderr) == (0, "/\n", "")
+        # root starting a container for the user (--user) decides by the user's rights too
+        p = hpcc(launcher_env, None, "exec", "--user", test_user.pw_name, images["entry"], "pwd",
+                 cwd=d)
+        assert (p.returncode, p.stdout) == (0, "/app/data\n"), p.stderr
+        assert p.stderr == f"hpcc: not binding the current directory {d}: you cannot read it\n"
+        p = hpcc(launcher_env, None, "exec", images["base"], "pwd", cwd=d)   # root may
+        assert (p.returncode, p.stdout, p.stderr) == (0, f"{d}\n", "")
     finally:
         os.rmdir(d)
 

@@ -34,7 +34,9 @@ def slurm_cluster(slurm_site):
 @pytest.fixture(scope="module")
 def pushed(registry):
     from hpcc.testkit.busybox import busybox_image
-    image = busybox_image()
+    # an image of this module's own: the site store may hold the plain busybox image
+    # (another test's pull), and a pull of an image the site has only tags it
+    image = busybox_image(labels={"org.hpcc.test": f"firstuse-{os.getpid()}-{time.time_ns()}"})
 
     def push():
         tag = f"t{os.getpid()}-{next(_tags)}-{time.monotonic_ns()}"
@@ -188,7 +190,7 @@ def test_the_first_step_says_it_waits_for_a_slow_pull(slurm_cluster, registry, f
     from hpcc.testkit.busybox import busybox_image
 
     tag = f"slow{os.getpid()}-{time.monotonic_ns()}"
-    registry.push("firstuse/slow", tag, busybox_image())
+    registry.push("firstuse/slow", tag, busybox_image(labels={"org.hpcc.test": tag}))
     ref = fault_proxy.ref("firstuse/slow", tag)
     fault_proxy.throttle = 256 * 1024
     script = (f"#!/bin/sh\n#SBATCH --container-image={ref}\n"

@@ -119,11 +119,13 @@ def test_cancelled_step_leaves_nothing_behind(slurm_cluster2, slurm_site, slurm_
                             env=slurm_cluster2.env, user=U1, cwd="/tmp",
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not (
+        deadline = time.monotonic() + 90     # the step's start, on a loaded machine
+        while time.monotonic() < deadline and proc.poll() is None and not (
                 len(loop_backing(slurm_site.store)) >= 2 and len(user_processes(uid)) >= 5):
             time.sleep(0.1)
-        assert loop_backing(slurm_site.store), "the image is not mounted while the step runs"
+        if not loop_backing(slurm_site.store):
+            why = proc.communicate(timeout=5)[1] if proc.poll() is not None else "still running"
+            pytest.fail(f"the image is not mounted while the step runs ({why})")
         jobs = slurm_cluster2.run("squeue", "-h", "-u", U1, "-o", "%i").stdout.split()
         assert jobs
         slurm_cluster2.run("scancel", *jobs, check=True)

@@ -107,6 +107,13 @@ def _user_info(privileged, user):
     return uid, gid, groups, name, home, shell
 
 
+def _may_enter(path, host_user):
+    """Whether the user the container runs for may read and search the directory `path`."""
+    from .identity import AsUser
+    with AsUser(host_user["uid"], host_user["gid"], host_user["additionalGids"]):
+        return os.access(path, os.R_OK | os.X_OK, effective_ids=True)
+
+
 def _group_lines(gid, groups, name):
     import grp
     lines = []
@@ -291,7 +298,7 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
             cwd == p or cwd.startswith(p + "/") for p in _NO_CWD_BIND_UNDER):
         if bind_home and (cwd == home or cwd.startswith(home.rstrip("/") + "/")):
             cwd_bound = True
-        elif not privileged and not os.access(cwd, os.R_OK | os.X_OK):
+        elif not _may_enter(cwd, host_user):
             # Bound only by default, never asked for: a directory the user cannot read (a
             # shell left in root's directory by su or sudo) is not bound and the command
             # starts where it would without it, instead of the launch failing.

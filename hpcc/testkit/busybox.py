@@ -40,8 +40,9 @@ BUSYBOX_SYMLINKS = ("sh", "ls", "cat", "echo", "id", "true", "false", "uname", "
 BUSYBOX_HARDLINKS = ("env",)     # one applet as a hardlink, so images carry one
 
 
-def busybox_image(*, oci=False, compression="gzip"):
-    """The demo image: Debian's static busybox in two layers.
+def busybox_image(*, oci=False, compression="gzip", labels=None):
+    """The demo image: Debian's static busybox in two layers (`labels`, extra config labels,
+    make an image of its own: a store holding the plain one does not have it).
 
     Layer 1: /bin/busybox, applets as symlinks (and `env` as a hardlink), /etc/passwd,
     /etc/group, /etc/os-release, /etc/motd, /tmp (1777), /root, /home.
@@ -69,14 +70,16 @@ def busybox_image(*, oci=False, compression="gzip"):
         file("app/README", "hpcc demo image\n"),
         whiteout("etc/motd"),
     ]
-    return (ImageBuilder(oci=oci)
-            .layer(base, compression=compression, comment="busybox base")
-            .layer(app, compression=compression, comment="demo app")
-            .env("PATH=/usr/local/bin:/usr/bin:/bin", "HPCC_DEMO=1")
-            .cmd(["/bin/sh"]).workdir("/")
-            .label("org.opencontainers.image.title", "hpcc busybox demo")
-            .label("org.opencontainers.image.source", "hpcc.testkit.busybox.busybox_image")
-            .build())
+    b = (ImageBuilder(oci=oci)
+         .layer(base, compression=compression, comment="busybox base")
+         .layer(app, compression=compression, comment="demo app")
+         .env("PATH=/usr/local/bin:/usr/bin:/bin", "HPCC_DEMO=1")
+         .cmd(["/bin/sh"]).workdir("/")
+         .label("org.opencontainers.image.title", "hpcc busybox demo")
+         .label("org.opencontainers.image.source", "hpcc.testkit.busybox.busybox_image"))
+    for k, v in (labels or {}).items():
+        b.label(k, v)
+    return b.build()
 
 
 # =========================================================================================
