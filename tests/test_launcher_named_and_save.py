@@ -244,3 +244,29 @@ def test_save_failure_leaves_nothing_and_says_why(images, secret_image, cfg, tes
     assert os.listdir(shared_dir) == []
     p = hpcc(cfg, None, "run", "--save", shared_dir, images["base"], "true")
     assert p.returncode == 125 and "is a directory" in p.stderr
+
+
+def test_a_named_layer_is_as_hostile_as_an_image(site_base, cfg, test_user, shared_dir):
+    """What the user left in a named container's layer (here: /etc/passwd and /etc/hosts
+    as symlinks to host files, /tmp as a symlink out of the root) is what root's next
+    launch builds on: the files hpcc writes replace the links, mounts stay inside the
+    root, and the host's files are untouched."""
+    import hashlib
+
+    def digest(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    before = {p: digest(p) for p in ("/etc/shadow", "/etc/hosts")}
+    u = test_user.pw_name
+    p = hpcc(cfg, None, "run", "--user", u, "--name", "evil", site_base, "--", "sh", "-c",
+             "ln -sf ../../../../../etc/shadow /etc/passwd && ln -sf /../../etc/hosts "
+             "/etc/hosts && ls -l /etc/passwd", cwd=shared_dir)
+    assert p.returncode == 0, p.stderr
+    assert "->" in p.stdout  # the link is in the layer
+    p = hpcc(cfg, None, "run", "--user", u, "--name", "evil", site_base, "--", "sh", "-c",
+             "test -L /etc/passwd && echo LINK; grep -c '^" + u + ":' /etc/passwd; "
+             "echo appended >> /etc/hosts", cwd=shared_dir)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["1"]  # a regular file again, with the user's entry
+    assert {path: digest(path) for path in before} == before
