@@ -85,11 +85,13 @@ def named_figures(cluster, image, reps):
               f"srun -N2 -n8 {c} --container-name=bench true || exit 1; d={now}; "
               f"srun -N2 -n8 {c} true || exit 1; e={now}; "
               "echo T $((b-a)) $((d-b)) $((e-d)); done; "
-              f"srun -N2 -n8 --overlap {c} --container-name=bench sleep 600 & sleep 4; "
+              f"srun -N2 -n8 --overlap {c} --container-name=bench sleep 600 & p=$!; "
+              f"until srun -N2 -n2 --overlap {c} --container-name=bench:exec true "
+              "2>/dev/null; do sleep 0.5; done; "
               f"for i in $(seq {reps}); do "
               f"a={now}; srun -N2 -n8 --overlap true || exit 1; b={now}; "
               f"srun -N2 -n8 --overlap {c} --container-name=bench:exec true || exit 1; "
-              f"d={now}; echo A $((b-a)) $((d-b)); done; kill %1; wait; "
+              f"d={now}; echo A $((b-a)) $((d-b)); done; kill $p; wait; "
               "echo job=$SLURM_JOB_ID")
     _, out = timed(cluster, ["salloc", "-N2", "-n8", "sh", "-c", script])
     rows = {"T": [], "A": []}

@@ -18,7 +18,8 @@ Where (`launcher.containers_dir`, docs/launcher.md):
   `/tmp/hpcc-containers-UID` (a directory of theirs, mode 0700).
 
 Each NAME directory holds `upper/` and `work/` (the overlay's), `image` (the image file,
-digest and name the container was made from, NUL-separated), `lock` and `pid`. A launch
+digest and name the container was made from, NUL-separated), `lock`, `pid` and, under
+Slurm, `idle` (the process that keeps the assembled namespace between the job's steps). A launch
 holds an exclusive flock on `lock` for as long as the container runs: a second launch with
 the name finds it running (FLAG exec attaches to it, auto too; no_exec and create refuse).
 
@@ -180,6 +181,30 @@ class NamedContainer:
             os.close(fd)
         os.rename(tmp, "pid", src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
 
+    def record_idle(self, pid, key):
+        """Write `idle`: the pid of the process that keeps this container's assembled mount
+        namespace between the steps of a job, its start time and the key of the step
+        settings it was assembled for (hpcc.runtime.stepcontainer.reuse_key)."""
+        data = f"{pid} {_start_time(pid)} {key}\n".encode()
+        tmp = f"idle.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self.dir_fd)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(tmp, "idle", src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+
+    def idle_keeper(self):
+        """(pid, key) of the process keeping this container's namespace between steps, when
+        it still is that process; else None."""
+        return _idle_keeper(self.dir_fd)
+
+    def stop_idle(self):
+        """End the idle keeper (its namespace is not the one this launch needs) and wait
+        until it is gone: the writable layer must not be mounted twice."""
+        stop_idle_keeper(self.dir_fd)
+
     def close(self):
         for attr in ("lock_fd", "dir_fd"):
             fd = getattr(self, attr)
@@ -194,6 +219,17 @@ def _start_time(pid):
             return int(f.read().rsplit(b")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+def _running(pid, start):
+    """Is pid still the process that started at `start`, and not a zombie (an exited
+    keeper whose parent has not reaped it yet has let go of its namespace)?"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19]) == start and fields[0] not in (b"Z", b"X")
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 _FIELDS = ("sqfs", "digest", "name")
@@ -227,6 +263,53 @@ def _running_pid(dir_fd):
     finally:
         os.close(fd)
     return pid if _start_time(pid) == start else None
+
+
+def _idle_keeper(dir_fd):
+    try:
+        fd = os.open("idle", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        pid, start, key = os.read(fd, 256).decode(errors="replace").split()
+        pid, start = int(pid), int(start)
+    except ValueError:
+        return None
+    finally:
+        os.close(fd)
+    return (pid, key) if pid > 1 and _start_time(pid) == start else None
+
+
+def stop_idle_keeper(dir_fd, wait=10.0):
+    """SIGTERM the idle keeper recorded in dir_fd (checked by its start time: never another
+    process that got its pid), wait for it to end (SIGKILL after `wait` s), remove `idle`."""
+    import signal
+    import time
+
+    found = _idle_keeper(dir_fd)
+    if found is not None:
+        pid = found[0]
+        start = _start_time(pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + wait
+        killed = False
+        while _running(pid, start):
+            if time.monotonic() > deadline:
+                if killed:
+                    break  # unkillable (D state): give up rather than hang the epilog
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                killed, deadline = True, time.monotonic() + 2.0
+            time.sleep(0.01)
+    try:
+        os.unlink("idle", dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
 
 
 def open_named(text, *, image=None, image_name=None, privileged, uid=None, job=None,
@@ -373,6 +456,7 @@ def remove_job(job, config=None):
         for entry in os.listdir(top):
             if pattern.match(entry):
                 try:
+                    _stop_idle_keepers(top, entry)
                     remove_tree(top, entry)
                     n += 1
                 except OSError:
@@ -380,6 +464,26 @@ def remove_job(job, config=None):
     finally:
         os.close(top)
     return n
+
+
+def _stop_idle_keepers(top, entry):
+    """End the processes keeping the namespaces of the named containers in top/entry."""
+    try:
+        sfd = os.open(entry, O_DIR, dir_fd=top)
+    except OSError:
+        return
+    try:
+        for name in os.listdir(sfd):
+            try:
+                nfd = os.open(name, O_DIR, dir_fd=sfd)
+            except OSError:
+                continue
+            try:
+                stop_idle_keeper(nfd)
+            finally:
+                os.close(nfd)
+    finally:
+        os.close(sfd)
 
 
 def remove_named(text, *, privileged, uid=None, job=None, scope="user", config=None):
@@ -408,6 +512,7 @@ def remove_named(text, *, privileged, uid=None, job=None, scope="user", config=N
             try:
                 if not nc.lock():
                     raise LaunchError(f"container '{name}' is running; it cannot be removed")
+                stop_idle_keeper(nfd)
                 try:
                     remove_tree(sfd, name)
                 except OSError as e:

@@ -102,10 +102,14 @@ class StepOptions:
             return None
         from .named import open_named
 
-        scope = self.config.get("launcher", {}).get("containers_scope", "job")
+        scope = self.scope()
         return open_named(self.name, image=image, image_name=image_name, privileged=True,
                           uid=uid, job=job, scope=scope, config=self.config,
                           option="--container-name", node=node)
+
+    def scope(self):
+        """Where named containers live: "job" (removed at the end of the job) or "user"."""
+        return self.config.get("launcher", {}).get("containers_scope", "job")
 
     def open_save(self, user):
         """(dir_fd, name) of --container-save's PATH, its directory opened with the job
@@ -190,28 +194,89 @@ def run_entrypoint(spec, meta_config, *, log=False, privileged=True):
     return lines if log else []
 
 
-def keep_until_step_end(sock, handle, named=None, save_to=None, spec=None):
+def keep_until_step_end(sock, handle, named=None, save_to=None, spec=None, *,
+                        idle_key=None, attached=None):
     """In the helper's child, after the namespace was sent: hold the named container's
-    lock (and record this pid for attaches) and the FUSE daemon until slurmstepd closes
-    the socket at the step's end; then write --container-save's image as the job user.
-    Returns None, or the save's one-line error."""
+    lock (and record this pid, or `attached`, the idle keeper whose namespace the step
+    reuses, for attaches) and the FUSE daemon until slurmstepd closes the socket at the
+    step's end; then write --container-save's image as the job user. With idle_key (a
+    job-scope named container this child assembled), the child then stays as the idle
+    keeper of the assembled namespace for the job's next steps (keep_idle). Returns None,
+    or the save's one-line error."""
     from .process import _save
 
     if named is not None:
-        named.record_pid(os.getpid())
+        named.record_pid(attached or os.getpid())
     try:
         while sock.recv(4096):
             pass
     except OSError:
         pass
+    sock.close()
     problem = None
     if save_to is not None:
         problem = _save(spec, save_to, True)
+    if idle_key is not None and named is not None and handle is not None:
+        keep_idle(handle, named, idle_key)
+        return problem
     if handle is not None:
         handle.close()
     if named is not None:
         named.close()
     return problem
+
+
+def reuse_key(spec):
+    """Digest of what shapes a step's assembled container (root, mounts, hooks, namespaces,
+    the container's user and working directory): a later step of the job whose spec has the
+    same key may run in the namespace an idle keeper holds. Not in it: the command, and
+    what only names the step (its id, the image's fd number) or its creation (fresh_upper:
+    the first step sets the new layer's owner)."""
+    import hashlib
+    import json
+
+    s = {k: v for k, v in spec.items() if k != "process"}
+    s["process"] = {k: v for k, v in spec["process"].items() if k != "args"}
+    s["hpcc"] = {k: v for k, v in spec["hpcc"].items() if k not in ("image", "warm_bytes", "fresh_upper")}
+    ann = dict(s.get("annotations") or {})
+    ann.pop("org.hpcc.slurm.step", None)
+    s["annotations"] = ann
+    text = json.dumps(s, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()[:32]
+
+
+def keep_idle(handle, named, key, poll=2.0):
+    """Between the job's steps: release the named container's lock (it no longer runs),
+    record this process as its idle keeper and hold the assembled mount namespace (and
+    the FUSE daemon) until SIGTERM (the job epilog's remove_job, or a later step that needs
+    another assembly) or until the container's directory is removed."""
+    import signal
+    import time
+
+    def _stop(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        named.record_idle(os.getpid(), key)
+        os.close(named.lock_fd)
+        named.lock_fd = None
+        while os.fstat(named.dir_fd).st_nlink > 0:
+            time.sleep(poll)
+    except (SystemExit, OSError):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        handle.close()
+        named.close()
+
+
+def reuse_fd(pid):
+    """fd of the mount namespace an idle keeper holds, or None when it is gone."""
+    try:
+        return os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def task_userns_fd(uid, gid):

@@ -338,17 +338,19 @@ def recv_cwd(sock, data=b""):
     return text[4:] if text.startswith("cwd=") else None
 
 
-def container_child(spec, sock, payload, named=None, entrypoint=None):
+def container_child(spec, sock, payload, named=None, entrypoint=None, reuse=None):
     """In the forked child: new mount namespace, root assembly, send the namespace fd.
     Returns the RootHandle (its FUSE daemon must outlive the message when there is one),
     or None when the step attaches to a running named container (its namespace is sent).
     entrypoint: (image config, log) to run the image's ENTRYPOINT once before the tasks;
-    its output lines (when log) go to the user as "log=" records."""
+    its output lines (when log) go to the user as "log=" records. reuse: the pid of the
+    named container's idle keeper whose namespace this step runs in (nothing is assembled;
+    the caller checked that it was assembled for the same settings)."""
     from ..runtime import enter_namespaces, setup_root
-    from ..runtime.stepcontainer import (attach_fd, namespace_fds, run_entrypoint,
+    from ..runtime.stepcontainer import (attach_fd, namespace_fds, reuse_fd, run_entrypoint,
                                          task_userns_fd)
 
-    nsfd = attach_fd(named)
+    nsfd = attach_fd(named) if reuse is None else reuse_fd(reuse)
     handle = None
     h = spec["hpcc"]
     extra = {}  # the namespaces each task joins besides the mount namespace
@@ -358,7 +360,7 @@ def container_child(spec, sock, payload, named=None, entrypoint=None):
         hu = h["host_user"]
         extra["user"] = task_userns_fd(*h.get("job_ids", (hu["uid"], hu["gid"])))
     if nsfd is not None:
-        extra.update(namespace_fds(h.get("unshare") or (), pid=named.running_pid))
+        extra.update(namespace_fds(h.get("unshare") or (), pid=reuse or named.running_pid))
     else:
         enter_namespaces(True)
         nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
@@ -381,6 +383,29 @@ def container_child(spec, sock, payload, named=None, entrypoint=None):
     for fd in extra.values():
         os.close(fd)
     return handle
+
+
+def _named_reuse(opts, named, spec, save_to):
+    """(idle_key, reuse) for a job-scope named container this step runs (not attaches to):
+    idle_key, the settings' key under which the child that assembles it keeps its namespace
+    after the step; reuse, the pid of an idle keeper of the same key whose namespace the step
+    runs in instead of assembling it again (hpcc.runtime.stepcontainer.keep_idle). A keeper
+    of other settings is ended first (the layer is mounted once). None, None when the
+    container is not kept: no name, "user" scope, --container-save, or an entrypoint (which
+    runs in a fresh assembly each step, as the step's own)."""
+    if named is None or named.running_pid:
+        return None, None
+    keepable = opts.scope() == "job" and save_to is None and not opts.entrypoint
+    idle = None if named.created else named.idle_keeper()
+    key = None
+    if keepable:
+        from ..runtime.stepcontainer import reuse_key
+        key = reuse_key(spec)
+        if idle is not None and idle[1] == key:
+            return key, idle[0]
+    if idle is not None:
+        named.stop_idle()
+    return key, None
 
 
 def _name_image_variable(args, e):
@@ -428,6 +453,10 @@ def run(args, sock, pending=b""):
                          f"container '{named.name}' (save it from the step that runs it)")
     spec, extra = build(args, user, config, rec, img_fd, opts, named)
     save_to = opts.open_save(spec["hpcc"]["host_user"])
+    idle_key, reuse = _named_reuse(opts, named, spec, save_to)
+    if idle_key is not None:
+        import signal  # noqa: F401  (the idle keeper needs them after pivot_root)
+        import time  # noqa: F401
     keep = {n for n in args.get("keep_env", "").split(",") if n}
     env = reply_env(spec, rec, keep, extra)
     records = [f"cwd={spec['process']['cwd']}"] + [f"env={k}={v}" for k, v in env.items()]
@@ -452,16 +481,19 @@ def run(args, sock, pending=b""):
             os.close(r)
             entry = ((rec.meta.get("config") or {}), opts.entrypoint_log) \
                 if opts.entrypoint else None
-            handle = container_child(spec, sock, payload, named, entry)
+            handle = container_child(spec, sock, payload, named, entry, reuse)
             if named is not None and named.running_pid:
                 named = None  # attached: the running step's keeper holds the container
             if opts.keeps(handle, named, save_to):
                 # Keep the FUSE daemon's parent, the named container's lock, the save, alive
-                # until slurmstepd closes its end at the end of the step.
+                # until slurmstepd closes its end at the end of the step (and then, for a
+                # job's named container, its namespace for the next steps).
                 from ..runtime.stepcontainer import keep_until_step_end
                 os.write(w, b"k")
                 os.close(w)
-                keep_until_step_end(sock, handle, named, save_to, spec)
+                keep_until_step_end(sock, handle, named, save_to, spec,
+                                    attached=reuse if handle is None else None,
+                                    idle_key=idle_key if handle is not None else None)
             else:
                 os.write(w, b"o")
         except HpccError as e:
