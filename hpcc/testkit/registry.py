@@ -29,6 +29,31 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """The base of the test servers' request handlers: HTTP/1.1 (kept-alive connections,
+    as a registry's clients use) and no log line per request."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+
+def serve_in_thread(port, handler, name):
+    """A ThreadingHTTPServer for `handler` on 127.0.0.1:port, served by a daemon thread
+    called `name`; end it with stop_server."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, name=name, daemon=True).start()
+    return httpd
+
+
+def stop_server(httpd):
+    """Stop a server of serve_in_thread (None: nothing to stop) and close its socket."""
+    if httpd:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 # =========================================================================================
 # Certificates and tokens
 # =========================================================================================
@@ -119,7 +144,6 @@ class TokenServer:
         self.requests = []           # (user or None, scope, status)
         self.port = free_port()
         self._httpd = None
-        self._thread = None
 
     @property
     def realm(self):
@@ -161,12 +185,7 @@ class TokenServer:
     def start(self):
         server = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 from urllib.parse import parse_qs, urlsplit
                 u = urlsplit(self.path)
@@ -206,18 +225,12 @@ class TokenServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        name="hpcc-token-server", daemon=True)
-        self._thread.start()
+        self._httpd = serve_in_thread(self.port, Handler, "hpcc-token-server")
         return self
 
     def stop(self):
-        if self._httpd:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        stop_server(self._httpd)
+        self._httpd = None
 
 
 # =========================================================================================
