@@ -29,6 +29,17 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
+def stop_process(proc):
+    """End a service started by a test: SIGTERM, then SIGKILL if it has not exited within
+    10 seconds; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class QuietHandler(http.server.BaseHTTPRequestHandler):
     """The base of the test servers' request handlers: HTTP/1.1 (kept-alive connections,
     as a registry's clients use) and no log line per request."""
@@ -378,12 +389,7 @@ class LocalRegistry:
     def stop(self):
         if self.proc is not None:
             if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+                stop_process(self.proc)
             self.proc = None
         if self.token_server is not None:
             self.token_server.stop()
