@@ -352,6 +352,7 @@ def site_store(images):
     import hashlib
     import shutil
     import tempfile
+
     from hpcc.reference import parse_reference
     from hpcc.store import Store
     d = tempfile.mkdtemp(prefix="hpcc-launcher-store-")
