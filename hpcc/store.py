@@ -547,7 +547,8 @@ def resolve_image(arg, config, cache=None):
         raise ImageNotFound(f"image '{arg}' is not in the store, and '{arg}' here is {what}",
                             hint=f"to run a .sqfs file give its path: ./{arg}")
     raise ImageNotFound(f"image '{arg}' not found in the store",
-                        hint=f"pull it with 'hpcc pull {arg}' (or ask an admin to 'gateway pull {arg}')")
+                        hint=f"pull it with 'hpcc pull {arg}' (or ask an admin to 'gateway pull "
+                             f"{arg}')")
 
 
 def resolution_paths(name, config):

@@ -75,7 +75,8 @@ def test_e2e_shipped_hook_configs_select_on_the_annotations():
     mpi = select_hooks(hooks, {"annotations": {"org.hpcc.mpi": "1"}})
     assert [h["args"] for h in mpi["createRuntime"]] == [["hpcc-hook", "mpi"]]
     gpu = select_hooks(hooks, {"annotations": {"org.hpcc.gpu": "0,1", "org.hpcc.mpi": "1"}})
-    assert [h["args"] for h in gpu["createRuntime"]] == [["hpcc-hook", "mpi"], ["hpcc-hook", "nvidia"]]
+    assert [h["args"] for h in gpu["createRuntime"]] == [["hpcc-hook", "mpi"],
+                                                         ["hpcc-hook", "nvidia"]]
 
 
 def test_e2e_run_mpi_maps_the_hosts_library(e2e, who):
@@ -129,7 +130,8 @@ def test_e2e_run_gpus_on_a_node_without_gpus_says_so(e2e, who):
 
 
 def test_e2e_unprivileged_launch_gets_ucx_shared_memory_settings(e2e, who):
-    p = hpcc(e2e, ["run", "--mpi", e2e["images"]["mpich"], "--", "/bin/cat", "/etc/ucx/ucx.conf"], who)
+    p = hpcc(e2e, ["run", "--mpi", e2e["images"]["mpich"], "--", "/bin/cat", "/etc/ucx/ucx.conf"],
+             who)
     if who is None:   # privileged: ranks share the initial user namespace, UCX defaults work
         assert p.returncode == 1 and "No such file" in p.stderr
     else:

@@ -222,7 +222,8 @@ class TokenServer:
                     user = name
                 tok = server.make_token(user, server._grant(user, scope))
                 server.requests.append((user, scope, 200))
-                self._reply(200, {"token": tok, "access_token": tok, "expires_in": server.token_lifetime,
+                self._reply(200, {"token": tok, "access_token": tok,
+                                  "expires_in": server.token_lifetime,
                                   "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                              time.gmtime())})
 
