@@ -153,9 +153,9 @@ def pingpong_figures(out):
     for line in out.splitlines():
         parts = line.split()
         if parts[:1] == ["size"]:
-            size, l, b = int(parts[1]), float(parts[3]), float(parts[5])
+            size, latency, b = int(parts[1]), float(parts[3]), float(parts[5])
             if size <= 8 and lat is None:
-                lat = l
+                lat = latency
             bw = b  # the largest size comes last
     return lat, bw
 
@@ -248,11 +248,11 @@ def main():
                    "--container-mpi", "pingpong-abi", "1000", "4194304"]
             ln, bn, lc, bc = [], [], [], []
             for _ in range(args.mpi_reps):
-                l, b = pingpong_figures(timed(cluster, nat)[1])
-                ln.append(l)
+                lat, b = pingpong_figures(timed(cluster, nat)[1])
+                ln.append(lat)
                 bn.append(b)
-                l, b = pingpong_figures(timed(cluster, con)[1])
-                lc.append(l)
+                lat, b = pingpong_figures(timed(cluster, con)[1])
+                lc.append(lat)
                 bc.append(b)
             mln, mbn = statistics.median(ln), statistics.median(bn)
             mlc, mbc = statistics.median(lc), statistics.median(bc)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.test_slurm_sbatch import outdir, wait_job  # noqa: F401 - outdir is a fixture
+from tests.test_slurm_sbatch import wait_job
 
 pytestmark = [pytest.mark.root, pytest.mark.slurm]
 

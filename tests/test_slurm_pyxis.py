@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.test_slurm_sbatch import outdir, submit  # noqa: F401 - outdir is a fixture
+from tests.test_slurm_sbatch import submit
 
 pytestmark = [pytest.mark.root, pytest.mark.slurm]
 
@@ -312,3 +312,82 @@ def test_an_image_from_the_environment_names_its_variable(slurm_cluster):
     lines = hpcc_lines(p.stderr)
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith("hpcc: PYXIS_CONTAINER_IMAGE=hpcctest/left-over:1: image "), lines
+
+
+ENTRY_SH = """#!/bin/sh
+echo "entrypoint ran as $(id -u) with $*"
+echo "uid=$(id -u) args=$*" >> /tmp/entrypoint-ran
+[ -e /etc/fail-entrypoint ] && { echo "entrypoint refuses"; exit 7; }
+exec "$@"
+"""
+
+
+@pytest.fixture(scope="module")
+def entrypoint_images(slurm_site):
+    """Site images whose ENTRYPOINT leaves a mark in the container's /tmp and prints a line;
+    "entry-fail:1" has one that fails (status 7)."""
+    from tests.fixtures.slurm import busybox_tree, publish_tree
+
+    config = {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Entrypoint": ["/entry.sh"],
+              "Cmd": ["sh"]}
+    for name, extra in (("entry", {}), ("entry-fail", {"etc/fail-entrypoint": "1\n"})):
+        tree = busybox_tree(slurm_site.root / f"tree-{name}", files={"entry.sh": ENTRY_SH,
+                                                                    **extra})
+        os.chmod(tree / "entry.sh", 0o755)
+        publish_tree(slurm_site.store, tree, [f"hpcctest/{name}:1"], config=config)
+    return "hpcctest/entry:1", "hpcctest/entry-fail:1"
+
+
+def test_container_entrypoint_runs_once_per_node_before_the_tasks(slurm_cluster,
+                                                                  entrypoint_images,
+                                                                  slurm_users):
+    img = entrypoint_images[0]
+    uid = slurm_users[U1].pw_uid
+    # pyxis' default: the ENTRYPOINT does not run, the command runs as given
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={img}", "sh", "-c",
+                          "cat /tmp/entrypoint-ran 2>/dev/null || echo no-entrypoint",
+                          user=U1)
+    assert (p.returncode, p.stdout) == (0, "no-entrypoint\n"), p.stderr
+    assert "entrypoint ran" not in p.stderr
+    # asked for: it ran once on the node, as the job user, with `true` as its command, in the
+    # container the two tasks then share; its output is dropped without -log
+    for env in ({}, {"PYXIS_CONTAINER_ENTRYPOINT": "1"}):
+        opts = ["--container-entrypoint"] if not env else []
+        p = slurm_cluster.run("srun", "-n2", f"--container-image={img}", *opts, "sh", "-c",
+                              "cat /tmp/entrypoint-ran", user=U1, env=env)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.splitlines() == [f"uid={uid} args=true"] * 2, p.stdout + p.stderr
+        assert "entrypoint ran" not in p.stdout + p.stderr
+    # --no-container-entrypoint wins over the variable
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={img}",
+                          "--no-container-entrypoint", "sh", "-c",
+                          "test -e /tmp/entrypoint-ran && echo ran || echo not-run", user=U1,
+                          env={"HPCC_CONTAINER_ENTRYPOINT": "1"})
+    assert p.stdout == "not-run\n", p.stderr
+
+
+def test_container_entrypoint_log_shows_its_output_to_the_user(slurm_cluster,
+                                                               entrypoint_images,
+                                                               slurm_users):
+    img = entrypoint_images[0]
+    uid = slurm_users[U1].pw_uid
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={img}", "--container-entrypoint",
+                          "--container-entrypoint-log", "echo", "task-ran", user=U1)
+    assert (p.returncode, p.stdout) == (0, "task-ran\n"), p.stderr
+    assert f"entrypoint ran as {uid} with true" in p.stderr.splitlines()
+    # the same through the environment, in an allocation's step
+    p = slurm_cluster.run("salloc", "-n1", "srun", "-n1", f"--container-image={img}", "true",
+                          user=U1, env={"PYXIS_CONTAINER_ENTRYPOINT": "1",
+                                        "PYXIS_CONTAINER_ENTRYPOINT_LOG": "1"})
+    assert p.returncode == 0, p.stderr
+    assert f"entrypoint ran as {uid} with true" in p.stderr.splitlines()
+
+
+def test_a_failing_entrypoint_fails_the_step_in_one_line(slurm_cluster, entrypoint_images):
+    p = slurm_cluster.run("srun", "-n1", f"--container-image={entrypoint_images[1]}",
+                          "--container-entrypoint", "echo", "TASK-RAN", user=U1)
+    assert p.returncode != 0 and "TASK-RAN" not in p.stdout
+    lines = hpcc_lines(p.stderr)
+    assert len(lines) == 1, p.stderr
+    assert "entrypoint failed (status 7)" in lines[0] and "entrypoint refuses" in lines[0]
+    assert "--no-container-entrypoint" in p.stderr
