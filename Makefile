@@ -25,7 +25,7 @@ APT_PKGS := libsquashfs-dev squashfs-tools-ng squashfs-tools squashfuse fuse3 \
 	skopeo apparmor procps strace zsh fish
 BENCH_APT_PKGS := charliecloud charliecloud-builders debootstrap hyperfine
 
-.PHONY: all deps bench-deps venv install spank libexec mpi4py-wheel test demo bench clean
+.PHONY: all deps bench-deps venv install spank libexec mpi4py-wheel lint test demo bench clean
 
 all: install
 
@@ -114,7 +114,11 @@ mpi4py-wheel: venv
 		echo "building mpi4py against MPICH (once, into .whl/)"; \
 		MPICC=mpicc $(VENV)/bin/pip wheel -q --no-deps --no-binary mpi4py mpi4py -w .whl; }
 
-test: install mpi4py-wheel
+# ruff (configured in pyproject.toml: line length, import order, unused names), from the venv
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint mpi4py-wheel
 	$(VENV)/bin/python -P -m pytest $(PYTEST_ARGS)
 
 demo: install

@@ -73,51 +73,19 @@ chmod -R a+rX $WORK/store
 GW_IMG=$(ls $WORK/store/sha256-*.sqfs)
 echo "gateway image: $(du -h $GW_IMG | cut -f1) (busybox, zstd, 128 KiB blocks) as bench/busybox:1"
 
-# --- timer: N runs of each command after warm-up, interleaved (one run of each per round, so
-# that a slow spell of this shared machine hits every command alike); prints the medians of
-# wall time in ms, one per command. Commands are separated by "---".
-cat > $WORK/timer.py <<'EOF'
-import os, statistics, sys, time
-runs = int(sys.argv[1])
-cmds, cur = [], []
-for a in sys.argv[2:]:
-    if a == "---":
-        cmds.append(cur); cur = []
-    else:
-        cur.append(a)
-cmds.append(cur)
-def once(cmd):
-    t = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        fd = os.open("/dev/null", os.O_RDWR)
-        os.dup2(fd, 0); os.dup2(fd, 1)
-        os.execvp(cmd[0], cmd)
-    _, st = os.waitpid(pid, 0)
-    if st != 0:
-        sys.exit(f"timer: {' '.join(cmd)} failed ({st})")
-    return (time.perf_counter() - t) * 1000
-for _ in range(max(3, runs // 10)):
-    for c in cmds:
-        once(c)
-times = [[] for _ in cmds]
-for _ in range(runs):
-    for i, c in enumerate(cmds):
-        times[i].append(once(c))
-print(" ".join(f"{statistics.median(t):.2f}" for t in times))
-EOF
-chmod 0644 $WORK/timer.py
-as_user() { setpriv --reuid="$BENCH_USER" --regid="$(id -g "$BENCH_USER")" --init-groups \
-            env -u XDG_RUNTIME_DIR USER="$BENCH_USER" LOGNAME="$BENCH_USER" \
-            HOME="$(getent passwd "$BENCH_USER" | cut -d: -f6)" "$@"; }
-ratio() { $PY -c "print(f'{$1/$2:.2f}')"; }
+# --- timer (bench/timer.py): after WARM rounds, RUNS rounds of the commands interleaved (one
+# run of each per round, so that a slow spell of this shared machine hits every command
+# alike); prints the medians of wall time in ms, one per command ("---" between commands)
+. "$(dirname "$0")/lib.bash"
+install_timer $WORK
+WARM=$(( RUNS / 10 > 3 ? RUNS / 10 : 3 ))
 
 echo
 echo "== start cost, unprivileged ($BENCH_USER), warm, median of $RUNS runs"
 cd /
-t_host=$(as_user $PY $WORK/timer.py $RUNS /bin/true)
-t_py=$(as_user $PY $WORK/timer.py $RUNS $PY -c pass)
-read -r t_ch t_hp t_hp_run <<<"$(as_user $PY $WORK/timer.py $RUNS ch-run $WORK/img.sqfs -- /bin/true \
+t_host=$(as_user $PY $WORK/timer.py $RUNS $WARM /bin/true)
+t_py=$(as_user $PY $WORK/timer.py $RUNS $WARM $PY -c pass)
+read -r t_ch t_hp t_hp_run <<<"$(as_user $PY $WORK/timer.py $RUNS $WARM ch-run $WORK/img.sqfs -- /bin/true \
     --- $HPCC exec $WORK/img.sqfs /bin/true --- $HPCC run $WORK/img.sqfs -- true)"
 printf "  %-44s %8s ms\n" "host true" $t_host "python3 -c pass (interpreter start)" $t_py \
     "ch-run IMG.sqfs -- true" $t_ch "hpcc exec IMG.sqfs true" $t_hp "hpcc run IMG.sqfs -- true" $t_hp_run
@@ -125,7 +93,7 @@ echo "  ratio hpcc/ch-run: $(ratio $t_hp $t_ch)   (target <= 1.5)"
 
 echo
 echo "== start cost of the gateway's image (zstd, 128 KiB blocks), unprivileged, median of $RUNS runs"
-read -r g_ch g_path g_name <<<"$(as_user $PY $WORK/timer.py $RUNS ch-run $GW_IMG -- /bin/true \
+read -r g_ch g_path g_name <<<"$(as_user $PY $WORK/timer.py $RUNS $WARM ch-run $GW_IMG -- /bin/true \
     --- $HPCC exec $GW_IMG /bin/true --- $HPCC exec bench/busybox:1 /bin/true)"
 printf "  %-44s %8s ms\n" "ch-run GW.sqfs -- true" $g_ch "hpcc exec GW.sqfs true (by path)" $g_path \
     "hpcc exec bench/busybox:1 true (by name)" $g_name
@@ -140,7 +108,7 @@ exec unshare --mount --propagation private sh -c \
   'mount -t squashfs -o ro,loop,nodev,nosuid $WORK/img.sqfs $WORK/mnt-sh && exec chroot $WORK/mnt-sh /bin/true'
 EOF
 chmod 0755 $WORK/shell-container.sh
-read -r t_sh t_hpr <<<"$($PY $WORK/timer.py $RUNS $WORK/shell-container.sh \
+read -r t_sh t_hpr <<<"$($PY $WORK/timer.py $RUNS $WARM $WORK/shell-container.sh \
     --- $HPCC exec $WORK/img.sqfs /bin/true)"
 printf "  %-44s %8s ms\n" "unshare + mount -o loop + chroot (sh)" $t_sh "hpcc exec IMG.sqfs true (root)" $t_hpr
 echo "  ratio hpcc/shell: $(ratio $t_hpr $t_sh)"

@@ -72,48 +72,10 @@ chmod 0644 $WORK/etc/*.toml
 echo "image: $(du -h $IMG | cut -f1) squashfs (zstd 5, 128 KiB blocks) of $((bytes >> 20)) MiB in $files files"
 echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg) (figures of a loaded machine are noisy)"
 
-# timer: runs of each command, interleaved round by round; prints, per command, the medians
-# of wall time and of CPU time (user + system of the whole process tree, from wait4: the
-# figure a loaded machine disturbs least) in ms
-cat > $WORK/timer.py <<'EOF'
-import os, statistics, sys, time
-runs, warm = int(sys.argv[1]), int(sys.argv[2])
-cmds, cur = [], []
-for a in sys.argv[3:]:
-    if a == "---":
-        cmds.append(cur); cur = []
-    else:
-        cur.append(a)
-cmds.append(cur)
-def once(cmd):
-    env = dict(os.environ)
-    while cmd[0].startswith("@"):  # @NAME=VALUE: environment of this command
-        k, _, v = cmd[0][1:].partition("="); env[k] = v; cmd = cmd[1:]
-    t = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        fd = os.open("/dev/null", os.O_RDWR)
-        os.dup2(fd, 0); os.dup2(fd, 1)
-        os.execvpe(cmd[0], cmd, env)
-    _, st, ru = os.wait4(pid, 0)
-    if st != 0:
-        sys.exit(f"timer: {' '.join(cmd)} failed ({st})")
-    return (time.perf_counter() - t) * 1000, (ru.ru_utime + ru.ru_stime) * 1000
-for _ in range(warm):
-    for c in cmds:
-        once(c)
-times = [[] for _ in cmds]
-for _ in range(runs):
-    for i, c in enumerate(cmds):
-        times[i].append(once(c))
-print(" ".join(f"{statistics.median(w for w, _ in t):.1f} {statistics.median(c for _, c in t):.1f}"
-               for t in times))
-EOF
-chmod 0644 $WORK/timer.py
-as_user() { setpriv --reuid="$BENCH_USER" --regid="$(id -g "$BENCH_USER")" --init-groups \
-            env -u XDG_RUNTIME_DIR USER="$BENCH_USER" LOGNAME="$BENCH_USER" \
-            HOME="$(getent passwd "$BENCH_USER" | cut -d: -f6)" "$@"; }
-ratio() { $PY -c "print(f'{$1/$2:.2f}')"; }
+# timer (bench/timer.py): the commands interleaved round by round; with --cpu the medians of
+# wall time and of CPU time (user + system of the whole process tree) in ms
+. "$REPO/bench/lib.bash"
+install_timer $WORK
 cd /
 
 # which mount each configuration gets (hpcc -v says it)
@@ -125,10 +87,7 @@ done
 echo
 echo "== reading the image: tar cf - /usr | wc -c, median of $READ_RUNS runs (ms)"
 READ=(/bin/sh -c 'tar cf - /usr 2>/dev/null | wc -c')
-AS=(setpriv --reuid="$BENCH_USER" --regid="$(id -g "$BENCH_USER")" --init-groups
-    env -u XDG_RUNTIME_DIR USER="$BENCH_USER" LOGNAME="$BENCH_USER"
-    HOME="$(getent passwd "$BENCH_USER" | cut -d: -f6)")
-read -r r_root c_root r_helper c_helper r_fuse c_fuse <<<"$($PY $WORK/timer.py $READ_RUNS 1 \
+read -r r_root c_root r_helper c_helper r_fuse c_fuse <<<"$($PY $WORK/timer.py --cpu $READ_RUNS 1 \
     @HPCC_CONFIG=$WORK/etc/nohelper.toml $HPCC exec $IMG "${READ[@]}" --- \
     @HPCC_CONFIG=$WORK/etc/helper.toml "${AS[@]}" $HPCC exec $IMG "${READ[@]}" --- \
     @HPCC_CONFIG=$WORK/etc/nohelper.toml "${AS[@]}" $HPCC exec $IMG "${READ[@]}")"
@@ -140,7 +99,7 @@ echo "  user without helper: $(ratio $r_root $r_fuse)x"
 
 echo
 echo "== start: hpcc exec IMG true, unprivileged ($BENCH_USER), median of $RUNS runs (ms)"
-read -r s_helper c_helper s_fuse c_fuse <<<"$($PY $WORK/timer.py $RUNS 3 \
+read -r s_helper c_helper s_fuse c_fuse <<<"$($PY $WORK/timer.py --cpu $RUNS 3 \
     @HPCC_CONFIG=$WORK/etc/helper.toml "${AS[@]}" $HPCC exec $IMG true --- \
     @HPCC_CONFIG=$WORK/etc/nohelper.toml "${AS[@]}" $HPCC exec $IMG true)"
 printf "  %-44s %8s ms wall %8s ms CPU\n" "with the mount helper (kernel)" $s_helper $c_helper \

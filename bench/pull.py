@@ -20,10 +20,10 @@ with its user+sys CPU seconds.
 import argparse
 import gzip
 import json
-import resource
-import statistics
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile

@@ -90,9 +90,8 @@ def main():
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (a service account is created and used)")
-    from hpcc.gateway import service_client
-
     from hpcc.config import load_config
+    from hpcc.gateway import service_client
     from hpcc.testkit.registry import LocalRegistry
 
     acct = account()

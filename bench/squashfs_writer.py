@@ -51,7 +51,8 @@ def tar_to_image(tar_path, out, compressor, level, workers):
                     if node is None:
                         node = Dir(m.mode, m.uid, m.gid, int(m.mtime))
                     else:
-                        node.mode, node.uid, node.gid, node.mtime = m.mode, m.uid, m.gid, int(m.mtime)
+                        node.mode, node.uid, node.gid = m.mode, m.uid, m.gid
+                        node.mtime = int(m.mtime)
                 elif m.issym():
                     node = Symlink(m.linkname, 0o777, m.uid, m.gid, int(m.mtime))
                 elif m.islnk():
@@ -94,7 +95,8 @@ def main():
         tar_path = args.tar
         if tar_path is None:
             tar_path = os.path.join(tmp, "slice.tar")
-            subprocess.run(["tar", "-cf", tar_path, "-C", "/", *[s for s in SLICE if os.path.isdir("/" + s)]],
+            present = [s for s in SLICE if os.path.isdir("/" + s)]
+            subprocess.run(["tar", "-cf", tar_path, "-C", "/", *present],
                            check=True, stderr=subprocess.DEVNULL)
         subprocess.run(["cat", tar_path], stdout=subprocess.DEVNULL, check=True)   # warm cache
         workers = args.workers or len(os.sched_getaffinity(0))
@@ -123,7 +125,8 @@ def main():
         print(f"ours: finish() (wait for blocks + inode/dir/tables) {st['finish_s']:.2f} s")
         print(f"ours     : {o[0]:6.2f} s wall {o[1]:6.2f} s cpu  image {o[2] / 1e6:8.1f} MB")
         print(f"tar2sqfs : {t[0]:6.2f} s wall {t[1]:6.2f} s cpu  image {t[2] / 1e6:8.1f} MB")
-        print(f"ratio ours/tar2sqfs: wall {o[0] / t[0]:.3f}  cpu {o[1] / t[1]:.3f}  size {o[2] / t[2]:.4f}")
+        print(f"ratio ours/tar2sqfs: wall {o[0] / t[0]:.3f}  cpu {o[1] / t[1]:.3f}  size "
+              f"{o[2] / t[2]:.4f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

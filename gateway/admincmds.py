@@ -69,13 +69,7 @@ def gc(obj, dry_run, blobs, json_output, quiet):
                 for layer in rec.meta.get("layers", [])}
         cache = BlobCache(blob_cache_dir(obj.config, obj.store.root))
         removed += [str(p) for p in cache.prune(keep, dry_run=dry_run)]
-    if json_output:
-        obj.emit({"removed": removed, "dry_run": dry_run})
-    elif not quiet:
-        for p in removed:
-            click.echo(("would remove " if dry_run else "removed ") + p)
-        click.echo(f"{len(removed)} item(s) {'to remove' if dry_run else 'removed'}",
-                   err=True)
+    obj.report_removed(removed, dry_run, json_output, quiet)
 
 
 

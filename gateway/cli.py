@@ -54,6 +54,17 @@ class Ctx:
     def emit(self, obj):
         click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
+    def report_removed(self, removed, dry_run, json_output, quiet):
+        """What a gc removed (dry_run: would remove): JSON, or one line per path on stdout
+        and the count on stderr."""
+        if json_output:
+            self.emit({"removed": removed, "dry_run": dry_run})
+        elif not quiet:
+            for p in removed:
+                click.echo(("would remove " if dry_run else "removed ") + p)
+            click.echo(f"{len(removed)} item(s) {'to remove' if dry_run else 'removed'}",
+                       err=True)
+
     def read_stores(self):
         """The stores whose images are listed and found: the own one, then (user mode) the
         site store."""

@@ -236,11 +236,11 @@ def import_image(path, *, store, config, tag=None, platform=None, reporter=None)
             "created": image_config.get("created"),
             "architecture": image_config.get("architecture"),
             "os": image_config.get("os"),
-            "layers": [{"digest": l.digest, "size": (l.length if l.length is not None
-                                                     else os.path.getsize(l.path))}
-                       for l in layers],
+            "layers": [{"digest": lay.digest, "size": (lay.length if lay.length is not None
+                                                       else os.path.getsize(lay.path))}
+                       for lay in layers],
         }
-        getters = [(lambda l=l: l) for l in layers]
+        getters = [(lambda lay=lay: lay) for lay in layers]
         rec, _stats, report = convert_image(store, digest, getters, config=config,
                                             image_config=image_config, meta=meta, refs=refs,
                                             progress=reporter.converted_bytes)

@@ -10,12 +10,12 @@ keys are kept. `logout` removes the registry's entry.
 import base64
 import json
 import os
-import tempfile
 
 import requests
 
 from hpcc.errors import ConfigError, HpccError, RegistryError
 from hpcc.reference import DEFAULT_DOMAIN
+from hpcc.store import write_atomic
 
 from .auth import auth_file_candidates, parse_challenge
 from .transport import Transport, describe_conn_error
@@ -112,21 +112,7 @@ def _write(path, data):
     d = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(d, 0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".auth-", dir=d)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.rename(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_atomic(path, (json.dumps(data, indent=2) + "\n").encode(), mode=0o600)
     except OSError as e:
         raise ConfigError(f"cannot write the auth file {path}: {e.strerror}") from None
 

@@ -91,8 +91,14 @@ class RichReporter(Reporter):
     def __init__(self, quiet=False, stream=None):
         super().__init__(quiet, stream)
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
 
         self.console = Console(file=self.stream)
         self.progress = Progress(TextColumn("{task.description:<28}"), BarColumn(),
@@ -114,8 +120,8 @@ class RichReporter(Reporter):
                 tid = self.progress.add_task(f"layer {short}", total=total or None)
                 self._tasks[digest] = tid
         if event in ("cached", "done"):
-            self.progress.update(tid, completed=total or done,
-                                 description=f"layer {short}" + (" (cached)" if event == "cached" else ""))
+            cached = " (cached)" if event == "cached" else ""
+            self.progress.update(tid, completed=total or done, description=f"layer {short}{cached}")
         else:
             self.progress.update(tid, completed=done)
 

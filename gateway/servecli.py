@@ -75,10 +75,4 @@ def _add_user_gc(group, common):
         from .userpull import user_gc
 
         removed = user_gc(obj.config, obj.store, dry_run=dry_run)
-        if json_output:
-            obj.emit({"removed": removed, "dry_run": dry_run})
-        elif not quiet:
-            for p in removed:
-                click.echo(("would remove " if dry_run else "removed ") + p)
-            click.echo(f"{len(removed)} item(s) {'to remove' if dry_run else 'removed'}",
-                       err=True)
+        obj.report_removed(removed, dry_run, json_output, quiet)

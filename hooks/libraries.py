@@ -103,12 +103,14 @@ class HostLibraries:
 
 
 class ContainerLibraries:
-    """Where the container's dynamic linker finds a soname (its cache, LD_LIBRARY_PATH, defaults)."""
+    """Where the container's dynamic linker finds a soname (its cache, LD_LIBRARY_PATH,
+    defaults)."""
 
     def __init__(self, root, env):
         self.root = root
         self.cache = parse_ld_cache(root.read("/etc/ld.so.cache"))
-        self.ld_library_path = [d for d in env.get("LD_LIBRARY_PATH", "").split(":") if d.startswith("/")]
+        self.ld_library_path = [d for d in env.get("LD_LIBRARY_PATH", "").split(":")
+                                if d.startswith("/")]
         self.default_dirs = default_lib_dirs()
         libc = self.find("libc.so.6", use_env=False)
         self.libc = libc
@@ -153,4 +155,5 @@ class ContainerLibraries:
         return ElfInfo(os.fdopen(fd, "rb"), name=cpath)
 
     def musl(self):
-        return any(n.startswith("ld-musl-") for d in ("/lib", "/usr/lib") for n in self.root.listdir(d))
+        return any(n.startswith("ld-musl-")
+                   for d in ("/lib", "/usr/lib") for n in self.root.listdir(d))

@@ -71,7 +71,8 @@ class HostLib:
 
 
 def host_mpi_libraries(config, hostlibs):
-    """{family: HostLib} of the host's MPICH-ABI libraries (config mpi.libraries or the ld cache)."""
+    """{family: HostLib} of the host's MPICH-ABI libraries (config mpi.libraries or the ld
+    cache)."""
     out = {}
     configured = (config.get("mpi") or {}).get("libraries") or []
     if configured:
@@ -83,8 +84,9 @@ def host_mpi_libraries(config, hostlibs):
             soname = elf.soname or os.path.basename(path)
             fam = ABI_SONAMES.get(soname)
             if fam is None:
-                raise HookError(f"mpi.libraries: {path} has soname {soname}, which is not an MPICH-ABI "
-                                "library (libmpi.so.12, libmpich.so.12 and their C++/Fortran siblings)")
+                raise HookError(f"mpi.libraries: {path} has soname {soname}, which is not an "
+                                "MPICH-ABI library (libmpi.so.12, libmpich.so.12 and their "
+                                "C++/Fortran siblings)")
             out.setdefault(fam, HostLib(soname, path, elf))
     else:
         for fam, names in FAMILIES.items():
@@ -94,8 +96,9 @@ def host_mpi_libraries(config, hostlibs):
                     out[fam] = HostLib(name, p, ElfInfo.from_path(p))
                     break
     if "c" not in out:
-        raise HookError("--mpi requested but this host has no MPICH-ABI MPI library (libmpi.so.12 or "
-                        "libmpich.so.12 in the ld cache); install one or set mpi.libraries in hpcc.toml")
+        raise HookError("--mpi requested but this host has no MPICH-ABI MPI library (libmpi.so.12 "
+                        "or libmpich.so.12 in the ld cache); install one or set mpi.libraries in "
+                        "hpcc.toml")
     return out
 
 
@@ -131,10 +134,11 @@ def check_abi_versions(host, container_real, container_soname):
         raise HookError(f"--mpi: the container's MPI ABI {cv[0]} differs from the host's {hv[0]}")
     if cv[1] > hv[1]:
         raise HookError(
-            f"--mpi: the container's MPI ({os.path.basename(container_real)}, ABI {cv[0]}.{cv[1]}) is "
-            f"newer than the host's ({os.path.basename(host.real)}, ABI {hv[0]}.{hv[1]}); programs built "
-            "against it may call functions the host's MPI lacks: use an image built with an MPICH-ABI "
-            "MPI no newer than the host's, or run without --mpi to use the container's own MPI")
+            f"--mpi: the container's MPI ({os.path.basename(container_real)}, ABI {cv[0]}.{cv[1]}) "
+            f"is newer than the host's ({os.path.basename(host.real)}, ABI {hv[0]}.{hv[1]}); "
+            "programs built against it may call functions the host's MPI lacks: use an image "
+            "built with an MPICH-ABI MPI no newer than the host's, or run without --mpi to use "
+            "the container's own MPI")
     if cv != hv:
         return (f"container MPI {'.'.join(map(str, cv))} replaced by host MPI "
                 f"{'.'.join(map(str, hv))}")
@@ -206,8 +210,8 @@ def check_glibc(clibs, needs):
         if p is None:
             if soname.startswith("ld-"):
                 continue  # the interpreter is not always in the cache; libc's check covers it
-            raise HookError(f"--mpi: the host's MPI needs {soname}, which the container lacks; use an "
-                            "image with a full glibc")
+            raise HookError(f"--mpi: the host's MPI needs {soname}, which the container lacks; use "
+                            "an image with a full glibc")
         elf = clibs.elf(p)
         missing = sorted(v for v in versions if v not in elf.verdef)
         if missing:
@@ -215,9 +219,9 @@ def check_glibc(clibs, needs):
             have = _glibc_version(elf.verdef)
             need_s = ".".join(map(str, need[:2])) if need else missing[-1]
             have_s = ".".join(map(str, have[:2])) if have else "unknown"
-            raise HookError(f"--mpi: the host's MPI needs glibc {need_s} ({', '.join(missing)} from "
-                            f"{soname}) but the container has glibc {have_s}; use an image with glibc "
-                            f">= {need_s}, or run without --mpi")
+            raise HookError(f"--mpi: the host's MPI needs glibc {need_s} ({', '.join(missing)} "
+                            f"from {soname}) but the container has glibc {have_s}; use an image "
+                            f"with glibc >= {need_s}, or run without --mpi")
 
 
 def _plugin_modules(owner, hostlibs):
@@ -248,27 +252,31 @@ def plan_mpi(container, root, config, *, hostlibs=None):
     clibs = ContainerLibraries(root, container.env)
     plan = Plan()
     if clibs.musl():
-        raise HookError("--mpi: the container uses musl libc; the host's MPI is built for glibc. Use a "
-                        "glibc-based image, or run without --mpi")
+        raise HookError("--mpi: the container uses musl libc; the host's MPI is built for glibc. "
+                        "Use a glibc-based image, or run without --mpi")
     host = host_mpi_libraries(config, hostlibs)
     found, other = detect_container_mpi(clibs)
     if other and not any(ABI_SONAMES[n] == "c" for n in found):
         desc, soname, path = other
         raise HookError(
             f"--mpi requested but the container has {desc} ({soname} at {path}), which is not "
-            f"compatible with the host's MPICH-ABI MPI ({host['c'].soname}); run without --mpi to use "
-            "the container's own MPI, or use an image built with MPICH, Intel MPI, Cray MPICH or MVAPICH")
+            f"compatible with the host's MPICH-ABI MPI ({host['c'].soname}); run without --mpi to "
+            "use the container's own MPI, or use an image built with MPICH, Intel MPI, Cray MPICH "
+            "or MVAPICH")
     if not clibs.libdir:
-        raise HookError("--mpi: the container has no glibc (libc.so.6), so it cannot load the host's "
-                        "MPI; use an image with a glibc-based distribution")
+        raise HookError("--mpi: the container has no glibc (libc.so.6), so it cannot load the "
+                        "host's MPI; use an image with a glibc-based distribution")
     if not found:
-        plan.note("the container has no MPI library; the host's is added under both MPICH-ABI names")
+        plan.note("the container has no MPI library; the host's is added under both MPICH-ABI "
+                  "names")
 
     # Which families to serve: C always, C++/Fortran when the container has them.
-    fams = ["c"] + [f for f in ("cxx", "fort") if f in host and any(n in found for n in FAMILIES[f])]
+    fams = ["c"] + [f for f in ("cxx", "fort")
+                    if f in host and any(n in found for n in FAMILIES[f])]
     for fam in ("cxx", "fort"):
         if fam not in host and any(n in found for n in FAMILIES[fam]):
-            plan.note(f"the container has {fam} MPI bindings but the host has none; the container's stay")
+            plan.note(f"the container has {fam} MPI bindings but the host has none; the "
+                      "container's stay")
 
     abi_check = (config.get("mpi") or {}).get("abi_check", "minor")
     for fam in fams:
@@ -304,7 +312,8 @@ def plan_mpi(container, root, config, *, hostlibs=None):
     for lib in members:
         if lib.plugin_dir:
             continue
-        place_library(plan, clibs, lib.path, lib.soname, f"dependency of the host MPI ({lib.soname})",
+        place_library(plan, clibs, lib.path, lib.soname,
+                      f"dependency of the host MPI ({lib.soname})",
                       realname=os.path.basename(lib.real))
         for sub in PLUGIN_DIRS.get(lib.soname, ()):
             d = os.path.join(os.path.dirname(lib.real), sub)
@@ -337,13 +346,14 @@ def plan_mpi(container, root, config, *, hostlibs=None):
             if text and not text.endswith("\n"):
                 text += "\n"
             plan.write(UCX_CONF, text + "# added by hpcc-hook mpi (unprivileged container)\n"
-                       + "".join(a + "\n" for a in add), why="UCX shared memory across user namespaces")
+                       + "".join(a + "\n" for a in add),
+                       why="UCX shared memory across user namespaces")
 
     mpi_cfg = config.get("mpi") or {}
     for path in mpi_cfg.get("extra_files") or []:
         if not os.path.exists(path):
-            raise HookError(f"mpi.extra_files in hpcc.toml names {path}, which does not exist on this "
-                            "node; fix the site config")
+            raise HookError(f"mpi.extra_files in hpcc.toml names {path}, which does not exist on "
+                            "this node; fix the site config")
         plan.bind(path, path, why="mpi.extra_files")
     for dev in mpi_cfg.get("devices") or []:
         if not os.path.exists(dev):
@@ -368,8 +378,8 @@ def _closure(roots, hostlibs, clibs, plan):
         p = hostlibs.find(soname, origin=os.path.dirname(parent.real), rpath=parent.elf.rpath,
                           runpath=parent.elf.runpath, want=want)
         if p is None:
-            raise HookError(f"the host's {parent.soname} needs {soname}, which is not found on this "
-                            "host; the host MPI installation is incomplete")
+            raise HookError(f"the host's {parent.soname} needs {soname}, which is not found on "
+                            "this host; the host MPI installation is incomplete")
         libs[soname] = HostLib(soname, p, ElfInfo.from_path(p))
         return libs[soname]
 

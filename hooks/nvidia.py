@@ -30,7 +30,8 @@ from .plan import Plan, place_library
 
 BINARIES = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
             "nvidia-cuda-mps-server")
-CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools",
+                   "/dev/nvidia-modeset")
 # Library families by NVIDIA_DRIVER_CAPABILITIES (as the CUDA images use it). A library of a
 # family the container did not ask for is left out; one in no family (new in some driver
 # release) is always injected, so discovery never silently drops what a driver adds.
@@ -133,8 +134,8 @@ def parse_gpu_list(value):
     items = [x.strip() for x in v.split(",") if x.strip()]
     for x in items:
         if not (x.isdigit() or x.startswith(("GPU-", "MIG-"))):
-            raise HookError(f"bad GPU selection {value!r}: use all, none, or a comma-separated list of "
-                            "GPU indexes (0,1) or UUIDs (GPU-...)")
+            raise HookError(f"bad GPU selection {value!r}: use all, none, or a comma-separated "
+                            "list of GPU indexes (0,1) or UUIDs (GPU-...)")
     return items
 
 
@@ -192,7 +193,8 @@ def select_gpus(annotation, cenv, henv, gpus, allowed=()):
             for g in chosen:
                 if g not in granted:
                     raise HookError(f"GPU {g.index} ({source}) is not allocated to this Slurm job "
-                                    f"({slurm[0]}={slurm[1]}); request it from Slurm (--gres/--gpus)")
+                                    f"({slurm[0]}={slurm[1]}); request it from Slurm "
+                                    "(--gres/--gpus)")
     else:
         chosen = list(gpus) if sel == "all" else [_lookup(gpus, x, source) for x in sel]
     if allowed:
@@ -339,15 +341,17 @@ def check_requirements(cenv, driver, gpus=()):
             continue
         m = re.search(r"(?:^|\s)cuda>=(\S+?)(?:\s|,|$)", expr)
         if m and cuda is None:
-            raise HookError(f"the image requires CUDA >= {m.group(1)} ({key}) but the driver's CUDA "
-                            f"version could not be read from {driver.libcuda}; set "
+            raise HookError(f"the image requires CUDA >= {m.group(1)} ({key}) but the driver's "
+                            f"CUDA version could not be read from {driver.libcuda}; set "
                             "NVIDIA_DISABLE_REQUIRE=1 to start it anyway")
         if m:
-            raise HookError(f"the image requires CUDA >= {m.group(1)} ({key}={expr}) but the host's "
-                            f"driver {driver.version} supports CUDA {cuda} at most; use an image built for "
-                            f"CUDA {cuda} or older, or ask the admins for a newer driver")
-        raise HookError(f"the image's {key}={expr} is not met by this host (driver {driver.version}, "
-                        f"CUDA {cuda}); use a matching image or set NVIDIA_DISABLE_REQUIRE=1")
+            raise HookError(f"the image requires CUDA >= {m.group(1)} ({key}={expr}) but the "
+                            f"host's driver {driver.version} supports CUDA {cuda} at most; use an "
+                            f"image built for CUDA {cuda} or older, or ask the admins for a newer "
+                            "driver")
+        raise HookError(f"the image's {key}={expr} is not met by this host (driver "
+                        f"{driver.version}, CUDA {cuda}); use a matching image or set "
+                        "NVIDIA_DISABLE_REQUIRE=1")
 
 
 # ------------------------------------------------------------------------------------------
@@ -363,14 +367,16 @@ def plan_nvidia(container, root, config, *, sysroot="/", henv=None):
     gpus = host_gpus(sysroot)
     sel = select_gpus(annotation, container.env, henv, gpus, gcfg.get("allowed_devices") or ())
     if sel == "void":
-        plan.note("no GPU requested (no org.hpcc.gpu annotation, NVIDIA_VISIBLE_DEVICES unset or void)")
+        plan.note("no GPU requested (no org.hpcc.gpu annotation, NVIDIA_VISIBLE_DEVICES unset or "
+                  "void)")
         return plan
     driver = find_driver(config, sysroot)
     ctl = _p(sysroot, "/dev/nvidiactl")
     if driver is None or not os.path.exists(ctl):
-        missing = "libcuda.so.1 (ld cache, gpu.library_paths)" if driver is None else "/dev/nvidiactl"
-        raise HookError(f"GPUs requested but this node has no NVIDIA driver: {missing} not found; run "
-                        "without --gpus, or on a GPU node")
+        missing = ("libcuda.so.1 (ld cache, gpu.library_paths)" if driver is None
+                   else "/dev/nvidiactl")
+        raise HookError(f"GPUs requested but this node has no NVIDIA driver: {missing} not found; "
+                        "run without --gpus, or on a GPU node")
     if annotation is not None and annotation.strip().lower() != "none" and not sel:
         raise HookError("GPUs requested but this node has none")
     check_requirements(container.env, driver, sel)
@@ -388,7 +394,8 @@ def plan_nvidia(container, root, config, *, sysroot="/", henv=None):
         plan.note(f"not asked for by NVIDIA_DRIVER_CAPABILITIES={','.join(sorted(caps))}: "
                   + ", ".join(sorted(skipped)))
     if clibs.libdir and "libcuda.so.1" in placed and clibs.find("libcuda.so") is None:
-        plan.symlink("libcuda.so.1", f"{clibs.libdir}/libcuda.so", why="development name of libcuda")
+        plan.symlink("libcuda.so.1", f"{clibs.libdir}/libcuda.so",
+                     why="development name of libcuda")
     for b in driver.binaries:
         plan.bind(b, f"/usr/bin/{os.path.basename(b)}", why="NVIDIA driver tool")
     for d in CONTROL_DEVICES:
@@ -410,7 +417,8 @@ def plan_nvidia(container, root, config, *, sysroot="/", henv=None):
         if os.path.exists(_p(sysroot, sock)):
             plan.bind(_p(sysroot, sock), sock, why="nvidia-persistenced socket")
     cuda = f"{driver.cuda[0]}.{driver.cuda[1]}" if driver.cuda else "unknown"
-    plan.note(f"driver {driver.version}, CUDA {cuda}; GPUs " + (",".join(str(g.index) for g in sel) or "none"))
+    gpu_list = ",".join(str(g.index) for g in sel) or "none"
+    plan.note(f"driver {driver.version}, CUDA {cuda}; GPUs {gpu_list}")
     return plan
 
 

@@ -74,7 +74,8 @@ def enter_mount_namespace(pid):
         theirs = os.stat(f"/proc/{int(pid)}/ns/mnt")
         ours = os.stat("/proc/self/ns/mnt")
     except (OSError, ValueError):
-        raise HookError(f"the container process {pid} named in the OCI state does not exist") from None
+        raise HookError(
+            f"the container process {pid} named in the OCI state does not exist") from None
     if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
         return False
     fd = os.open(f"/proc/{int(pid)}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)

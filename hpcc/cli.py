@@ -80,7 +80,8 @@ line naming the first bad key, with exit status 1.
 """
 
 _WHAT = {
-    "run": ("[--] [CMD [ARG...]]", "Run the image's ENTRYPOINT with its CMD, or with CMD ARG... instead."),
+    "run": ("[--] [CMD [ARG...]]",
+            "Run the image's ENTRYPOINT with its CMD, or with CMD ARG... instead."),
     "exec": ("CMD [ARG...]", "Run CMD ARG... in the image as is (no ENTRYPOINT)."),
     "shell": ("[ARG...]", "Start your login shell in the image (or /bin/sh when it lacks it)."),
 }

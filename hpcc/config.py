@@ -119,9 +119,9 @@ def _key_path(error):
 
 
 def validate(data, source="config"):
-    import jsonschema  # slow import: only when validating
-
     import json
+
+    import jsonschema  # slow import: only when validating
 
     schema = json.loads(_schema_path().read_text())
     validator = jsonschema.Draft202012Validator(schema)

@@ -26,7 +26,8 @@ def show(cmd, check=True, **kw):
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
     p = subprocess.run([str(c) for c in cmd], **kw)
     if check and p.returncode != 0:
-        raise SystemExit(f"demo: '{' '.join(map(str, cmd))}' failed with exit status {p.returncode}")
+        raise SystemExit(f"demo: '{' '.join(map(str, cmd))}' failed with exit status "
+                         f"{p.returncode}")
     return p
 
 
@@ -36,7 +37,8 @@ def tool(name):
 
 def main():
     if os.geteuid() != 0:
-        raise SystemExit("demo: run as root (make demo), it starts a registry and uses the site store")
+        raise SystemExit("demo: run as root (make demo), it starts a registry and uses the site "
+                         "store")
     from hpcc.testkit.busybox import busybox_image
     from hpcc.testkit.registry import LocalRegistry
 

@@ -62,7 +62,11 @@ def check_squashfs(path, shown=None):
 
 def local_image(arg, cache=None):
     """ImageRecord for a .sqfs path; `cache` (optional) has .get(path, load)."""
-    path = os.path.abspath(arg)
+    try:
+        path = os.path.abspath(arg)
+    except FileNotFoundError:   # relative, in a directory removed under the shell
+        raise ImageNotFound(f"image file {arg} is a relative path and the current directory "
+                            "no longer exists", hint="give its absolute path") from None
     try:
         st = os.stat(path)
     except PermissionError:

@@ -94,7 +94,7 @@ def makedirs_durable(path, mode=0o755):
         _fsync_dir(os.path.dirname(d))
 
 
-def _write_atomic(path, data, mode=0o644, tmpdir=None):
+def write_atomic(path, data, mode=0o644, tmpdir=None):
     """Write bytes to `path` via a temp file in `tmpdir` (same filesystem) + fsync + rename."""
     d = tmpdir or os.path.dirname(path)
     tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{time.monotonic_ns()}.tmp")
@@ -282,7 +282,7 @@ class Store:
                 os.close(fd)
             os.chmod(sqfs_tmp, 0o644)
             os.rename(sqfs_tmp, self.sqfs_path(digest))
-            _write_atomic(self.meta_path(digest),
+            write_atomic(self.meta_path(digest),
                           json.dumps(meta, indent=1, sort_keys=True).encode() + b"\n",
                           tmpdir=self.tmp_dir)
         except OSError as e:
@@ -298,7 +298,7 @@ class Store:
         path = self.ref_path(ref)
         try:
             makedirs_durable(os.path.dirname(path))
-            _write_atomic(path, (digest + "\n").encode(), tmpdir=self.tmp_dir)
+            write_atomic(path, (digest + "\n").encode(), tmpdir=self.tmp_dir)
         except OSError as e:
             raise store_os_error("write the tag file", e.filename or path, e, self.root) from None
 
@@ -547,7 +547,8 @@ def resolve_image(arg, config, cache=None):
         raise ImageNotFound(f"image '{arg}' is not in the store, and '{arg}' here is {what}",
                             hint=f"to run a .sqfs file give its path: ./{arg}")
     raise ImageNotFound(f"image '{arg}' not found in the store",
-                        hint=f"pull it with 'hpcc pull {arg}' (or ask an admin to 'gateway pull {arg}')")
+                        hint=f"pull it with 'hpcc pull {arg}' (or ask an admin to 'gateway pull "
+                             f"{arg}')")
 
 
 def resolution_paths(name, config):

@@ -65,7 +65,8 @@ def _copy_lib(tree, host_path, *, strip=False, realname=None):
 
 def base_tree(tree):
     tree = Path(tree)
-    for d in ("bin", "usr/bin", "usr/lib64", "etc", "proc", "sys", "dev", "tmp", "app", LIBDIR.lstrip("/")):
+    for d in ("bin", "usr/bin", "usr/lib64", "etc", "proc", "sys", "dev", "tmp", "app",
+              LIBDIR.lstrip("/")):
         (tree / d).mkdir(parents=True, exist_ok=True)
     os.chmod(tree / "tmp", 0o1777)
     for link, target in (("lib", "usr/lib"), ("lib64", "usr/lib64"), ("sbin", "bin")):
@@ -76,7 +77,8 @@ def base_tree(tree):
     # glibc and the interpreter at its ELF path
     for lib in ldd("/bin/ls") + ["/usr/lib/x86_64-linux-gnu/libm.so.6"]:
         _copy_lib(tree, lib)
-    (tree / "usr/lib64/ld-linux-x86-64.so.2").symlink_to("../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
+    (tree / "usr/lib64/ld-linux-x86-64.so.2").symlink_to(
+        "../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
     (tree / "etc/ld.so.conf").write_text("include /etc/ld.so.conf.d/*.conf\n")
     (tree / "etc/ld.so.conf.d").mkdir(exist_ok=True)
     (tree / "etc/ld.so.conf.d/x86_64-linux-gnu.conf").write_text(f"{LIBDIR}\n")
@@ -104,7 +106,8 @@ def build_programs(work):
     abi = work / "pingpong-abi"
     abi.write_bytes(data.replace(old, new))
     abi.chmod(0o755)
-    out = subprocess.run(["readelf", "-d", str(abi)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["readelf", "-d", str(abi)], capture_output=True, text=True,
+                         check=True).stdout
     assert "[libmpi.so.12]" in out and "libmpich" not in out
     return pp, abi
 

@@ -18,7 +18,8 @@ def mounted(sqfs, how="kernel"):
     mnt = tempfile.mkdtemp(prefix="hpcc-test-mnt-")
     try:
         if how == "kernel":
-            subprocess.run(["mount", "-t", "squashfs", "-o", "loop,ro,nodev,nosuid", str(sqfs), mnt],
+            subprocess.run(["mount", "-t", "squashfs", "-o", "loop,ro,nodev,nosuid", str(sqfs),
+                            mnt],
                            check=True, capture_output=True)
         else:
             subprocess.run(["squashfuse_ll", str(sqfs), mnt], check=True, capture_output=True)

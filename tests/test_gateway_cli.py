@@ -11,8 +11,14 @@ import time
 import pytest
 
 from hpcc.testkit.busybox import busybox_image
-from hpcc.testkit.images import (ImageBuilder, directory, file, write_docker_archive,
-                                 write_oci_archive, write_oci_layout)
+from hpcc.testkit.images import (
+    ImageBuilder,
+    directory,
+    file,
+    write_docker_archive,
+    write_oci_archive,
+    write_oci_layout,
+)
 from tests.conftest import tool
 from tests.sqfstree import mounted, snapshot
 
@@ -56,7 +62,7 @@ def assert_one_line_error(p, code, *needles):
     assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
     assert "Traceback" not in p.stderr
     # progress lines ("[  0.3s] ...") may come first; the error itself is one line
-    err = "\n".join(l for l in p.stderr.strip().splitlines() if not l.startswith("["))
+    err = "\n".join(x for x in p.stderr.strip().splitlines() if not x.startswith("["))
     assert len(err.splitlines()) == 1, p.stderr
     for n in needles:
         assert n in err, err
@@ -88,8 +94,8 @@ def test_second_pull_of_an_unchanged_image_converts_nothing(registry, site):
     before = len(registry.access_log())
     res = site.json("pull", ref)
     assert res["converted"] is False
-    layer_gets = [l for l in registry.access_log()[before:]
-                  if any(lay.digest in l for lay in img.layers)]
+    layer_gets = [entry for entry in registry.access_log()[before:]
+                  if any(lay.digest in entry for lay in img.layers)]
     assert layer_gets == []
 
 
@@ -258,7 +264,7 @@ def test_non_tty_output_is_plain_lines_with_elapsed_times(registry, site):
     p = site.run("pull", registry.ref("demo/plain", "1"), check=True)
     assert p.stdout == ""
     lines = p.stderr.strip().splitlines()
-    assert lines and all(l.startswith("[") and "s]" in l for l in lines), lines
+    assert lines and all(x.startswith("[") and "s]" in x for x in lines), lines
     assert "\x1b[" not in p.stderr
 
 

@@ -8,11 +8,23 @@ import pytest
 
 from hpcc.errors import ImageError
 from hpcc.gateway.flatten import Flattener, LayerSource
-from hpcc.testkit.busybox import busybox_image
-from hpcc.testkit.images import (ImageBuilder, capability_xattr, chardev, blockdev, directory,
-                                 fifo, file, hardlink, opaque, raw, symlink, whiteout,
-                                 write_oci_layout)
 from hpcc.squashfs import SquashfsReader, SquashfsWriter
+from hpcc.testkit.busybox import busybox_image
+from hpcc.testkit.images import (
+    ImageBuilder,
+    blockdev,
+    capability_xattr,
+    chardev,
+    directory,
+    fifo,
+    file,
+    hardlink,
+    opaque,
+    raw,
+    symlink,
+    whiteout,
+    write_oci_layout,
+)
 from tests.sqfstree import diff, have, mounted, snapshot
 
 root_only = pytest.mark.root
@@ -52,7 +64,8 @@ def layered_image(compression="gzip", oci=True):
     t = MTIME
     l1 = [
         directory("a", 0o755, mtime=t), directory("a/b", 0o700, 1000, 1000, mtime=t + 1),
-        file("a/file1", b"one\n", 0o644, mtime=t), file("a/b/deep", b"deep" * 1000, 0o600, 1000, 1000, mtime=t),
+        file("a/file1", b"one\n", 0o644, mtime=t),
+        file("a/b/deep", b"deep" * 1000, 0o600, 1000, 1000, mtime=t),
         file("a/keep", b"keep\n", 0o640, 0, 50, mtime=t + 2),
         hardlink("a/keep-link", "a/keep", mtime=t + 2),
         directory("x", mtime=t), file("x/old1", b"old", mtime=t), directory("x/sub", mtime=t),
@@ -218,7 +231,8 @@ def test_setuid_and_setgid_bits_are_stripped_by_default(tmp_path):
 
 
 def test_setuid_stripping_is_configurable(tmp_path):
-    img = ImageBuilder(oci=True).layer([file("suid", b"x", 0o4755), file("st", b"x", 0o1755)]).build()
+    img = ImageBuilder(oci=True).layer([file("suid", b"x", 0o4755),
+                                        file("st", b"x", 0o1755)]).build()
     t = reader_tree(convert(img, tmp_path, strip_setuid=False, strip_sticky=True)[0])
     assert t["suid"].mode & 0o7777 == 0o4755
     assert t["st"].mode & 0o7777 == 0o755

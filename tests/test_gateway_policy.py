@@ -150,12 +150,7 @@ def test_eviction_keeps_the_images_of_pending_jobs(gateway_service, service_user
         for name in ("jobimage", "old", "new"):   # oldest first
             assert svc.run(user, "pull", refs[name]).returncode == 0
             time.sleep(0.05)
-        deadline = time.monotonic() + 20   # eviction follows the answer to the pull
-        while time.monotonic() < deadline:
-            evicted = [r for r in svc.audit() if r.get("op") == "evict"]
-            if evicted:
-                break
-            time.sleep(0.1)
+        evicted = svc.wait_evicted()
         assert [r["tags"] for r in evicted] == [[refs["old"]]], svc.audit()
         assert svc.run(user, "inspect", refs["jobimage"]).returncode == 0
         assert svc.run(user, "inspect", refs["new"]).returncode == 0

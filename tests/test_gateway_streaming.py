@@ -10,9 +10,9 @@ from hpcc.errors import ImageError
 from hpcc.gateway.progress import Reporter
 from hpcc.gateway.pull import pull
 from hpcc.gateway.registry import RegistryClient
-from hpcc.testkit.images import ImageBuilder, directory, file
 from hpcc.squashfs import SquashfsReader
 from hpcc.store import Store
+from hpcc.testkit.images import ImageBuilder, directory, file
 
 
 class Timeline(Reporter):

@@ -6,7 +6,6 @@ state on stdin, and the MPI program inside maps the host's MPICH. A 2-rank excha
 under hydra (`mpiexec -n 2 hpcc run --mpi IMG -- /app/pingpong`): PMI reaches the ranks
 through the launcher (PMI_FD and friends).
 """
-import json
 import os
 import re
 import shutil
@@ -16,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, tool
-from tests.fixtures.launcher_images import run_hpcc
-from tests.hooks_images import HOST_MPICH, build_images
+from tests.fixtures.launcher_images import hook_test_site, run_hpcc
+from tests.hooks_images import HOST_MPICH
 
 pytestmark = pytest.mark.root
 
@@ -27,21 +26,8 @@ def e2e(request):
     """World-readable images and a root-owned config + hooks.d made from etc/hooks.d."""
     d = tempfile.mkdtemp(prefix="hpcc-hooks-e2e-")
     os.chmod(d, 0o755)
-    images = build_images(Path(d) / "img")
-    for p in images.values():
-        os.chmod(p, 0o644)
-    os.chmod(Path(d) / "img", 0o755)
-    hooks = Path(d) / "hooks.d"
-    hooks.mkdir(mode=0o755)
-    cfg = Path(d) / "hpcc.toml"
-    cfg.write_text(f'[launcher]\nhooks_dir = "{hooks}"\nbinds = []\nmount_home = false\n'
-                   'mount_cwd = false\n[mpi]\nlibraries = []\n')
-    for name in ("mpi.json", "nvidia.json"):
-        h = json.loads((REPO / "etc/hooks.d" / name).read_text())
-        h["hook"]["path"] = tool("hpcc-hook")
-        h["hook"]["env"] = [f"HPCC_CONFIG={cfg}"]
-        (hooks / name).write_text(json.dumps(h))
-    yield {"images": images, "config": str(cfg), "dir": d}
+    images, cfg = hook_test_site(Path(d), ("mpi.json", "nvidia.json"))
+    yield {"images": images, "config": cfg, "dir": d}
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -75,7 +61,8 @@ def test_e2e_shipped_hook_configs_select_on_the_annotations():
     mpi = select_hooks(hooks, {"annotations": {"org.hpcc.mpi": "1"}})
     assert [h["args"] for h in mpi["createRuntime"]] == [["hpcc-hook", "mpi"]]
     gpu = select_hooks(hooks, {"annotations": {"org.hpcc.gpu": "0,1", "org.hpcc.mpi": "1"}})
-    assert [h["args"] for h in gpu["createRuntime"]] == [["hpcc-hook", "mpi"], ["hpcc-hook", "nvidia"]]
+    assert [h["args"] for h in gpu["createRuntime"]] == [["hpcc-hook", "mpi"],
+                                                         ["hpcc-hook", "nvidia"]]
 
 
 def test_e2e_run_mpi_maps_the_hosts_library(e2e, who):
@@ -129,7 +116,8 @@ def test_e2e_run_gpus_on_a_node_without_gpus_says_so(e2e, who):
 
 
 def test_e2e_unprivileged_launch_gets_ucx_shared_memory_settings(e2e, who):
-    p = hpcc(e2e, ["run", "--mpi", e2e["images"]["mpich"], "--", "/bin/cat", "/etc/ucx/ucx.conf"], who)
+    p = hpcc(e2e, ["run", "--mpi", e2e["images"]["mpich"], "--", "/bin/cat", "/etc/ucx/ucx.conf"],
+             who)
     if who is None:   # privileged: ranks share the initial user namespace, UCX defaults work
         assert p.returncode == 1 and "No such file" in p.stderr
     else:

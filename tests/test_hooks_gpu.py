@@ -67,13 +67,15 @@ def gpu_env():
         out = d / f"{name}.sqfs"
         subprocess.run(["mksquashfs", str(t), str(out), "-noappend", "-all-root", "-quiet"],
                        check=True, stdout=subprocess.DEVNULL)
-        (d / f"{name}.json").write_text(json.dumps({"config": {"Env": ["PATH=/usr/bin:/bin", *env]}}))
+        (d / f"{name}.json").write_text(
+            json.dumps({"config": {"Env": ["PATH=/usr/bin:/bin", *env]}}))
         os.chmod(out, 0o644)
         images[name] = str(out)
     hooks = d / "hooks.d"
     hooks.mkdir(mode=0o755)
     cfg = d / "hpcc.toml"
-    cfg.write_text(f'[launcher]\nhooks_dir = "{hooks}"\nbinds = []\nmount_home = false\nmount_cwd = false\n')
+    cfg.write_text(f'[launcher]\nhooks_dir = "{hooks}"\nbinds = []\nmount_home = false\nmount_cwd '
+                   '= false\n')
     h = json.loads((REPO / "etc/hooks.d/nvidia.json").read_text())
     h["hook"]["path"] = tool("hpcc-hook")
     h["hook"]["env"] = [f"HPCC_CONFIG={cfg}"]

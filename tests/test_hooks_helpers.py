@@ -6,13 +6,12 @@ import subprocess
 
 import pytest
 
+from hpcc.errors import HookError
 from hpcc.hooks.elf import ElfInfo
 from hpcc.hooks.libraries import parse_ld_cache
 from hpcc.hooks.oci import read_state
 from hpcc.hooks.plan import version_tuple
 from hpcc.hooks.root import Root
-
-from hpcc.errors import HookError
 from hpcc.runtime import inroot
 from tests.conftest import tool
 
@@ -74,7 +73,8 @@ def test_hooks_elf_reader_rejects_garbage_with_a_message(tmp_path):
 def test_hooks_ld_cache_parser_matches_ldconfig_p():
     with open("/etc/ld.so.cache", "rb") as f:
         cache = parse_ld_cache(f.read())
-    out = subprocess.run(["/sbin/ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["/sbin/ldconfig", "-p"], capture_output=True, text=True,
+                         check=True).stdout
     expected = {}
     for line in out.splitlines()[1:]:
         if " => " not in line:
@@ -160,7 +160,8 @@ print(open("{tmp_path}/outside").read())
 print(open("{tree}/usr/lib/out").read())
 print(open("/proc/self/mountinfo").read().count("{tree}"))
 """
-    p = subprocess.run(["unshare", "--mount", "--propagation", "private", tool("python"), "-c", script],
+    p = subprocess.run(["unshare", "--mount", "--propagation", "private", tool("python"), "-c",
+                        script],
                        capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split("\n")[:3] == ["host file", "payload", "1"]
@@ -187,7 +188,8 @@ def test_hooks_state_relative_root_and_annotations(tmp_path):
     ("", "no OCI state on standard input"),
     ("[1, 2]", "no OCI state on standard input"),
     ('{"bundle": "relative"}', "the OCI state has no absolute 'bundle' path"),
-    ('{"bundle": "/nonexistent/bundle"}', "cannot read the bundle's /nonexistent/bundle/config.json"),
+    ('{"bundle": '
+     '"/nonexistent/bundle"}', "cannot read the bundle's /nonexistent/bundle/config.json"),
 ])
 def test_hooks_cli_bad_state_is_one_line_and_exit_1(stdin, msg):
     p = subprocess.run([tool("hpcc-hook"), "mpi"], input=stdin, capture_output=True, text=True)
@@ -208,7 +210,8 @@ def test_hooks_elf_reader_survives_corrupted_files():
     for _ in range(300):
         bad = bytearray(data)
         for _ in range(rng.randint(1, 20)):
-            i = rng.randrange(0, min(len(bad), 8192)) if rng.random() < 0.7 else rng.randrange(len(bad))
+            i = (rng.randrange(0, min(len(bad), 8192)) if rng.random() < 0.7
+                 else rng.randrange(len(bad)))
             bad[i] = rng.randrange(256)
         try:
             e = ElfInfo(bytes(bad), name="fuzz")

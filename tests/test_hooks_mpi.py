@@ -59,7 +59,8 @@ def mapped_files(stdout, rank):
     for line in stdout.splitlines():
         m = re.match(rf"maps {rank} \S+ \S+ \S+ ([0-9a-f]+):([0-9a-f]+) (\d+)\s+(\S+)", line)
         if m:
-            out.add((os.makedev(int(m.group(1), 16), int(m.group(2), 16)), int(m.group(3)), m.group(4)))
+            dev = os.makedev(int(m.group(1), 16), int(m.group(2), 16))
+            out.add((dev, int(m.group(3)), m.group(4)))
     return out
 
 
@@ -83,7 +84,8 @@ def test_mpi_two_ranks_exchange_with_the_hosts_library_mapped(images, hook_env):
 
 def test_mpi_without_the_hook_the_containers_own_mpich_runs(images, hook_env):
     """Control for the test above: the image's MPICH works alone and is a different file."""
-    p = harness(images["mpich"], "", "/app/pingpong", "--maps", "20", "1024", env=hook_env, mpiexec=2)
+    p = harness(images["mpich"], "", "/app/pingpong", "--maps", "20", "1024", env=hook_env,
+                mpiexec=2)
     assert p.returncode == 0, p.stderr
     assert "pingpong ok ranks 2" in p.stdout
     maps = mapped_files(p.stdout, 0)
@@ -108,7 +110,8 @@ def test_mpi_compatible_container_dependencies_are_kept(images, hook_env):
 
 def test_mpi_image_without_mpi_gets_the_host_library_closure_and_ucx_modules(images, hook_env):
     plan = plan_of(images["nompi"], hook_env)
-    srcs = {os.path.basename(os.path.realpath(a["src"])) for a in plan["actions"] if a["op"] == "bind"}
+    srcs = {os.path.basename(os.path.realpath(a["src"]))
+            for a in plan["actions"] if a["op"] == "bind"}
     for lib in ("libmpich.so.12.2.2", "libucp.so.0.0.0", "libucs.so.0.0.0", "libuct.so.0.0.0",
                 "libhwloc.so.15.6.1", "libnuma.so.1.0.0"):
         assert lib in srcs, srcs
@@ -160,7 +163,8 @@ def test_mpi_extra_files_and_devices_from_the_site_config(images, tmp_path):
     extra = tmp_path / "fabric.conf"
     extra.write_text("provider=test\n")
     cfg = tmp_path / "hpcc.toml"
-    cfg.write_text(f'[mpi]\nextra_files = ["{extra}"]\ndevices = ["/dev/full", "/dev/no-such-hca"]\n')
+    cfg.write_text(f'[mpi]\nextra_files = ["{extra}"]\ndevices = ["/dev/full", '
+                   '"/dev/no-such-hca"]\n')
     env = {"HPCC_CONFIG": str(cfg)}
     plan = plan_of(images["mpich"], env)
     assert {"op": "bind", "src": str(extra), "dst": str(extra), "device": False,
@@ -177,11 +181,12 @@ def test_mpi_configured_library_that_is_not_mpich_abi_is_a_config_error(images, 
     cfg.write_text('[mpi]\nlibraries = ["/usr/lib/x86_64-linux-gnu/libnuma.so.1"]\n')
     p = harness(images["mpich"], hook("mpi"), "/bin/true", env={"HPCC_CONFIG": str(cfg)})
     assert p.returncode == 125
-    assert "mpi.libraries: /usr/lib/x86_64-linux-gnu/libnuma.so.1 has soname libnuma.so.1, which is " \
-           "not an MPICH-ABI library" in p.stderr
+    assert ("mpi.libraries: /usr/lib/x86_64-linux-gnu/libnuma.so.1 has soname libnuma.so.1, "
+            "which is not an MPICH-ABI library") in p.stderr
 
 
-def test_mpi_hook_started_by_a_third_party_runtime_joins_the_container_namespace(images, hook_env, tmp_path):
+def test_mpi_hook_started_by_a_third_party_runtime_joins_the_container_namespace(
+        images, hook_env, tmp_path):
     """crun/runc run createRuntime hooks in the runtime's mount namespace with the container's
     pid in the state: the hook must join that namespace and bind there, not on the host."""
     script = tmp_path / "outer.sh"
@@ -192,13 +197,17 @@ w={tmp_path}/c; mkdir -p $w/lower $w/up $w/root $w/bundle
 unshare --mount --propagation private -- sh -c '
   mount -t squashfs -o loop,ro {images["mpich"]} {tmp_path}/c/lower
   mount -t tmpfs tmpfs {tmp_path}/c/up; mkdir {tmp_path}/c/up/u {tmp_path}/c/up/w
-  mount -t overlay overlay -o lowerdir={tmp_path}/c/lower,upperdir={tmp_path}/c/up/u,workdir={tmp_path}/c/up/w {tmp_path}/c/root
+  mount -t overlay overlay \\
+    -o lowerdir={tmp_path}/c/lower,upperdir={tmp_path}/c/up/u,workdir={tmp_path}/c/up/w \\
+    {tmp_path}/c/root
   echo ready > {tmp_path}/c/ready; exec sleep 60' &
 pid=$!
 for i in $(seq 100); do [ -e $w/ready ] && break; sleep 0.05; done
-echo '{{"ociVersion":"1.0.2","root":{{"path":"../root"}},"process":{{"env":[]}}}}' > $w/bundle/config.json
-echo '{{"ociVersion":"1.0.2","id":"x","status":"created","pid":'$pid',"bundle":"'$w/bundle'","annotations":{{"org.hpcc.mpi":"1"}}}}' \
-   | {tool("hpcc-hook")} mpi
+config='{{"ociVersion":"1.0.2","root":{{"path":"../root"}},"process":{{"env":[]}}}}'
+echo "$config" > $w/bundle/config.json
+state='{{"ociVersion":"1.0.2","id":"x","status":"created","pid":'$pid',"bundle":"'$w/bundle'",'
+state=$state'"annotations":{{"org.hpcc.mpi":"1"}}}}'
+echo "$state" | {tool("hpcc-hook")} mpi
 # what the container sees vs what the host sees at the same path
 nsenter -t $pid -m stat -L -c '%d %i' $w/root/usr/lib/x86_64-linux-gnu/libmpich.so.12
 echo host; grep -c "$w/root" /proc/self/mountinfo || true

@@ -84,7 +84,8 @@ def future_program(tmp_path, dst):
     src = tmp_path / "future.c"
     src.write_text(FUTURE)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mpicc", "-o", str(dst), str(src), f"-L{stub}", f"-Wl,-rpath-link,{stub}"], check=True)
+    subprocess.run(["mpicc", "-o", str(dst), str(src), f"-L{stub}", f"-Wl,-rpath-link,{stub}"],
+                   check=True)
 
 
 def test_mpi_logic_container_glibc_older_than_the_host_mpi_needs_is_refused(tmp_path):
@@ -97,8 +98,9 @@ def test_mpi_logic_container_glibc_older_than_the_host_mpi_needs_is_refused(tmp_
     with pytest.raises(HookError) as e:
         plan_for(root)
     assert str(e.value) == (
-        "--mpi: the host's MPI needs glibc 2.34 (GLIBC_2.32, GLIBC_2.33, GLIBC_2.34 from libc.so.6) "
-        "but the container has glibc 2.31; use an image with glibc >= 2.34, or run without --mpi")
+        "--mpi: the host's MPI needs glibc 2.34 (GLIBC_2.32, GLIBC_2.33, GLIBC_2.34 from "
+        "libc.so.6) but the container has glibc 2.31; use an image with glibc >= 2.34, or run "
+        "without --mpi")
 
 
 def test_mpi_logic_older_container_library_is_covered_by_the_hosts(tmp_path):
@@ -114,7 +116,8 @@ def test_mpi_logic_older_container_library_is_covered_by_the_hosts(tmp_path):
 
 def test_mpi_logic_same_library_in_the_container_is_kept(tmp_path):
     root = glibc_tree(tmp_path / "c")
-    shutil.copy2(Path("/lib/x86_64-linux-gnu/libhwloc.so.15").resolve(), root / LIB / "libhwloc.so.15")
+    shutil.copy2(Path("/lib/x86_64-linux-gnu/libhwloc.so.15").resolve(),
+                 root / LIB / "libhwloc.so.15")
     p = plan_for(root)
     assert not any(a["op"] == "bind" and "libhwloc" in a["dst"] for a in p.actions)
     assert any("kept: libhwloc.so.15" in n for n in p.notes)
@@ -138,7 +141,8 @@ def test_mpi_logic_static_container_without_glibc_is_refused(tmp_path):
 def test_mpi_logic_abi_name_only_container_gets_the_host_library_under_both_names(tmp_path):
     root = glibc_tree(tmp_path / "c")
     # an image built elsewhere: libmpi.so.12 (ABI name), e.g. Intel MPI's file name
-    shutil.copy2(Path("/usr/lib/x86_64-linux-gnu/libmpich.so.12").resolve(), root / LIB / "libmpi.so.12.0.0")
+    shutil.copy2(Path("/usr/lib/x86_64-linux-gnu/libmpich.so.12").resolve(),
+                 root / LIB / "libmpi.so.12.0.0")
     (root / LIB / "libmpi.so.12").symlink_to("libmpi.so.12.0.0")
     p = plan_for(root)
     binds = {a["dst"]: a["src"] for a in p.actions if a["op"] == "bind"}
@@ -152,15 +156,16 @@ def test_mpi_logic_host_without_mpich_abi_library_says_what_to_do(tmp_path):
     root = glibc_tree(tmp_path / "c")
     host = glibc_tree(tmp_path / "host-without-mpi")        # a host tree with no MPI at all
     c = Container({}, {"root": {"path": str(root)}, "process": {"env": []}}, "/x", str(root))
-    with pytest.raises(HookError, match="this host has no MPICH-ABI MPI library .* set mpi.libraries"):
+    with pytest.raises(HookError, match="this host has no MPICH-ABI MPI library .* set "
+                                        "mpi.libraries"):
         mpi.plan_mpi(c, Root(str(root)), {"mpi": {}},
                      hostlibs=HostLibraries(sysroot=str(host)))
 
 
 def test_mpi_logic_configured_library_missing_on_this_node(tmp_path):
     root = glibc_tree(tmp_path / "c")
-    with pytest.raises(HookError, match="mpi.libraries in hpcc.toml names /opt/mpi/libmpi.so.12, which "
-                                        "does not exist on this node"):
+    with pytest.raises(HookError, match="mpi.libraries in hpcc.toml names /opt/mpi/libmpi.so.12, "
+                                        "which does not exist on this node"):
         plan_for(root, {"mpi": {"libraries": ["/opt/mpi/libmpi.so.12"]}})
 
 
@@ -180,7 +185,8 @@ def test_mpi_logic_program_calling_a_function_the_host_mpi_lacks_is_refused(tmp_
 def test_mpi_logic_program_using_only_what_the_host_has_passes(tmp_path):
     root = glibc_tree(tmp_path / "c")
     src = tmp_path / "ok.c"
-    src.write_text("#include <mpi.h>\nint main(int c, char **v) { MPI_Init(&c, &v); return MPI_Finalize(); }\n")
+    src.write_text("#include <mpi.h>\nint main(int c, char **v) { MPI_Init(&c, &v); return "
+                   "MPI_Finalize(); }\n")
     (root / "app").mkdir()
     subprocess.run(["mpicc", "-o", str(root / "app/ok"), str(src)], check=True)
     plan_for(root, args=["/app/ok"])
@@ -192,7 +198,8 @@ def test_mpi_logic_abi_check_major_accepts_a_newer_revision_minor_refuses_it(tmp
     shutil.copy2(Path("/usr/lib/x86_64-linux-gnu/libmpich.so.12").resolve(),
                  root / LIB / "libmpich.so.12.5.0")      # a newer revision's file name
     (root / LIB / "libmpich.so.12").symlink_to("libmpich.so.12.5.0")
-    with pytest.raises(HookError, match=r"ABI 12.5\) is newer than the host's \(libmpich.so.12.2.2, ABI 12.2\)"):
+    with pytest.raises(HookError, match=r"ABI 12.5\) is newer than the host's "
+                                        r"\(libmpich.so.12.2.2, ABI 12.2\)"):
         plan_for(root)
     p = plan_for(root, {"mpi": {"abi_check": "major"}})
     assert any(a["dst"] == f"/{LIB}/libmpich.so.12.5.0" for a in p.actions if a["op"] == "bind")

@@ -33,7 +33,8 @@ def build_so(path, soname, src="int hpcc_test_symbol(void) { return 1; }\n", def
     path.parent.mkdir(parents=True, exist_ok=True)
     c = path.with_suffix(".c")
     c.write_text(src)
-    subprocess.run(["gcc", "-shared", "-fPIC", f"-Wl,-soname,{soname}", *defines, "-o", str(path), str(c)],
+    subprocess.run(["gcc", "-shared", "-fPIC", f"-Wl,-soname,{soname}", *defines, "-o", str(path),
+                    str(c)],
                    check=True)
     c.unlink()
 
@@ -58,14 +59,15 @@ def make_driver_tree(base, *, cuda=12020, version=VER, libdir=LIB):
         (base / "usr/bin" / b).write_text("#!/bin/sh\necho fake\n")
         (base / "usr/bin" / b).chmod(0o755)
     (base / "dev").mkdir()
-    for d in ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools") + tuple(f"nvidia{m}" for _, m, _ in GPUS):
+    for d in (("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools")
+              + tuple(f"nvidia{m}" for _, m, _ in GPUS)):
         (base / "dev" / d).write_text("")
     for bus, minor, uuid in GPUS:
         d = base / "proc/driver/nvidia/gpus" / bus
         d.mkdir(parents=True)
         (d / "information").write_text(
-            f"Model: \t\t NVIDIA Test GPU\nIRQ:   \t\t 42\nGPU UUID: \t {uuid}\n"
-            f"Bus Type: \t PCIe\nBus Location: \t {bus}\nDevice Minor: \t {minor}\nGPU Excluded:\t No\n")
+            f"Model: \t\t NVIDIA Test GPU\nIRQ:   \t\t 42\nGPU UUID: \t {uuid}\nBus Type: \t "
+            f"PCIe\nBus Location: \t {bus}\nDevice Minor: \t {minor}\nGPU Excluded:\t No\n")
     (base / "proc/driver/nvidia/version").write_text(
         f"NVRM version: NVIDIA UNIX x86_64 Kernel Module  {version}  Tue Aug 22 2023\n")
     return base
@@ -117,14 +119,16 @@ def test_nvidia_driver_libraries_found_by_version_suffix_including_new_ones(host
 def test_nvidia_configured_library_path_is_searched(tmp_path):
     host = make_driver_tree(tmp_path / "h", libdir="opt/nvidia/driver/lib")
     assert nvidia.find_driver({"gpu": {}}, sysroot=str(host)) is None
-    d = nvidia.find_driver({"gpu": {"library_paths": ["/opt/nvidia/driver/lib"]}}, sysroot=str(host))
+    d = nvidia.find_driver({"gpu": {"library_paths": ["/opt/nvidia/driver/lib"]}},
+                           sysroot=str(host))
     assert d.version == VER and len(d.libraries) == 6
 
 
 def test_nvidia_gpus_numbered_in_pci_order_with_their_device_minors(host_tree):
     gpus = nvidia.host_gpus(str(host_tree))
     assert [(g.index, g.minor, g.bus) for g in gpus] == [
-        (0, 2, "0000:1b:00.0"), (1, 0, "0000:3b:00.0"), (2, 1, "0000:5e:00.0"), (3, 3, "0000:86:00.0")]
+        (0, 2, "0000:1b:00.0"), (1, 0, "0000:3b:00.0"), (2, 1, "0000:5e:00.0"),
+        (3, 3, "0000:86:00.0")]
 
 
 def test_nvidia_gpus_from_device_nodes_when_procfs_has_none(tmp_path):
@@ -174,7 +178,8 @@ def test_nvidia_site_allowed_devices_and_bad_requests(host_tree):
     assert sel(host_tree, "2", allowed=["1", "GPU-cccccccc-0000-0000-0000-000000000001"]) == [2]
     with pytest.raises(HookError, match="GPU 3 is not in gpu.allowed_devices"):
         sel(host_tree, "3", allowed=["1"])
-    with pytest.raises(HookError, match=r"GPU 7 \(--gpus\) does not exist on this node \(GPUs: 0, 1, 2, 3\)"):
+    with pytest.raises(HookError,
+                       match=r"GPU 7 \(--gpus\) does not exist on this node \(GPUs: 0, 1, 2, 3\)"):
         sel(host_tree, "7")
     with pytest.raises(HookError, match="bad GPU selection 'first'"):
         sel(host_tree, "first")
@@ -194,9 +199,11 @@ def test_nvidia_require_cuda_met_and_refused_with_a_clear_message():
     nvidia.check_requirements({"NVIDIA_REQUIRE_CUDA": REQ_122}, drv((12, 2)))
     nvidia.check_requirements({"NVIDIA_REQUIRE_CUDA": REQ_122}, drv((12, 4)))
     with pytest.raises(HookError) as e:
-        nvidia.check_requirements({"NVIDIA_REQUIRE_CUDA": REQ_122.replace("12.2", "12.4")}, drv((12, 2)))
+        nvidia.check_requirements({"NVIDIA_REQUIRE_CUDA": REQ_122.replace("12.2", "12.4")},
+                                  drv((12, 2)))
     msg = str(e.value)
-    assert msg.startswith("the image requires CUDA >= 12.4 (NVIDIA_REQUIRE_CUDA=cuda>=12.4 brand=tesla")
+    assert msg.startswith("the image requires CUDA >= 12.4 (NVIDIA_REQUIRE_CUDA=cuda>=12.4 "
+                          "brand=tesla")
     assert f"the host's driver {VER} supports CUDA 12.2 at most" in msg
 
 
@@ -228,7 +235,8 @@ def test_nvidia_plan_injects_driver_files_and_only_the_selected_gpus(croot, host
     h = str(host_tree)
     # GPU index 1 is /dev/nvidia0 and index 2 is /dev/nvidia1 (PCI order vs minors)
     assert {d for d, a in binds.items() if a["device"]} == {
-        "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia0", "/dev/nvidia1"}
+        "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia0",
+        "/dev/nvidia1"}
     assert binds["/dev/nvidia0"]["src"] == f"{h}/dev/nvidia0"
     assert binds[f"/{LIB}/libcuda.so.{VER}"]["src"] == f"{h}/{LIB}/libcuda.so.{VER}"
     assert links[f"/{LIB}/libcuda.so.1"] == f"libcuda.so.{VER}"
@@ -275,7 +283,8 @@ def test_nvidia_no_gpu_requested_injects_nothing(croot, host_tree):
 
 
 def test_nvidia_refuses_when_the_node_has_no_driver(croot, tmp_path):
-    with pytest.raises(HookError, match="GPUs requested but this node has no NVIDIA driver: libcuda.so.1"):
+    with pytest.raises(HookError, match="GPUs requested but this node has no NVIDIA driver: "
+                                        "libcuda.so.1"):
         plan(croot, tmp_path, {"org.hpcc.gpu": "all"})
 
 
@@ -284,7 +293,8 @@ def test_nvidia_cli_on_this_gpu_less_machine_says_why_in_one_line(croot, tmp_pat
         pytest.skip("this machine has an NVIDIA GPU")
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps({"root": {"path": str(croot)}, "process": {"env": []}}))
+    (bundle / "config.json").write_text(
+        json.dumps({"root": {"path": str(croot)}, "process": {"env": []}}))
     cfg = tmp_path / "hpcc.toml"
     cfg.write_text("[gpu]\nlibrary_paths = []\n")
     state = json.dumps({"ociVersion": "1.0.2", "id": "t", "status": "creating", "pid": os.getpid(),
@@ -331,7 +341,8 @@ import os
 print("gpus", sorted((b, os.listdir("{c}/proc/driver/nvidia/gpus/" + b))
                      for b in os.listdir("{c}/proc/driver/nvidia/gpus")))
 """
-    p = subprocess.run(["unshare", "--mount", "--propagation", "private", sys_python(), "-c", script],
+    p = subprocess.run(["unshare", "--mount", "--propagation", "private", sys_python(), "-c",
+                        script],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "cuda driver version 12020" in p.stdout

@@ -161,6 +161,36 @@ def test_a_current_directory_the_user_cannot_read_is_not_bound(images, launcher_
         os.rmdir(d)
 
 
+def test_a_removed_current_directory_is_not_bound(images, launcher_env, who, test_user):
+    """A shell whose directory was removed under it: one line says so and the command starts
+    where --no-cwd would start it; a relative --mount source is then one line, exit 125."""
+    d = tempfile.mkdtemp(prefix="hpcc-gone-")
+    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    env["HPCC_CONFIG"] = launcher_env["HPCC_CONFIG"]
+    hp = os.path.join(os.path.dirname(__import__("sys").executable), "hpcc")
+
+    def in_removed_dir(*args):
+        return subprocess.run(["sh", "-c", f'cd {d} && rmdir {d} && exec "$@"', "sh", hp,
+                               *args], env=env, user=who, cwd="/", capture_output=True,
+                              text=True, timeout=60)
+    p = in_removed_dir("exec", images["entry"], "pwd")
+    assert (p.returncode, p.stdout) == (0, "/app/data\n"), p.stderr
+    assert p.stderr == "hpcc: not binding the current directory: it no longer exists\n"
+    os.mkdir(d)
+    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    p = in_removed_dir("exec", "--mount", "data:/data", images["base"], "true")
+    assert p.returncode == 125 and "Traceback" not in p.stderr, p.stderr
+    assert "mount source data is relative and the current directory no longer exists" \
+        in p.stderr, p.stderr
+    os.mkdir(d)
+    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    p = in_removed_dir("exec", "./image.sqfs", "true")
+    assert p.returncode == 125 and "Traceback" not in p.stderr, p.stderr
+    assert "image file ./image.sqfs is a relative path and the current directory no longer " \
+        "exists" in p.stderr, p.stderr
+
+
 def test_binds_read_only_and_read_write(images, launcher_env, who, shared_dir):
     src = os.path.join(shared_dir, "data")
     os.mkdir(src)
@@ -352,6 +382,7 @@ def site_store(images):
     import hashlib
     import shutil
     import tempfile
+
     from hpcc.reference import parse_reference
     from hpcc.store import Store
     d = tempfile.mkdtemp(prefix="hpcc-launcher-store-")

@@ -12,9 +12,9 @@ from hpcc.errors import ConfigError, RegistryError
 from hpcc.gateway.auth import find_credentials, parse_challenge
 from hpcc.gateway.blobcache import BlobCache
 from hpcc.gateway.registry import RegistryClient, is_loopback
+from hpcc.reference import parse_reference
 from hpcc.testkit.images import simple_image
 from hpcc.testkit.registry import LocalRegistry
-from hpcc.reference import parse_reference
 
 from .fixtures.registry import TOKEN_USERS
 

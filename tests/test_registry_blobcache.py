@@ -13,8 +13,8 @@ import pytest
 from hpcc.errors import ImageError
 from hpcc.gateway.blobcache import BlobCache
 from hpcc.gateway.registry import RegistryClient
-from hpcc.testkit.images import ImageBuilder, file
 from hpcc.reference import parse_reference
+from hpcc.testkit.images import ImageBuilder, file
 
 
 def _digest(data):

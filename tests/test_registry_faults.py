@@ -9,8 +9,8 @@ import pytest
 from hpcc.errors import ImageError, RegistryError
 from hpcc.gateway.blobcache import BlobCache
 from hpcc.gateway.registry import RegistryClient
-from hpcc.testkit.images import ImageBuilder, file, simple_image
 from hpcc.reference import parse_reference
+from hpcc.testkit.images import ImageBuilder, file, simple_image
 
 
 def big_image():

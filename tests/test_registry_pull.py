@@ -245,7 +245,8 @@ def test_image_config_not_matching_layers_is_refused(registry, client):
     built = b.build()
     # rewrite the config so diff_ids lists one layer only, re-sign the manifest
     from hpcc.testkit.images import Image, sha256
-    cfg = dict(built.config, rootfs={"type": "layers", "diff_ids": built.config["rootfs"]["diff_ids"][:1]})
+    cfg = dict(built.config,
+               rootfs={"type": "layers", "diff_ids": built.config["rootfs"]["diff_ids"][:1]})
     cfg_bytes = json.dumps(cfg).encode()
     man = dict(built.manifest, config=dict(built.manifest["config"], size=len(cfg_bytes),
                                            digest=sha256(cfg_bytes)))

@@ -31,8 +31,9 @@ def test_srun_help_lists_the_plugin_options_but_not_container(slurm_cluster):
 
 
 def test_cluster_stop_leaves_no_processes(slurm_site):
-    from hpcc.testkit.slurmcluster import SlurmCluster
     import tempfile
+
+    from hpcc.testkit.slurmcluster import SlurmCluster
 
     c = SlurmCluster(tempfile.mkdtemp(dir=slurm_site.root), nodes=1,
                      plugstack_lines=[slurm_site.plugstack_line()])

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from hpcc.slurm import jobs as slurm
 from hpcc.errors import SlurmError
+from hpcc.slurm import jobs as slurm
 
 pytestmark = [pytest.mark.root, pytest.mark.slurm]
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.test_slurm_sbatch import outdir, wait_job  # noqa: F401 - outdir is a fixture
+from tests.test_slurm_sbatch import wait_job
 
 pytestmark = [pytest.mark.root, pytest.mark.slurm]
 
@@ -221,3 +221,44 @@ def test_sbatch_container_directive_in_a_script_file_is_pulled_too(slurm_cluster
             break
         time.sleep(0.1)
     assert out.read_text().split()[-1] == "1", out.read_text()
+
+
+def test_the_check_and_the_pull_share_one_process_without_the_cli(slurm_site, pushed,
+                                                                   user_store):
+    """What the plugin runs for an image in no store pulls it in that process and loads
+    neither click nor the other image commands (bench/srun.sh part 4: its cost beside
+    `gateway pull`); the pull's progress and the image are those of `hpcc pull`."""
+    import pwd
+    import subprocess
+    import sys
+    ref = pushed()
+    home = pwd.getpwnam(U1).pw_dir
+    env = {"PATH": "/usr/bin:/bin", "HOME": home, "HPCC_CONFIG": str(slurm_site.config)}
+    argv = [sys.executable, "-I", "-X", "importtime", "-m", "hpcc.slurm.firstuse", "wait", ref]
+    p = subprocess.run(argv, env=env, user=U1, cwd=home, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert f"hpcc: image '{ref}' is in no store: pulling it" in p.stderr, p.stderr
+    assert f"pulled {ref} -> " in p.stderr or f"up to date: {ref}" in p.stderr, p.stderr
+    imported = [ln.rsplit("|", 1)[-1].strip() for ln in p.stderr.splitlines()
+                if ln.startswith("import time:")]
+    assert "hpcc.store" in imported and "hpcc.gateway.pull" in imported  # importtime works
+    assert not [m for m in imported if m.split(".")[0] == "click"
+                or m in ("hpcc.gateway.cli", "hpcc.gateway.imagecmds", "hpcc.cli")], imported
+    p = subprocess.run(argv[:2] + argv[4:], env=env, user=U1, cwd=home, capture_output=True,
+                       text=True)  # found now: nothing pulled again
+    assert p.returncode == 0 and "pulling" not in p.stderr, p.stderr
+
+
+def test_a_failed_first_use_pull_says_why_in_one_line(slurm_site, registry, user_store):
+    import pwd
+    import subprocess
+    import sys
+    ref = registry.ref("firstuse/absent", "nope")
+    home = pwd.getpwnam(U1).pw_dir
+    env = {"PATH": "/usr/bin:/bin", "HOME": home, "HPCC_CONFIG": str(slurm_site.config)}
+    p = subprocess.run([sys.executable, "-I", "-m", "hpcc.slurm.firstuse", "wait", ref],
+                       env=env, user=U1, cwd=home, capture_output=True, text=True)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("hpcc: ") and "not found" in last, p.stderr
+    assert _in_store(user_store) == []

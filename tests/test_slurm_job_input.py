@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.test_slurm_sbatch import outdir, submit  # noqa: F401 - outdir is a fixture
+from tests.test_slurm_sbatch import submit
 
 pytestmark = [pytest.mark.root, pytest.mark.slurm]
 

@@ -36,14 +36,6 @@ def submit(cluster, script, out, *args, user=U1):
     return job, open(out).read()
 
 
-@pytest.fixture
-def outdir(slurm_site, slurm_users):
-    d = slurm_site.root / f"out-{time.monotonic_ns()}"
-    d.mkdir()
-    os.chown(d, slurm_users[U1].pw_uid, slurm_users[U1].pw_gid)
-    return d
-
-
 def test_batch_script_and_its_steps_run_in_the_container(slurm_cluster, outdir):
     script = """#!/bin/sh
 #SBATCH --container=hpcctest/busybox:1

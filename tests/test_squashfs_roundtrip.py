@@ -10,8 +10,16 @@ import pytest
 
 from hpcc.squashfs.reader import SquashfsReader
 from hpcc.squashfs.writer import SquashfsWriter
-from tests.fixtures.squashfs_sample import (build_tree, check_mounted, expected, mount_fuse,
-                                            mount_kernel, sample_entries, unmount, write_tar)
+from tests.fixtures.squashfs_sample import (
+    build_tree,
+    check_mounted,
+    expected,
+    mount_fuse,
+    mount_kernel,
+    sample_entries,
+    unmount,
+    write_tar,
+)
 
 COMPRESSORS = ["zstd", "gzip"]
 LEVEL = 6

@@ -11,10 +11,24 @@ import tarfile
 import pytest
 
 from hpcc.testkit.busybox import BASE_ETC, busybox_image, busybox_tree, squash
-from hpcc.testkit.images import (ImageBuilder, capability_xattr, chardev, directory, fifo, file,
-                                 hardlink, image_index, opaque, raw, simple_image, symlink,
-                                 whiteout, write_docker_archive, write_oci_archive,
-                                 write_oci_layout)
+from hpcc.testkit.images import (
+    ImageBuilder,
+    capability_xattr,
+    chardev,
+    directory,
+    fifo,
+    file,
+    hardlink,
+    image_index,
+    opaque,
+    raw,
+    simple_image,
+    symlink,
+    whiteout,
+    write_docker_archive,
+    write_oci_archive,
+    write_oci_layout,
+)
 
 skopeo = shutil.which("skopeo")
 umoci = shutil.which("umoci")

@@ -24,16 +24,16 @@ enter_namespaces(privileged) -> None
 
 setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=None) -> RootHandle
     In the calling process, already in its own mount namespace (and user namespace when
-    unprivileged): mounts the image (kernel squashfs via a loop device, ro,nodev,nosuid,
-    when privileged and the file is root-owned and not writable by others; squashfuse_ll
-    otherwise), builds root = overlay(image, tmpfs), writes /etc/passwd, /etc/group,
-    /etc/resolv.conf, /etc/hosts into the overlay, applies spec["mounts"] with every target
-    resolved inside the root (openat2 RESOLVE_IN_ROOT; bind sources by O_PATH fd; missing
-    targets created only in the overlay or a tmpfs), writes <bundle>/config.json with
-    root.path = the host-visible root (when hooks are configured: they are its readers), runs the createRuntime, prestart and createContainer
-    hooks (children of this process; OCI state on stdin, pid = this process), makes the
-    root read-only unless spec["root"]["readonly"] is false, and (pivot=True) pivot_roots
-    into it, detaching the host's tree. RootHandle: .id, .bundle, .fuse_pid (the
+    unprivileged): mounts the image (kernel squashfs via a loop device, ro,nodev,nosuid, when
+    privileged and the file is root-owned and not writable by others; squashfuse_ll otherwise),
+    builds root = overlay(image, tmpfs), writes /etc/passwd, /etc/group, /etc/resolv.conf,
+    /etc/hosts into the overlay, applies spec["mounts"] with every target resolved inside the
+    root (openat2 RESOLVE_IN_ROOT; bind sources by O_PATH fd; missing targets created only in
+    the overlay or a tmpfs), writes <bundle>/config.json with root.path = the host-visible root
+    (when hooks are configured: they are its readers), runs the createRuntime, prestart and
+    createContainer hooks (children of this process; OCI state on stdin, pid = this process),
+    makes the root read-only unless spec["root"]["readonly"] is false, and (pivot=True)
+    pivot_roots into it, detaching the host's tree. RootHandle: .id, .bundle, .fuse_pid (the
     squashfuse_ll daemon, a child of this process that dies with it), .close().
 
 exec_process(spec, *, privileged=None) -> never returns

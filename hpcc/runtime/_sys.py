@@ -6,10 +6,21 @@ launch). Every call raises OSError with errno set, like the os module does.
 """
 import os
 
-from ._linux import (drop_all_capabilities, drop_bounding, mount,  # noqa: F401
-                     mount_setattr, move_mount, open_tree, openat2, pivot_root, prctl, setns,
-                     umount2, unshare)
 from ._linux import close_range as _close_range
+from ._linux import (  # noqa: F401
+    drop_all_capabilities,
+    drop_bounding,
+    mount,
+    mount_setattr,
+    move_mount,
+    open_tree,
+    openat2,
+    pivot_root,
+    prctl,
+    setns,
+    umount2,
+    unshare,
+)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000

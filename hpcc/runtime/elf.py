@@ -128,7 +128,8 @@ class ElfInfo:
             shfmt = o + "IIIIIIIIII"
         secs = []
         for i in range(shnum):
-            n, t, _fl, _addr, off, size, link, info, _al, ent = struct.unpack_from(shfmt, m, shoff + i * shentsize)
+            n, t, _fl, _addr, off, size, link, info, _al, ent = struct.unpack_from(
+                shfmt, m, shoff + i * shentsize)
             secs.append((t, off, size, link, info, ent))
         self._secs = secs
         self.soname = None

@@ -178,6 +178,31 @@ def resolve_target(root_fd, path, create=None, writable_devs=(), _depth=0):
         raise
 
 
+def _replace_file(dir_fd, name, cpath, data, mode, owner=None):
+    """Put a new regular file `name` holding `data` in directory dir_fd (already checked
+    to be on the writable layer), replacing what is there unless it is a directory. A
+    symlink there is removed, never followed: the file is created O_EXCL|O_NOFOLLOW.
+    owner: (uid, gid) to give it, or None to keep the creator's."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            raise MountError(f"cannot write {cpath}: the container has a directory there")
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode, dir_fd=dir_fd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if owner is not None:  # (uid, gid): the image's root as the user (idmapped)
+            os.fchown(fd, *owner)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 def write_file_in_root(root_fd, path, data, writable_devs, mode=0o644, owner=None):
     """Replace `path` inside the root by a new regular file with `data` (in the overlay:
     the image is not changed). A symlink at `path` is replaced, not followed."""
@@ -186,22 +211,7 @@ def write_file_in_root(root_fd, path, data, writable_devs, mode=0o644, owner=Non
     try:
         if os.fstat(parent).st_dev not in writable_devs:
             raise MountError(f"cannot write {path}: its directory is a host bind")
-        try:
-            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                raise MountError(f"cannot write {path}: the image has a directory there")
-            os.unlink(name, dir_fd=parent)
-        except FileNotFoundError:
-            pass
-        fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     mode, dir_fd=parent)
-        try:
-            os.write(fd, data)
-            if owner is not None:  # (uid, gid): the image's root as the user (idmapped)
-                os.fchown(fd, *owner)
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
+        _replace_file(parent, name, path, data, mode, owner)
     except OSError as e:
         raise MountError(f"cannot write {path} in the container: {e.strerror}") from None
     finally:
@@ -355,22 +365,7 @@ def write_file(root_fd, cpath, data, writable_devs, mode=0o644):
     pfd, name = parent_in_root(root_fd, cpath, writable_devs)
     try:
         refuse_unless_writable(pfd, cpath, writable_devs, "write")
-        try:
-            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                raise MountError(f"cannot write {cpath}: the container has a directory there")
-            os.unlink(name, dir_fd=pfd)
-        except FileNotFoundError:
-            pass
-        fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     mode, dir_fd=pfd)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
+        _replace_file(pfd, name, cpath, data, mode)
     except OSError as e:
         raise MountError(f"cannot write {cpath} in the container: {e.strerror}") from None
     finally:

@@ -26,7 +26,12 @@ def open_destination(path, cwd=None):
     child of save_in_child, with the user's rights. Raises LaunchError."""
     if not path:
         raise LaunchError("the save path is empty")
-    full = os.path.normpath(os.path.join(cwd or os.getcwd(), path))
+    try:
+        full = os.path.normpath(path if path.startswith("/") else
+                                os.path.join(cwd or os.getcwd(), path))
+    except FileNotFoundError:   # a directory removed under the shell
+        raise LaunchError(f"cannot save the container to {path}: a relative path, and the "
+                          "current directory no longer exists") from None
     parent, name = os.path.split(full)
     try:
         dir_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

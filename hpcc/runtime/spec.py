@@ -42,8 +42,13 @@ def parse_mount(text, *, cwd=None):
     if not dst.startswith("/"):
         raise UsageError(f"bad mount '{text}': the destination '{dst}' must be an absolute "
                          "path inside the container")
-    src = os.path.normpath(os.path.join(cwd or os.getcwd(), src))
-    return src, clean_dest(dst), readonly
+    if not src.startswith("/"):
+        try:
+            src = os.path.join(cwd or os.getcwd(), src)
+        except FileNotFoundError:
+            raise MountError(f"mount source {src} is relative and the current directory no "
+                             "longer exists", hint="give its absolute path") from None
+    return os.path.normpath(src), clean_dest(dst), readonly
 
 
 def clean_dest(dst):
@@ -217,7 +222,11 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
     if privileged is None:
         privileged = os.geteuid() == 0
     host_env = dict(os.environ if host_env is None else host_env)
-    cwd = cwd or os.getcwd()
+    if not cwd:
+        try:
+            cwd = os.getcwd()
+        except FileNotFoundError:
+            cwd = None          # removed while the shell sat in it: nothing to bind
     bind_home = launcher.get("mount_home", True) if bind_home is None else bind_home
     bind_cwd = launcher.get("mount_cwd", True) if bind_cwd is None else bind_cwd
     writable = bool(launcher.get("writable", False)) if writable is None else bool(writable)
@@ -294,7 +303,10 @@ def build_spec(image, *, mode="run", command=None, entrypoint=None, env=(), env_
     if bind_home:
         auto.append(_bind(home, home, False, "home"))
     cwd_bound = False
-    if bind_cwd and cwd not in _NO_CWD_BIND and not any(
+    if bind_cwd and cwd is None:
+        if warn:
+            warn("not binding the current directory: it no longer exists")
+    elif bind_cwd and cwd not in _NO_CWD_BIND and not any(
             cwd == p or cwd.startswith(p + "/") for p in _NO_CWD_BIND_UNDER):
         if bind_home and (cwd == home or cwd.startswith(home.rstrip("/") + "/")):
             cwd_bound = True

@@ -136,9 +136,9 @@ class Warming:
 
 
 def start(root_fd, prog, path_var, budget):
-    """Warm the page cache with the command `prog` from the image whose root directory is root_fd (an
-    O_PATH fd the thread takes over and closes) in a background thread that ends on its
-    own; a read blocked on a FUSE daemon that dies returns an error and ends it too.
+    """Warm the page cache with the command `prog` from the image whose root directory is
+    root_fd (an O_PATH fd the thread takes over and closes) in a background thread that ends
+    on its own; a read blocked on a FUSE daemon that dies returns an error and ends it too.
     Returns the Warming the thread fills in."""
     job = Warming()
     if budget <= 0 or not prog:

@@ -8,9 +8,10 @@ compute node), as the user who typed the command, with the command's terminal:
 
 - the image is a file, or a store has it: exit 0 at once (the usual case: one lookup; it
   leaves a marker, seen_path, with which the plugin skips this process for an hour);
-- `wait` (srun, salloc): `hpcc pull IMAGE` runs in the foreground (in this process),
-  progress on the user's terminal, and the command goes on when it succeeded (it stops
-  with the pull's message when it failed);
+- `wait` (srun, salloc): what `hpcc pull IMAGE` does runs in the foreground (in this
+  process, without the command line's click layer), progress on the user's terminal,
+  and the command goes on when it succeeded (it stops with the pull's message when it
+  failed);
 - `detach` (sbatch): the pull is handed to a background process and sbatch returns at
   once. A marker in the user's store (.pending/<hash of the reference>) says that the pull
   is under way; the job's first step (hpcc.slurm.stepd) waits for the marker to go, with a
@@ -184,11 +185,36 @@ def main(argv=None):
     print(f"hpcc: image '{image}' is in no store: pulling it before the step starts",
           file=sys.stderr)
     sys.stderr.flush()
-    from ..cli import main as hpcc_main  # `hpcc pull IMAGE`, in this process
-    code = hpcc_main(["pull", image])
-    if code == 0:
+    if _pull(image) == 0:
         mark_seen(image)
-    return 1 if code else 0
+        return 0
+    return 1
+
+
+def _pull(image):
+    """`hpcc pull IMAGE` in this process, without its command line: the check and the pull
+    share one interpreter and its imports, and click with the other image commands is not
+    loaded (~20 ms of a first-use pull; bench/srun.sh part 4). The same config (validated
+    as `hpcc pull` validates it), store, progress and one-line errors as `hpcc pull`."""
+    from ..config import load_config
+    from ..errors import HpccError
+    from ..gateway.progress import make_reporter
+    from ..gateway.userpull import pull_for_user
+    from ..store import Store
+    try:
+        config = load_config()
+        pull_for_user(config, Store.user(config), image, reporter=make_reporter())
+    except HpccError as e:
+        print(f"hpcc: {e}", file=sys.stderr)
+        return e.exit_code or 1
+    except KeyboardInterrupt:
+        print("hpcc: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        print(f"hpcc: cannot access{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

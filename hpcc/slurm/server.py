@@ -103,13 +103,25 @@ def serve(path):
     except OSError:
         return 0  # another server owns this path
     # everything a request needs, imported once
-    from .. import config, store  # noqa: F401
-    from ..runtime import build_spec, enter_namespaces, setup_root  # noqa: F401
-    from ..runtime import elf, imagemount, inroot, ocihooks, spec, warm  # noqa: F401
-    from ..runtime import idmap, named, stepcontainer  # noqa: F401
-    from . import batch, options  # noqa: F401
     import json  # noqa: F401
     import re  # noqa: F401
+
+    from .. import config, store  # noqa: F401
+    from ..runtime import (  # noqa: F401  # noqa: F401
+        build_spec,
+        elf,
+        enter_namespaces,
+        idmap,
+        imagemount,
+        inroot,
+        named,
+        ocihooks,
+        setup_root,
+        spec,
+        stepcontainer,
+        warm,
+    )
+    from . import batch, options  # noqa: F401
 
     try:
         os.unlink(path)

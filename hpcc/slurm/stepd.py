@@ -28,8 +28,7 @@ import os
 import sys
 from _socket import SCM_RIGHTS, SOL_SOCKET
 
-from ..errors import (EXIT_LAUNCH, HpccError, ImageNotFound, LaunchError, ReferenceError_,
-                      UsageError)
+from ..errors import EXIT_LAUNCH, HpccError, ImageNotFound, LaunchError, ReferenceError_, UsageError
 from ..runtime.identity import AsUser
 
 # Variables of Slurm and of the PMI servers always keep the job's values.
@@ -105,7 +104,8 @@ def cache_dir_ok():
 def load_config_cached():
     """The site config without TOML parsing on every step: the launch cache, kept in the
     root-only CACHE_DIR (none when that directory is not usable)."""
-    from ..launchcache import LaunchCache, load_config_cached as load
+    from ..launchcache import LaunchCache
+    from ..launchcache import load_config_cached as load
 
     cache = LaunchCache(os.path.join(CACHE_DIR, "launch-cache") if cache_dir_ok() else "")
     config = load(cache)
@@ -203,9 +203,8 @@ def build(args, user, config, rec, fd, opts=None, named=None):
     container (hpcc.runtime.named.NamedContainer) or None."""
     from ..runtime import build_spec
     from ..runtime.spec import parse_mount
-    from .batch import BATCH_STEP, INTERACTIVE_STEP, slurm_client_setup
-
     from . import options
+    from .batch import BATCH_STEP, INTERACTIVE_STEP, slurm_client_setup
 
     uid = user.pw_uid
     cwd = args["cwd"]

@@ -3,7 +3,8 @@
     from hpcc.squashfs import SquashfsWriter, SquashfsReader, Dir, File, Symlink
 
 The compiled part (``hpcc.squashfs._sqfs``) is built by cffi at install time from the C in
-``csrc/`` (``build_ffi.py``); importing this package does not import it until a writer or reader is used.
+``csrc/`` (``build_ffi.py``); importing this package does not import it until a writer or
+reader is used.
 """
 from hpcc.squashfs.tree import Device, Dir, Fifo, File, FileData, Node, Socket, Symlink
 

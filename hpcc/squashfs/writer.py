@@ -3,9 +3,9 @@
 File data goes into libsquashfs's block processor through a feeder thread of the C glue: the
 Python side copies each chunk into a bounded queue and reads on, the feeder drives the block
 processor in batches and its worker threads compress (cffi releases the GIL in every call).
-Blocks and tail-end fragments are deduplicated, all-zero blocks are stored as sparse holes. ``finish(root)``
-numbers the inodes, writes inode table, directory table (sorted, with index for large
-directories), fragment table, id table, xattr tables and the super block.
+Blocks and tail-end fragments are deduplicated, all-zero blocks are stored as sparse holes.
+``finish(root)`` numbers the inodes, writes inode table, directory table (sorted, with index for
+large directories), fragment table, id table, xattr tables and the super block.
 
 The image file is created by the writer (O_CREAT|O_EXCL, 0644) and never renamed or synced
 by it: the caller fsyncs (``sync()``) and publishes. ``close()`` without a successful
@@ -162,7 +162,8 @@ class SquashfsWriter:
     # ----------------------------------------------------------------- file data
 
     def add_bytes(self, data):
-        """Store ``data`` (any buffer) as a file's contents; returns its FileData (None if empty)."""
+        """Store ``data`` (any buffer) as a file's contents; returns its FileData (None if
+        empty)."""
         self._usable()
         n = memoryview(data).nbytes
         if n == 0:
@@ -179,10 +180,10 @@ class SquashfsWriter:
         """Read a binary file object to EOF (or exactly ``size`` bytes) into the image.
 
         Uses ``readinto`` when the stream has it (into a reused 1 MiB buffer, whose contents the
-        C side copies into its queue), else ``read``. Returns a FileData for File.data, or None for an empty file. An exception
-        from the stream propagates unchanged; once data of the file has been handed over it
-        leaves the writer unusable (close() cleans up). A stream that ends before ``size``
-        bytes raises SquashfsError.
+        C side copies into its queue), else ``read``. Returns a FileData for File.data, or None
+        for an empty file. An exception from the stream propagates unchanged; once data of the
+        file has been handed over it leaves the writer unusable (close() cleans up). A stream
+        that ends before ``size`` bytes raises SquashfsError.
         """
         self._usable()
         want = CHUNK if size is None else min(size, CHUNK)

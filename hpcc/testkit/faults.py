@@ -2,14 +2,13 @@
 cannot be made to produce on demand (5xx, cut connections, corrupt bytes, slow bodies).
 """
 import http.client
-import http.server
 import re
 import socket
 import threading
 import time
 
 from .images import sha256
-from .registry import free_port
+from .registry import QuietHandler, free_port, serve_in_thread, stop_server
 
 _BLOB_RE = re.compile(r"^/v2/(.+)/blobs/(sha256:[0-9a-f]{64})$")
 _MANIFEST_RE = re.compile(r"^/v2/(.+)/manifests/([^/]+)$")
@@ -109,12 +108,7 @@ class FaultProxy:
     def start(self):
         proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def _kind(self):
                 p = self.path.split("?", 1)[0]
                 if _BLOB_RE.match(p):
@@ -222,17 +216,12 @@ class FaultProxy:
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
 
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, name="hpcc-fault-proxy",
-                         daemon=True).start()
+        self._httpd = serve_in_thread(self.port, Handler, "hpcc-fault-proxy")
         return self
 
     def stop(self):
-        if self._httpd:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        stop_server(self._httpd)
+        self._httpd = None
 
     def __enter__(self):
         return self.start()

@@ -12,7 +12,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 EPOCH = 1700000000          # fixed mtime: built images are reproducible
 
 MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"

@@ -29,6 +29,42 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
+def stop_process(proc):
+    """End a service started by a test: SIGTERM, then SIGKILL if it has not exited within
+    10 seconds; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """The base of the test servers' request handlers: HTTP/1.1 (kept-alive connections,
+    as a registry's clients use) and no log line per request."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+
+def serve_in_thread(port, handler, name):
+    """A ThreadingHTTPServer for `handler` on 127.0.0.1:port, served by a daemon thread
+    called `name`; end it with stop_server."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, name=name, daemon=True).start()
+    return httpd
+
+
+def stop_server(httpd):
+    """Stop a server of serve_in_thread (None: nothing to stop) and close its socket."""
+    if httpd:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 # =========================================================================================
 # Certificates and tokens
 # =========================================================================================
@@ -119,7 +155,6 @@ class TokenServer:
         self.requests = []           # (user or None, scope, status)
         self.port = free_port()
         self._httpd = None
-        self._thread = None
 
     @property
     def realm(self):
@@ -161,12 +196,7 @@ class TokenServer:
     def start(self):
         server = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 from urllib.parse import parse_qs, urlsplit
                 u = urlsplit(self.path)
@@ -192,7 +222,8 @@ class TokenServer:
                     user = name
                 tok = server.make_token(user, server._grant(user, scope))
                 server.requests.append((user, scope, 200))
-                self._reply(200, {"token": tok, "access_token": tok, "expires_in": server.token_lifetime,
+                self._reply(200, {"token": tok, "access_token": tok,
+                                  "expires_in": server.token_lifetime,
                                   "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                              time.gmtime())})
 
@@ -206,18 +237,12 @@ class TokenServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        name="hpcc-token-server", daemon=True)
-        self._thread.start()
+        self._httpd = serve_in_thread(self.port, Handler, "hpcc-token-server")
         return self
 
     def stop(self):
-        if self._httpd:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        stop_server(self._httpd)
+        self._httpd = None
 
 
 # =========================================================================================
@@ -365,12 +390,7 @@ class LocalRegistry:
     def stop(self):
         if self.proc is not None:
             if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+                stop_process(self.proc)
             self.proc = None
         if self.token_server is not None:
             self.token_server.stop()

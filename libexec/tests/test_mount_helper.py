@@ -14,12 +14,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.mount_helper import loops_of, no_loops_left
 from tests.fixtures.users import ensure_user
 
 pytestmark = [pytest.mark.root,
@@ -97,31 +97,8 @@ def mounts(site, test_user):
 
 
 def _detach_loops(base):
-    for dev in _loops_of(base):
+    for dev in loops_of(base):
         subprocess.run(["losetup", "-d", dev], capture_output=True)
-
-
-def _no_loops_left(base):
-    """No loop device backed by a file under `base`, once the kernel's asynchronous
-    autoclear (a work item since Linux 5.17) has run."""
-    for _ in range(100):
-        if not _loops_of(base):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _loops_of(base):
-    """Loop devices whose backing file lies under `base`."""
-    out = []
-    for blk in Path("/sys/block").glob("loop*"):
-        try:
-            back = (blk / "loop" / "backing_file").read_text().strip()
-        except OSError:
-            continue
-        if back.startswith(f"{base}/"):
-            out.append(f"/dev/{blk.name}")
-    return out
 
 
 def call(site, user, path=None, *, args=None, stdin="image", stdout="socket", stderr=True,
@@ -170,7 +147,7 @@ def refused(site, user, path=None, code=REFUSED, **kw):
     assert status == code, (status, err)
     assert fd is None
     assert err.startswith("hpcc-mount: ") and err.count("\n") == 1, err
-    assert _no_loops_left(site.base)
+    assert no_loops_left(site.base)
     return err
 
 
@@ -230,19 +207,19 @@ def test_trusted_image_gives_a_locked_idmapped_read_only_mount(site, test_user, 
                 "clear_nosuid", "clear_rdonly", "remount_bind", "remount_rw"):
         assert out[key] != "allowed", key
     assert out["open_device_node"] == "Permission denied"
-    assert _no_loops_left(site.base)  # autoclear: gone with the mount
+    assert no_loops_left(site.base)  # autoclear: gone with the mount
 
 
 def test_mount_fd_is_the_image_and_the_loop_device_goes_with_it(site, test_user, mounts):
     status, err, fd = call(site, test_user)
     assert status == 0, err
     try:
-        assert len(_loops_of(site.base)) == 1
+        assert len(loops_of(site.base)) == 1
         st = os.fstat(fd)
         assert os.major(st.st_dev) == 7  # a loop device's squashfs
     finally:
         os.close(fd)
-    assert _no_loops_left(site.base)
+    assert no_loops_left(site.base)
 
 
 def test_service_account_owning_the_store_root_is_trusted(site, test_user, mounts):
@@ -428,7 +405,7 @@ def test_without_setuid_or_inside_a_user_namespace_it_cannot_mount(site, test_us
     # setuid is ignored in a user namespace: the helper is "root" there but not on the host
     status, err, fd = call(site, test_user, wrapper=["unshare", "--user", "--map-root-user"])
     assert status == FAILED and fd is None, err
-    assert _no_loops_left(site.base)
+    assert no_loops_left(site.base)
 
 
 # --- failures -------------------------------------------------------------------------------
@@ -459,7 +436,7 @@ def test_fd_exhaustion_at_every_step_fails_cleanly(site, test_user, mounts):
         status, err, fd = call(site, test_user, preexec=lower)
         if fd is not None:
             os.close(fd)
-        assert _no_loops_left(site.base), limit
+        assert no_loops_left(site.base), limit
         if status == 0:
             break
         assert status == FAILED and err.startswith("hpcc-mount: ") and err.count("\n") == 1
@@ -488,7 +465,7 @@ def test_loop_device_shortage(site, test_user):
         assert "no free loop device" in err
     finally:
         subprocess.run(["losetup", "-d", busy], check=True)
-    assert _no_loops_left(site.base)
+    assert no_loops_left(site.base)
 
 
 # --- the same rule as root launches ---------------------------------------------------------

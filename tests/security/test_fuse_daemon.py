@@ -96,8 +96,8 @@ def test_image_rewritten_during_the_job_gives_io_errors_in_the_job_only(slurm_cl
     t, out = _in_background(
         slurm_cluster, "srun", "-n1", "--container=hpcctest/fusemine:1",
         f"--container-mounts={sig}:/sig", "sh", "-c",
-        "touch /sig/started; i=0; while [ ! -e /sig/go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
-        "cat /data/blob > /dev/null; echo blob=$?", user=U2)
+        "touch /sig/started; i=0; while [ ! -e /sig/go ] && [ $i -lt 600 ]; do sleep 0.1; "
+        "i=$((i+1)); done; cat /data/blob > /dev/null; echo blob=$?", user=U2)
     try:
         pid, _ = _wait_daemon(image, t)
         assert pid, "no squashfuse_ll served the user's image"

@@ -6,7 +6,6 @@ The attack (issue 10, §1): a user binds a root-owned directory they cannot writ
 container's library directory and asks for the MPI hook, which runs as root under Slurm and
 used to plant its libraries, symlinks and a ucx/ directory there, and to delete a dangling
 symlink it found there."""
-import json
 import os
 import shutil
 import subprocess
@@ -74,24 +73,11 @@ def test_mpi_hook_never_writes_into_a_bound_host_directory(slurm_cluster2, slurm
 @pytest.fixture(scope="module")
 def launch_mpi(tmp_path_factory):
     """`hpcc run` with the shipped MPI hook config and the MPI-less test image."""
-    from tests.conftest import REPO, tool
-    from tests.hooks_images import build_images
+    from tests.fixtures.launcher_images import hook_test_site
     d = tempfile.mkdtemp(prefix="hpcc-sec-mpi-")
     os.chmod(d, 0o755)
-    images = build_images(Path(d) / "img")
-    for p in images.values():
-        os.chmod(p, 0o644)
-    os.chmod(Path(d) / "img", 0o755)
-    hooks = Path(d) / "hooks.d"
-    hooks.mkdir(mode=0o755)
-    cfg = Path(d) / "hpcc.toml"
-    cfg.write_text(f'[launcher]\nhooks_dir = "{hooks}"\nbinds = []\nmount_home = false\n'
-                   'mount_cwd = false\n[mpi]\nlibraries = []\n')
-    h = json.loads((REPO / "etc/hooks.d/mpi.json").read_text())
-    h["hook"]["path"] = tool("hpcc-hook")
-    h["hook"]["env"] = [f"HPCC_CONFIG={cfg}"]
-    (hooks / "mpi.json").write_text(json.dumps(h))
-    yield images["nompi"], str(cfg)
+    images, cfg = hook_test_site(Path(d), ("mpi.json",))
+    yield images["nompi"], cfg
     shutil.rmtree(d, ignore_errors=True)
 
 

@@ -10,12 +10,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from hpcc.testkit.busybox import busybox_tree
+from tests.fixtures.mount_helper import no_loops_left
 
 pytestmark = [pytest.mark.root]
 
@@ -75,27 +75,6 @@ def hpcc(run_cli, site, config, image, *cmd, user=None):
     return p, (mounted[0].split("image mounted", 1)[1].strip() if mounted else None)
 
 
-def _no_loops_left(base):
-    """No loop device backed by a file under `base`, once the kernel's asynchronous
-    autoclear (a work item since Linux 5.17) has run."""
-    for _ in range(100):
-        if not _loops_of(base):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _loops_of(base):
-    out = []
-    for blk in Path("/sys/block").glob("loop*"):
-        try:
-            if (blk / "loop" / "backing_file").read_text().startswith(f"{base}/"):
-                out.append(blk.name)
-        except OSError:
-            pass
-    return out
-
-
 def test_hpcc_v_says_which_mount_and_why(run_cli, site, test_user, helper_mounts):
     u = test_user.pw_name
     cases = [
@@ -124,7 +103,7 @@ def test_hpcc_v_says_which_mount_and_why(run_cli, site, test_user, helper_mounts
     # root launches (the Slurm path too) keep their own loop mount, never the helper's
     p, how = hpcc(run_cli, site, "with", site["image"], "cat", "/hello")
     assert p.returncode == 0 and how == "(kernel)", (how, p.stderr)
-    assert _no_loops_left(site["base"])
+    assert no_loops_left(site["base"])
 
 
 @pytest.mark.parametrize("config", ["with", "without"])
@@ -142,7 +121,7 @@ def test_command_has_no_privileges_in_either_mount_kind(run_cli, site, test_user
     assert out["device_node"] == "Permission denied"  # nodev
     assert out["remount_root"] == "Operation not permitted"
     assert out["setuid0"] in ("Operation not permitted", "Invalid argument")  # 0: unmapped
-    assert _no_loops_left(site["base"])  # the helper's loop device went with the container
+    assert no_loops_left(site["base"])  # the helper's loop device went with the container
 
 
 def test_writable_and_named_containers_on_the_helpers_mount(run_cli, site, test_user,

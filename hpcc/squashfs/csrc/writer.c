@@ -116,6 +116,18 @@ static void *feeder_main(void *arg)
     return NULL;
 }
 
+/* With w->mtx held: wake the feeder if it sleeps, then sleep until it has finished a job
+ * (it broadcasts space_cond then, producer_waiting being set). Callers loop on their own
+ * condition, which covers spurious wakeups. */
+static void wait_for_feeder(hpcc_writer_t *w)
+{
+    if (w->feeder_waiting)
+        pthread_cond_signal(&w->work_cond);
+    w->producer_waiting = 1;
+    pthread_cond_wait(&w->space_cond, &w->mtx);
+    w->producer_waiting = 0;
+}
+
 /* Queue one step of file data for the feeder; returns an earlier feeder error, if any. */
 static int feed(hpcc_writer_t *w, sqfs_inode_generic_t **cell, const void *data, size_t size,
                 int flags)
@@ -134,11 +146,7 @@ static int feed(hpcc_writer_t *w, sqfs_inode_generic_t **cell, const void *data,
 
     pthread_mutex_lock(&w->mtx);
     while (w->status == 0 && w->queued_bytes > 0 && w->queued_bytes + size > QUEUE_MAX_BYTES) {
-        if (w->feeder_waiting)
-            pthread_cond_signal(&w->work_cond);
-        w->producer_waiting = 1;
-        pthread_cond_wait(&w->space_cond, &w->mtx);
-        w->producer_waiting = 0;
+        wait_for_feeder(w);
     }
     ret = w->status;
     if (ret == 0) {
@@ -166,11 +174,7 @@ static int feed_sync(hpcc_writer_t *w)
     int ret;
     pthread_mutex_lock(&w->mtx);
     while (w->pending > 0) {
-        if (w->feeder_waiting)
-            pthread_cond_signal(&w->work_cond);
-        w->producer_waiting = 1;
-        pthread_cond_wait(&w->space_cond, &w->mtx);
-        w->producer_waiting = 0;
+        wait_for_feeder(w);
     }
     ret = w->status;
     pthread_mutex_unlock(&w->mtx);
