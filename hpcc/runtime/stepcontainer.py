@@ -237,7 +237,8 @@ def reuse_key(spec):
 
     s = {k: v for k, v in spec.items() if k != "process"}
     s["process"] = {k: v for k, v in spec["process"].items() if k != "args"}
-    s["hpcc"] = {k: v for k, v in spec["hpcc"].items() if k not in ("image", "warm_bytes", "fresh_upper")}
+    s["hpcc"] = {k: v for k, v in spec["hpcc"].items()
+                 if k not in ("image", "warm_bytes", "fresh_upper")}
     ann = dict(s.get("annotations") or {})
     ann.pop("org.hpcc.slurm.step", None)
     s["annotations"] = ann

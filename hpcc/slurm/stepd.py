@@ -346,8 +346,13 @@ def container_child(spec, sock, payload, named=None, entrypoint=None, reuse=None
     named container's idle keeper whose namespace this step runs in (nothing is assembled;
     the caller checked that it was assembled for the same settings)."""
     from ..runtime import enter_namespaces, setup_root
-    from ..runtime.stepcontainer import (attach_fd, namespace_fds, reuse_fd, run_entrypoint,
-                                         task_userns_fd)
+    from ..runtime.stepcontainer import (
+        attach_fd,
+        namespace_fds,
+        reuse_fd,
+        run_entrypoint,
+        task_userns_fd,
+    )
 
     nsfd = attach_fd(named) if reuse is None else reuse_fd(reuse)
     handle = None
