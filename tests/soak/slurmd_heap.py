@@ -76,8 +76,8 @@ def build_plugin(work, asan):
     flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "-Wextra"]
     if asan:
         flags += ["-fsanitize=address"]
-    subprocess.run(["cc", *flags, "-fPIC", "-shared", "-o", str(out),
-                    str(REPO / "spank" / "spank_hpcc.c")], check=True)
+    subprocess.run(["cc", *flags, "-fPIC", "-fvisibility=hidden", "-shared", "-o", str(out),
+                    *map(str, sorted((REPO / "spank").glob("*.c")))], check=True)
     os.chmod(out, 0o755)
     return out
 
