@@ -53,6 +53,9 @@ venv: deps $(VENV)/.hpcc-venv-ready
 # A real (non-editable) install: the launcher runs as any user, so it must not depend on
 # the checkout being readable. The package is rebuilt every time (cheap; keeps tests honest).
 install: venv spank libexec
+	@# setuptools builds in ./build: a module turned into a package (or removed) would
+	@# otherwise be shipped again from an earlier build's copy.
+	rm -rf build
 	$(VENV)/bin/pip install -q --no-build-isolation '.[test]'
 	@# The venv's python3 as a real file, not a symlink to the system's: AppArmor attaches
 	@# profiles by the executable's resolved path, and the profile below must grant user

@@ -21,7 +21,7 @@ from hpcc.errors import ImageError, UsageError
 from hpcc.reference import DIGEST_RE, parse_local_reference, parse_reference
 
 from .convert import convert_image
-from .flatten import LayerSource, open_raw
+from .layersource import LayerSource, open_raw
 from .progress import drop_summary, short
 
 _MAX_JSON = 4 << 20

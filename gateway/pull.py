@@ -19,7 +19,7 @@ from hpcc.reference import parse_reference
 
 from .convert import convert_image
 from .download import root_failure
-from .flatten import LayerSource
+from .layersource import LayerSource
 from .progress import drop_summary, short
 
 

@@ -16,44 +16,22 @@ registry, held in memory only for this request), it is resolved again with those
 image goes to the user's private store (gateway/private.py). Requests for one image share
 one conversion: the first starts it, later ones subscribe to its progress and result.
 """
-import gc
 import os
-import pwd
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
 
-from hpcc.errors import EXIT_USAGE, ConfigError, HpccError, ImageError, UsageError
+from hpcc.errors import EXIT_USAGE, ConfigError, HpccError, UsageError
 from hpcc.reference import parse_reference
 from hpcc.store import Store
 
 from . import protocol
 from .audit import AuditLog
+from .identity import _user_name, _UserClient, identify
 from .policy import Policy, PolicyError, UserLimits
-from .progress import Reporter
-
-
-class AuthError(HpccError):
-    """The peer's identity could not be established or does not match its claim."""
-
-
-def _user_name(uid):
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-class Identity:
-    def __init__(self, uid, gid, via, host=None, pid=None):
-        self.uid, self.gid, self.via, self.host, self.pid = uid, gid, via, host, pid
-        self.user = _user_name(uid)
-
-    def audit(self):
-        return {"uid": self.uid, "user": self.user, "via": self.via, "host": self.host}
+from .servicejobs import PullJob
 
 
 def parse_listen(value):
@@ -61,139 +39,6 @@ def parse_listen(value):
     if not sep or not port.isdigit():
         raise ConfigError(f"service.listen '{value}' is not HOST:PORT")
     return (host.strip("[]") or "0.0.0.0"), int(port)
-
-
-class _JobReporter(Reporter):
-    """Turns the pull's progress calls into protocol events for every subscriber."""
-
-    STEP = 0.2  # seconds between progress events of one layer / of the conversion
-
-    def __init__(self, job):
-        super().__init__(quiet=True)
-        self.job = job
-        self.last = {}
-        self.converted = 0
-
-    def _due(self, key):
-        now = time.monotonic()
-        if now - self.last.get(key, 0) >= self.STEP:
-            self.last[key] = now
-            return True
-        return False
-
-    def line(self, msg):
-        self.job.emit({"event": "line", "msg": msg})
-
-    def resolved(self, ref, digest, nlayers, total):
-        ref = self.job.ref.familiar  # as asked, not the digest-pinned name the job pulls
-        self.job.emit({"event": "resolved", "ref": ref, "digest": digest, "layers": nlayers,
-                       "total": total}, key="resolved")
-
-    def download(self, event, digest, done, total):
-        if event == "progress" and not self._due(digest):
-            return
-        self.job.emit({"event": "download", "phase": event, "digest": digest, "done": done,
-                       "total": total}, key=("download", digest))
-
-    def converting(self, total_bytes):
-        self.job.phase = "converting"
-        self.job.emit({"event": "converting", "total": total_bytes}, key="converting")
-
-    def converted_bytes(self, n):
-        with self._lock:
-            self.converted += n
-            if not self._due("convert"):
-                return
-            total = self.converted
-        self.job.emit({"event": "converted", "total": total}, key="converted")
-
-    def done(self, msg):
-        self.job.emit({"event": "line", "msg": msg})
-
-
-class PullJob:
-    """One conversion, shared by every request for the same image and store."""
-
-    def __init__(self, service, store, ref, img, client, platform):
-        self.service = service
-        self.store = store
-        self.ref = ref
-        self.digest = img.manifest_digest
-        self.img = img
-        self.pin = ref.with_digest(img.index_digest or img.manifest_digest)
-        self.client = client
-        self.platform = platform
-        self.key = (store.root, self.digest)
-        self.lock = threading.Lock()
-        self.snapshot = {}
-        self.subs = []
-        self.done = threading.Event()
-        self.result = None
-        self.error = None
-        self.requesters = 0
-        self.phase = "downloading"
-        self.started = time.time()
-
-    def emit(self, ev, key=None):
-        with self.lock:
-            if key is not None:
-                self.snapshot.pop(key, None)
-                self.snapshot[key] = ev
-            subs = list(self.subs)
-        for q in subs:
-            q.append(ev)
-            q.ready.set()
-
-    def subscribe(self):
-        q = _Queue()
-        with self.lock:
-            self.requesters += 1
-            q.extend(self.snapshot.values())
-            q.ready.set()
-            self.subs.append(q)
-        return q
-
-    def unsubscribe(self, q):
-        with self.lock:
-            if q in self.subs:
-                self.subs.remove(q)
-
-    def run(self):
-        from .pull import pull
-
-        svc = self.service
-        try:
-            self.result = pull(str(self.pin), store=self.store, config=svc.config,
-                               platform=self.platform, client=self.client,
-                               reporter=_JobReporter(self), resolved=self.img,
-                               check_size=svc.squashfs_check(self.ref))
-        except BaseException as e:  # reported to every requester
-            self.error = e
-        finally:
-            gc.unfreeze()  # pull() froze what existed; a long-lived service must collect it
-            self.client.close()
-            with svc.jobs_lock:
-                svc.jobs.pop(self.key, None)
-            self.done.set()
-            self.emit(None)
-        if self.result is not None:
-            svc.evict(keep=self.digest)
-
-
-class _Queue(list):
-    def __init__(self):
-        super().__init__()
-        self.ready = threading.Event()
-
-    def take(self):
-        """Events queued so far (waits for at least one)."""
-        while True:
-            self.ready.wait()
-            self.ready.clear()
-            if self:
-                out = self[:]
-                del self[:len(out)]
-                return out
 
 
 class Service:
@@ -379,31 +224,7 @@ class Service:
                 pass
 
     def _identify(self, conn, kind, host, req):
-        if kind == "unix":
-            raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, gid = struct.unpack("3i", raw)
-            ident = Identity(uid, gid, "unix", pid=pid)
-        else:
-            from . import munge
-
-            cred = req.get("munge")
-            if not isinstance(cred, str):
-                raise AuthError("a TCP request must come in a munge credential",
-                                hint="use hpcc's client (hpcc pull) on a host running munged")
-            payload, uid, gid = munge.decode(cred, socket=self.munge_socket)
-            try:
-                import json
-
-                req = json.loads(payload)
-            except ValueError:
-                raise AuthError("the munge credential does not carry a request") from None
-            if not isinstance(req, dict):
-                raise AuthError("the munge credential does not carry a request")
-            ident = Identity(uid, gid, "tcp", host=host)
-        claimed = req.get("uid")
-        if claimed is not None and claimed != ident.uid:
-            raise AuthError(f"the request claims uid {claimed} but comes from uid {ident.uid}")
-        return ident, req
+        return identify(conn, kind, host, req, self.munge_socket)
 
     # ---- pull ----------------------------------------------------------------------------
     def squashfs_check(self, ref):
@@ -680,29 +501,3 @@ class Service:
                             "size": rec.meta.get("size"), "path": rec.sqfs_path,
                             "private": private})
         return out
-
-
-class _UserClient:
-    """A RegistryClient with a user's credentials, read from an anonymous memory file
-    (memfd) that disappears with it: the credentials are never written to disk."""
-
-    def __new__(cls, config, auth):
-        import json
-
-        from .registry import RegistryClient
-
-        if not isinstance(auth.get("auths"), dict):
-            raise ImageError("the request's credentials are not an auth file's JSON")
-        fd = os.memfd_create("hpcc-user-auth", os.MFD_CLOEXEC)
-        os.write(fd, json.dumps(auth).encode())
-        client = RegistryClient(config, auth_file=f"/proc/self/fd/{fd}")
-        close = client.close
-
-        def close_all():
-            close()
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        client.close = close_all
-        return client

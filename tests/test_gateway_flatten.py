@@ -7,7 +7,8 @@ import tarfile
 import pytest
 
 from hpcc.errors import ImageError
-from hpcc.gateway.flatten import Flattener, LayerSource
+from hpcc.gateway.flatten import Flattener
+from hpcc.gateway.layersource import LayerSource
 from hpcc.squashfs import SquashfsReader, SquashfsWriter
 from hpcc.testkit.busybox import busybox_image
 from hpcc.testkit.images import (
