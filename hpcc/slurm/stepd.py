@@ -48,39 +48,63 @@ def parse_args(argv):
     return out
 
 
-def resolve_as_user(name, user, config):
-    """(ImageRecord, fd of its squashfs opened as the user)."""
-    from ..store import StoreAccessDenied, resolve_image
+class as_job_user:
+    """The job user's effective ids and groups (AsUser), with HOME and USER theirs and no
+    XDG_DATA_HOME, so that store lookups find the user's own store; all restored on exit.
+    A class, not contextlib: the helper's imports stay small."""
 
-    saved = {k: os.environ.get(k) for k in ("HOME", "XDG_DATA_HOME", "USER")}
-    os.environ["HOME"] = user.pw_dir
-    os.environ["USER"] = user.pw_name
-    os.environ.pop("XDG_DATA_HOME", None)
-    groups = os.getgrouplist(user.pw_name, user.pw_gid)
-    try:
-        with AsUser(user.pw_uid, user.pw_gid, groups):
-            try:
-                rec = resolve_image(name, config)
-            except (PermissionError, StoreAccessDenied):
-                raise ImageNotFound(f"image '{name}': you ({user.pw_name}) may not read it",
-                                    hint="ask the image's owner or the admins for access") \
-                    from None
-            try:
-                fd = os.open(rec.sqfs_path, os.O_RDONLY | os.O_CLOEXEC)
-            except PermissionError:
-                raise ImageNotFound(f"image '{name}' exists but you ({user.pw_name}) may not "
-                                    "read it", hint="ask the image's owner or the admins "
-                                    "for access") from None
-            except FileNotFoundError:
-                raise ImageNotFound(f"image '{name}' is listed in the store but its file "
-                                    f"{rec.sqfs_path} is missing",
-                                    hint=f"pull it again with 'gateway pull {name}'") from None
-    finally:
-        for k, v in saved.items():
+    def __init__(self, user):
+        self.user = user
+
+    def __enter__(self):
+        u = self.user
+        self.saved = {k: os.environ.get(k) for k in ("HOME", "XDG_DATA_HOME", "USER")}
+        os.environ["HOME"] = u.pw_dir
+        os.environ["USER"] = u.pw_name
+        os.environ.pop("XDG_DATA_HOME", None)
+        try:
+            self.ids = AsUser(u.pw_uid, u.pw_gid, os.getgrouplist(u.pw_name, u.pw_gid))
+            self.ids.__enter__()
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.ids.__exit__(*exc)
+        finally:
+            self._restore()
+
+    def _restore(self):
+        for k, v in self.saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def resolve_as_user(name, user, config):
+    """(ImageRecord, fd of its squashfs opened as the user)."""
+    from ..store import StoreAccessDenied, resolve_image
+
+    with as_job_user(user):
+        try:
+            rec = resolve_image(name, config)
+        except (PermissionError, StoreAccessDenied):
+            raise ImageNotFound(f"image '{name}': you ({user.pw_name}) may not read it",
+                                hint="ask the image's owner or the admins for access") \
+                from None
+        try:
+            fd = os.open(rec.sqfs_path, os.O_RDONLY | os.O_CLOEXEC)
+        except PermissionError:
+            raise ImageNotFound(f"image '{name}' exists but you ({user.pw_name}) may not "
+                                "read it", hint="ask the image's owner or the admins "
+                                "for access") from None
+        except FileNotFoundError:
+            raise ImageNotFound(f"image '{name}' is listed in the store but its file "
+                                f"{rec.sqfs_path} is missing",
+                                hint=f"pull it again with 'gateway pull {name}'") from None
     return rec, fd
 
 
@@ -149,26 +173,14 @@ def _waited_for_first_use(image, user, config, note):
     True when one was under way and finished; raises with its reason when it failed."""
     from .firstuse import pending_path, wait_pending
 
-    saved = {k: os.environ.get(k) for k in ("HOME", "XDG_DATA_HOME", "USER")}
-    os.environ["HOME"] = user.pw_dir
-    os.environ["USER"] = user.pw_name
-    os.environ.pop("XDG_DATA_HOME", None)
-    groups = os.getgrouplist(user.pw_name, user.pw_gid)
-    try:
-        with AsUser(user.pw_uid, user.pw_gid, groups):
-            try:
-                marker = pending_path(config, image)
-            except HpccError:
-                return False
-            if not (os.path.exists(marker) or os.path.exists(marker + ".failed")):
-                return False
-            reason = wait_pending(image, config, note)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with as_job_user(user):
+        try:
+            marker = pending_path(config, image)
+        except HpccError:
+            return False
+        if not (os.path.exists(marker) or os.path.exists(marker + ".failed")):
+            return False
+        reason = wait_pending(image, config, note)
     if reason:
         raise ImageNotFound(reason, hint="pull it with 'hpcc pull " + image + "' and submit "
                             "the job again")
