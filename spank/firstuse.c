@@ -18,28 +18,40 @@
 
 #include "hpcc_spank.h"
 
-/* The value of --container=X / --container X on this command's own command line. */
-static char *cmdline_container(void)
+/* This process's command line, NUL-separated, malloc'd (NULL when unreadable); its length
+ * in *len. */
+static char *read_cmdline(size_t *len)
 {
-	char *buf = NULL, *out = NULL;
-	size_t cap = 0, len = 0;
+	char *buf = NULL;
+	size_t cap = 0;
 	FILE *f = fopen("/proc/self/cmdline", "r");
 
+	*len = 0;
 	if (!f)
 		return NULL;
 	for (;;) {
-		if (len == cap) {
+		if (*len == cap) {
 			char *nb = realloc(buf, cap = cap ? cap * 2 : 4096);
 			if (!nb)
 				break;
 			buf = nb;
 		}
-		size_t n = fread(buf + len, 1, cap - len, f);
+		size_t n = fread(buf + *len, 1, cap - *len, f);
 		if (!n)
 			break;
-		len += n;
+		*len += n;
 	}
 	fclose(f);
+	return buf;
+}
+
+/* The value of --container=X / --container X on this command's own command line. */
+static char *cmdline_container(void)
+{
+	char *out = NULL;
+	size_t len = 0;
+	char *buf = read_cmdline(&len);
+
 	for (size_t off = 0; buf && off < len; off += strnlen(buf + off, len - off) + 1) {
 		const char *a = buf + off;
 		if (!strcmp(a, "--"))
@@ -99,25 +111,10 @@ static char *script_container(const char *path)
 /* sbatch's script: the first argument after the options that is a file starting "#!". */
 static char *sbatch_script_container(void)
 {
-	char *buf = NULL, *out = NULL;
-	size_t cap = 0, len = 0;
-	FILE *f = fopen("/proc/self/cmdline", "r");
+	char *out = NULL;
+	size_t len = 0;
+	char *buf = read_cmdline(&len);
 
-	if (!f)
-		return NULL;
-	for (;;) {
-		if (len == cap) {
-			char *nb = realloc(buf, cap = cap ? cap * 2 : 4096);
-			if (!nb)
-				break;
-			buf = nb;
-		}
-		size_t n = fread(buf + len, 1, cap - len, f);
-		if (!n)
-			break;
-		len += n;
-	}
-	fclose(f);
 	for (size_t off = buf ? strnlen(buf, len) + 1 : len; off < len;
 	     off += strnlen(buf + off, len - off) + 1) {
 		const char *a = buf + off;
