@@ -171,29 +171,25 @@ class NamedContainer:
 
     def record_pid(self, pid):
         """Write the pid a later `exec` attaches to (this process holds the lock)."""
-        data = f"{pid} {_start_time(pid)}\n".encode()
-        tmp = f"pid.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=self.dir_fd)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.rename(tmp, "pid", src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        self._write_record("pid", f"{pid} {_start_time(pid)}\n")
 
     def record_idle(self, pid, key):
         """Write `idle`: the pid of the process that keeps this container's assembled mount
         namespace between the steps of a job, its start time and the key of the step
         settings it was assembled for (hpcc.runtime.stepcontainer.reuse_key)."""
-        data = f"{pid} {_start_time(pid)} {key}\n".encode()
-        tmp = f"idle.{os.getpid()}"
+        self._write_record("idle", f"{pid} {_start_time(pid)} {key}\n")
+
+    def _write_record(self, name, text):
+        """Replace the record `name` in the container's directory (by its fd, no links
+        followed): a temporary file of this process, then a rename."""
+        tmp = f"{name}.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self.dir_fd)
         try:
-            os.write(fd, data)
+            os.write(fd, text.encode())
         finally:
             os.close(fd)
-        os.rename(tmp, "idle", src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        os.rename(tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
 
     def idle_keeper(self):
         """(pid, key) of the process keeping this container's namespace between steps, when
