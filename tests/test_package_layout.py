@@ -19,11 +19,12 @@ ALLOWED = {
     "hpcc.image": ("hpcc.errors",),
     "hpcc.squashfs": ("hpcc.errors",),
     "hpcc.store": ("hpcc.config", "hpcc.errors", "hpcc.image", "hpcc.reference"),
+    "hpcc.resolve": ("hpcc.errors", "hpcc.image", "hpcc.reference", "hpcc.store"),
     "hpcc.runtime": ("hpcc.config", "hpcc.errors",
                      "hpcc.squashfs"),     # --save writes the container's root as an image
     "hpcc.hooks": ("hpcc.config", "hpcc.errors", "hpcc.runtime"),
     "hpcc.gateway": ("hpcc.config", "hpcc.errors", "hpcc.image", "hpcc.reference",
-                     "hpcc.squashfs", "hpcc.store",
+                     "hpcc.squashfs", "hpcc.store", "hpcc.resolve",
                      "hpcc.slurm.jobs"),   # which images pending jobs name (prefetch)
 }
 
