@@ -416,14 +416,21 @@ class Store:
             return removed_tags, digest
         return removed_tags, None
 
-    def _unlink_ref(self, ref):
-        path = self.ref_path(ref)
+    def _unlink(self, path, what="remove"):
+        """Remove one file of the store: False if it was gone already; any other failure is
+        one StoreError line ("cannot <what> <path>: ...")."""
         try:
             os.unlink(path)
+            return True
         except FileNotFoundError:
-            return
+            return False
         except OSError as e:
-            raise store_os_error("remove the tag file", path, e, self.root) from None
+            raise store_os_error(what, path, e, self.root) from None
+
+    def _unlink_ref(self, ref):
+        path = self.ref_path(ref)
+        if not self._unlink(path, "remove the tag file"):
+            return
         # prune empty parent directories up to refs/
         d = os.path.dirname(path)
         while d.startswith(self.refs_dir + os.sep):
@@ -436,12 +443,7 @@ class Store:
     def _remove_image(self, digest):
         # metadata first: the image disappears atomically for resolvers
         for p in (self.meta_path(digest), self.sqfs_path(digest)):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                raise store_os_error("remove", p, e, self.root) from None
+            self._unlink(p)
 
     def gc(self, *, dry_run=False, elsewhere=()):
         """Remove debris: abandoned temp files, squashfs files without metadata, dangling
@@ -453,12 +455,7 @@ class Store:
         def rm(path):
             removed.append(path)
             if not dry_run:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    raise store_os_error("remove", path, e, self.root) from None
+                self._unlink(path)
 
         # images whose metadata is unreadable (invisible to images(), holding their space)
         for bad in self.broken_images():

@@ -197,25 +197,25 @@ static int opt_cb(int val, const char *optarg, int remote)
 	return 0;
 }
 
+#define ARG(i, name, arg, help) { name, arg, help, 1, i, opt_cb }
 #define FLAG(i, name, help) { name, NULL, help, 0, i, opt_cb }
 #define NOFLAG(i, name, help) { name, NULL, help, 0, (i) | OPT_NEG, opt_cb }
 
 static struct spank_option options[] = {
-	{ "container-image", "IMAGE",
-	  "[hpcc] run the step in image IMAGE: a reference (nvcr.io#nvidia/pytorch:24.01-py3, "
-	  "docker://...), a digest or a .sqfs/.sqsh path; same as Slurm's --container=IMAGE "
-	  "without oci.conf (env HPCC_CONTAINER_IMAGE, PYXIS_CONTAINER_IMAGE)", 1, OPT_IMAGE,
-	  opt_cb },
-	{ "container-mounts", "SRC[:DST[:FLAGS]],...",
-	  "[hpcc] bind host paths; FLAGS joined by '+': ro, rw, noexec, rbind, bind, private, "
-	  "rprivate; also tmpfs:DST and umount:DST (env HPCC_CONTAINER_MOUNTS, "
-	  "PYXIS_CONTAINER_MOUNTS)", 1, OPT_MOUNTS, opt_cb },
-	{ "container-workdir", "DIR",
-	  "[hpcc] working directory inside the container (default: the image's WorkingDir; env "
-	  "HPCC_CONTAINER_WORKDIR, PYXIS_CONTAINER_WORKDIR)", 1, OPT_WORKDIR, opt_cb },
-	{ "container-env", "NAME,...",
-	  "[hpcc] these variables keep the job's value, not the image's (env HPCC_CONTAINER_ENV, "
-	  "PYXIS_CONTAINER_ENV)", 1, OPT_ENV, opt_cb },
+	ARG(OPT_IMAGE, "container-image", "IMAGE",
+	    "[hpcc] run the step in image IMAGE: a reference (nvcr.io#nvidia/pytorch:24.01-py3, "
+	    "docker://...), a digest or a .sqfs/.sqsh path; same as Slurm's --container=IMAGE "
+	    "without oci.conf (env HPCC_CONTAINER_IMAGE, PYXIS_CONTAINER_IMAGE)"),
+	ARG(OPT_MOUNTS, "container-mounts", "SRC[:DST[:FLAGS]],...",
+	    "[hpcc] bind host paths; FLAGS joined by '+': ro, rw, noexec, rbind, bind, private, "
+	    "rprivate; also tmpfs:DST and umount:DST (env HPCC_CONTAINER_MOUNTS, "
+	    "PYXIS_CONTAINER_MOUNTS)"),
+	ARG(OPT_WORKDIR, "container-workdir", "DIR",
+	    "[hpcc] working directory inside the container (default: the image's WorkingDir; env "
+	    "HPCC_CONTAINER_WORKDIR, PYXIS_CONTAINER_WORKDIR)"),
+	ARG(OPT_ENV, "container-env", "NAME,...",
+	    "[hpcc] these variables keep the job's value, not the image's (env HPCC_CONTAINER_ENV, "
+	    "PYXIS_CONTAINER_ENV)"),
 	FLAG(OPT_WRITABLE, "container-writable",
 	     "[hpcc] writable container root, discarded at the end of the step unless named "
 	     "(env HPCC_CONTAINER_WRITABLE=1, PYXIS_CONTAINER_WRITABLE=1)"),
@@ -225,20 +225,20 @@ static struct spank_option options[] = {
 	FLAG(OPT_MPI, "container-mpi",
 	     "[hpcc] inject the host's MPI (MPICH ABI) into the container "
 	     "(env HPCC_CONTAINER_MPI=1)"),
-	{ "container-gpus", "all|N,...",
-	  "[hpcc] NVIDIA GPUs in the container (default: the GPUs Slurm bound to the step; "
-	  "env HPCC_CONTAINER_GPUS)", 1, OPT_GPUS, opt_cb },
-	{ "container-name", "NAME[:exec|no_exec|create]",
-	  "[hpcc] keep the container's state under NAME for later steps of the job (env "
-	  "HPCC_CONTAINER_NAME, PYXIS_CONTAINER_NAME)", 1, OPT_NAME, opt_cb },
+	ARG(OPT_GPUS, "container-gpus", "all|N,...",
+	    "[hpcc] NVIDIA GPUs in the container (default: the GPUs Slurm bound to the step; "
+	    "env HPCC_CONTAINER_GPUS)"),
+	ARG(OPT_NAME, "container-name", "NAME[:exec|no_exec|create]",
+	    "[hpcc] keep the container's state under NAME for later steps of the job (env "
+	    "HPCC_CONTAINER_NAME, PYXIS_CONTAINER_NAME)"),
 	FLAG(OPT_REMAP_ROOT, "container-remap-root",
 	     "[hpcc] be uid 0 inside (a user namespace mapping your uid; env "
 	     "HPCC_CONTAINER_REMAP_ROOT=1, PYXIS_CONTAINER_REMAP_ROOT=1)"),
 	NOFLAG(OPT_REMAP_ROOT, "no-container-remap-root",
 	       "[hpcc] keep your own uid inside (env HPCC_CONTAINER_REMAP_ROOT=0)"),
-	{ "container-unshare", "net,ipc,uts",
-	  "[hpcc] give the container its own network, IPC or UTS namespace (env "
-	  "HPCC_CONTAINER_UNSHARE, PYXIS_CONTAINER_UNSHARE)", 1, OPT_UNSHARE, opt_cb },
+	ARG(OPT_UNSHARE, "container-unshare", "net,ipc,uts",
+	    "[hpcc] give the container its own network, IPC or UTS namespace (env "
+	    "HPCC_CONTAINER_UNSHARE, PYXIS_CONTAINER_UNSHARE)"),
 	FLAG(OPT_MOUNT_HOME, "container-mount-home",
 	     "[hpcc] bind your home directory (env HPCC_CONTAINER_MOUNT_HOME=1, "
 	     "PYXIS_CONTAINER_MOUNT_HOME=1)"),
@@ -253,9 +253,9 @@ static struct spank_option options[] = {
 	FLAG(OPT_ENTRYPOINT_LOG, "container-entrypoint-log",
 	     "[hpcc] show the ENTRYPOINT's output (env HPCC_CONTAINER_ENTRYPOINT_LOG=1, "
 	     "PYXIS_CONTAINER_ENTRYPOINT_LOG=1)"),
-	{ "container-save", "PATH",
-	  "[hpcc] at the end of the step, save the container (image and changes) as a squashfs "
-	  "image at PATH (env HPCC_CONTAINER_SAVE, PYXIS_CONTAINER_SAVE)", 1, OPT_SAVE, opt_cb },
+	ARG(OPT_SAVE, "container-save", "PATH",
+	    "[hpcc] at the end of the step, save the container (image and changes) as a squashfs "
+	    "image at PATH (env HPCC_CONTAINER_SAVE, PYXIS_CONTAINER_SAVE)"),
 	SPANK_OPTIONS_TABLE_END
 };
 

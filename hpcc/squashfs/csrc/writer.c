@@ -197,24 +197,23 @@ int hpcc_xattr_add(hpcc_writer_t *w, const char *key, const void *value, size_t 
 
 int hpcc_xattr_end(hpcc_writer_t *w, sqfs_u32 *out) { return sqfs_xattr_writer_end(w->xwr, out); }
 
-static int set_base(hpcc_writer_t *w, sqfs_inode_generic_t *inode, sqfs_u16 mode,
-                    sqfs_u32 uid, sqfs_u32 gid, sqfs_u32 mtime, sqfs_u32 ino)
-{
-    int ret;
-    inode->base.mode = mode;
-    inode->base.mod_time = mtime;
-    inode->base.inode_number = ino;
-    ret = sqfs_id_table_id_to_index(w->ids, uid, &inode->base.uid_idx);
-    if (ret)
-        return ret;
-    return sqfs_id_table_id_to_index(w->ids, gid, &inode->base.gid_idx);
-}
-
-static int64_t put_inode(hpcc_writer_t *w, const sqfs_inode_generic_t *inode)
+/* Every inode's last step: the fields all types share, then into the inode table; returns
+   its reference (metadata block << 16 | offset) or a negative error. */
+static int64_t put_inode(hpcc_writer_t *w, sqfs_inode_generic_t *inode, sqfs_u16 mode,
+                         sqfs_u32 uid, sqfs_u32 gid, sqfs_u32 mtime, sqfs_u32 ino)
 {
     sqfs_u64 block;
     sqfs_u32 offset;
     int ret;
+
+    inode->base.mode = mode;
+    inode->base.mod_time = mtime;
+    inode->base.inode_number = ino;
+    ret = sqfs_id_table_id_to_index(w->ids, uid, &inode->base.uid_idx);
+    if (ret == 0)
+        ret = sqfs_id_table_id_to_index(w->ids, gid, &inode->base.gid_idx);
+    if (ret)
+        return ret;
     sqfs_meta_writer_get_position(w->im, &block, &offset);
     ret = sqfs_meta_writer_write_inode(w->im, inode);
     if (ret)
@@ -253,10 +252,7 @@ int64_t hpcc_write_file(hpcc_writer_t *w, const sqfs_inode_generic_t *data, sqfs
         inode->data.file_ext.nlink = nlink;
         inode->data.file_ext.xattr_idx = xattr;
     }
-    ret = set_base(w, inode, S_IFREG | perm, uid, gid, mtime, ino);
-    if (ret)
-        goto out;
-    ret = put_inode(w, inode);
+    ret = put_inode(w, inode, S_IFREG | perm, uid, gid, mtime, ino);
 out:
     free(inode);
     return ret;
@@ -303,10 +299,7 @@ int64_t hpcc_write_special(hpcc_writer_t *w, int type, sqfs_u16 perm, sqfs_u32 u
         ret = SQFS_ERROR_ARG_INVALID;
         goto out;
     }
-    ret = set_base(w, inode, type_to_ifmt(type) | perm, uid, gid, mtime, ino);
-    if (ret)
-        goto out;
-    ret = put_inode(w, inode);
+    ret = put_inode(w, inode, type_to_ifmt(type) | perm, uid, gid, mtime, ino);
 out:
     free(inode);
     return ret;
@@ -347,9 +340,7 @@ int64_t hpcc_dir_write(hpcc_writer_t *w, const char *names, size_t count, sqfs_u
         inode->data.dir.nlink = nlink;
     else
         inode->data.dir_ext.nlink = nlink;
-    ret = set_base(w, inode, S_IFDIR | perm, uid, gid, mtime, ino);
-    if (ret == 0)
-        ret = put_inode(w, inode);
+    ret = put_inode(w, inode, S_IFDIR | perm, uid, gid, mtime, ino);
     sqfs_free(inode);
     return ret;
 }
