@@ -90,7 +90,7 @@ class Ctx:
             if rec is not None:
                 return rec
         if self.user_mode:  # the user's tag of an image the site store holds
-            from hpcc.store import shared_image
+            from hpcc.resolve import shared_image
 
             rec = shared_image(self.store, self.read_stores()[1:], ref)
             if rec is not None:

@@ -10,6 +10,10 @@ mtime, linkname, pax_headers, sparse and the is*() tests), and at the end of an 
 or at a bad header after the first one, iteration stops as tarfile's does. Differences: it
 never seeks backwards (a sparse map that would need it is an error instead of a hang), and
 member data is handed out as views of one reusable buffer, without copies.
+
+One concern, reading the tar format forward, and long because the format is several
+(v7, ustar, GNU, pax, two sparse encodings) whose headers modify the member that follows;
+splitting headers from the reader would put one state machine in two files.
 """
 import re
 import struct

@@ -182,7 +182,7 @@ def resolve_image(arg, config, cache=None):
     if cache is not None:
         from .launchcache import resolve_cached
         return resolve_cached(arg, config, cache)
-    from .store import resolve_image as store_resolve
+    from .resolve import resolve_image as store_resolve
     return store_resolve(arg, config)
 
 

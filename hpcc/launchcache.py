@@ -101,7 +101,7 @@ def _state(path):
 
 
 def resolve_cached(name, config, cache):
-    """The ImageRecord of a store name (NAME[:TAG]) as hpcc.store.resolve_image finds it,
+    """The ImageRecord of a store name (NAME[:TAG]) as hpcc.resolve.resolve_image finds it,
     through `cache`: a warm launch checks the files that resolution read (the tag files in
     every store it looks in, the image's metadata) by stat and reuses the answer, so it
     imports neither the store (json, re, enum: ~10 ms) nor parses anything. When one of
@@ -119,7 +119,7 @@ def resolve_cached(name, config, cache):
             meta = cache.data.get(meta_path)
             if meta is not None and meta[0] == checks[-1][1]:
                 return ImageRecord(digest, sqfs, meta[1], None)
-    from .store import resolution_paths, resolve_image
+    from .resolve import resolution_paths, resolve_image
     rec = resolve_image(name, config)
     paths = resolution_paths(name, config)
     if rec.store is None or not paths:

@@ -15,7 +15,10 @@ collide. Publishing is temp file + fsync + rename; a crash or kill leaves only d
 .tmp/ (and possibly a .sqfs without its .json), which is invisible to resolution and removed
 by `gc()`.
 
-This module is on the launch path: it imports only the standard library.
+This module is one store and nothing else (which of several stores answers a name is
+hpcc.resolve); it is long because a store's operations (lookup, publish, tag, remove, gc)
+share its layout and locking, which one class keeps in one place. It is on the launch path:
+it imports only the standard library.
 """
 import errno
 import fcntl
@@ -25,7 +28,7 @@ import time
 from contextlib import contextmanager
 
 from .errors import ImageNotFound, StoreError
-from .image import ImageRecord, is_image_path, local_image
+from .image import ImageRecord
 from .reference import DIGEST_RE, local_alternative, parse_reference
 
 META_SCHEMA = 1
@@ -413,14 +416,21 @@ class Store:
             return removed_tags, digest
         return removed_tags, None
 
-    def _unlink_ref(self, ref):
-        path = self.ref_path(ref)
+    def _unlink(self, path, what="remove"):
+        """Remove one file of the store: False if it was gone already; any other failure is
+        one StoreError line ("cannot <what> <path>: ...")."""
         try:
             os.unlink(path)
+            return True
         except FileNotFoundError:
-            return
+            return False
         except OSError as e:
-            raise store_os_error("remove the tag file", path, e, self.root) from None
+            raise store_os_error(what, path, e, self.root) from None
+
+    def _unlink_ref(self, ref):
+        path = self.ref_path(ref)
+        if not self._unlink(path, "remove the tag file"):
+            return
         # prune empty parent directories up to refs/
         d = os.path.dirname(path)
         while d.startswith(self.refs_dir + os.sep):
@@ -433,12 +443,7 @@ class Store:
     def _remove_image(self, digest):
         # metadata first: the image disappears atomically for resolvers
         for p in (self.meta_path(digest), self.sqfs_path(digest)):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                raise store_os_error("remove", p, e, self.root) from None
+            self._unlink(p)
 
     def gc(self, *, dry_run=False, elsewhere=()):
         """Remove debris: abandoned temp files, squashfs files without metadata, dangling
@@ -450,12 +455,7 @@ class Store:
         def rm(path):
             removed.append(path)
             if not dry_run:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    raise store_os_error("remove", path, e, self.root) from None
+                self._unlink(path)
 
         # images whose metadata is unreadable (invisible to images(), holding their space)
         for bad in self.broken_images():
@@ -511,76 +511,3 @@ class Store:
                     if got:
                         rm(os.path.join(self.lock_dir, fname))
         return removed
-
-
-def resolve_image(arg, config, cache=None):
-    """Resolve what a user typed: a path to a .sqfs file, else the user's store, then the
-    user's private images in the site store, then the site store. A tag in the user's store
-    may name an image that only the site store holds (`hpcc pull` of an image the site
-    already has converts nothing). O(1) file operations; never lists a store."""
-    if is_image_path(arg):
-        return local_image(arg, cache)
-    user = Store.user(config)
-    site = Store.site(config)
-    # geteuid: the Slurm helper resolves with the job user's effective uid
-    stores = (user, Store.private(site.root, os.geteuid()), site)
-    denied = None
-    for store in stores:
-        try:
-            rec = store.find(arg)
-        except StoreAccessDenied as e:
-            denied = denied or e
-            continue
-        except OSError as e:
-            if e.errno in (errno.EACCES, errno.ENOENT):
-                continue
-            raise
-        if rec is not None:
-            return rec
-    rec = shared_image(user, stores[1:], arg)
-    if rec is not None:
-        return rec
-    if denied is not None:
-        raise denied
-    if os.path.lexists(arg):
-        what = "a directory" if os.path.isdir(arg) else "a file"
-        raise ImageNotFound(f"image '{arg}' is not in the store, and '{arg}' here is {what}",
-                            hint=f"to run a .sqfs file give its path: ./{arg}")
-    raise ImageNotFound(f"image '{arg}' not found in the store",
-                        hint=f"pull it with 'hpcc pull {arg}' (or ask an admin to 'gateway pull "
-                             f"{arg}')")
-
-
-def resolution_paths(name, config):
-    """The tag files resolve_image(name) reads, in every store it looks in (the launch
-    cache checks them to know the answer still holds); [] for a digest."""
-    if name.startswith("sha256") or "@" in name:
-        return []
-    ref = parse_reference(name)
-    local = local_alternative(name)
-    user = Store.user(config)
-    site = Store.site(config)
-    paths = []
-    for store in (user, Store.private(site.root, os.getuid()), site):
-        paths.append(store.ref_path(ref))
-        if local is not None:
-            paths.append(store.ref_path(local))
-    return paths
-
-
-def shared_image(user, others, name):
-    """The image a tag of the user's store points to when one of `others` holds it."""
-    if name.startswith("sha256") or DIGEST_RE.match(name):
-        return None
-    ref = parse_reference(name)
-    digest = ref.digest or user.lookup_tag(ref)
-    if digest is None:
-        return None
-    for store in others:
-        try:
-            rec = store.get(digest)
-        except (OSError, ImageNotFound, StoreAccessDenied):
-            continue
-        if rec is not None:
-            return rec
-    return None

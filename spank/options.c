@@ -36,6 +36,9 @@ char *opt_val[OPT_N];
 char *arg_python, *arg_config;
 int arg_server = 1;
 int arg_pull = 1;
+int arg_entrypoint = -1, arg_remap_root = -1;
+const char *arg_scope;
+int arg_sbatch = 1;
 char *inherited_container;
 
 int parse_bool(const char *v)
@@ -197,25 +200,25 @@ static int opt_cb(int val, const char *optarg, int remote)
 	return 0;
 }
 
+#define ARG(i, name, arg, help) { name, arg, help, 1, i, opt_cb }
 #define FLAG(i, name, help) { name, NULL, help, 0, i, opt_cb }
 #define NOFLAG(i, name, help) { name, NULL, help, 0, (i) | OPT_NEG, opt_cb }
 
 static struct spank_option options[] = {
-	{ "container-image", "IMAGE",
-	  "[hpcc] run the step in image IMAGE: a reference (nvcr.io#nvidia/pytorch:24.01-py3, "
-	  "docker://...), a digest or a .sqfs/.sqsh path; same as Slurm's --container=IMAGE "
-	  "without oci.conf (env HPCC_CONTAINER_IMAGE, PYXIS_CONTAINER_IMAGE)", 1, OPT_IMAGE,
-	  opt_cb },
-	{ "container-mounts", "SRC[:DST[:FLAGS]],...",
-	  "[hpcc] bind host paths; FLAGS joined by '+': ro, rw, noexec, rbind, bind, private, "
-	  "rprivate; also tmpfs:DST and umount:DST (env HPCC_CONTAINER_MOUNTS, "
-	  "PYXIS_CONTAINER_MOUNTS)", 1, OPT_MOUNTS, opt_cb },
-	{ "container-workdir", "DIR",
-	  "[hpcc] working directory inside the container (default: the image's WorkingDir; env "
-	  "HPCC_CONTAINER_WORKDIR, PYXIS_CONTAINER_WORKDIR)", 1, OPT_WORKDIR, opt_cb },
-	{ "container-env", "NAME,...",
-	  "[hpcc] these variables keep the job's value, not the image's (env HPCC_CONTAINER_ENV, "
-	  "PYXIS_CONTAINER_ENV)", 1, OPT_ENV, opt_cb },
+	ARG(OPT_IMAGE, "container-image", "IMAGE",
+	    "[hpcc] run the step in image IMAGE: a reference (nvcr.io#nvidia/pytorch:24.01-py3, "
+	    "docker://...), a digest or a .sqfs/.sqsh path; same as Slurm's --container=IMAGE "
+	    "without oci.conf (env HPCC_CONTAINER_IMAGE, PYXIS_CONTAINER_IMAGE)"),
+	ARG(OPT_MOUNTS, "container-mounts", "SRC[:DST[:FLAGS]],...",
+	    "[hpcc] bind host paths; FLAGS joined by '+': ro, rw, noexec, rbind, bind, private, "
+	    "rprivate; also tmpfs:DST and umount:DST (env HPCC_CONTAINER_MOUNTS, "
+	    "PYXIS_CONTAINER_MOUNTS)"),
+	ARG(OPT_WORKDIR, "container-workdir", "DIR",
+	    "[hpcc] working directory inside the container (default: the image's WorkingDir; env "
+	    "HPCC_CONTAINER_WORKDIR, PYXIS_CONTAINER_WORKDIR)"),
+	ARG(OPT_ENV, "container-env", "NAME,...",
+	    "[hpcc] these variables keep the job's value, not the image's (env HPCC_CONTAINER_ENV, "
+	    "PYXIS_CONTAINER_ENV)"),
 	FLAG(OPT_WRITABLE, "container-writable",
 	     "[hpcc] writable container root, discarded at the end of the step unless named "
 	     "(env HPCC_CONTAINER_WRITABLE=1, PYXIS_CONTAINER_WRITABLE=1)"),
@@ -225,20 +228,20 @@ static struct spank_option options[] = {
 	FLAG(OPT_MPI, "container-mpi",
 	     "[hpcc] inject the host's MPI (MPICH ABI) into the container "
 	     "(env HPCC_CONTAINER_MPI=1)"),
-	{ "container-gpus", "all|N,...",
-	  "[hpcc] NVIDIA GPUs in the container (default: the GPUs Slurm bound to the step; "
-	  "env HPCC_CONTAINER_GPUS)", 1, OPT_GPUS, opt_cb },
-	{ "container-name", "NAME[:exec|no_exec|create]",
-	  "[hpcc] keep the container's state under NAME for later steps of the job (env "
-	  "HPCC_CONTAINER_NAME, PYXIS_CONTAINER_NAME)", 1, OPT_NAME, opt_cb },
+	ARG(OPT_GPUS, "container-gpus", "all|N,...",
+	    "[hpcc] NVIDIA GPUs in the container (default: the GPUs Slurm bound to the step; "
+	    "env HPCC_CONTAINER_GPUS)"),
+	ARG(OPT_NAME, "container-name", "NAME[:exec|no_exec|create]",
+	    "[hpcc] keep the container's state under NAME for later steps of the job (env "
+	    "HPCC_CONTAINER_NAME, PYXIS_CONTAINER_NAME)"),
 	FLAG(OPT_REMAP_ROOT, "container-remap-root",
 	     "[hpcc] be uid 0 inside (a user namespace mapping your uid; env "
 	     "HPCC_CONTAINER_REMAP_ROOT=1, PYXIS_CONTAINER_REMAP_ROOT=1)"),
 	NOFLAG(OPT_REMAP_ROOT, "no-container-remap-root",
 	       "[hpcc] keep your own uid inside (env HPCC_CONTAINER_REMAP_ROOT=0)"),
-	{ "container-unshare", "net,ipc,uts",
-	  "[hpcc] give the container its own network, IPC or UTS namespace (env "
-	  "HPCC_CONTAINER_UNSHARE, PYXIS_CONTAINER_UNSHARE)", 1, OPT_UNSHARE, opt_cb },
+	ARG(OPT_UNSHARE, "container-unshare", "net,ipc,uts",
+	    "[hpcc] give the container its own network, IPC or UTS namespace (env "
+	    "HPCC_CONTAINER_UNSHARE, PYXIS_CONTAINER_UNSHARE)"),
 	FLAG(OPT_MOUNT_HOME, "container-mount-home",
 	     "[hpcc] bind your home directory (env HPCC_CONTAINER_MOUNT_HOME=1, "
 	     "PYXIS_CONTAINER_MOUNT_HOME=1)"),
@@ -253,9 +256,9 @@ static struct spank_option options[] = {
 	FLAG(OPT_ENTRYPOINT_LOG, "container-entrypoint-log",
 	     "[hpcc] show the ENTRYPOINT's output (env HPCC_CONTAINER_ENTRYPOINT_LOG=1, "
 	     "PYXIS_CONTAINER_ENTRYPOINT_LOG=1)"),
-	{ "container-save", "PATH",
-	  "[hpcc] at the end of the step, save the container (image and changes) as a squashfs "
-	  "image at PATH (env HPCC_CONTAINER_SAVE, PYXIS_CONTAINER_SAVE)", 1, OPT_SAVE, opt_cb },
+	ARG(OPT_SAVE, "container-save", "PATH",
+	    "[hpcc] at the end of the step, save the container (image and changes) as a squashfs "
+	    "image at PATH (env HPCC_CONTAINER_SAVE, PYXIS_CONTAINER_SAVE)"),
 	SPANK_OPTIONS_TABLE_END
 };
 
@@ -264,22 +267,62 @@ static int is_true(const char *v)
 	return v && *v && strcmp(v, "0") && strcasecmp(v, "no") && strcasecmp(v, "false");
 }
 
+/* "NAME=" of a pyxis plugstack.conf argument hpcc takes as a site default (below), or that
+ * means nothing with hpcc (its runtime keeps no per-container state on disk, imports
+ * through its own store, never unpacks an image): accepted, so that a pyxis line works. */
+static const char *const pyxis_ignored[] = {
+	"runtime_path=", "use_enroot_load=", "importer=", "use_squashfuse=", NULL
+};
+
+/* A pyxis boolean argument: 0 or 1, or -1 (and one error line) for anything else. */
+static int plugstack_bool(const char *arg, size_t keylen)
+{
+	int v = parse_bool(arg + keylen);
+	if (v < 0)
+		slurm_error("hpcc: plugstack.conf argument '%s': expected 1 or 0 (ignored)", arg);
+	return v;
+}
+
 void parse_args(int ac, char **av)
 {
 	for (int i = 0; i < ac; i++) {
-		if (!strncmp(av[i], "python=", 7)) {
+		const char *a = av[i];
+		int ignored = 0;
+
+		for (const char *const *k = pyxis_ignored; *k; k++)
+			ignored |= !strncmp(a, *k, strlen(*k));
+		if (ignored)
+			continue;
+		if (!strncmp(a, "python=", 7)) {
 			free(arg_python);
-			arg_python = strdup(av[i] + 7);
-		} else if (!strncmp(av[i], "config=", 7)) {
+			arg_python = strdup(a + 7);
+		} else if (!strncmp(a, "config=", 7)) {
 			free(arg_config);
-			arg_config = strdup(av[i] + 7);
-		} else if (!strncmp(av[i], "server=", 7)) {
-			arg_server = is_true(av[i] + 7);
-		} else if (!strncmp(av[i], "pull=", 5)) {
-			arg_pull = is_true(av[i] + 5);
+			arg_config = strdup(a + 7);
+		} else if (!strncmp(a, "server=", 7)) {
+			arg_server = is_true(a + 7);
+		} else if (!strncmp(a, "pull=", 5)) {
+			arg_pull = is_true(a + 5);
+		} else if (!strncmp(a, "execute_entrypoint=", 19)) {
+			arg_entrypoint = plugstack_bool(a, 19);
+		} else if (!strncmp(a, "remap_root=", 11)) {
+			arg_remap_root = plugstack_bool(a, 11);
+		} else if (!strncmp(a, "sbatch_support=", 15)) {
+			arg_sbatch = plugstack_bool(a, 15) != 0;
+		} else if (!strncmp(a, "container_scope=", 16)) {
+			/* pyxis' "global": kept on the node for the user across jobs */
+			if (!strcmp(a + 16, "job"))
+				arg_scope = "job";
+			else if (!strcmp(a + 16, "global"))
+				arg_scope = "user";
+			else
+				slurm_error("hpcc: plugstack.conf argument '%s': expected job or "
+					    "global (ignored)", a);
 		} else {
-			slurm_error("hpcc: unknown plugstack.conf argument '%s' "
-				    "(known: python=, config=, server=, pull=)", av[i]);
+			slurm_error("hpcc: unknown plugstack.conf argument '%s' (known: python=, "
+				    "config=, server=, pull=, and pyxis' execute_entrypoint=, "
+				    "container_scope=, sbatch_support=, remap_root=, runtime_path=, "
+				    "use_enroot_load=, importer=, use_squashfuse=)", a);
 		}
 	}
 }
@@ -287,6 +330,9 @@ void parse_args(int ac, char **av)
 /* Register the options (srun, salloc, sbatch and slurmstepd); -1 when Slurm refuses one. */
 int register_options(spank_t sp)
 {
+	/* sbatch_support=0 (pyxis): the options are srun's only */
+	if (!arg_sbatch && spank_context() == S_CTX_ALLOCATOR)
+		return 0;
 	for (struct spank_option *opt = options; opt->name; opt++) {
 		if (spank_option_register(sp, opt) != ESPANK_SUCCESS) {
 			slurm_error("hpcc: cannot register option --%s", opt->name);

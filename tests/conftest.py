@@ -16,9 +16,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 # The tests import the *installed* hpcc: the checkout's hpcc/ lacks the subpackages that
 # pyproject.toml maps from other directories (hpcc.gateway <- gateway/, hpcc.hooks <- hooks/)
-# and the compiled extensions. pytest appends the checkout to sys.path (--import-mode=append,
-# pyproject.toml) and `make test` runs `python -P`; only a plain `python -m pytest` still
-# puts the checkout first, so it is moved to the end, where `tests.*` still resolves.
+# and the compiled extensions. `pytest`, `python -P -m pytest` (`make test`) and pytest's
+# --import-mode=append (pyproject.toml) leave the checkout last on sys.path. These two lines
+# must stay for `python -m pytest` (how the project's guides run single test files): Python
+# itself puts the current directory first, before pytest reads any option, and without them
+# collection fails with "No module named 'hpcc.runtime._linux'" (the checkout's hpcc/ wins).
+# They move that entry to the end, where `tests.*` still resolves.
 if sys.path and Path(sys.path[0] or ".").resolve() == REPO:
     sys.path.append(sys.path.pop(0))
 

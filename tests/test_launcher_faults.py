@@ -142,7 +142,8 @@ def test_warm_launch_by_name_imports_no_json_re_or_store_and_follows_the_store(s
     assert p.returncode == 0, p.stderr
     imported = {line.split("|")[-1].strip() for line in p.stderr.splitlines()
                 if line.startswith("import time:")}
-    for mod in ("json", "re", "enum", "hpcc.store", "hpcc.reference", "tomllib"):
+    for mod in ("json", "re", "enum", "hpcc.store", "hpcc.resolve", "hpcc.reference",
+                "tomllib"):
         assert mod not in imported, mod
     assert f"image {first}" in p.stderr
     # the tag moves to another image: the next launch runs that one

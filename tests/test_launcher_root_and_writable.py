@@ -82,6 +82,38 @@ def test_writable_container_of_another_user_run_by_root(apt_image, launcher_env,
     assert p.returncode != 0 and "Read-only file system" in p.stderr
 
 
+@pytest.fixture
+def users_own_image(apt_image, test_user):
+    """apt_image copied into a directory of the test user's: root may not give it to the
+    kernel, so squashfuse_ll (as the user) serves it."""
+    d = tempfile.mkdtemp(prefix="hpcc-own-img-", dir="/var/tmp")
+    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    path = os.path.join(d, "own.sqfs")
+    shutil.copy(apt_image, path)
+    os.chown(path, test_user.pw_uid, test_user.pw_gid)
+    yield path
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_writable_container_of_a_users_own_image_run_by_root(users_own_image, launcher_env,
+                                                            test_user):
+    """The same for an image root serves with squashfuse_ll (the user's own file): the FUSE
+    connection belongs to a user namespace mapping the image's 0 to the user, so its files
+    are the user's; the image's other owners stay as they are."""
+    u = test_user
+    p = hpcc(launcher_env, None, "-v", "run", "--user", u.pw_name, "--writable",
+             users_own_image, "--", "sh", "-c",
+             WRITE_ANYWHERE + "; id -u; stat -c %u /bin/busybox / /newfile")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == f"ok\n{u.pw_uid}\n" + f"{u.pw_uid}\n" * 3
+    assert "image served for the user" in p.stderr
+    assert "squashfuse_ll" in p.stderr  # not the kernel: the file is the user's
+    # read-only, the files stay root's and root-only ones unreadable
+    p = hpcc(launcher_env, None, "run", "--user", u.pw_name, users_own_image, "--", "sh",
+             "-c", "stat -c %u /bin/busybox; cat /secret")
+    assert p.stdout == "0\n" and p.returncode != 0 and "Permission denied" in p.stderr
+
+
 def test_readonly_is_the_default_and_refuses_writes(apt_image, launcher_env, who):
     p = hpcc(launcher_env, who, "run", "--readonly", apt_image, "--", "touch", "/newfile")
     assert p.returncode == 1 and "Read-only file system" in p.stderr

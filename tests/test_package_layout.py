@@ -19,11 +19,12 @@ ALLOWED = {
     "hpcc.image": ("hpcc.errors",),
     "hpcc.squashfs": ("hpcc.errors",),
     "hpcc.store": ("hpcc.config", "hpcc.errors", "hpcc.image", "hpcc.reference"),
+    "hpcc.resolve": ("hpcc.errors", "hpcc.image", "hpcc.reference", "hpcc.store"),
     "hpcc.runtime": ("hpcc.config", "hpcc.errors",
                      "hpcc.squashfs"),     # --save writes the container's root as an image
     "hpcc.hooks": ("hpcc.config", "hpcc.errors", "hpcc.runtime"),
     "hpcc.gateway": ("hpcc.config", "hpcc.errors", "hpcc.image", "hpcc.reference",
-                     "hpcc.squashfs", "hpcc.store",
+                     "hpcc.squashfs", "hpcc.store", "hpcc.resolve",
                      "hpcc.slurm.jobs"),   # which images pending jobs name (prefetch)
 }
 
@@ -98,3 +99,26 @@ def test_no_product_module_imports_the_testkit():
              for name, path in modules if not _within(name, "hpcc.testkit") and name != "hpcc.demo"
              for target in _imports(name, path) if _within(target, "hpcc.testkit")]
     assert not wrong, wrong
+
+
+def test_every_source_package_is_listed_and_ships_with_its_data_and_no_c():
+    """pyproject.toml lists the packages by hand (package-dir maps gateway/ and hooks/): a
+    directory of modules left out would silently not install, and a directory of other files
+    setuptools cannot place is what made `pip install` warn. Installed: the data directory
+    (etc/ copies, Slurm command wrappers), no C sources."""
+    import tomllib
+
+    import hpcc
+
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    for name, src in tool["package-dir"].items():
+        for d in [REPO / src, *(p for p in (REPO / src).rglob("*") if p.is_dir())]:
+            if d.name == "__pycache__" or not any(f.suffix == ".py" for f in d.iterdir()):
+                continue
+            dotted = ".".join([name, *d.relative_to(REPO / src).parts])
+            assert dotted in listed, f"{d} has modules but {dotted} is not in packages"
+    installed = Path(hpcc.__file__).resolve().parent
+    assert {"hpcc.toml", "hpcc.schema.json"} <= {p.name for p in (installed / "data").iterdir()}
+    assert (installed / "data" / "slurm-bin" / "srun").is_file()
+    assert not [p for p in installed.rglob("*") if p.suffix in (".c", ".h")]

@@ -46,6 +46,45 @@ def test_writable_container_lets_the_job_user_write_anywhere(slurm_cluster, site
     assert p.stdout.split() == [str(uid)] * 3
 
 
+@pytest.fixture
+def users_own_image(slurm_site, slurm_users):
+    """The busybox image in a directory of the job user's: the helper may not give it to
+    the kernel, so squashfuse_ll serves it, running as the user."""
+    u = slurm_users[U1]
+    d = tempfile.mkdtemp(prefix="hpcc-own-", dir=slurm_site.root)
+    os.chmod(d, 0o755)
+    os.chown(d, u.pw_uid, u.pw_gid)
+    path = os.path.join(d, "own.sqfs")
+    shutil.copy(slurm_site.images["busybox"].sqfs_path, path)
+    os.chown(path, u.pw_uid, u.pw_gid)
+    yield path
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("remap", [False, True], ids=["user", "remap-root"])
+def test_writable_container_of_the_users_own_image(slurm_cluster, users_own_image,
+                                                   slurm_users, remap):
+    """--container-writable on an image served by FUSE: the job user (or root, remapped)
+    writes anywhere in it too, whatever the step's group (this cluster's srun runs with
+    group 0, which the FUSE connection's user namespace must map as well)."""
+    uid = slurm_users[U1].pw_uid
+    inside = "0" if remap else str(uid)
+    p = slurm_cluster.run("srun", "-n2", f"--container-image={users_own_image}",
+                          "--container-writable",
+                          "--container-remap-root" if remap else "--no-container-remap-root",
+                          "sh", "-c",
+                          "touch /newfile && mkdir -p /usr/local/x && echo y > /bin/tool && "
+                          "echo z >> /etc/passwd && "
+                          "{ [ $SLURM_PROCID != 0 ] || rm /etc/os-release; } && "
+                          "id -u && stat -c %u / /newfile /bin/busybox", user=U1)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [inside] * 8, p.stdout
+    # the image itself is unchanged
+    out = subprocess.run(["unsquashfs", "-l", users_own_image], capture_output=True,
+                         text=True).stdout
+    assert "/etc/os-release" in out and "/newfile" not in out
+
+
 def test_named_container_keeps_its_layer_across_the_steps_of_a_job(slurm_cluster,
                                                                    site_image):
     script = (f"srun -n1 --container-image={site_image} --container-name=build "

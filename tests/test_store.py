@@ -8,7 +8,8 @@ import pytest
 
 from hpcc.errors import ImageNotFound
 from hpcc.reference import parse_reference
-from hpcc.store import Store, resolve_image
+from hpcc.resolve import resolve_image
+from hpcc.store import Store
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64

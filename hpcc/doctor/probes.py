@@ -133,7 +133,7 @@ def _unprivileged_probe(work, image):
         try:
             fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                pid = imagemount._fuse_mount(fd, f"{work}/img", image, False)
+                pid, _ = imagemount._fuse_mount(fd, f"{work}/img", image, False)
             finally:
                 os.close(fd)
             try:

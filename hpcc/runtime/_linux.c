@@ -26,6 +26,15 @@
 #ifndef SYS_move_mount
 #define SYS_move_mount 429
 #endif
+#ifndef SYS_fsopen
+#define SYS_fsopen 430
+#endif
+#ifndef SYS_fsconfig
+#define SYS_fsconfig 431
+#endif
+#ifndef SYS_fsmount
+#define SYS_fsmount 432
+#endif
 #ifndef SYS_close_range
 #define SYS_close_range 436
 #endif
@@ -55,6 +64,14 @@ static int fs_or_none(PyObject *obj, void *out)
 
 #define STR(b) ((b) ? PyBytes_AS_STRING(b) : NULL)
 
+/* r = call, with the GIL released around it (it may block on FUSE), and its errno in err */
+#define BLOCKING(r, err, call) do {   \
+        Py_BEGIN_ALLOW_THREADS        \
+        (r) = (call);                 \
+        (err) = errno;                \
+        Py_END_ALLOW_THREADS          \
+    } while (0)
+
 static PyObject *raise_errno(int err, PyObject *path)
 {
     errno = err;
@@ -63,15 +80,18 @@ static PyObject *raise_errno(int err, PyObject *path)
     return PyErr_SetFromErrno(PyExc_OSError);
 }
 
+/* the fd a system call returned, or OSError from its errno */
+static PyObject *fd_or_raise(long r, int err)
+{
+    return r < 0 ? raise_errno(err, NULL) : PyLong_FromLong(r);
+}
+
 static PyObject *py_unshare(PyObject *Py_UNUSED(self), PyObject *args)
 {
     int flags, r, err;
     if (!PyArg_ParseTuple(args, "i:unshare", &flags))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    r = unshare(flags);
-    err = errno;
-    Py_END_ALLOW_THREADS
+    BLOCKING(r, err, unshare(flags));
     if (r < 0)
         return raise_errno(err, NULL);
     Py_RETURN_NONE;
@@ -82,10 +102,7 @@ static PyObject *py_setns(PyObject *Py_UNUSED(self), PyObject *args)
     int fd, nstype, r, err;
     if (!PyArg_ParseTuple(args, "ii:setns", &fd, &nstype))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    r = setns(fd, nstype);
-    err = errno;
-    Py_END_ALLOW_THREADS
+    BLOCKING(r, err, setns(fd, nstype));
     if (r < 0)
         return raise_errno(err, NULL);
     Py_RETURN_NONE;
@@ -105,10 +122,7 @@ static PyObject *py_mount(PyObject *Py_UNUSED(self), PyObject *args)
             PyErr_SetString(PyExc_TypeError, "mount: target must be a path");
         goto out;
     }
-    Py_BEGIN_ALLOW_THREADS
-    r = mount(STR(src), STR(tgt), STR(fstype), flags, STR(data));
-    err = errno;
-    Py_END_ALLOW_THREADS
+    BLOCKING(r, err, mount(STR(src), STR(tgt), STR(fstype), flags, STR(data)));
     if (r < 0)
         raise_errno(err, tgt_obj);
     else
@@ -129,10 +143,7 @@ static PyObject *py_umount2(PyObject *Py_UNUSED(self), PyObject *args)
         return NULL;
     if (!PyUnicode_FSConverter(tgt_obj, &tgt))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    r = umount2(PyBytes_AS_STRING(tgt), flags);
-    err = errno;
-    Py_END_ALLOW_THREADS
+    BLOCKING(r, err, umount2(PyBytes_AS_STRING(tgt), flags));
     Py_DECREF(tgt);
     return r < 0 ? raise_errno(err, tgt_obj) : Py_NewRef(Py_None);
 }
@@ -146,10 +157,8 @@ static PyObject *py_pivot_root(PyObject *Py_UNUSED(self), PyObject *args)
         goto out;
     if (!PyUnicode_FSConverter(new_obj, &new_root))
         goto out;
-    Py_BEGIN_ALLOW_THREADS
-    r = syscall(SYS_pivot_root, PyBytes_AS_STRING(new_root), PyBytes_AS_STRING(put_old));
-    err = errno;
-    Py_END_ALLOW_THREADS
+    BLOCKING(r, err, syscall(SYS_pivot_root, PyBytes_AS_STRING(new_root),
+                             PyBytes_AS_STRING(put_old)));
     ret = r < 0 ? raise_errno(err, new_obj) : Py_NewRef(Py_None);
 out:
     Py_XDECREF(new_root);
@@ -165,9 +174,7 @@ static PyObject *py_prctl(PyObject *Py_UNUSED(self), PyObject *args)
         return NULL;
     r = prctl(option, a2, a3, a4, a5);
     err = errno;
-    if (r < 0)
-        return raise_errno(err, NULL);
-    return PyLong_FromLong(r);
+    return fd_or_raise(r, err);
 }
 
 static PyObject *py_openat2(PyObject *Py_UNUSED(self), PyObject *args)
@@ -181,10 +188,8 @@ static PyObject *py_openat2(PyObject *Py_UNUSED(self), PyObject *args)
     if (!PyUnicode_FSConverter(path_obj, &path))
         return NULL;
     struct hpcc_open_how how = {flags, mode, resolve};
-    Py_BEGIN_ALLOW_THREADS
-    r = syscall(SYS_openat2, dirfd, PyBytes_AS_STRING(path), &how, sizeof(how));
-    err = errno;
-    Py_END_ALLOW_THREADS
+    BLOCKING(r, err, syscall(SYS_openat2, dirfd, PyBytes_AS_STRING(path), &how,
+                             sizeof(how)));
     Py_DECREF(path);
     if (r < 0)
         return raise_errno(err, path_obj);
@@ -199,14 +204,9 @@ static PyObject *py_open_tree(PyObject *Py_UNUSED(self), PyObject *args)
     long r;
     if (!PyArg_ParseTuple(args, "iO&I:open_tree", &dirfd, PyUnicode_FSConverter, &path, &flags))
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    r = syscall(SYS_open_tree, dirfd, PyBytes_AS_STRING(path), flags);
-    err = errno;
-    Py_END_ALLOW_THREADS
+    BLOCKING(r, err, syscall(SYS_open_tree, dirfd, PyBytes_AS_STRING(path), flags));
     Py_DECREF(path);
-    if (r < 0)
-        return raise_errno(err, NULL);
-    return PyLong_FromLong(r);
+    return fd_or_raise(r, err);
 }
 
 static PyObject *py_move_mount(PyObject *Py_UNUSED(self), PyObject *args)
@@ -218,11 +218,8 @@ static PyObject *py_move_mount(PyObject *Py_UNUSED(self), PyObject *args)
     if (!PyArg_ParseTuple(args, "iO&iO&I:move_mount", &from_fd, PyUnicode_FSConverter, &from,
                           &to_fd, PyUnicode_FSConverter, &to, &flags))
         goto out;
-    Py_BEGIN_ALLOW_THREADS
-    r = syscall(SYS_move_mount, from_fd, PyBytes_AS_STRING(from), to_fd,
-                PyBytes_AS_STRING(to), flags);
-    err = errno;
-    Py_END_ALLOW_THREADS
+    BLOCKING(r, err, syscall(SYS_move_mount, from_fd, PyBytes_AS_STRING(from), to_fd,
+                             PyBytes_AS_STRING(to), flags));
     ret = r < 0 ? raise_errno(err, NULL) : Py_NewRef(Py_None);
 out:
     Py_XDECREF(from);
@@ -242,14 +239,54 @@ static PyObject *py_mount_setattr(PyObject *Py_UNUSED(self), PyObject *args)
         return NULL;
     /* userns_fd: the user namespace whose id maps an idmapped mount (MOUNT_ATTR_IDMAP) takes */
     struct hpcc_mount_attr attr = {attr_set, attr_clr, 0, userns_fd};
-    Py_BEGIN_ALLOW_THREADS
-    r = syscall(SYS_mount_setattr, dirfd, PyBytes_AS_STRING(path), flags, &attr, sizeof(attr));
-    err = errno;
-    Py_END_ALLOW_THREADS
+    BLOCKING(r, err, syscall(SYS_mount_setattr, dirfd, PyBytes_AS_STRING(path), flags, &attr,
+                             sizeof(attr)));
     Py_DECREF(path);
     if (r < 0)
         return raise_errno(err, NULL);
     Py_RETURN_NONE;
+}
+
+/* fsopen/fsconfig/fsmount: a filesystem created by this process's credentials (their user
+ * namespace owns it), handed over as a detached mount fd */
+static PyObject *py_fsopen(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    const char *fstype;
+    unsigned int flags = 0;
+    int err;
+    long r;
+    if (!PyArg_ParseTuple(args, "s|I:fsopen", &fstype, &flags))
+        return NULL;
+    BLOCKING(r, err, syscall(SYS_fsopen, fstype, flags));
+    return fd_or_raise(r, err);
+}
+
+static PyObject *py_fsconfig(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *key = NULL, *value = NULL, *ret = NULL;
+    int fd, aux = 0, err;
+    unsigned int cmd;
+    long r;
+    if (!PyArg_ParseTuple(args, "iI|O&O&i:fsconfig", &fd, &cmd, fs_or_none, &key,
+                          fs_or_none, &value, &aux))
+        goto out;
+    BLOCKING(r, err, syscall(SYS_fsconfig, fd, cmd, STR(key), STR(value), aux));
+    ret = r < 0 ? raise_errno(err, NULL) : Py_NewRef(Py_None);
+out:
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    return ret;
+}
+
+static PyObject *py_fsmount(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    int fd, err;
+    unsigned int flags, attrs;
+    long r;
+    if (!PyArg_ParseTuple(args, "iII:fsmount", &fd, &flags, &attrs))
+        return NULL;
+    BLOCKING(r, err, syscall(SYS_fsmount, fd, flags, attrs));
+    return fd_or_raise(r, err);
 }
 
 /* Empty the ambient and bounding sets; -1 with errno on an unexpected error. */
@@ -309,6 +346,10 @@ static PyMethodDef methods[] = {
      "move_mount(from_fd, from_path, to_fd, to_path, flags)"},
     {"mount_setattr", py_mount_setattr, METH_VARARGS,
      "mount_setattr(dirfd, path, flags, attr_set, attr_clr=0, userns_fd=0)"},
+    {"fsopen", py_fsopen, METH_VARARGS, "fsopen(fstype, flags=0) -> fd"},
+    {"fsconfig", py_fsconfig, METH_VARARGS,
+     "fsconfig(fd, cmd, key=None, value=None, aux=0)"},
+    {"fsmount", py_fsmount, METH_VARARGS, "fsmount(fd, flags, mount_attrs) -> mount fd"},
     {"drop_bounding", py_drop_bounding, METH_NOARGS,
      "Empty the ambient and bounding sets (while the process still may: before setuid)."},
     {"drop_all_capabilities", py_drop_all_capabilities, METH_NOARGS,

@@ -32,6 +32,21 @@ def shift_root_map(host_id):
     return "\n".join(lines) + "\n"
 
 
+def swap_root_map(host_id):
+    """uid_map/gid_map lines exchanging 0 and host_id (every other id to itself): every
+    host id stays mapped. A FUSE connection refuses requests (EOVERFLOW: a page fault on an
+    exec'd binary then kills the process) from a process whose fsuid or fsgid its user
+    namespace cannot map, and a job's group or a root hook may be anything."""
+    if host_id == 0:
+        return f"0 0 {MAX_ID + 1}\n"
+    lines = [f"0 {host_id} 1", f"{host_id} 0 1"]
+    if host_id > 1:
+        lines.append(f"1 1 {host_id - 1}")
+    if host_id < MAX_ID:
+        lines.append(f"{host_id + 1} {host_id + 1} {MAX_ID - host_id}")
+    return "\n".join(lines) + "\n"
+
+
 def userns_with_maps(uid_map, gid_map):
     """An fd of a new user namespace with the given maps (root only: a child unshares it and
     waits, this process writes its maps, keeps an fd and lets it exit)."""

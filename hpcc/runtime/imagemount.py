@@ -130,7 +130,96 @@ def _find_exe(name):
     return None
 
 
-def _fuse_mount(img_fd, target, path, privileged, user=None):
+def _open_fuse_device():
+    try:
+        return os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MountError("/dev/fuse does not exist: containers of unprivileged users need FUSE",
+                         hint="the admin must load the fuse module (modprobe fuse)") from None
+    except PermissionError:
+        raise MountError("cannot open /dev/fuse (permission denied): containers of "
+                         "unprivileged users need FUSE",
+                         hint="the admin should make it mode 0666 (chmod 0666 /dev/fuse; "
+                              "the usual udev default)") from None
+
+
+def _fuse_mount_for_user(target, path, uid, gid):
+    """Mount a FUSE filesystem on target whose files, as its server reports them, belong to
+    uid/gid where the server says 0 (uid/gid shown as 0, every other id unchanged): root's
+    writable containers for a user, when the image is served by squashfuse_ll. Returns the
+    /dev/fuse fd.
+
+    FUSE cannot be idmapped (squashfuse_ll 0.1 does not ask for it), but the kernel reads
+    a FUSE server's ids in the user namespace that owns the connection. So a child joins a
+    user namespace mapping 0 to uid/gid (idmap.shift_root_map), opens /dev/fuse and creates
+    the filesystem there with fsopen/fsmount (user_id=0: only the user may use it, and no
+    allow_other: nobody else, root included, gets through it except via the overlay above,
+    which rootfs mounts with the user's ids), and passes both fds back; this process attaches
+    the mount. Raises OSError where the kernel refuses (the caller falls back to a plain
+    mount, the image's files then stay root's)."""
+    import _socket
+
+    from .idmap import swap_root_map, userns_with_maps
+
+    ns = userns_with_maps(swap_root_map(uid), swap_root_map(gid))
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ours.close()
+                _sys.setns(ns, _sys.CLONE_NEWUSER)
+                _sys.unshare(_sys.CLONE_NEWNS)  # a mount namespace the new user ns owns
+                ffd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+                fs = _sys.fsopen("fuse", _sys.FSOPEN_CLOEXEC)
+                for key, value in (("source", path), ("fd", str(ffd)), ("rootmode", "40000"),
+                                   ("user_id", "0"), ("group_id", "0")):
+                    _sys.fsconfig(fs, _sys.FSCONFIG_SET_STRING, key, value)
+                _sys.fsconfig(fs, _sys.FSCONFIG_SET_FLAG, "default_permissions")
+                _sys.fsconfig(fs, _sys.FSCONFIG_CMD_CREATE)
+                mnt = _sys.fsmount(fs, _sys.FSMOUNT_CLOEXEC, _sys.MOUNT_ATTR_RDONLY
+                                   | _sys.MOUNT_ATTR_NOSUID | _sys.MOUNT_ATTR_NODEV)
+                theirs.sendmsg([b"0"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                         struct.pack("2i", ffd, mnt))])
+            except OSError as e:
+                theirs.send(str(e.errno or errno.EIO).encode())
+            finally:
+                os._exit(0)
+        theirs.close()
+        msg, fds = _recv_fds(ours, 16, 2)
+        os.waitpid(pid, 0)
+    finally:
+        ours.close()
+        theirs.close()
+        os.close(ns)
+    if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        code = int(msg or errno.EIO)
+        raise OSError(code, os.strerror(code))
+    ffd, mnt = fds
+    try:
+        _sys.move_mount(mnt, "", _sys.AT_FDCWD, target, _sys.MOVE_MOUNT_F_EMPTY_PATH)
+    except OSError:
+        os.close(ffd)
+        raise
+    finally:
+        os.close(mnt)
+    return ffd
+
+
+def _recv_fds(sock, nbytes, maxfds):
+    """(data, [fds]) of one message on a unix socket (of _socket: `socket` imports enum)."""
+    import _socket
+    data, anc, _, _ = sock.recvmsg(nbytes, _socket.CMSG_SPACE(4 * maxfds))
+    fds = []
+    for lvl, typ, d in anc:
+        if lvl == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS:
+            fds += [int.from_bytes(d[i:i + 4], sys.byteorder) for i in range(0, len(d) - 3, 4)]
+    return data, fds
+
+
+def _fuse_mount(img_fd, target, path, privileged, user=None, idmap=None):
     """Mount the image with squashfuse_ll: hpcc opens /dev/fuse and does the mount(2)
     itself (so no setuid fusermount3 is needed), then hands the fd to squashfuse_ll as
     /dev/fd/3 and the image as /dev/fd/4 (libfuse 3 takes an inherited fd as a mountpoint
@@ -143,30 +232,32 @@ def _fuse_mount(img_fd, target, path, privileged, user=None):
     As root with a `user` (uid, gid, groups), the daemon is not root: before its exec it
     takes the user's uid, gid and groups (real, effective and saved), loses every
     capability (bounding set included) and sets no_new_privs. The image it parses is one
-    the user could rewrite, so a flaw in squashfuse gives nothing the user lacks."""
+    the user could rewrite, so a flaw in squashfuse gives nothing the user lacks.
+
+    idmap (uid, gid), as root: the image's 0 is shown as that user (_fuse_mount_for_user).
+    Returns (daemon pid, whether idmap took effect)."""
     exe = _find_exe("squashfuse_ll")
     if not exe:
         raise MountError("squashfuse_ll is not installed",
                          hint="the admin must install the squashfuse package")
-    try:
-        ffd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise MountError("/dev/fuse does not exist: containers of unprivileged users need FUSE",
-                         hint="the admin must load the fuse module (modprobe fuse)") from None
-    except PermissionError:
-        raise MountError("cannot open /dev/fuse (permission denied): containers of "
-                         "unprivileged users need FUSE",
-                         hint="the admin should make it mode 0666 (chmod 0666 /dev/fuse; "
-                              "the usual udev default)") from None
-    uid, gid = os.getuid(), os.getgid()  # in the setup namespace: 0, the caller on the host
-    opts = (f"fd={ffd},rootmode=40000,user_id={uid},group_id={gid},default_permissions"
-            + (",allow_other" if privileged else ""))
-    try:
-        _sys.mount(path, target, "fuse.squashfuse_ll",
-                   _sys.MS_RDONLY | _sys.MS_NOSUID | _sys.MS_NODEV, opts)
-    except OSError as e:
-        os.close(ffd)
-        raise MountError(f"cannot mount FUSE for {path}: {e.strerror}") from None
+    ffd = None
+    if idmap is not None and privileged:
+        try:
+            ffd = _fuse_mount_for_user(target, path, *idmap)
+        except OSError:
+            ffd = None
+    idmapped = ffd is not None
+    if ffd is None:
+        ffd = _open_fuse_device()
+        uid, gid = os.getuid(), os.getgid()  # in the setup namespace: 0, the caller on the host
+        opts = (f"fd={ffd},rootmode=40000,user_id={uid},group_id={gid},default_permissions"
+                + (",allow_other" if privileged else ""))
+        try:
+            _sys.mount(path, target, "fuse.squashfuse_ll",
+                       _sys.MS_RDONLY | _sys.MS_NOSUID | _sys.MS_NODEV, opts)
+        except OSError as e:
+            os.close(ffd)
+            raise MountError(f"cannot mount FUSE for {path}: {e.strerror}") from None
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # child: become squashfuse_ll
@@ -204,7 +295,7 @@ def _fuse_mount(img_fd, target, path, privileged, user=None):
         finally:
             os._exit(127)
     os.close(ffd)
-    return pid
+    return pid, idmapped
 
 
 class HelperMount:
@@ -258,13 +349,10 @@ class HelperMount:
     def result(self):
         if self.pid is None:
             return None, self.why
-        import _socket
         try:
-            _, anc, _, _ = self.sock.recvmsg(1, _socket.CMSG_SPACE(4))
+            _, fds = _recv_fds(self.sock, 1, 1)
         except OSError:
-            anc = []
-        fds = [int.from_bytes(d[:4], sys.byteorder) for lvl, typ, d in anc
-               if lvl == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS and len(d) >= 4]
+            fds = []
         status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
         self.pid = None
         why = os.read(self.err, 1024).decode(errors="replace").strip()
@@ -305,8 +393,9 @@ def _become(uid, gid, groups):
         os._exit(126)
 
 
-def mount_image(sqfs, target, privileged, user=None, site_store=""):
-    """Mount the squashfs file read-only on target; return the FUSE daemon's pid or None.
+def mount_image(sqfs, target, privileged, user=None, site_store="", idmap=None):
+    """Mount the squashfs file read-only on target; return (the FUSE daemon's pid or None,
+    whether the FUSE mount shows the image's 0 as idmap's uid/gid).
     user: (uid, gid, groups) the FUSE daemon runs as when root launches for someone else
     (images root may not give to the kernel are served by the user's own daemon).
     site_store: the site store's root (its service account's images are trusted too)."""
@@ -319,9 +408,9 @@ def mount_image(sqfs, target, privileged, user=None, site_store=""):
             raise MountError(f"{sqfs} is not a squashfs image")
         if privileged and trusted_for_kernel(img_fd, site_store):
             _loop_mount(img_fd, target, sqfs)
-            return None
+            return None, False
         if not privileged or user is None or user[0] == 0:
             user = None
-        return _fuse_mount(img_fd, target, sqfs, privileged, user)
+        return _fuse_mount(img_fd, target, sqfs, privileged, user, idmap)
     finally:
         os.close(img_fd)

@@ -26,6 +26,10 @@ the name finds it running (FLAG exec attaches to it, auto too; no_exec and creat
 Flags as pyxis: auto (default: use the container if it exists, else create it; attach
 when it runs), create (it must not exist yet), exec (it must be running: attach),
 no_exec (never attach).
+
+One concern, a named container's directory and its life (where it lives and who owns it,
+opening or attaching, its records and idle keeper, listing and removal): every part reads
+and writes the same directory under the same lock and ownership rules.
 """
 import errno
 import fcntl

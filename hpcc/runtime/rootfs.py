@@ -226,6 +226,67 @@ class RootHandle:
             self.host_root_fd = None
 
 
+def _warm(spec, root, budget):
+    from . import warm
+    from .spec import spec_env
+    return warm.start(os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
+                      spec["process"]["args"][0],
+                      spec_env(spec).get("PATH", "/usr/local/bin:/usr/bin:/bin"), budget)
+
+
+def _overlay(stage, upper, work, fresh_upper, privileged, mounter, image):
+    """Mount the overlay root on stage/root: the image (stage/img) under the upper layer.
+    mounter (uid, gid): mount it from a child with those ids and this process's
+    capabilities (SECBIT_NO_SETUID_FIXUP keeps them across setresuid)."""
+    def mount():
+        if fresh_upper:
+            # the overlay's / takes the upper directory's owner and mode: the image's
+            lst = os.stat(f"{stage}/img")
+            os.chown(upper, lst.st_uid, lst.st_gid)
+            os.chmod(upper, stat.S_IMODE(lst.st_mode))
+        opts = (f"lowerdir={stage}/img,upperdir={upper},workdir={work}"
+                + ("" if privileged else ",userxattr"))
+        _sys.mount("overlay", f"{stage}/root", "overlay", _sys.MS_NOSUID | _sys.MS_NODEV, opts)
+
+    try:
+        if mounter is None:
+            mount()
+        else:
+            _as_mounter(*mounter, mount)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(f"squashfuse_ll could not serve {image}",
+                             hint="check that the file is an intact squashfs image") from None
+        raise MountError(f"cannot mount the overlay root: {e.strerror}") from None
+
+
+def _as_mounter(uid, gid, fn):
+    """Run fn() in a child with uid/gid (real, effective, saved; no groups) and this
+    process's capabilities; raise its OSError here (its errno is the child's exit code).
+    The user cannot ptrace the child (it has capabilities they lack); they can kill it,
+    which fails their own launch."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            _sys.prctl(_sys.PR_SET_SECUREBITS,
+                       _sys.SECBIT_NO_SETUID_FIXUP | _sys.SECBIT_NO_SETUID_FIXUP_LOCKED)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            fn()
+        except OSError as e:
+            code = e.errno or errno.EIO
+        except BaseException:  # noqa: BLE001
+            code = errno.EIO
+        finally:
+            os._exit(code)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code:
+        code = code if code > 0 else errno.EINTR  # killed
+        raise OSError(code, os.strerror(code))
+
+
 def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=None,
                premount=None):
     """Assemble the container's root in the calling process's (private) mount namespace,
@@ -256,15 +317,21 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
                 t("image mounted (kernel, from the mount helper)")
             except OSError as e:
                 mount_fd, why = None, f"cannot attach the mount helper's mount: {e.strerror}"
+        fuse_idmapped = False
         if mount_fd is None:
             who = spec["process"]["user"]
-            handle.fuse_pid = mount_image(
+            handle.fuse_pid, fuse_idmapped = mount_image(
                 h["image"], os.path.join(stage, "img"), privileged,
                 (who["uid"], who["gid"], who.get("additionalGids") or []),
-                h.get("site_store", ""))
+                h.get("site_store", ""), idmap=h.get("idmap"))
             t("image mounted" + (f" (squashfuse_ll: {why})" if handle.fuse_pid and why else
                                  " (squashfuse_ll)" if handle.fuse_pid else " (kernel)"))
-        if h.get("idmap") and not handle.fuse_pid and mount_fd is None:
+        if fuse_idmapped:
+            h["files_owner"] = list(h["idmap"])
+            t("image served for the user: its root's files are the user's")
+        elif h.get("idmap") and handle.fuse_pid:
+            t("no user-owned FUSE mount (the kernel refused): the image's files stay root's")
+        elif h.get("idmap") and mount_fd is None:
             from .idmap import idmap_mount
             try:
                 idmap_mount(f"{stage}/img", *h["idmap"])
@@ -274,30 +341,16 @@ def setup_root(spec, privileged=False, *, container_id=None, pivot=True, log=Non
                 t(f"no idmapped mount ({e.strerror or e}): the image's files stay root's")
         upper = h.get("upper") or f"{stage}/upper"
         work = h.get("work") or f"{stage}/work"
-        if h.get("fresh_upper", True):
-            # the overlay's / takes the upper directory's owner and mode: the image's
-            lst = os.stat(f"{stage}/img")
-            os.chown(upper, lst.st_uid, lst.st_gid)
-            os.chmod(upper, stat.S_IMODE(lst.st_mode))
-        budget = spec["hpcc"].get("warm_bytes", 0)
-        if budget > 0 and spec["process"]["args"]:
-            from . import warm
-            from .spec import spec_env
-            handle.warming = warm.start(
-                os.open(f"{stage}/img", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
-                spec["process"]["args"][0],
-                spec_env(spec).get("PATH", "/usr/local/bin:/usr/bin:/bin"), budget)
-        opts = (f"lowerdir={stage}/img,upperdir={upper},workdir={work}"
-                + ("" if privileged else ",userxattr"))
-        try:
-            _sys.mount("overlay", f"{stage}/root", "overlay", _sys.MS_NOSUID | _sys.MS_NODEV,
-                       opts)
-        except OSError as e:
-            if e.errno == errno.ENOTCONN:
-                raise MountError(f"squashfuse_ll could not serve {spec['hpcc']['image']}",
-                                 hint="check that the file is an intact squashfs image") \
-                    from None
-            raise MountError(f"cannot mount the overlay root: {e.strerror}") from None
+        budget = spec["hpcc"].get("warm_bytes", 0) if spec["process"]["args"] else 0
+        if budget > 0 and not fuse_idmapped:  # that mount is the user's alone: warm below
+            handle.warming = _warm(spec, f"{stage}/img", budget)
+        # A user-owned FUSE mount lets nobody else through, root included: the overlay's
+        # mounter (whose rights it uses on its layers) is then the user, with root's
+        # capabilities for the upper layer
+        _overlay(stage, upper, work, h.get("fresh_upper", True), privileged,
+                 tuple(h["idmap"]) if fuse_idmapped else None, spec["hpcc"]["image"])
+        if budget > 0 and fuse_idmapped:
+            handle.warming = _warm(spec, f"{stage}/root", budget)
         root_fd = os.open(f"{stage}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             writable = {os.fstat(root_fd).st_dev}

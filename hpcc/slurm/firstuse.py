@@ -23,6 +23,8 @@ user's store: compute nodes never pull. Exit codes: 0 go on, 1 the image cannot 
 import os
 import sys
 
+from . import fork_detached
+
 PENDING_DIR = ".pending"
 WAIT_LIMIT = 3600  # seconds a first step waits for a pull started by sbatch
 SEEN_TTL = 3600    # the plugin skips this process for an image found less than this ago
@@ -100,14 +102,9 @@ def detach(image, config):
             pass
     with open(marker, "w") as f:
         f.write(f"{os.uname().nodename} {os.getpid()}\n")
-    pid = os.fork()
-    if pid:
-        os.waitpid(pid, 0)
+    if not fork_detached():
         return
     try:
-        os.setsid()
-        if os.fork():
-            os._exit(0)
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)

@@ -14,6 +14,7 @@ import sys
 from _socket import SOL_SOCKET
 
 from ..errors import HpccError
+from . import fork_detached
 from .stepd import CACHE_DIR, cache_dir_ok, handle, parse_args, send_error
 
 SERVER_IDLE = 300
@@ -40,14 +41,9 @@ def start_server(path):
     """Start a detached server on `path` (double fork, new session, fresh interpreter)."""
     if not path.startswith(CACHE_DIR + "/") or not cache_dir_ok():
         return
-    pid = os.fork()
-    if pid:
-        os.waitpid(pid, 0)
+    if not fork_detached():
         return
     try:
-        os.setsid()
-        if os.fork():
-            os._exit(0)
         devnull = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)

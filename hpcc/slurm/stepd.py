@@ -86,7 +86,8 @@ class as_job_user:
 
 def resolve_as_user(name, user, config):
     """(ImageRecord, fd of its squashfs opened as the user)."""
-    from ..store import StoreAccessDenied, resolve_image
+    from ..resolve import resolve_image
+    from ..store import StoreAccessDenied
 
     with as_job_user(user):
         try:

@@ -19,7 +19,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
 HEADER = os.path.join(CSRC, "hpcc_sqfs.h")
-SOURCES = ("fdfile.c", "writer.c", "reader.c", "tarheader.c")
+SOURCES = ("fdfile.c", "feeder.c", "writer.c", "reader.c", "tarheader.c")
 CFLAGS = ["-O2", "-Wall", "-Wextra"]
 
 # libsquashfs (sqfs/*.h): the types and calls Python uses itself.

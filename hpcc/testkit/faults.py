@@ -8,7 +8,7 @@ import threading
 import time
 
 from .images import sha256
-from .registry import QuietHandler, free_port, serve_in_thread, stop_server
+from .services import QuietHandler, free_port, serve_in_thread, stop_server
 
 _BLOB_RE = re.compile(r"^/v2/(.+)/blobs/(sha256:[0-9a-f]{64})$")
 _MANIFEST_RE = re.compile(r"^/v2/(.+)/manifests/([^/]+)$")

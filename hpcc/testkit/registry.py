@@ -1,253 +1,27 @@
 """A real local registry for tests and the demo: Debian's /usr/bin/docker-registry on
 127.0.0.1:<free port>, optionally with TLS (a throw-away CA), htpasswd basic auth, or token
-auth (a small RS256 token server in this process); and push() with the registry HTTP API.
+auth (tokenserver.TokenServer, in this process); and push() with the registry HTTP API.
 """
 import base64
-import http.client
-import http.server
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import requests
 
+from .certs import make_cert, new_key, pem_cert, pem_key
 from .images import ImageIndex
+from .services import free_port, stop_process
+from .tokenserver import TokenServer
 
 DOCKER_REGISTRY = "/usr/bin/docker-registry"
 
 
-def free_port(host="127.0.0.1"):
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def stop_process(proc):
-    """End a service started by a test: SIGTERM, then SIGKILL if it has not exited within
-    10 seconds; reaped either way."""
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-class QuietHandler(http.server.BaseHTTPRequestHandler):
-    """The base of the test servers' request handlers: HTTP/1.1 (kept-alive connections,
-    as a registry's clients use) and no log line per request."""
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-
-def serve_in_thread(port, handler, name):
-    """A ThreadingHTTPServer for `handler` on 127.0.0.1:port, served by a daemon thread
-    called `name`; end it with stop_server."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, name=name, daemon=True).start()
-    return httpd
-
-
-def stop_server(httpd):
-    """Stop a server of serve_in_thread (None: nothing to stop) and close its socket."""
-    if httpd:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-# =========================================================================================
-# Certificates and tokens
-# =========================================================================================
-def _crypto():
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import padding, rsa
-        from cryptography.x509.oid import NameOID
-    except ImportError as e:   # pragma: no cover - declared in the test extra
-        raise RuntimeError("hpcc.testkit needs the 'cryptography' package "
-                           "(pip install 'hpcc[test]')") from e
-    return x509, hashes, serialization, padding, rsa, NameOID
-
-
-def _new_key():
-    _, _, _, _, rsa, _ = _crypto()
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def _pem_key(key):
-    _, _, serialization, _, _, _ = _crypto()
-    return key.private_bytes(serialization.Encoding.PEM,
-                             serialization.PrivateFormat.TraditionalOpenSSL,
-                             serialization.NoEncryption())
-
-
-def _cert(subject_cn, key, issuer_cert=None, issuer_key=None, *, ca=False, sans=()):
-    import datetime
-    import ipaddress
-    x509, hashes, _, _, _, NameOID = _crypto()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
-    b = (x509.CertificateBuilder()
-         .subject_name(name)
-         .issuer_name(issuer_cert.subject if issuer_cert else name)
-         .public_key(key.public_key())
-         .serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(minutes=5))
-         .not_valid_after(now + datetime.timedelta(days=2))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                          crl_sign=True, content_commitment=False,
-                                          key_encipherment=False, data_encipherment=False,
-                                          key_agreement=False, encipher_only=False,
-                                          decipher_only=False), critical=True)
-        b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                            critical=False)
-    if sans:
-        alt = []
-        for s in sans:
-            try:
-                alt.append(x509.IPAddress(ipaddress.ip_address(s)))
-            except ValueError:
-                alt.append(x509.DNSName(s))
-        b = b.add_extension(x509.SubjectAlternativeName(alt), critical=False)
-    return b.sign(issuer_key or key, hashes.SHA256())
-
-
-def _pem_cert(cert):
-    _, _, serialization, _, _, _ = _crypto()
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _b64url(data):
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-class TokenServer:
-    """A minimal Docker token-auth server (the `realm` of a Bearer challenge).
-
-    GET /token?service=S&scope=repository:NAME:ACTIONS with optional Basic credentials.
-    Wrong credentials: 401. Known user: the requested actions. Anonymous: pull only if
-    `anonymous_pull`, else a token granting nothing. Tokens are RS256 JWTs whose header
-    carries the signing certificate in `x5c`; docker-registry verifies that chain against
-    its `rootcertbundle`.
-    """
-
-    def __init__(self, users, service, issuer="hpcc-test-issuer", anonymous_pull=False):
-        self.users = dict(users or {})
-        self.service = service
-        self.issuer = issuer
-        self.anonymous_pull = anonymous_pull
-        self.token_lifetime = 300        # seconds; tests of token refresh shorten it
-        self.key = _new_key()
-        self.cert = _cert("hpcc test token signer", self.key)
-        self.requests = []           # (user or None, scope, status)
-        self.port = free_port()
-        self._httpd = None
-
-    @property
-    def realm(self):
-        return f"http://127.0.0.1:{self.port}/token"
-
-    def cert_pem(self):
-        return _pem_cert(self.cert)
-
-    def make_token(self, subject, access, lifetime=None):
-        _, hashes, serialization, padding, _, _ = _crypto()
-        der = self.cert.public_bytes(serialization.Encoding.DER)
-        header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
-        now = int(time.time())
-        lifetime = self.token_lifetime if lifetime is None else lifetime
-        claims = {"iss": self.issuer, "sub": subject or "", "aud": self.service,
-                  "exp": now + lifetime, "nbf": now - 60, "iat": now,
-                  "jti": uuid.uuid4().hex, "access": access}
-        signing_input = (_b64url(json.dumps(header, separators=(",", ":")).encode()) + "." +
-                         _b64url(json.dumps(claims, separators=(",", ":")).encode()))
-        sig = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
-        return signing_input + "." + _b64url(sig)
-
-    def _grant(self, user, scope):
-        access = []
-        for sc in scope:
-            parts = sc.split(":")
-            if len(parts) < 3 or parts[0] != "repository":
-                continue
-            typ, name, actions = parts[0], ":".join(parts[1:-1]), parts[-1].split(",")
-            if user is not None:
-                allowed = [a for a in actions if a in ("pull", "push", "delete", "*")]
-            elif self.anonymous_pull:
-                allowed = [a for a in actions if a == "pull"]
-            else:
-                allowed = []
-            access.append({"type": typ, "name": name, "actions": allowed})
-        return access
-
-    def start(self):
-        server = self
-
-        class Handler(QuietHandler):
-            def do_GET(self):
-                from urllib.parse import parse_qs, urlsplit
-                u = urlsplit(self.path)
-                q = parse_qs(u.query)
-                scope = q.get("scope", [])
-                user = None
-                auth = self.headers.get("Authorization", "")
-                if u.path != "/token":
-                    return self._reply(404, {"error": "not found"})
-                if q.get("service", [server.service])[0] != server.service:
-                    return self._reply(400, {"error": "unknown service"})
-                if auth:
-                    try:
-                        scheme, blob = auth.split(" ", 1)
-                        name, pw = base64.b64decode(blob).decode().split(":", 1)
-                    except ValueError:
-                        server.requests.append((None, scope, 400))
-                        return self._reply(400, {"error": "malformed Authorization"})
-                    if scheme.lower() != "basic" or server.users.get(name) != pw:
-                        server.requests.append((name, scope, 401))
-                        return self._reply(401, {"details": "invalid credentials"},
-                                           {"WWW-Authenticate": 'Basic realm="hpcc-token"'})
-                    user = name
-                tok = server.make_token(user, server._grant(user, scope))
-                server.requests.append((user, scope, 200))
-                self._reply(200, {"token": tok, "access_token": tok,
-                                  "expires_in": server.token_lifetime,
-                                  "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                             time.gmtime())})
-
-            def _reply(self, status, body, headers=None):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-        self._httpd = serve_in_thread(self.port, Handler, "hpcc-token-server")
-        return self
-
-    def stop(self):
-        stop_server(self._httpd)
-        self._httpd = None
-
-
-# =========================================================================================
-# The local registry
-# =========================================================================================
 class LocalRegistry:
     """docker-registry on 127.0.0.1 with filesystem storage in a temporary directory.
 
@@ -302,13 +76,13 @@ class LocalRegistry:
         return self.ca_file if self.tls else True
 
     def _write_tls(self, sans):
-        ca_key = _new_key()
-        ca = _cert("hpcc test CA", ca_key, ca=True)
-        key = _new_key()
-        cert = _cert("127.0.0.1", key, ca, ca_key, sans=sans)
-        (self.workdir / "ca.pem").write_bytes(_pem_cert(ca))
-        (self.workdir / "server.pem").write_bytes(_pem_cert(cert))
-        (self.workdir / "server.key").write_bytes(_pem_key(key))
+        ca_key = new_key()
+        ca = make_cert("hpcc test CA", ca_key, ca=True)
+        key = new_key()
+        cert = make_cert("127.0.0.1", key, ca, ca_key, sans=sans)
+        (self.workdir / "ca.pem").write_bytes(pem_cert(ca))
+        (self.workdir / "server.pem").write_bytes(pem_cert(cert))
+        (self.workdir / "server.key").write_bytes(pem_key(key))
         os.chmod(self.workdir / "server.key", 0o600)
         self.ca_file = str(self.workdir / "ca.pem")
 

@@ -127,3 +127,40 @@ def test_image_rewritten_during_the_job_gives_io_errors_in_the_job_only(slurm_cl
     assert _daemon_of(image)[0] is None
     p = slurm_cluster.run("srun", "-n1", "--container=hpcctest/busybox:1", "true", user=U2)
     assert p.returncode == 0, p.stderr
+
+
+def test_setuid_file_of_the_users_own_id_gains_nothing_in_a_writable_container(
+        slurm_cluster, slurm_users, slurm_site):
+    """A writable container of a FUSE-served image exchanges 0 and the user's ids in the
+    connection's user namespace: a file the user's image gives their own uid/gid, setuid
+    and setgid, shows as root's. Executing it gives no privilege (nosuid, no_new_privs),
+    in the user's and in a remap-root step; writing anywhere still works."""
+    u = slurm_users[U2]
+    d = tempfile.mkdtemp(prefix="hpcc-suid-", dir=slurm_site.root)
+    try:
+        tree = busybox_tree(os.path.join(d, "tree"))
+        os.mkdir(os.path.join(tree, "suid"))
+        box = os.path.join(tree, "suid", "id")  # busybox runs the applet its name says
+        shutil.copy(os.path.join(tree, "bin", "busybox"), box)
+        os.chown(box, u.pw_uid, u.pw_gid)
+        os.chmod(box, 0o6755)
+        image = os.path.join(d, "suid.sqfs")
+        subprocess.run(["mksquashfs", tree, image, "-noappend", "-quiet", "-no-progress"],
+                       check=True, capture_output=True)
+        for p in (d, image):
+            os.chown(p, u.pw_uid, u.pw_gid)
+        os.chmod(d, 0o755)
+        for remap, inside in (("--no-container-remap-root", str(u.pw_uid)),
+                              ("--container-remap-root", "0")):
+            p = slurm_cluster.run(
+                "srun", "-n1", f"--container-image={image}", "--container-writable", remap,
+                "sh", "-c", "stat -c '%u %a' /suid/id; id -u; /suid/id -u; id -g; "
+                "/suid/id -g; touch /newfile && echo wrote", user=U2)
+            assert p.returncode == 0, p.stderr
+            mode, uid, suid_uid, gid, suid_gid, wrote = p.stdout.split("\n")[:6]
+            # shown as root's in the user's step; as nobody's (not theirs) when remapped
+            assert mode == ("0 6755" if inside != "0" else "65534 6755"), p.stdout
+            assert uid == suid_uid == inside and gid == suid_gid, p.stdout
+            assert wrote == "wrote"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -13,6 +13,7 @@
 #ifndef HPCC_SQFS_H
 #define HPCC_SQFS_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -124,5 +125,34 @@ struct fdfile {
 
 HPCC_INTERNAL fdfile_t *fdfile_new(int fd, int readonly);
 HPCC_INTERNAL int fdfile_truncate(sqfs_file_t *base, sqfs_u64 size);
+
+/* The writer's feeder thread (feeder.c): the one caller of the block processor's file
+   functions. A push queues one step of one file (its data copied); sync waits until all is
+   handed over; either returns an earlier error of the block processor. feeder_stop is safe
+   on a zeroed or half-started feeder. */
+#define FEED_BEGIN 1
+#define FEED_END 2
+typedef struct feeder {
+    sqfs_block_processor_t *proc;
+    pthread_t thread;
+    int started;             /* the thread runs */
+    int ready;               /* mtx and the conditions are initialised */
+    pthread_mutex_t mtx;
+    pthread_cond_t work_cond;
+    pthread_cond_t space_cond;
+    struct job *head, *tail;
+    size_t queued_bytes;
+    size_t queued_jobs;
+    size_t pending;
+    int stop;
+    int status;
+    int feeder_waiting;
+    int producer_waiting;
+} feeder_t;
+HPCC_INTERNAL int feeder_start(feeder_t *f, sqfs_block_processor_t *proc);
+HPCC_INTERNAL int feeder_push(feeder_t *f, sqfs_inode_generic_t **cell, const void *data,
+                              size_t size, int flags);
+HPCC_INTERNAL int feeder_sync(feeder_t *f);
+HPCC_INTERNAL void feeder_stop(feeder_t *f);
 
 #endif

@@ -1,9 +1,8 @@
-/* The squashfs writer: file data through a feeder thread into libsquashfs's block processor,
-   inodes and directories written as Python hands them over, then the tables. */
+/* The squashfs writer: the object graph of one image being written (compressor, block
+   processor, tables, metadata writers), file data handed to the feeder (feeder.c), inodes
+   and directories written as Python hands them over, then the tables and the superblock. */
 #include "hpcc_sqfs.h"
 
-#include <pthread.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -36,182 +35,15 @@ struct hpcc_writer {
     sqfs_dir_writer_t *dirw;
     sqfs_super_t super;
 
-    /* the feeder thread: it alone calls the block processor's file functions, so the
-       Python side hands over data and goes on, and the block processor (with its worker
-       pool) runs in a tight loop over batches as in tar2sqfs instead of a thread
-       hand-off per small file. */
-    pthread_t feeder;
-    int feeder_started;
-    int sync_ready;
-    pthread_mutex_t mtx;
-    pthread_cond_t work_cond;
-    pthread_cond_t space_cond;
-    struct job *head, *tail;
-    size_t queued_bytes;
-    size_t queued_jobs;
-    size_t pending;
-    int stop;
-    int status;
-    int feeder_waiting;
-    int producer_waiting;
+    feeder_t feeder;   /* file data into proc, on a thread of its own (feeder.c) */
 };
-
-#define J_BEGIN 1
-#define J_END 2
-#define QUEUE_MAX_BYTES (64u << 20)   /* the Python side blocks beyond this much queued data */
-#define WAKE_BYTES (4u << 20)         /* wake the feeder once this much is queued ... */
-#define WAKE_JOBS 256                 /* ... or this many jobs */
-
-typedef struct job {
-    struct job *next;
-    sqfs_inode_generic_t **cell;
-    size_t size;
-    int flags;
-    unsigned char data[];
-} job_t;
-
-static void *feeder_main(void *arg)
-{
-    hpcc_writer_t *w = arg;
-    job_t *j;
-    int ret, st;
-
-    pthread_mutex_lock(&w->mtx);
-    for (;;) {
-        while (w->head == NULL && !w->stop) {
-            w->feeder_waiting = 1;
-            pthread_cond_wait(&w->work_cond, &w->mtx);
-            w->feeder_waiting = 0;
-        }
-        if (w->stop)
-            break;
-        j = w->head;
-        w->head = j->next;
-        if (w->head == NULL)
-            w->tail = NULL;
-        w->queued_jobs -= 1;
-        w->queued_bytes -= j->size;
-        st = w->status;
-        pthread_mutex_unlock(&w->mtx);
-
-        ret = 0;
-        if (st == 0) {
-            if (j->flags & J_BEGIN)
-                ret = sqfs_block_processor_begin_file(w->proc, j->cell, NULL, 0);
-            if (ret == 0 && j->size > 0)
-                ret = sqfs_block_processor_append(w->proc, j->data, j->size);
-            if (ret == 0 && (j->flags & J_END))
-                ret = sqfs_block_processor_end_file(w->proc);
-        }
-        free(j);
-
-        pthread_mutex_lock(&w->mtx);
-        if (ret != 0 && w->status == 0)
-            w->status = ret;
-        w->pending -= 1;
-        if (w->producer_waiting)
-            pthread_cond_broadcast(&w->space_cond);
-    }
-    pthread_mutex_unlock(&w->mtx);
-    return NULL;
-}
-
-/* With w->mtx held: wake the feeder if it sleeps, then sleep until it has finished a job
- * (it broadcasts space_cond then, producer_waiting being set). Callers loop on their own
- * condition, which covers spurious wakeups. */
-static void wait_for_feeder(hpcc_writer_t *w)
-{
-    if (w->feeder_waiting)
-        pthread_cond_signal(&w->work_cond);
-    w->producer_waiting = 1;
-    pthread_cond_wait(&w->space_cond, &w->mtx);
-    w->producer_waiting = 0;
-}
-
-/* Queue one step of file data for the feeder; returns an earlier feeder error, if any. */
-static int feed(hpcc_writer_t *w, sqfs_inode_generic_t **cell, const void *data, size_t size,
-                int flags)
-{
-    job_t *j = malloc(sizeof(*j) + size);
-    int ret;
-
-    if (j == NULL)
-        return SQFS_ERROR_ALLOC;
-    j->next = NULL;
-    j->cell = cell;
-    j->size = size;
-    j->flags = flags;
-    if (size > 0)
-        memcpy(j->data, data, size);
-
-    pthread_mutex_lock(&w->mtx);
-    while (w->status == 0 && w->queued_bytes > 0 && w->queued_bytes + size > QUEUE_MAX_BYTES) {
-        wait_for_feeder(w);
-    }
-    ret = w->status;
-    if (ret == 0) {
-        if (w->tail == NULL)
-            w->head = j;
-        else
-            w->tail->next = j;
-        w->tail = j;
-        w->queued_bytes += size;
-        w->queued_jobs += 1;
-        w->pending += 1;
-        if (w->feeder_waiting &&
-            (w->queued_bytes >= WAKE_BYTES || w->queued_jobs >= WAKE_JOBS))
-            pthread_cond_signal(&w->work_cond);
-    }
-    pthread_mutex_unlock(&w->mtx);
-    if (ret != 0)
-        free(j);
-    return ret;
-}
-
-/* Wait until the feeder has handed everything queued to the block processor. */
-static int feed_sync(hpcc_writer_t *w)
-{
-    int ret;
-    pthread_mutex_lock(&w->mtx);
-    while (w->pending > 0) {
-        wait_for_feeder(w);
-    }
-    ret = w->status;
-    pthread_mutex_unlock(&w->mtx);
-    return ret;
-}
-
-static void feeder_stop(hpcc_writer_t *w)
-{
-    job_t *j;
-    if (!w->sync_ready)
-        return;
-    if (w->feeder_started) {
-        pthread_mutex_lock(&w->mtx);
-        w->stop = 1;
-        pthread_cond_broadcast(&w->work_cond);
-        pthread_mutex_unlock(&w->mtx);
-        pthread_join(w->feeder, NULL);
-        w->feeder_started = 0;
-    }
-    while (w->head != NULL) {
-        j = w->head;
-        w->head = j->next;
-        free(j);
-    }
-    w->tail = NULL;
-    pthread_cond_destroy(&w->space_cond);
-    pthread_cond_destroy(&w->work_cond);
-    pthread_mutex_destroy(&w->mtx);
-    w->sync_ready = 0;
-}
 
 void hpcc_writer_destroy(hpcc_writer_t *w)
 {
     if (w == NULL)
         return;
     /* users before what they use: the feeder, then the block processor (joins its pool) */
-    feeder_stop(w);
+    feeder_stop(&w->feeder);
     sqfs_destroy(w->dirw);
     sqfs_destroy(w->dm);
     sqfs_destroy(w->im);
@@ -314,31 +146,9 @@ int hpcc_writer_create(int fd, int comp_id, int level, size_t block_size, unsign
     if (w->dirw == NULL)
         goto fail;
 
-    if (pthread_mutex_init(&w->mtx, NULL) != 0)
+    ret = feeder_start(&w->feeder, w->proc);
+    if (ret)
         goto fail;
-    if (pthread_cond_init(&w->work_cond, NULL) != 0) {
-        pthread_mutex_destroy(&w->mtx);
-        goto fail;
-    }
-    if (pthread_cond_init(&w->space_cond, NULL) != 0) {
-        pthread_cond_destroy(&w->work_cond);
-        pthread_mutex_destroy(&w->mtx);
-        goto fail;
-    }
-    w->sync_ready = 1;
-    {
-        /* the feeder must not take the signals meant for the Python main thread */
-        sigset_t all, old;
-        sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &old);
-        ret = pthread_create(&w->feeder, NULL, feeder_main, w);
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
-        if (ret != 0) {
-            ret = SQFS_ERROR_INTERNAL;
-            goto fail;
-        }
-    }
-    w->feeder_started = 1;
 
     *out = w;
     return 0;
@@ -351,24 +161,24 @@ fail:
    on return); errors of the block processor come back on a later call. */
 int hpcc_file_begin(hpcc_writer_t *w, sqfs_inode_generic_t **cell)
 {
-    return feed(w, cell, NULL, 0, J_BEGIN);
+    return feeder_push(&w->feeder, cell, NULL, 0, FEED_BEGIN);
 }
 
 int hpcc_file_append(hpcc_writer_t *w, const void *data, size_t size)
 {
-    return feed(w, NULL, data, size, 0);
+    return feeder_push(&w->feeder, NULL, data, size, 0);
 }
 
-int hpcc_file_end(hpcc_writer_t *w) { return feed(w, NULL, NULL, 0, J_END); }
+int hpcc_file_end(hpcc_writer_t *w) { return feeder_push(&w->feeder, NULL, NULL, 0, FEED_END); }
 
 int hpcc_file_whole(hpcc_writer_t *w, sqfs_inode_generic_t **cell, const void *data, size_t size)
 {
-    return feed(w, cell, data, size, J_BEGIN | J_END);
+    return feeder_push(&w->feeder, cell, data, size, FEED_BEGIN | FEED_END);
 }
 
 int hpcc_writer_data_done(hpcc_writer_t *w)
 {
-    int ret = feed_sync(w);
+    int ret = feeder_sync(&w->feeder);
     if (ret)
         return ret;
     ret = sqfs_block_processor_finish(w->proc);
@@ -387,24 +197,23 @@ int hpcc_xattr_add(hpcc_writer_t *w, const char *key, const void *value, size_t 
 
 int hpcc_xattr_end(hpcc_writer_t *w, sqfs_u32 *out) { return sqfs_xattr_writer_end(w->xwr, out); }
 
-static int set_base(hpcc_writer_t *w, sqfs_inode_generic_t *inode, sqfs_u16 mode,
-                    sqfs_u32 uid, sqfs_u32 gid, sqfs_u32 mtime, sqfs_u32 ino)
-{
-    int ret;
-    inode->base.mode = mode;
-    inode->base.mod_time = mtime;
-    inode->base.inode_number = ino;
-    ret = sqfs_id_table_id_to_index(w->ids, uid, &inode->base.uid_idx);
-    if (ret)
-        return ret;
-    return sqfs_id_table_id_to_index(w->ids, gid, &inode->base.gid_idx);
-}
-
-static int64_t put_inode(hpcc_writer_t *w, const sqfs_inode_generic_t *inode)
+/* Every inode's last step: the fields all types share, then into the inode table; returns
+   its reference (metadata block << 16 | offset) or a negative error. */
+static int64_t put_inode(hpcc_writer_t *w, sqfs_inode_generic_t *inode, sqfs_u16 mode,
+                         sqfs_u32 uid, sqfs_u32 gid, sqfs_u32 mtime, sqfs_u32 ino)
 {
     sqfs_u64 block;
     sqfs_u32 offset;
     int ret;
+
+    inode->base.mode = mode;
+    inode->base.mod_time = mtime;
+    inode->base.inode_number = ino;
+    ret = sqfs_id_table_id_to_index(w->ids, uid, &inode->base.uid_idx);
+    if (ret == 0)
+        ret = sqfs_id_table_id_to_index(w->ids, gid, &inode->base.gid_idx);
+    if (ret)
+        return ret;
     sqfs_meta_writer_get_position(w->im, &block, &offset);
     ret = sqfs_meta_writer_write_inode(w->im, inode);
     if (ret)
@@ -443,10 +252,7 @@ int64_t hpcc_write_file(hpcc_writer_t *w, const sqfs_inode_generic_t *data, sqfs
         inode->data.file_ext.nlink = nlink;
         inode->data.file_ext.xattr_idx = xattr;
     }
-    ret = set_base(w, inode, S_IFREG | perm, uid, gid, mtime, ino);
-    if (ret)
-        goto out;
-    ret = put_inode(w, inode);
+    ret = put_inode(w, inode, S_IFREG | perm, uid, gid, mtime, ino);
 out:
     free(inode);
     return ret;
@@ -493,10 +299,7 @@ int64_t hpcc_write_special(hpcc_writer_t *w, int type, sqfs_u16 perm, sqfs_u32 u
         ret = SQFS_ERROR_ARG_INVALID;
         goto out;
     }
-    ret = set_base(w, inode, type_to_ifmt(type) | perm, uid, gid, mtime, ino);
-    if (ret)
-        goto out;
-    ret = put_inode(w, inode);
+    ret = put_inode(w, inode, type_to_ifmt(type) | perm, uid, gid, mtime, ino);
 out:
     free(inode);
     return ret;
@@ -537,9 +340,7 @@ int64_t hpcc_dir_write(hpcc_writer_t *w, const char *names, size_t count, sqfs_u
         inode->data.dir.nlink = nlink;
     else
         inode->data.dir_ext.nlink = nlink;
-    ret = set_base(w, inode, S_IFDIR | perm, uid, gid, mtime, ino);
-    if (ret == 0)
-        ret = put_inode(w, inode);
+    ret = put_inode(w, inode, S_IFDIR | perm, uid, gid, mtime, ino);
     sqfs_free(inode);
     return ret;
 }
