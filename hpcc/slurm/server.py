@@ -84,7 +84,7 @@ def _serve_one(conn):
         return 2
     if args is None:
         return 0
-    return handle(args, conn, pending)
+    return handle(args, conn, pending, served=True)
 
 
 def _warm_up():
@@ -129,7 +129,7 @@ def serve(path):
     import json  # noqa: F401
     import re  # noqa: F401
 
-    from .. import config, store  # noqa: F401
+    from .. import config, resolve, store  # noqa: F401
     from ..runtime import (  # noqa: F401  # noqa: F401
         build_spec,
         elf,

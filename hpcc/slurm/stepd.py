@@ -486,7 +486,7 @@ def _name_image_variable(args, e):
         e.message = f"{origin}={args['image']}: {e.message}"
 
 
-def run(args, sock, pending=b""):
+def run(args, sock, pending=b"", served=False):
     def note(message):
         sock.sendall(f"note={message}\0".encode(errors="replace"))
 
@@ -550,6 +550,13 @@ def run(args, sock, pending=b""):
             os.close(img_fd)
             named.close()
             return 0
+        elif served:
+            # a child of the per-node server, which no one waits for: it holds the
+            # container's lock until the step ends itself, without forking a keeper
+            from ..runtime.stepcontainer import keep_until_step_end
+            os.close(img_fd)
+            keep_until_step_end(sock, None, named, None, spec, attached=reuse)
+            return 0
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -601,10 +608,11 @@ def run(args, sock, pending=b""):
     return os.WEXITSTATUS(st) if os.WIFEXITED(st) and os.WEXITSTATUS(st) else EXIT_LAUNCH
 
 
-def handle(args, sock, pending=b""):
-    """One request: set up the container, reply on sock. Returns the exit status."""
+def handle(args, sock, pending=b"", served=False):
+    """One request: set up the container, reply on sock. Returns the exit status.
+    served: in a child of the per-node server (nobody waits for this process)."""
     try:
-        return run(args, sock, pending)
+        return run(args, sock, pending, served)
     except HpccError as e:
         send_error(sock, f"hpcc: {e}")
         return e.exit_code or 1
