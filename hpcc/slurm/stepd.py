@@ -9,9 +9,10 @@ start-up overlaps Slurm's own step set-up, and sends the job's working directory
 user's srun output before failing the step (every task exits 125 without running).
 
 Once per node and step:
-1. resolve the image as the job user (their groups, their effective ids): a user may only
-   run images they can read; the image file is opened with their credentials and the
-   runtime is given that open file (/proc/self/fd/N), never a path they could swap;
+1. resolve the image as the job user (hpcc.slurm.stepimage; their groups, their effective
+   ids): a user may only run images they can read; the image file is opened with their
+   credentials and the runtime is given that open file (/proc/self/fd/N), never a path
+   they could swap;
 2. build the spec with hpcc's runtime (the launcher's code: same root, binds, /etc/passwd
    entries, /tmp, /dev, hooks such as the MPI one);
 3. fork a child that unshares its mount namespace, assembles the root (setup_root,
@@ -30,6 +31,7 @@ from _socket import SCM_RIGHTS, SOL_SOCKET
 
 from ..errors import EXIT_LAUNCH, HpccError, ImageNotFound, LaunchError, ReferenceError_, UsageError
 from ..runtime.identity import AsUser
+from .stepimage import is_relative_path, resolve_as_user, resolve_in_cwd, wait_for_first_use
 
 # Variables of Slurm and of the PMI servers always keep the job's values.
 JOB_PREFIXES = ("SLURM_", "SLURMD_", "PMI_", "PMIX_", "PMI2_", "SPANK_", "_SLURM_")
@@ -46,67 +48,6 @@ def parse_args(argv):
         if k not in out:
             raise UsageError(f"hpcc.stepd: missing argument {k}=")
     return out
-
-
-class as_job_user:
-    """The job user's effective ids and groups (AsUser), with HOME and USER theirs and no
-    XDG_DATA_HOME, so that store lookups find the user's own store; all restored on exit.
-    A class, not contextlib: the helper's imports stay small."""
-
-    def __init__(self, user):
-        self.user = user
-
-    def __enter__(self):
-        u = self.user
-        self.saved = {k: os.environ.get(k) for k in ("HOME", "XDG_DATA_HOME", "USER")}
-        os.environ["HOME"] = u.pw_dir
-        os.environ["USER"] = u.pw_name
-        os.environ.pop("XDG_DATA_HOME", None)
-        try:
-            self.ids = AsUser(u.pw_uid, u.pw_gid, os.getgrouplist(u.pw_name, u.pw_gid))
-            self.ids.__enter__()
-        except BaseException:
-            self._restore()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            self.ids.__exit__(*exc)
-        finally:
-            self._restore()
-
-    def _restore(self):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def resolve_as_user(name, user, config):
-    """(ImageRecord, fd of its squashfs opened as the user)."""
-    from ..resolve import resolve_image
-    from ..store import StoreAccessDenied
-
-    with as_job_user(user):
-        try:
-            rec = resolve_image(name, config)
-        except (PermissionError, StoreAccessDenied):
-            raise ImageNotFound(f"image '{name}': you ({user.pw_name}) may not read it",
-                                hint="ask the image's owner or the admins for access") \
-                from None
-        try:
-            fd = os.open(rec.sqfs_path, os.O_RDONLY | os.O_CLOEXEC)
-        except PermissionError:
-            raise ImageNotFound(f"image '{name}' exists but you ({user.pw_name}) may not "
-                                "read it", hint="ask the image's owner or the admins "
-                                "for access") from None
-        except FileNotFoundError:
-            raise ImageNotFound(f"image '{name}' is listed in the store but its file "
-                                f"{rec.sqfs_path} is missing",
-                                hint=f"pull it again with 'gateway pull {name}'") from None
-    return rec, fd
 
 
 CACHE_DIR = "/run/hpcc-stepd"
@@ -161,53 +102,12 @@ def prepare(args, note=None):
     except ImageNotFound:
         if image.startswith("/"):
             raise
-        if note is not None and _waited_for_first_use(image, user, config, note):
+        if note is not None and wait_for_first_use(image, user, config, note):
             return prepare(args, None)
         if "/" in image:
             return user, config, None, None  # maybe a file below the working directory
         raise
     return user, config, rec, fd
-
-
-def _waited_for_first_use(image, user, config, note):
-    """A pull of the image started by sbatch (hpcc.slurm.firstuse) is awaited, as the user.
-    True when one was under way and finished; raises with its reason when it failed."""
-    from .firstuse import pending_path, wait_pending
-
-    with as_job_user(user):
-        try:
-            marker = pending_path(config, image)
-        except HpccError:
-            return False
-        if not (os.path.exists(marker) or os.path.exists(marker + ".failed")):
-            return False
-        reason = wait_pending(image, config, note)
-    if reason:
-        raise ImageNotFound(reason, hint="pull it with 'hpcc pull " + image + "' and submit "
-                            "the job again")
-    return True
-
-
-def is_relative_path(image):
-    """Is IMAGE (as typed) a relative path of an image file? Found from the job's working
-    directory, like any relative path the user types."""
-    return not image.startswith("/") and (
-        image.startswith(("./", "../")) or image.endswith((".sqfs", ".sqsh", ".squashfs")))
-
-
-def resolve_in_cwd(args, user, config):
-    """The image given as a path relative to the job's working directory."""
-    image = args["image"]
-    path = os.path.normpath(os.path.join(args["cwd"], image))
-    groups = os.getgrouplist(user.pw_name, user.pw_gid)
-    with AsUser(user.pw_uid, user.pw_gid, groups):
-        exists = os.path.isfile(path)
-    if not exists:
-        if is_relative_path(image):
-            raise ImageNotFound(f"image file {image} does not exist in {args['cwd']} (the "
-                                "job's working directory)")
-        return resolve_as_user(image, user, config)  # the store's own message
-    return resolve_as_user(path, user, config)
 
 
 def build(args, user, config, rec, fd, opts=None, named=None):
