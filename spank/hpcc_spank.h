@@ -49,6 +49,11 @@ extern char *opt_val[OPT_N];        /* option values seen by the callbacks */
 extern char *arg_python, *arg_config;
 extern int arg_server;              /* server=no: always a one-shot helper */
 extern int arg_pull;                /* pull=no: no first-use pulls on the submit host */
+/* pyxis' plugstack.conf arguments, as site defaults: -1 (or NULL) when not given */
+extern int arg_entrypoint;          /* execute_entrypoint= */
+extern int arg_remap_root;          /* remap_root= */
+extern const char *arg_scope;       /* container_scope=job|global: "job" or "user" */
+extern int arg_sbatch;              /* sbatch_support=0: no options for sbatch/salloc */
 extern char *inherited_container;   /* srun: SLURM_CONTAINER found in srun's own environment */
 
 int parse_bool(const char *v);

@@ -36,6 +36,9 @@ char *opt_val[OPT_N];
 char *arg_python, *arg_config;
 int arg_server = 1;
 int arg_pull = 1;
+int arg_entrypoint = -1, arg_remap_root = -1;
+const char *arg_scope;
+int arg_sbatch = 1;
 char *inherited_container;
 
 int parse_bool(const char *v)
@@ -264,22 +267,62 @@ static int is_true(const char *v)
 	return v && *v && strcmp(v, "0") && strcasecmp(v, "no") && strcasecmp(v, "false");
 }
 
+/* "NAME=" of a pyxis plugstack.conf argument hpcc takes as a site default (below), or that
+ * means nothing with hpcc (its runtime keeps no per-container state on disk, imports
+ * through its own store, never unpacks an image): accepted, so that a pyxis line works. */
+static const char *const pyxis_ignored[] = {
+	"runtime_path=", "use_enroot_load=", "importer=", "use_squashfuse=", NULL
+};
+
+/* A pyxis boolean argument: 0 or 1, or -1 (and one error line) for anything else. */
+static int plugstack_bool(const char *arg, size_t keylen)
+{
+	int v = parse_bool(arg + keylen);
+	if (v < 0)
+		slurm_error("hpcc: plugstack.conf argument '%s': expected 1 or 0 (ignored)", arg);
+	return v;
+}
+
 void parse_args(int ac, char **av)
 {
 	for (int i = 0; i < ac; i++) {
-		if (!strncmp(av[i], "python=", 7)) {
+		const char *a = av[i];
+		int ignored = 0;
+
+		for (const char *const *k = pyxis_ignored; *k; k++)
+			ignored |= !strncmp(a, *k, strlen(*k));
+		if (ignored)
+			continue;
+		if (!strncmp(a, "python=", 7)) {
 			free(arg_python);
-			arg_python = strdup(av[i] + 7);
-		} else if (!strncmp(av[i], "config=", 7)) {
+			arg_python = strdup(a + 7);
+		} else if (!strncmp(a, "config=", 7)) {
 			free(arg_config);
-			arg_config = strdup(av[i] + 7);
-		} else if (!strncmp(av[i], "server=", 7)) {
-			arg_server = is_true(av[i] + 7);
-		} else if (!strncmp(av[i], "pull=", 5)) {
-			arg_pull = is_true(av[i] + 5);
+			arg_config = strdup(a + 7);
+		} else if (!strncmp(a, "server=", 7)) {
+			arg_server = is_true(a + 7);
+		} else if (!strncmp(a, "pull=", 5)) {
+			arg_pull = is_true(a + 5);
+		} else if (!strncmp(a, "execute_entrypoint=", 19)) {
+			arg_entrypoint = plugstack_bool(a, 19);
+		} else if (!strncmp(a, "remap_root=", 11)) {
+			arg_remap_root = plugstack_bool(a, 11);
+		} else if (!strncmp(a, "sbatch_support=", 15)) {
+			arg_sbatch = plugstack_bool(a, 15) != 0;
+		} else if (!strncmp(a, "container_scope=", 16)) {
+			/* pyxis' "global": kept on the node for the user across jobs */
+			if (!strcmp(a + 16, "job"))
+				arg_scope = "job";
+			else if (!strcmp(a + 16, "global"))
+				arg_scope = "user";
+			else
+				slurm_error("hpcc: plugstack.conf argument '%s': expected job or "
+					    "global (ignored)", a);
 		} else {
-			slurm_error("hpcc: unknown plugstack.conf argument '%s' "
-				    "(known: python=, config=, server=, pull=)", av[i]);
+			slurm_error("hpcc: unknown plugstack.conf argument '%s' (known: python=, "
+				    "config=, server=, pull=, and pyxis' execute_entrypoint=, "
+				    "container_scope=, sbatch_support=, remap_root=, runtime_path=, "
+				    "use_enroot_load=, importer=, use_squashfuse=)", a);
 		}
 	}
 }
@@ -287,6 +330,9 @@ void parse_args(int ac, char **av)
 /* Register the options (srun, salloc, sbatch and slurmstepd); -1 when Slurm refuses one. */
 int register_options(spank_t sp)
 {
+	/* sbatch_support=0 (pyxis): the options are srun's only */
+	if (!arg_sbatch && spank_context() == S_CTX_ALLOCATOR)
+		return 0;
 	for (struct spank_option *opt = options; opt->name; opt++) {
 		if (spank_option_register(sp, opt) != ESPANK_SUCCESS) {
 			slurm_error("hpcc: cannot register option --%s", opt->name);

@@ -215,6 +215,13 @@ HPCC_EXPORT int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 		argv_add(&a, fromkey, from);
 		free(val);
 	}
+	/* the plugstack line's defaults (pyxis' arguments) where the user chose nothing */
+	if (arg_entrypoint >= 0 && !has_key(&a, "entrypoint"))
+		argv_add(&a, "entrypoint", arg_entrypoint ? "1" : "0");
+	if (arg_remap_root >= 0 && !has_key(&a, "remap_root"))
+		argv_add(&a, "remap_root", arg_remap_root ? "1" : "0");
+	if (arg_scope)
+		argv_add(&a, "scope", arg_scope);
 	if (!has_key(&a, "gpus")) {
 		int toolong;
 		char *g = job_getenv(sp, "SLURM_STEP_GPUS", &toolong);

@@ -45,13 +45,17 @@ def _alive(pid):
         return False
 
 
-def _squashfuse_of(uid):
+def _squashfuse_of(uid, image_dir=None):
+    """hpcc's squashfuse_ll daemons running as uid (serving an image under image_dir: other
+    tests' daemons on a shared machine do not count)."""
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit() and _comm(d) == "squashfuse_ll":
             try:
                 with open(f"/proc/{d}/cmdline", "rb") as f:
                     ours = f.read().split(b"\0")[2:4] == [b"/dev/fd/4", b"/dev/fd/3"]
+                if ours and image_dir is not None:
+                    ours = os.readlink(f"/proc/{d}/fd/4").startswith(image_dir + "/")
                 if ours and os.stat(f"/proc/{d}").st_uid == uid:
                     pids.append(int(d))
             except OSError:
@@ -94,7 +98,7 @@ def test_no_leftovers_after_200_sequential_launches(images, launcher_env, who, t
     uid = 0 if who is None else test_user.pw_uid
     image_dir = os.path.dirname(images["base"])
     mounts_before = _our_mounts(image_dir, _stage_of(who, uid))
-    fuse_before = _squashfuse_of(uid)
+    fuse_before = _squashfuse_of(uid, image_dir)
     script = "\n".join(
         [f"for i in $(seq 200); do {HPCC} exec {images['base']} true || exit 1; done"])
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
@@ -107,7 +111,7 @@ def test_no_leftovers_after_200_sequential_launches(images, launcher_env, who, t
     assert _our_mounts(image_dir, _stage_of(who, uid)) == mounts_before == []
     # as root the daemon lives in the host's mount namespace and exits when the kernel
     # drops its mount with the container's namespace: just after the launch, not before
-    assert _wait_until(lambda: _squashfuse_of(uid) == fuse_before)
+    assert _wait_until(lambda: _squashfuse_of(uid, image_dir) == fuse_before)
     assert _wait_until(lambda: not _loops_of(image_dir))
     stage = _stage_of(who, uid)
     # the fixed staging dir holds only the launch cache; mounts on it live in the namespaces

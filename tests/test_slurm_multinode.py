@@ -101,7 +101,8 @@ def test_one_helper_per_node_not_per_task(slurm_cluster2, slurm_site):
         per_node.setdefault(host, set()).add(ns)
     assert set(per_node) == {"n1", "n2"}
     assert all(len(v) == 1 for v in per_node.values()), per_node
-    assert per_node["n1"] != per_node["n2"]
+    # (not compared across nodes: a namespace's number is reused once it is gone, and one
+    # node's tasks may end before the other's start)
 
 
 def test_missing_image_on_two_nodes_fails_before_tasks_run(slurm_cluster2):

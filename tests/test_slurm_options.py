@@ -170,3 +170,33 @@ def test_helper_server_ends_when_any_installed_hpcc_file_changes(slurm_cluster):
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     p = slurm_cluster.run("srun", "-n1", "--container=hpcctest/busybox:1", "true", user=U1)
     assert p.returncode == 0, p.stderr
+
+
+def test_helper_server_serves_a_changed_site_config_at_once(slurm_cluster, slurm_site):
+    # The server loads the config once and its steps check the file by stat: an admin's
+    # edit (here a site bind) counts from the next step, with the server still running.
+    p = slurm_cluster.run("srun", "-n1", "--container=hpcctest/busybox:1", "true", user=U1)
+    assert p.returncode == 0, p.stderr
+    deadline = time.monotonic() + 20
+    while not slurm_cluster.helper_server_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    servers = slurm_cluster.helper_server_pids()
+    assert len(servers) == 1
+    src = slurm_site.root / "site-bind"
+    src.mkdir(exist_ok=True)
+    (src / "marker").write_text("from the site config\n")
+    os.chmod(src, 0o755)
+    os.chmod(src / "marker", 0o644)
+    argv = ("srun", "-n1", "--container=hpcctest/busybox:1", "cat", "/mnt/site/marker")
+    before = slurm_site.config.read_text()
+    assert slurm_cluster.run(*argv, user=U1).returncode != 0  # no such bind yet
+    try:
+        slurm_site.config.write_text(before.replace(
+            "[launcher]\n", f'[launcher]\nbinds = ["{src}:/mnt/site:ro"]\n'))
+        p = slurm_cluster.run(*argv, user=U1)
+        assert p.stdout == "from the site config\n", p.stderr
+        assert slurm_cluster.helper_server_pids() == servers  # served, not a new helper
+    finally:
+        slurm_site.config.write_text(before)
+    p = slurm_cluster.run(*argv, user=U1)
+    assert p.returncode != 0 and "from the site config" not in p.stdout

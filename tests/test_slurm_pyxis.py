@@ -391,3 +391,75 @@ def test_a_failing_entrypoint_fails_the_step_in_one_line(slurm_cluster, entrypoi
     assert len(lines) == 1, p.stderr
     assert "entrypoint failed (status 7)" in lines[0] and "entrypoint refuses" in lines[0]
     assert "--no-container-entrypoint" in p.stderr
+
+
+PYXIS_ARGS = ("runtime_path=/run/pyxis execute_entrypoint=1 container_scope=global "
+              "sbatch_support=0 use_enroot_load=0 importer=/usr/share/pyxis/importer.sh "
+              "use_squashfuse=0")
+
+
+@pytest.fixture(scope="module")
+def pyxis_line_cluster(slurm_site):
+    """A cluster whose plugstack line keeps pyxis' own arguments, as a site that swapped
+    spank_pyxis.so for spank_hpcc.so and left the rest of the line as it was."""
+    import tempfile
+    from pathlib import Path
+
+    from hpcc.testkit.slurmcluster import SlurmCluster
+    d = Path(tempfile.mkdtemp(prefix="slurm-pyxisline-", dir=slurm_site.root))
+    c = SlurmCluster(d, nodes=1,
+                     plugstack_lines=[slurm_site.plugstack_line() + " " + PYXIS_ARGS])
+    c.start()
+    yield c
+    c.stop()
+
+
+def test_pyxis_plugstack_arguments_are_taken_as_site_defaults(pyxis_line_cluster,
+                                                               entrypoint_images,
+                                                               slurm_users):
+    """execute_entrypoint=1: the ENTRYPOINT runs unless the user says no; container_scope=
+    global: a named container outlives its job (kept per user on the node);
+    sbatch_support=0: the options are srun's only; runtime_path=, use_enroot_load=,
+    importer=, use_squashfuse= mean nothing with hpcc and are accepted without a word."""
+    c = pyxis_line_cluster
+    uid = slurm_users[U1].pw_uid
+    img = entrypoint_images[0]
+    p = c.run("srun", "-n1", f"--container-image={img}", "cat", "/tmp/entrypoint-ran",
+              user=U1)
+    assert (p.returncode, p.stdout) == (0, f"uid={uid} args=true\n"), p.stderr
+    assert "plugstack" not in p.stderr and "error" not in p.stderr, p.stderr
+    p = c.run("srun", "-n1", f"--container-image={img}", "--no-container-entrypoint", "sh",
+              "-c", "test -e /tmp/entrypoint-ran && echo ran || echo not-run", user=U1)
+    assert p.stdout == "not-run\n", p.stderr
+    try:
+        p = c.run("srun", "-n1", "--container-image=hpcctest/busybox:1",
+                  "--container-name=kept", "sh", "-c", "echo from-job-1 > /kept", user=U1)
+        assert p.returncode == 0, p.stderr
+        p = c.run("srun", "-n1", "--container-image=hpcctest/busybox:1",
+                  "--container-name=kept", "cat", "/kept", user=U1)
+        assert (p.returncode, p.stdout) == (0, "from-job-1\n"), p.stderr
+    finally:
+        shutil.rmtree(f"/run/hpcc-containers/user-{uid}", ignore_errors=True)
+    p = c.run("sbatch", "--container-image=hpcctest/busybox:1", "--wrap", "true", user=U1)
+    assert p.returncode != 0 and "unrecognized option" in p.stderr, p.stderr
+
+
+def test_bad_pyxis_plugstack_argument_is_one_line_and_the_rest_works(slurm_site):
+    """A value pyxis would refuse (container_scope=sometimes) is one error line naming the
+    argument; the plugin still loads and runs containers with hpcc's defaults."""
+    import tempfile
+    from pathlib import Path
+
+    from hpcc.testkit.slurmcluster import SlurmCluster
+    d = Path(tempfile.mkdtemp(prefix="slurm-badline-", dir=slurm_site.root))
+    c = SlurmCluster(d, nodes=1, plugstack_lines=[
+        slurm_site.plugstack_line() + " container_scope=sometimes"])
+    c.start()
+    try:
+        p = c.run("srun", "-n1", "--container-image=hpcctest/busybox:1", "echo", "ran",
+                  user=U1)
+        assert (p.returncode, p.stdout) == (0, "ran\n"), p.stderr
+        bad = [ln for ln in p.stderr.splitlines() if "container_scope=sometimes" in ln]
+        assert bad and "expected job or global" in bad[0], p.stderr
+    finally:
+        c.stop()

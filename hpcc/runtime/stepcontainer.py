@@ -53,6 +53,7 @@ class StepOptions:
         self.entrypoint_log = False
         self.writable = None       # None: the site default (launcher.writable)
         self.save = None
+        self.site_scope = None     # the plugstack line's container_scope= (pyxis), if any
 
     @classmethod
     def from_args(cls, args, config=None):
@@ -81,6 +82,10 @@ class StepOptions:
         if o.name and readonly:
             raise UsageError("--container-readonly and --container-name contradict each "
                              "other (a named container keeps what is written in it)")
+        if args.get("scope"):
+            if args["scope"] not in ("job", "user"):
+                raise UsageError(f"hpcc.stepd: scope={args['scope']}: expected job or user")
+            o.site_scope = args["scope"]
         save = args.get("save")
         if save:
             if not save.startswith("/"):
@@ -108,8 +113,10 @@ class StepOptions:
                           option="--container-name", node=node)
 
     def scope(self):
-        """Where named containers live: "job" (removed at the end of the job) or "user"."""
-        return self.config.get("launcher", {}).get("containers_scope", "job")
+        """Where named containers live: "job" (removed at the end of the job) or "user".
+        The plugstack line's container_scope= wins over launcher.containers_scope."""
+        return self.site_scope or self.config.get("launcher", {}).get("containers_scope",
+                                                                      "job")
 
     def open_save(self, user):
         """(dir_fd, name) of --container-save's PATH, its directory opened with the job

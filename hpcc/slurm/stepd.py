@@ -67,15 +67,33 @@ def cache_dir_ok():
     return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o077
 
 
+# (stat key of the config file, config): the per-node server loads the config once and
+# each step's child (a fork of it) checks the file's stat instead of reading the cache
+_config_memo = None
+
+
 def load_config_cached():
     """The site config without TOML parsing on every step: the launch cache, kept in the
-    root-only CACHE_DIR (none when that directory is not usable)."""
+    root-only CACHE_DIR (none when that directory is not usable); in a child of the
+    per-node server, the server's copy when the file has not changed since (one stat)."""
+    global _config_memo
+    from ..config import config_path
     from ..launchcache import LaunchCache
+
+    path, _ = config_path()
+    try:
+        key = LaunchCache.key(path)
+    except OSError:
+        key = None
+    if key is not None and _config_memo is not None and _config_memo[0] == key:
+        return _config_memo[1]
     from ..launchcache import load_config_cached as load
 
     cache = LaunchCache(os.path.join(CACHE_DIR, "launch-cache") if cache_dir_ok() else "")
     config = load(cache)
     cache.save()
+    if key is not None:
+        _config_memo = (key, config)
     return config
 
 
@@ -250,56 +268,83 @@ def recv_cwd(sock, data=b""):
     return text[4:] if text.startswith("cwd=") else None
 
 
-def container_child(spec, sock, payload, named=None, entrypoint=None, reuse=None):
+def container_child(spec, sock, payload, entrypoint=None):
     """In the forked child: new mount namespace, root assembly, send the namespace fd.
-    Returns the RootHandle (its FUSE daemon must outlive the message when there is one),
-    or None when the step attaches to a running named container (its namespace is sent).
+    Returns the RootHandle (its FUSE daemon must outlive the message when there is one).
     entrypoint: (image config, log) to run the image's ENTRYPOINT once before the tasks;
-    its output lines (when log) go to the user as "log=" records. reuse: the pid of the
-    named container's idle keeper whose namespace this step runs in (nothing is assembled;
-    the caller checked that it was assembled for the same settings)."""
+    its output lines (when log) go to the user as "log=" records."""
     from ..runtime import enter_namespaces, setup_root
-    from ..runtime.stepcontainer import (
-        attach_fd,
-        namespace_fds,
-        reuse_fd,
-        run_entrypoint,
-        task_userns_fd,
-    )
+    from ..runtime.stepcontainer import namespace_fds, run_entrypoint
+
+    # before the assembly (it pivots into the container): remap-root's user namespace
+    extra = _task_userns(spec)
+    enter_namespaces(True)
+    nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    # no page cache warming for the command: this process is gone before the tasks exec
+    spec["hpcc"]["warm_bytes"] = 0
+    handle = setup_root(spec, privileged=True)
+    extra.update(namespace_fds(spec["hpcc"].get("unshare") or ()))
+    if entrypoint is not None:
+        lines = run_entrypoint(spec, entrypoint[0], log=entrypoint[1])
+        if lines:
+            logs = "".join(f"log={ln}\0" for ln in lines if "\0" not in ln)
+            payload = payload[:-len(b"end=1\0")] + logs.encode(errors="replace") \
+                + b"end=1\0"
+    send_namespaces(sock, payload, nsfd, extra)
+    return handle
+
+
+def _task_userns(spec):
+    """{"user": fd} of remap-root's user namespace for the tasks, or {}."""
+    h = spec["hpcc"]
+    if not h.get("remap_root"):
+        return {}
+    from ..runtime.stepcontainer import task_userns_fd
+
+    # the ids Slurm gives the tasks (the job's uid and gid, which may be another group than
+    # the passwd one, e.g. under sg) are the ones mapped to 0
+    hu = h["host_user"]
+    return {"user": task_userns_fd(*h.get("job_ids", (hu["uid"], hu["gid"])))}
+
+
+def join_existing(spec, sock, payload, named, reuse):
+    """A step that needs no assembly: it attaches to the running named container, or runs
+    in the namespace an idle keeper (pid `reuse`) holds, assembled for the same settings.
+    Sends the reply with that namespace's fd (and the keeper's network/IPC/UTS ones) from
+    this process, before any fork, and returns True; False when the idle keeper is gone
+    (the step assembles its container)."""
+    from ..runtime.stepcontainer import attach_fd, namespace_fds, reuse_fd
 
     nsfd = attach_fd(named) if reuse is None else reuse_fd(reuse)
-    handle = None
-    h = spec["hpcc"]
-    extra = {}  # the namespaces each task joins besides the mount namespace
-    if h.get("remap_root"):
-        # the ids Slurm gives the tasks (the job's uid and gid, which may be another group
-        # than the passwd one, e.g. under sg) are the ones mapped to 0
-        hu = h["host_user"]
-        extra["user"] = task_userns_fd(*h.get("job_ids", (hu["uid"], hu["gid"])))
-    if nsfd is not None:
-        extra.update(namespace_fds(h.get("unshare") or (), pid=reuse or named.running_pid))
-    else:
-        enter_namespaces(True)
-        nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        # no page cache warming for the command: this process is gone before the tasks exec
-        spec["hpcc"]["warm_bytes"] = 0
-        handle = setup_root(spec, privileged=True)
-        extra.update(namespace_fds(h.get("unshare") or ()))
-        if entrypoint is not None:
-            lines = run_entrypoint(spec, entrypoint[0], log=entrypoint[1])
-            if lines:
-                logs = "".join(f"log={ln}\0" for ln in lines if "\0" not in ln)
-                payload = payload[:-len(b"end=1\0")] + logs.encode(errors="replace") \
-                    + b"end=1\0"
-    if extra:  # "nsfds=KIND,...": what the fds after the mount namespace's are
-        rec = f"nsfds={','.join(extra)}\0".encode()
-        payload = payload[:-len(b"end=1\0")] + rec + b"end=1\0"
-    send_fd(sock, payload[:1], nsfd, list(extra.values()))
-    sock.sendall(payload[1:])
-    os.close(nsfd)
-    for fd in extra.values():
-        os.close(fd)
-    return handle
+    if nsfd is None:
+        return False
+    extra = {}
+    try:
+        extra.update(_task_userns(spec))
+        extra.update(namespace_fds(spec["hpcc"].get("unshare") or (),
+                                   pid=reuse or named.running_pid))
+    except BaseException:
+        for fd in (nsfd, *extra.values()):
+            os.close(fd)
+        raise
+    send_namespaces(sock, payload, nsfd, extra)
+    return True
+
+
+def send_namespaces(sock, payload, nsfd, extra):
+    """Send the reply: the mount namespace's fd with its first byte, then the fds of
+    `extra` ({kind: fd}, the namespaces each task joins besides the mount namespace, named
+    by an "nsfds=KIND,..." record); every fd is closed."""
+    try:
+        if extra:
+            rec = f"nsfds={','.join(extra)}\0".encode()
+            payload = payload[:-len(b"end=1\0")] + rec + b"end=1\0"
+        send_fd(sock, payload[:1], nsfd, list(extra.values()))
+        sock.sendall(payload[1:])
+    finally:
+        os.close(nsfd)
+        for fd in extra.values():
+            os.close(fd)
 
 
 def _named_reuse(opts, named, spec, save_to):
@@ -386,6 +431,17 @@ def run(args, sock, pending=b""):
         raise LaunchError("the image's environment contains a NUL byte")
     payload = "".join(r + "\0" for r in records).encode(errors="surrogateescape")
 
+    joined = False
+    if named is not None and (named.running_pid or reuse is not None):
+        # the reply goes out now, the keeper below is forked after it
+        joined = join_existing(spec, sock, payload, named, reuse)
+        if not joined:
+            reuse = None  # the idle keeper is gone: assemble
+        elif named.running_pid:
+            # attached: the running step's keeper holds the container; nothing to keep
+            os.close(img_fd)
+            named.close()
+            return 0
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -398,9 +454,7 @@ def run(args, sock, pending=b""):
             os.close(r)
             entry = ((rec.meta.get("config") or {}), opts.entrypoint_log) \
                 if opts.entrypoint else None
-            handle = container_child(spec, sock, payload, named, entry, reuse)
-            if named is not None and named.running_pid:
-                named = None  # attached: the running step's keeper holds the container
+            handle = None if joined else container_child(spec, sock, payload, entry)
             if opts.keeps(handle, named, save_to):
                 # Keep the FUSE daemon's parent, the named container's lock, the save, alive
                 # until slurmstepd closes its end at the end of the step (and then, for a
@@ -409,8 +463,8 @@ def run(args, sock, pending=b""):
                 os.write(w, b"k")
                 os.close(w)
                 keep_until_step_end(sock, handle, named, save_to, spec,
-                                    attached=reuse if handle is None else None,
-                                    idle_key=idle_key if handle is not None else None)
+                                    attached=reuse if joined else None,
+                                    idle_key=idle_key if not joined else None)
             else:
                 os.write(w, b"o")
         except HpccError as e:
