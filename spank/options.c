@@ -211,7 +211,8 @@ static struct spank_option options[] = {
 	    "without oci.conf (env HPCC_CONTAINER_IMAGE, PYXIS_CONTAINER_IMAGE)"),
 	ARG(OPT_MOUNTS, "container-mounts", "SRC[:DST[:FLAGS]],...",
 	    "[hpcc] bind host paths; FLAGS joined by '+': ro, rw, noexec, rbind, bind, private, "
-	    "rprivate; also tmpfs:DST and umount:DST (env HPCC_CONTAINER_MOUNTS, "
+	    "rprivate, slave, rslave (the host's later mounts below SRC show inside), unbindable, "
+	    "runbindable; also tmpfs:DST and umount:DST (env HPCC_CONTAINER_MOUNTS, "
 	    "PYXIS_CONTAINER_MOUNTS)"),
 	ARG(OPT_WORKDIR, "container-workdir", "DIR",
 	    "[hpcc] working directory inside the container (default: the image's WorkingDir; env "

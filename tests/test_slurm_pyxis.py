@@ -154,7 +154,8 @@ def test_mount_flags_tmpfs_and_umount(slurm_cluster, slurm_site):
 
 
 @pytest.mark.parametrize("mounts,words", [
-    ("{d}:/x:slave", ["--container-mounts", "propagation 'slave'", "not supported"]),
+    ("{d}:/x:rshared", ["--container-mounts", "propagation 'rshared'", "refused",
+                        "show on the host"]),
     ("{d}:/x:ro+bogus", ["--container-mounts", "unknown flag 'bogus'"]),
     ("umount:/nothing-here", ["--container-mounts", "nothing is mounted on /nothing-here"]),
     ("/nonexistent-src:/x", ["--container-mounts", "/nonexistent-src does not exist"]),
@@ -168,6 +169,56 @@ def test_bad_mounts_name_the_option(slurm_cluster, slurm_site, mounts, words):
     assert len(lines) == 1, p.stderr
     for w in words:
         assert w in lines[0], lines
+
+
+def _wait_for(cond, timeout=30):
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("flag", ["slave", "rslave+ro", "rprivate"])
+def test_slave_bind_shows_what_the_host_mounts_below_it_later(slurm_cluster, slurm_site,
+                                                             slurm_users, flag):
+    """pyxis' `slave` propagation: a filesystem the host mounts below a bound directory
+    while the step runs (an automounted project directory) shows inside; with the default
+    (private) it does not, and nothing the container mounts shows on the host."""
+    d = slurm_site.root / f"prop-{flag.replace('+', '-')}"
+    d.mkdir(exist_ok=True)
+    os.chmod(d, 0o755)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "prop", str(d)], check=True)
+    out = slurm_site.root / f"prop-out-{flag.replace('+', '-')}"
+    proc = None
+    try:
+        subprocess.run(["mount", "--make-shared", str(d)], check=True)
+        (d / "sub").mkdir()
+        out.mkdir(exist_ok=True)
+        os.chown(out, slurm_users[U1].pw_uid, slurm_users[U1].pw_gid)
+        # the task says it is ready, then waits (20 s at most) for the host's new mount
+        script = (f"touch {out}/ready; i=0; while [ $i -lt 200 ]; do "
+                  "[ -e /data/sub/marker ] && { echo seen; exit 0; }; "
+                  "sleep 0.1; i=$((i+1)); done; echo not-seen")
+        proc = subprocess.Popen(
+            ["srun", "-n1", f"--container-image={IMG}",
+             f"--container-mounts={d}:/data:{flag},{out}:{out}", "sh", "-c", script],
+            env=slurm_cluster.env, user=U1, cwd="/tmp", stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        assert _wait_for(lambda: (out / "ready").exists() or proc.poll() is not None)
+        subprocess.run(["mount", "-t", "tmpfs", "later", str(d / "sub")], check=True)
+        (d / "sub" / "marker").write_text("x\n")
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr
+        assert stdout == ("not-seen\n" if flag == "rprivate" else "seen\n"), stderr
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        subprocess.run(["umount", "-R", str(d)], capture_output=True)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def test_mount_source_the_user_cannot_read_is_refused(slurm_cluster, slurm_site):

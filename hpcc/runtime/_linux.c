@@ -232,13 +232,14 @@ static PyObject *py_mount_setattr(PyObject *Py_UNUSED(self), PyObject *args)
     PyObject *path = NULL;
     int dirfd, err;
     unsigned int flags;
-    unsigned long long attr_set, attr_clr = 0, userns_fd = 0;
+    unsigned long long attr_set, attr_clr = 0, userns_fd = 0, propagation = 0;
     long r;
-    if (!PyArg_ParseTuple(args, "iO&IK|KK:mount_setattr", &dirfd, PyUnicode_FSConverter, &path,
-                          &flags, &attr_set, &attr_clr, &userns_fd))
+    if (!PyArg_ParseTuple(args, "iO&IK|KKK:mount_setattr", &dirfd, PyUnicode_FSConverter,
+                          &path, &flags, &attr_set, &attr_clr, &userns_fd, &propagation))
         return NULL;
-    /* userns_fd: the user namespace whose id maps an idmapped mount (MOUNT_ATTR_IDMAP) takes */
-    struct hpcc_mount_attr attr = {attr_set, attr_clr, 0, userns_fd};
+    /* userns_fd: the user namespace whose id maps an idmapped mount (MOUNT_ATTR_IDMAP) takes;
+     * propagation: MS_PRIVATE, MS_SLAVE, MS_SHARED or MS_UNBINDABLE, or 0 to keep it */
+    struct hpcc_mount_attr attr = {attr_set, attr_clr, propagation, userns_fd};
     BLOCKING(r, err, syscall(SYS_mount_setattr, dirfd, PyBytes_AS_STRING(path), flags, &attr,
                              sizeof(attr)));
     Py_DECREF(path);
@@ -345,7 +346,7 @@ static PyMethodDef methods[] = {
     {"move_mount", py_move_mount, METH_VARARGS,
      "move_mount(from_fd, from_path, to_fd, to_path, flags)"},
     {"mount_setattr", py_mount_setattr, METH_VARARGS,
-     "mount_setattr(dirfd, path, flags, attr_set, attr_clr=0, userns_fd=0)"},
+     "mount_setattr(dirfd, path, flags, attr_set, attr_clr=0, userns_fd=0, propagation=0)"},
     {"fsopen", py_fsopen, METH_VARARGS, "fsopen(fstype, flags=0) -> fd"},
     {"fsconfig", py_fsconfig, METH_VARARGS,
      "fsconfig(fd, cmd, key=None, value=None, aux=0)"},

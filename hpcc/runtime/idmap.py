@@ -11,9 +11,13 @@ Needs Linux 5.12+ and a filesystem that allows idmapped mounts (squashfs does on
 kernels; FUSE only with servers that ask for it, which squashfuse_ll 0.1 does not): where
 the kernel refuses, `idmap_mount` raises OSError and the caller keeps the plain mount.
 """
+import errno
 import os
 
 from . import _sys
+from .namespaces import write_id_maps
+
+PR_SET_DUMPABLE = 4
 
 MOUNT_ATTR_IDMAP = 0x00100000
 MAX_ID = 4294967294  # (uid_t)-1 is not an id
@@ -47,9 +51,12 @@ def swap_root_map(host_id):
     return "\n".join(lines) + "\n"
 
 
-def userns_with_maps(uid_map, gid_map):
-    """An fd of a new user namespace with the given maps (root only: a child unshares it and
-    waits, this process writes its maps, keeps an fd and lets it exit)."""
+def userns_with_maps(uid_map=None, gid_map=None, owner=None):
+    """An fd of a new user namespace (root only): a child unshares it and waits while this
+    process keeps an fd, then exits. Without `owner`, this process writes uid_map/gid_map
+    (any ranges). With owner (uid, gid), the child takes those ids first, so that the
+    namespace belongs to that user (a task running as them may join it with setns), and
+    maps 0 to them itself."""
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
@@ -58,23 +65,32 @@ def userns_with_maps(uid_map, gid_map):
         try:
             os.close(ready_r)
             os.close(go_w)
+            if owner is not None:
+                os.setgroups([])
+                os.setresgid(owner[1], owner[1], owner[1])
+                os.setresuid(owner[0], owner[0], owner[0])
+                _sys.prctl(PR_SET_DUMPABLE, 1)  # its /proc/self files are the owner's
             _sys.unshare(_sys.CLONE_NEWUSER)
+            if owner is not None:
+                write_id_maps(0, owner[0], 0, owner[1])
             os.write(ready_w, b"1")
             os.read(go_r, 1)
             code = 0
-        finally:
-            os._exit(code)
+        except BaseException:  # noqa: BLE001 - the parent reports
+            pass
+        os._exit(code)
     os.close(ready_w)
     os.close(go_r)
     try:
         if os.read(ready_r, 1) != b"1":
-            raise OSError("cannot create a user namespace for the id map")
-        for name, data in (("uid_map", uid_map), ("gid_map", gid_map)):
-            fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, data.encode())
-            finally:
-                os.close(fd)
+            raise OSError(errno.EPERM, "cannot create a user namespace")
+        if owner is None:
+            for name, data in (("uid_map", uid_map), ("gid_map", gid_map)):
+                fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(fd, data.encode())
+                finally:
+                    os.close(fd)
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(ready_r)

@@ -7,7 +7,6 @@ import errno
 import os
 import stat
 import struct
-import sys
 
 from ..errors import MountError
 from . import _sys, namespaces
@@ -151,52 +150,33 @@ def _fuse_mount_for_user(target, path, uid, gid):
 
     FUSE cannot be idmapped (squashfuse_ll 0.1 does not ask for it), but the kernel reads
     a FUSE server's ids in the user namespace that owns the connection. So a child joins a
-    user namespace mapping 0 to uid/gid (idmap.shift_root_map), opens /dev/fuse and creates
+    user namespace exchanging 0 and uid/gid (idmap.swap_root_map), opens /dev/fuse, creates
     the filesystem there with fsopen/fsmount (user_id=0: only the user may use it, and no
     allow_other: nobody else, root included, gets through it except via the overlay above,
     which rootfs mounts with the user's ids), and passes both fds back; this process attaches
     the mount. Raises OSError where the kernel refuses (the caller falls back to a plain
     mount, the image's files then stay root's)."""
-    import _socket
-
+    from .fdpass import fds_from_child
     from .idmap import swap_root_map, userns_with_maps
 
+    def make():
+        _sys.setns(ns, _sys.CLONE_NEWUSER)
+        _sys.unshare(_sys.CLONE_NEWNS)  # a mount namespace the new user ns owns
+        ffd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        fs = _sys.fsopen("fuse", _sys.FSOPEN_CLOEXEC)
+        for key, value in (("source", path), ("fd", str(ffd)), ("rootmode", "40000"),
+                           ("user_id", "0"), ("group_id", "0")):
+            _sys.fsconfig(fs, _sys.FSCONFIG_SET_STRING, key, value)
+        _sys.fsconfig(fs, _sys.FSCONFIG_SET_FLAG, "default_permissions")
+        _sys.fsconfig(fs, _sys.FSCONFIG_CMD_CREATE)
+        return [ffd, _sys.fsmount(fs, _sys.FSMOUNT_CLOEXEC, _sys.MOUNT_ATTR_RDONLY
+                                  | _sys.MOUNT_ATTR_NOSUID | _sys.MOUNT_ATTR_NODEV)]
+
     ns = userns_with_maps(swap_root_map(uid), swap_root_map(gid))
-    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     try:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                ours.close()
-                _sys.setns(ns, _sys.CLONE_NEWUSER)
-                _sys.unshare(_sys.CLONE_NEWNS)  # a mount namespace the new user ns owns
-                ffd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-                fs = _sys.fsopen("fuse", _sys.FSOPEN_CLOEXEC)
-                for key, value in (("source", path), ("fd", str(ffd)), ("rootmode", "40000"),
-                                   ("user_id", "0"), ("group_id", "0")):
-                    _sys.fsconfig(fs, _sys.FSCONFIG_SET_STRING, key, value)
-                _sys.fsconfig(fs, _sys.FSCONFIG_SET_FLAG, "default_permissions")
-                _sys.fsconfig(fs, _sys.FSCONFIG_CMD_CREATE)
-                mnt = _sys.fsmount(fs, _sys.FSMOUNT_CLOEXEC, _sys.MOUNT_ATTR_RDONLY
-                                   | _sys.MOUNT_ATTR_NOSUID | _sys.MOUNT_ATTR_NODEV)
-                theirs.sendmsg([b"0"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
-                                         struct.pack("2i", ffd, mnt))])
-            except OSError as e:
-                theirs.send(str(e.errno or errno.EIO).encode())
-            finally:
-                os._exit(0)
-        theirs.close()
-        msg, fds = _recv_fds(ours, 16, 2)
-        os.waitpid(pid, 0)
+        fds = fds_from_child(make, 2)
     finally:
-        ours.close()
-        theirs.close()
         os.close(ns)
-    if len(fds) != 2:
-        for fd in fds:
-            os.close(fd)
-        code = int(msg or errno.EIO)
-        raise OSError(code, os.strerror(code))
     ffd, mnt = fds
     try:
         _sys.move_mount(mnt, "", _sys.AT_FDCWD, target, _sys.MOVE_MOUNT_F_EMPTY_PATH)
@@ -206,17 +186,6 @@ def _fuse_mount_for_user(target, path, uid, gid):
     finally:
         os.close(mnt)
     return ffd
-
-
-def _recv_fds(sock, nbytes, maxfds):
-    """(data, [fds]) of one message on a unix socket (of _socket: `socket` imports enum)."""
-    import _socket
-    data, anc, _, _ = sock.recvmsg(nbytes, _socket.CMSG_SPACE(4 * maxfds))
-    fds = []
-    for lvl, typ, d in anc:
-        if lvl == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS:
-            fds += [int.from_bytes(d[i:i + 4], sys.byteorder) for i in range(0, len(d) - 3, 4)]
-    return data, fds
 
 
 def _fuse_mount(img_fd, target, path, privileged, user=None, idmap=None):
@@ -349,8 +318,9 @@ class HelperMount:
     def result(self):
         if self.pid is None:
             return None, self.why
+        from .fdpass import recv_fds
         try:
-            _, fds = _recv_fds(self.sock, 1, 1)
+            _, fds = recv_fds(self.sock, 1, 1)
         except OSError:
             fds = []
         status = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])

@@ -45,19 +45,59 @@ def _attrs(options):
     return out
 
 
-def _bind(src_fd, tgt_fd, options):
+# OCI mount options for a bind's propagation (private is every mount's default here)
+_PROPAGATION = {"slave": _sys.MS_SLAVE, "rslave": _sys.MS_SLAVE,
+                "unbindable": _sys.MS_UNBINDABLE, "runbindable": _sys.MS_UNBINDABLE}
+
+
+def _bind(src_fd, tgt_fd, options, source=None):
+    """Bind src_fd on tgt_fd. With slave/rslave, the bind is cloned from the host's mount
+    namespace (source: its path there) and made a slave of it: mounts the host makes below
+    it later show in the container, and nothing goes the other way."""
     flags = _sys.OPEN_TREE_CLONE | _sys.OPEN_TREE_CLOEXEC | _sys.AT_EMPTY_PATH
     if "rbind" in options:
         flags |= _sys.AT_RECURSIVE
-    tree = _sys.open_tree(src_fd, "", flags)
+    prop = next((_PROPAGATION[o] for o in options if o in _PROPAGATION), 0)
+    if prop == _sys.MS_SLAVE:
+        tree = _host_clone(source, src_fd, flags & _sys.AT_RECURSIVE)
+    else:
+        tree = _sys.open_tree(src_fd, "", flags)
     try:
         attrs = _attrs(options)
-        if attrs:
-            _sys.mount_setattr(tree, "", _sys.AT_EMPTY_PATH | _sys.AT_RECURSIVE, attrs)
+        if attrs or prop:
+            # propagation always on the whole tree: a submount left a peer of the host's
+            # would carry mounts made in the container back out
+            _sys.mount_setattr(tree, "", _sys.AT_EMPTY_PATH | _sys.AT_RECURSIVE, attrs, 0, 0,
+                               prop)
         _sys.move_mount(tree, "", tgt_fd, "",
                         _sys.MOVE_MOUNT_F_EMPTY_PATH | _sys.MOVE_MOUNT_T_EMPTY_PATH)
     finally:
         os.close(tree)
+
+
+def _host_clone(path, src_fd, recursive):
+    """A detached clone of the mount tree at `path` as the host's mount namespace has it
+    (a child joins that namespace and passes the clone back), which must be the object
+    src_fd (opened with the user's rights) is: a path swapped meanwhile is refused."""
+    from .fdpass import fds_from_child
+    from .namespaces import host_mount_ns
+
+    host = host_mount_ns()
+    if host is None or not path:
+        raise MountError(f"cannot bind {path} as a slave: only root-built containers "
+                         "(the Slurm helper) can")
+
+    def clone():
+        _sys.setns(host, _sys.CLONE_NEWNS)
+        return [_sys.open_tree(_sys.AT_FDCWD, path, _sys.OPEN_TREE_CLONE
+                               | _sys.OPEN_TREE_CLOEXEC | recursive)]
+
+    fds = fds_from_child(clone, 1)
+    a, b = os.fstat(fds[0]), os.fstat(src_fd)
+    if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+        os.close(fds[0])
+        raise MountError(f"cannot bind {path}: it changed while being bound")
+    return fds[0]
 
 
 def _open_source(m, user_ctx):
@@ -96,7 +136,7 @@ def _apply_mount(root_fd, m, privileged, writable_devs, user_ctx):
                 if stat.S_ISDIR(os.fstat(tgt).st_mode) != is_dir:
                     raise MountError(f"cannot bind {m['source']} on {dest}: one is a directory "
                                      "and the other is not")
-                _bind(src_fd, tgt, opts)
+                _bind(src_fd, tgt, opts, m["source"])
             finally:
                 os.close(tgt)
         except OSError as e:

@@ -288,43 +288,16 @@ def reuse_fd(pid):
 
 
 def task_userns_fd(uid, gid):
-    """fd of a user namespace mapping 0 to uid/gid, owned by uid (created by a child that
-    takes the user's ids first), which a task running as that user may join (setns) after
-    Slurm dropped its privileges: root inside, the user outside (--container-remap-root)."""
-    from . import _sys
-    from .namespaces import write_id_maps
+    """fd of a user namespace mapping 0 to uid/gid, owned by uid, which a task running as
+    that user may join (setns) after Slurm dropped its privileges: root inside, the user
+    outside (--container-remap-root)."""
+    from .idmap import userns_with_maps
 
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(ready_r)
-            os.close(go_w)
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            _sys.prctl(4, 1)  # PR_SET_DUMPABLE: its /proc/self files are ours
-            _sys.unshare(_sys.CLONE_NEWUSER)
-            write_id_maps(0, uid, 0, gid)
-            os.write(ready_w, b"1")
-            os.read(go_r, 1)
-            code = 0
-        except BaseException:  # noqa: BLE001 - the parent reports
-            pass
-        os._exit(code)
-    os.close(ready_w)
-    os.close(go_r)
     try:
-        if os.read(ready_r, 1) != b"1":
-            raise LaunchError("cannot create the user namespace for --container-remap-root",
-                              hint="the admin must allow unprivileged user namespaces")
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    finally:
-        os.close(ready_r)
-        os.close(go_w)
-        os.waitpid(pid, 0)
+        return userns_with_maps(owner=(uid, gid))
+    except OSError:
+        raise LaunchError("cannot create the user namespace for --container-remap-root",
+                          hint="the admin must allow unprivileged user namespaces") from None
 
 
 def namespace_fds(kinds, pid=None):

@@ -6,7 +6,8 @@ it. The plugin already refused empty values and malformed lists; what needs the 
 working directory or the image is checked here.
 
     mounts     SRC[:DST[:FLAGS]],...   FLAGS joined by '+': ro, rw, noexec, bind, rbind,
-                                       private, rprivate; tmpfs:DST; umount:DST
+                                       private, rprivate, slave, rslave, unbindable,
+                                       runbindable; tmpfs:DST; umount:DST
     workdir    DIR                     relative: taken from the container's / (as pyxis);
                                        default: the image's WorkingDir
     save       PATH                    relative: the job's working directory's
@@ -17,10 +18,13 @@ import os
 
 from ..errors import UsageError
 
-# Bind flags as pyxis/enroot spell them. Container mounts are always private (the helper's
-# namespace is made rprivate), so only the private propagations are accepted.
-BIND_FLAGS = {"ro", "rw", "noexec", "nosuid", "nodev", "bind", "rbind", "private", "rprivate"}
-PROPAGATIONS = {"shared", "rshared", "slave", "rslave", "unbindable", "runbindable"}
+# Bind flags as pyxis/enroot spell them. A bind is private unless slave (the host's later
+# mounts below it show inside: the runtime clones it from the host's mount namespace) or
+# unbindable; shared is refused: the container's mounts would show on the host.
+PROPAGATIONS = ("slave", "rslave", "unbindable", "runbindable")
+BIND_FLAGS = {"ro", "rw", "noexec", "nosuid", "nodev", "bind", "rbind", "private", "rprivate",
+              *PROPAGATIONS}
+REFUSED = {"shared", "rshared"}
 
 # Keys of the settings that the runtime implements (hpcc.runtime: named containers,
 # remap-root, unshare, entrypoint, save). Values as the plugin sends them.
@@ -68,15 +72,16 @@ def parse_mounts(text, cwd, opt="--container-mounts"):
         readonly = False
         extra = []
         for f in flags:
-            if f in PROPAGATIONS:
-                raise UsageError(f"{opt}: '{item}': mount propagation '{f}' is not supported "
-                                 "(hpcc's container mounts are always private)")
+            if f in REFUSED:
+                raise UsageError(f"{opt}: '{item}': mount propagation '{f}' is refused (mounts "
+                                 "made for the container would show on the host); slave "
+                                 "gives the host's new mounts to the container")
             if f not in BIND_FLAGS:
                 raise UsageError(f"{opt}: '{item}': unknown flag '{f}' (known: "
                                  f"{', '.join(sorted(BIND_FLAGS))}, joined by '+')")
             if f in ("ro", "rw"):
                 readonly = f == "ro"
-            elif f in ("noexec", "bind"):
+            elif f in ("noexec", "bind", *PROPAGATIONS):
                 extra.append(f)
         if not dst.startswith("/"):
             raise UsageError(f"{opt}: '{item}': the destination '{dst}' must be an absolute "
@@ -112,8 +117,9 @@ def apply_mounts(spec, mounts, opt="--container-mounts"):
         if extra:
             if "bind" in extra:
                 m["options"] = ["bind" if o == "rbind" else o for o in m["options"]]
-            if "noexec" in extra and "noexec" not in m["options"]:
-                m["options"].append("noexec")
+            for o in ("noexec", *PROPAGATIONS):
+                if o in extra and o not in m["options"]:
+                    m["options"].append(o)
     for dst in mounts.umount:
         kept = [m for m in spec["mounts"] if m["destination"] != dst]
         if len(kept) == len(spec["mounts"]):

@@ -61,10 +61,13 @@ def _runs_until_swapper_ends(swapper, run):
 
 
 @pytest.mark.slurm
-def test_swapped_symlink_on_a_bind_source_under_srun(slurm_cluster, swap_setup):
+@pytest.mark.parametrize("flags", ["", ":slave"])
+def test_swapped_symlink_on_a_bind_source_under_srun(slurm_cluster, swap_setup, flags):
+    """Also with `slave`, where root clones the source again, by path, from the host's mount
+    namespace: the clone must be the object the user opened, or the step fails."""
     u, link, swapper = swap_setup
     outs = _runs_until_swapper_ends(swapper, lambda: slurm_cluster.run(
-        "srun", "-n1", f"--container={IMG}", f"--container-mounts={link}:/b",
+        "srun", "-n1", f"--container={IMG}", f"--container-mounts={link}:/b{flags}",
         "sh", "-c", "cat /b/* 2>&1", user=U1, timeout=60))
     assert len(outs) >= 3
     for p in outs:
