@@ -259,6 +259,63 @@ def test_remap_root_is_root_inside_and_the_user_outside(slurm_cluster, site_imag
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _fd_holders(link):
+    """Helper processes (hpcc.stepd) holding an fd whose link is `link` ("user:[N]")."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"hpcc.stepd" not in f.read():
+                    continue
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == link
+                   for fd in os.listdir(f"/proc/{pid}/fd")):
+                out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
+def test_remap_root_steps_in_a_kept_named_container_share_its_user_namespace(
+        slurm_cluster, site_image, slurm_users):
+    """The idle keeper of a remap-root named container also holds the user namespace its
+    tasks joined (0 mapped to the job user), and the next steps of the same settings join
+    that one instead of a new one: still root inside and the user outside."""
+    u = slurm_users[U1]
+    c = (f"srun -n1 --container-image={site_image} --container-name=rr "
+         "--container-remap-root --container-writable")
+    show = "sh -c 'echo NS=$(readlink /proc/self/ns/user) $(id -u) $(cat /proc/self/uid_map)'"
+    script = (f"{c} {show} || exit 1; sleep 3; {c} {show} && {c} {show}; "
+              "echo job=$SLURM_JOB_ID")
+    proc = subprocess.Popen(["salloc", "-n1", "sh", "-c", script], env=slurm_cluster.env,
+                            user=U1, cwd="/tmp", stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines, held = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("NS=") and held is None:
+                # between the steps: the named container's idle keeper holds it
+                deadline = time.monotonic() + 2
+                while not (held := _fd_holders(line.split()[0][3:])) and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.1)
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _remove_jobs_containers([ln.strip()[4:] for ln in lines if ln.startswith("job=")])
+    rows = [ln[3:].split() for ln in lines if ln.startswith("NS=")]
+    assert len(rows) == 3, "".join(lines) + err
+    assert all(r[1:] == ["0", "0", str(u.pw_uid), "1"] for r in rows), rows
+    assert held, "no idle keeper holds the remap-root user namespace between the steps"
+    assert rows[0][0] == rows[1][0] == rows[2][0], rows
+    assert os.readlink("/proc/self/ns/user") != rows[0][0]
+
+
 def test_unshare_gives_the_step_its_own_namespaces(slurm_cluster, site_image):
     host = {k: os.readlink(f"/proc/self/ns/{k}") for k in ("net", "ipc")}
     p = slurm_cluster.run("srun", "-n2", f"--container-image={site_image}",

@@ -177,11 +177,13 @@ class NamedContainer:
         """Write the pid a later `exec` attaches to (this process holds the lock)."""
         self._write_record("pid", f"{pid} {_start_time(pid)}\n")
 
-    def record_idle(self, pid, key):
+    def record_idle(self, pid, key, userns_fd=None):
         """Write `idle`: the pid of the process that keeps this container's assembled mount
-        namespace between the steps of a job, its start time and the key of the step
-        settings it was assembled for (hpcc.runtime.stepcontainer.reuse_key)."""
-        self._write_record("idle", f"{pid} {_start_time(pid)} {key}\n")
+        namespace between the steps of a job, its start time, the key of the step settings
+        it was assembled for (hpcc.runtime.stepcontainer.reuse_key) and, with remap-root,
+        the number of its fd of the tasks' user namespace (kept for the next steps too)."""
+        extra = "" if userns_fd is None else f" {int(userns_fd)}"
+        self._write_record("idle", f"{pid} {_start_time(pid)} {key}{extra}\n")
 
     def _write_record(self, name, text):
         """Replace the record `name` in the container's directory (by its fd, no links
@@ -196,9 +198,9 @@ class NamedContainer:
         os.rename(tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
 
     def idle_keeper(self):
-        """(pid, key) of the process keeping this container's namespace between steps, when
-        it still is that process; else None."""
-        return _idle_keeper(self.dir_fd)
+        """(pid, key, userns fd number or None) of the process keeping this container's
+        namespace between steps, when it still is that process; else None."""
+        return _idle_record(self.dir_fd)
 
     def stop_idle(self):
         """End the idle keeper (its namespace is not the one this launch needs) and wait
@@ -266,18 +268,30 @@ def _running_pid(dir_fd):
 
 
 def _idle_keeper(dir_fd):
+    """(pid, key) of the live idle keeper recorded in dir_fd, or None."""
+    found = _idle_record(dir_fd)
+    return found[:2] if found else None
+
+
+def _idle_record(dir_fd):
+    """(pid, key, userns fd number or None) of the live idle keeper, or None."""
     try:
         fd = os.open("idle", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return None
     try:
-        pid, start, key = os.read(fd, 256).decode(errors="replace").split()
-        pid, start = int(pid), int(start)
+        fields = os.read(fd, 256).decode(errors="replace").split()
+        if len(fields) not in (3, 4):
+            return None
+        pid, start, key = int(fields[0]), int(fields[1]), fields[2]
+        userns = int(fields[3]) if len(fields) == 4 else None
     except ValueError:
         return None
     finally:
         os.close(fd)
-    return (pid, key) if pid > 1 and _start_time(pid) == start else None
+    if userns is not None and userns < 0:
+        return None
+    return (pid, key, userns) if pid > 1 and _start_time(pid) == start else None
 
 
 def stop_idle_keeper(dir_fd, wait=10.0):

@@ -202,14 +202,15 @@ def run_entrypoint(spec, meta_config, *, log=False, privileged=True):
 
 
 def keep_until_step_end(sock, handle, named=None, save_to=None, spec=None, *,
-                        idle_key=None, attached=None):
+                        idle_key=None, attached=None, userns_fd=None):
     """In the helper's child, after the namespace was sent: hold the named container's
     lock (and record this pid, or `attached`, the idle keeper whose namespace the step
     reuses, for attaches) and the FUSE daemon until slurmstepd closes the socket at the
     step's end; then write --container-save's image as the job user. With idle_key (a
     job-scope named container this child assembled), the child then stays as the idle
-    keeper of the assembled namespace for the job's next steps (keep_idle). Returns None,
-    or the save's one-line error."""
+    keeper of the assembled namespace (and of userns_fd, remap-root's user namespace of the
+    tasks, when given) for the job's next steps (keep_idle). Returns None, or the save's
+    one-line error."""
     from .process import _save
 
     if named is not None:
@@ -224,8 +225,10 @@ def keep_until_step_end(sock, handle, named=None, save_to=None, spec=None, *,
     if save_to is not None:
         problem = _save(spec, save_to, True)
     if idle_key is not None and named is not None and handle is not None:
-        keep_idle(handle, named, idle_key)
+        keep_idle(handle, named, idle_key, userns_fd=userns_fd)
         return problem
+    if userns_fd is not None:
+        os.close(userns_fd)
     if handle is not None:
         handle.close()
     if named is not None:
@@ -253,11 +256,13 @@ def reuse_key(spec):
     return hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()[:32]
 
 
-def keep_idle(handle, named, key, poll=2.0):
+def keep_idle(handle, named, key, poll=2.0, userns_fd=None):
     """Between the job's steps: release the named container's lock (it no longer runs),
     record this process as its idle keeper and hold the assembled mount namespace (and
-    the FUSE daemon) until SIGTERM (the job epilog's remove_job, or a later step that needs
-    another assembly) or until the container's directory is removed."""
+    the FUSE daemon, and userns_fd: the user namespace remap-root's tasks joined, which the
+    next steps of the same settings join too, see reuse_userns_fd) until SIGTERM (the job
+    epilog's remove_job, or a later step that needs another assembly) or until the
+    container's directory is removed."""
     import signal
     import time
 
@@ -266,7 +271,7 @@ def keep_idle(handle, named, key, poll=2.0):
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        named.record_idle(os.getpid(), key)
+        named.record_idle(os.getpid(), key, userns_fd)
         os.close(named.lock_fd)
         named.lock_fd = None
         while os.fstat(named.dir_fd).st_nlink > 0:
@@ -275,6 +280,8 @@ def keep_idle(handle, named, key, poll=2.0):
         pass
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if userns_fd is not None:
+            os.close(userns_fd)
         handle.close()
         named.close()
 
@@ -285,6 +292,24 @@ def reuse_fd(pid):
         return os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+
+
+def reuse_userns_fd(pid, num):
+    """fd of the user namespace the idle keeper `pid` holds as its fd `num` (the one its
+    assembling step made for remap-root's tasks: the same settings, so the same mapping),
+    or None when it is gone or that fd is not a user namespace (a fresh one is made)."""
+    if num is None:
+        return None
+    try:
+        if not os.readlink(f"/proc/{pid}/fd/{int(num)}").startswith("user:["):
+            return None
+        fd = os.open(f"/proc/{pid}/fd/{int(num)}", os.O_RDONLY | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return None
+    if os.readlink(f"/proc/self/fd/{fd}").startswith("user:["):
+        return fd
+    os.close(fd)
+    return None
 
 
 def task_userns_fd(uid, gid):

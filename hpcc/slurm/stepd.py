@@ -268,16 +268,19 @@ def recv_cwd(sock, data=b""):
     return text[4:] if text.startswith("cwd=") else None
 
 
-def container_child(spec, sock, payload, entrypoint=None):
+def container_child(spec, sock, payload, entrypoint=None, keep_userns=False):
     """In the forked child: new mount namespace, root assembly, send the namespace fd.
-    Returns the RootHandle (its FUSE daemon must outlive the message when there is one).
-    entrypoint: (image config, log) to run the image's ENTRYPOINT once before the tasks;
-    its output lines (when log) go to the user as "log=" records."""
+    Returns (the RootHandle: its FUSE daemon must outlive the message when there is one,
+    an fd of remap-root's user namespace of the tasks when keep_userns, else None: an idle
+    keeper holds it for the next steps). entrypoint: (image config, log) to run the image's
+    ENTRYPOINT once before the tasks; its output lines (when log) go to the user as "log="
+    records."""
     from ..runtime import enter_namespaces, setup_root
     from ..runtime.stepcontainer import namespace_fds, run_entrypoint
 
     # before the assembly (it pivots into the container): remap-root's user namespace
     extra = _task_userns(spec)
+    kept = os.dup(extra["user"]) if keep_userns and "user" in extra else None
     enter_namespaces(True)
     nsfd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     # no page cache warming for the command: this process is gone before the tasks exec
@@ -291,7 +294,7 @@ def container_child(spec, sock, payload, entrypoint=None):
             payload = payload[:-len(b"end=1\0")] + logs.encode(errors="replace") \
                 + b"end=1\0"
     send_namespaces(sock, payload, nsfd, extra)
-    return handle
+    return handle, kept
 
 
 def _task_userns(spec):
@@ -307,20 +310,23 @@ def _task_userns(spec):
     return {"user": task_userns_fd(*h.get("job_ids", (hu["uid"], hu["gid"])))}
 
 
-def join_existing(spec, sock, payload, named, reuse):
+def join_existing(spec, sock, payload, named, reuse, userns=None):
     """A step that needs no assembly: it attaches to the running named container, or runs
     in the namespace an idle keeper (pid `reuse`) holds, assembled for the same settings.
-    Sends the reply with that namespace's fd (and the keeper's network/IPC/UTS ones) from
-    this process, before any fork, and returns True; False when the idle keeper is gone
-    (the step assembles its container)."""
-    from ..runtime.stepcontainer import attach_fd, namespace_fds, reuse_fd
+    Sends the reply with that namespace's fd (and the keeper's network/IPC/UTS ones, and
+    with remap-root the user namespace the keeper holds as its fd `userns`, else a new one)
+    from this process, before any fork, and returns True; False when the idle keeper is
+    gone (the step assembles its container)."""
+    from ..runtime.stepcontainer import attach_fd, namespace_fds, reuse_fd, reuse_userns_fd
 
     nsfd = attach_fd(named) if reuse is None else reuse_fd(reuse)
     if nsfd is None:
         return False
     extra = {}
     try:
-        extra.update(_task_userns(spec))
+        kept = reuse_userns_fd(reuse, userns) \
+            if reuse is not None and spec["hpcc"].get("remap_root") else None
+        extra.update({"user": kept} if kept is not None else _task_userns(spec))
         extra.update(namespace_fds(spec["hpcc"].get("unshare") or (),
                                    pid=reuse or named.running_pid))
     except BaseException:
@@ -348,15 +354,17 @@ def send_namespaces(sock, payload, nsfd, extra):
 
 
 def _named_reuse(opts, named, spec, save_to):
-    """(idle_key, reuse) for a job-scope named container this step runs (not attaches to):
-    idle_key, the settings' key under which the child that assembles it keeps its namespace
-    after the step; reuse, the pid of an idle keeper of the same key whose namespace the step
-    runs in instead of assembling it again (hpcc.runtime.stepcontainer.keep_idle). A keeper
-    of other settings is ended first (the layer is mounted once). None, None when the
-    container is not kept: no name, "user" scope, --container-save, or an entrypoint (which
-    runs in a fresh assembly each step, as the step's own)."""
+    """(idle_key, reuse, userns) for a job-scope named container this step runs (not
+    attaches to): idle_key, the settings' key under which the child that assembles it keeps
+    its namespace after the step; reuse, the pid of an idle keeper of the same key whose
+    namespace the step runs in instead of assembling it again
+    (hpcc.runtime.stepcontainer.keep_idle), and userns, that keeper's fd number of the
+    remap-root tasks' user namespace (or None). A keeper of other settings is ended first
+    (the layer is mounted once). idle_key and reuse are None when the container is not
+    kept: no name, "user" scope, --container-save, or an entrypoint (which runs in a fresh
+    assembly each step, as the step's own)."""
     if named is None or named.running_pid:
-        return None, None
+        return None, None, None
     keepable = opts.scope() == "job" and save_to is None and not opts.entrypoint
     idle = None if named.created else named.idle_keeper()
     key = None
@@ -364,10 +372,10 @@ def _named_reuse(opts, named, spec, save_to):
         from ..runtime.stepcontainer import reuse_key
         key = reuse_key(spec)
         if idle is not None and idle[1] == key:
-            return key, idle[0]
+            return key, idle[0], idle[2]
     if idle is not None:
         named.stop_idle()
-    return key, None
+    return key, None, None
 
 
 def _name_image_variable(args, e):
@@ -415,7 +423,7 @@ def run(args, sock, pending=b""):
                          f"container '{named.name}' (save it from the step that runs it)")
     spec, extra = build(args, user, config, rec, img_fd, opts, named)
     save_to = opts.open_save(spec["hpcc"]["host_user"])
-    idle_key, reuse = _named_reuse(opts, named, spec, save_to)
+    idle_key, reuse, reuse_userns = _named_reuse(opts, named, spec, save_to)
     if idle_key is not None:
         import signal  # noqa: F401  (the idle keeper needs them after pivot_root)
         import time  # noqa: F401
@@ -434,7 +442,7 @@ def run(args, sock, pending=b""):
     joined = False
     if named is not None and (named.running_pid or reuse is not None):
         # the reply goes out now, the keeper below is forked after it
-        joined = join_existing(spec, sock, payload, named, reuse)
+        joined = join_existing(spec, sock, payload, named, reuse, reuse_userns)
         if not joined:
             reuse = None  # the idle keeper is gone: assemble
         elif named.running_pid:
@@ -454,7 +462,8 @@ def run(args, sock, pending=b""):
             os.close(r)
             entry = ((rec.meta.get("config") or {}), opts.entrypoint_log) \
                 if opts.entrypoint else None
-            handle = None if joined else container_child(spec, sock, payload, entry)
+            handle, userns_fd = (None, None) if joined else container_child(
+                spec, sock, payload, entry, keep_userns=idle_key is not None)
             if opts.keeps(handle, named, save_to):
                 # Keep the FUSE daemon's parent, the named container's lock, the save, alive
                 # until slurmstepd closes its end at the end of the step (and then, for a
@@ -464,7 +473,8 @@ def run(args, sock, pending=b""):
                 os.close(w)
                 keep_until_step_end(sock, handle, named, save_to, spec,
                                     attached=reuse if joined else None,
-                                    idle_key=idle_key if not joined else None)
+                                    idle_key=idle_key if not joined else None,
+                                    userns_fd=userns_fd)
             else:
                 os.write(w, b"o")
         except HpccError as e:
