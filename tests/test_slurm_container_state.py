@@ -205,12 +205,16 @@ def test_a_step_attaches_to_the_running_named_container(slurm_cluster, site_imag
         _remove_jobs_containers(job)
 
 
-def test_save_writes_an_image_as_the_user_at_the_end_of_the_step(slurm_cluster, site_image,
-                                                                 slurm_users):
+@pytest.mark.parametrize("kind", ["site", "own"])
+def test_save_writes_an_image_as_the_user_at_the_end_of_the_step(slurm_cluster, slurm_users,
+                                                                 request, kind):
+    """For a site image (kernel, idmapped) and for the user's own (FUSE in the user's
+    namespace): the saved image has the step's changes, written as the user."""
+    image = request.getfixturevalue("site_image" if kind == "site" else "users_own_image")
     u = slurm_users[U1]
-    out = os.path.join(u.pw_dir, f"saved-{os.getpid()}.sqfs")
+    out = os.path.join(u.pw_dir, f"saved-{os.getpid()}-{kind}.sqfs")
     try:
-        p = slurm_cluster.run("srun", "-n1", f"--container-image={site_image}",
+        p = slurm_cluster.run("srun", "-n1", f"--container-image={image}",
                               "--container-writable", f"--container-save={out}", "sh", "-c",
                               "echo kept > /kept", user=U1)
         assert p.returncode == 0, p.stderr
