@@ -85,8 +85,11 @@ def test_writable_container_of_the_users_own_image(slurm_cluster, users_own_imag
     assert "/etc/os-release" in out and "/newfile" not in out
 
 
-def test_named_container_keeps_its_layer_across_the_steps_of_a_job(slurm_cluster,
-                                                                   site_image):
+@pytest.mark.parametrize("kind", ["site", "own"])
+def test_named_container_keeps_its_layer_across_the_steps_of_a_job(slurm_cluster, request,
+                                                                   kind):
+    site_image = request.getfixturevalue("site_image" if kind == "site" else
+                                         "users_own_image")
     script = (f"srun -n1 --container-image={site_image} --container-name=build "
               "sh -c 'echo installed > /opt-tool'; "
               f"srun -n1 --container-image={site_image} --container-name=build "
