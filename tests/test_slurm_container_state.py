@@ -85,8 +85,11 @@ def test_writable_container_of_the_users_own_image(slurm_cluster, users_own_imag
     assert "/etc/os-release" in out and "/newfile" not in out
 
 
-def test_named_container_keeps_its_layer_across_the_steps_of_a_job(slurm_cluster,
-                                                                   site_image):
+@pytest.mark.parametrize("kind", ["site", "own"])
+def test_named_container_keeps_its_layer_across_the_steps_of_a_job(slurm_cluster, request,
+                                                                   kind):
+    site_image = request.getfixturevalue("site_image" if kind == "site" else
+                                         "users_own_image")
     script = (f"srun -n1 --container-image={site_image} --container-name=build "
               "sh -c 'echo installed > /opt-tool'; "
               f"srun -n1 --container-image={site_image} --container-name=build "
@@ -205,12 +208,16 @@ def test_a_step_attaches_to_the_running_named_container(slurm_cluster, site_imag
         _remove_jobs_containers(job)
 
 
-def test_save_writes_an_image_as_the_user_at_the_end_of_the_step(slurm_cluster, site_image,
-                                                                 slurm_users):
+@pytest.mark.parametrize("kind", ["site", "own"])
+def test_save_writes_an_image_as_the_user_at_the_end_of_the_step(slurm_cluster, slurm_users,
+                                                                 request, kind):
+    """For a site image (kernel, idmapped) and for the user's own (FUSE in the user's
+    namespace): the saved image has the step's changes, written as the user."""
+    image = request.getfixturevalue("site_image" if kind == "site" else "users_own_image")
     u = slurm_users[U1]
-    out = os.path.join(u.pw_dir, f"saved-{os.getpid()}.sqfs")
+    out = os.path.join(u.pw_dir, f"saved-{os.getpid()}-{kind}.sqfs")
     try:
-        p = slurm_cluster.run("srun", "-n1", f"--container-image={site_image}",
+        p = slurm_cluster.run("srun", "-n1", f"--container-image={image}",
                               "--container-writable", f"--container-save={out}", "sh", "-c",
                               "echo kept > /kept", user=U1)
         assert p.returncode == 0, p.stderr

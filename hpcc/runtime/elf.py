@@ -69,51 +69,51 @@ class _Dynamic:
         self.is64 = head[4] == 2
         o = self.o = "<" if head[5] == 1 else ">"
         self.machine, = struct.unpack_from(o + "H", head, 18)
+        # each program header read as (type, offset, vaddr, filesz), the rest skipped
         if self.is64:
             if len(head) < 64:
                 raise _Malformed("no ELF header")
             phoff, = struct.unpack_from(o + "Q", head, 32)
             phentsize, phnum = struct.unpack_from(o + "HH", head, 54)
-            fmt, minsize = o + "IIQQQQ", 56   # type, flags, offset, vaddr, paddr, filesz
-            ti, oi, vi, fi = 0, 2, 3, 5
+            fmt, minsize = o + "I4xQQ8xQ", 56     # type, flags, offset, vaddr, paddr, filesz
         else:
             phoff, = struct.unpack_from(o + "I", head, 28)
             phentsize, phnum = struct.unpack_from(o + "HH", head, 42)
-            fmt, minsize = o + "IIIIII", 32   # type, offset, vaddr, paddr, filesz, memsz
-            ti, oi, vi, fi = 0, 1, 2, 4
+            fmt, minsize = o + "III4xI", 32       # type, offset, vaddr, paddr, filesz
         if phnum and (phentsize < minsize or phnum > MAX_PHNUM):
             raise _Malformed("bad program header table")
         ph = read(phoff, phentsize * phnum) if phnum else b""
         if len(ph) < phentsize * phnum:
             raise _Malformed("program headers past the end of the file")
         self.interp_at, dyn, self.loads = None, None, []
-        for i in range(phnum):
-            p = struct.unpack_from(fmt, ph, i * phentsize)
-            if p[ti] == PT_INTERP and 0 < p[fi] < 4096:
-                self.interp_at = (p[oi], p[fi])
-            elif p[ti] == PT_DYNAMIC and 0 < p[fi] < MAX_DYNAMIC:
-                dyn = (p[oi], p[fi])
-            elif p[ti] == PT_LOAD:
-                self.loads.append((p[vi], p[oi], p[fi]))
-        # the dynamic entries: {tag: value} for the single ones, lists for the repeated ones
-        self.tags, self.needed_at, self.rpath_at, self.runpath_at = {}, [], [], []
+        fmt += f"{phentsize - struct.calcsize(fmt)}x"
+        for p_type, p_off, p_vaddr, p_filesz in struct.iter_unpack(fmt, ph):
+            if p_type == PT_LOAD:
+                self.loads.append((p_vaddr, p_off, p_filesz))
+            elif p_type == PT_DYNAMIC and 0 < p_filesz < MAX_DYNAMIC:
+                dyn = (p_off, p_filesz)
+            elif p_type == PT_INTERP and 0 < p_filesz < 4096:
+                self.interp_at = (p_off, p_filesz)
+        # the dynamic entries up to DT_NULL: {tag: value} (the last one wins, as in ld.so),
+        # and the repeated ones in order
+        tags, needed, rpath, runpath = {}, [], [], []
         if dyn:
             raw = read(dyn[0], dyn[1])
             if len(raw) < dyn[1]:
                 raise _Malformed("dynamic section past the end of the file")
             step = 16 if self.is64 else 8
-            entry = o + ("qQ" if self.is64 else "iI")
-            for tag, val in struct.iter_unpack(entry, raw[:len(raw) // step * step]):
+            for tag, val in struct.iter_unpack(o + ("qQ" if self.is64 else "iI"),
+                                               raw[:len(raw) // step * step]):
                 if tag == 0:
                     break
                 if tag == DT_NEEDED:
-                    self.needed_at.append(val)
+                    needed.append(val)
                 elif tag == DT_RPATH:
-                    self.rpath_at.append(val)
+                    rpath.append(val)
                 elif tag == DT_RUNPATH:
-                    self.runpath_at.append(val)
-                else:
-                    self.tags.setdefault(tag, val)
+                    runpath.append(val)
+                tags[tag] = val
+        self.tags, self.needed_at, self.rpath_at, self.runpath_at = tags, needed, rpath, runpath
 
     def interp(self):
         if self.interp_at is None:
@@ -296,10 +296,13 @@ class _Dynamic:
 
 
 def elf_deps(head, fd, size):
-    """(interpreter, [DT_NEEDED names]) of an ELF file, from its first bytes `head` and
-    preads of fd; (None, []) for anything else or anything malformed (the file comes from
-    the image). Names with a '/' are left out: the warmer looks names up in library
-    directories."""
+    """(interpreter, [DT_NEEDED names]) of a 64-bit little-endian ELF file, from its first
+    bytes `head` and preads of fd; (None, []) for anything else or anything malformed (the
+    file comes from the image). Other classes are left out because the warmer looks the
+    names up in the 64-bit library directories, where a 32-bit program's libraries are not;
+    names with a '/' are left out too."""
+    if head[4:6] != b"\x02\x01":
+        return None, []
     try:
         dyn = _Dynamic(head, lambda off, n: os.pread(fd, n, off), size)
         interp = dyn.interp()

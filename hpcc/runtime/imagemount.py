@@ -156,7 +156,7 @@ def _fuse_mount_for_user(target, path, uid, gid):
     which rootfs mounts with the user's ids), and passes both fds back; this process attaches
     the mount. Raises OSError where the kernel refuses (the caller falls back to a plain
     mount, the image's files then stay root's)."""
-    from .fdpass import fds_from_child
+    from .children import fds_from_child
     from .idmap import swap_root_map, userns_with_maps
 
     def make():
@@ -318,7 +318,7 @@ class HelperMount:
     def result(self):
         if self.pid is None:
             return None, self.why
-        from .fdpass import recv_fds
+        from .children import recv_fds
         try:
             _, fds = recv_fds(self.sock, 1, 1)
         except OSError:

@@ -18,6 +18,7 @@ import struct
 
 from ..errors import HookError, LaunchError, MountError
 from . import _sys
+from .children import fds_from_child, output_of_child
 from .identity import AsUser, NoChange
 from .imagemount import attach_mount, mount_image
 from .inroot import (
@@ -79,7 +80,6 @@ def _host_clone(path, src_fd, recursive):
     """A detached clone of the mount tree at `path` as the host's mount namespace has it
     (a child joins that namespace and passes the clone back), which must be the object
     src_fd (opened with the user's rights) is: a path swapped meanwhile is refused."""
-    from .fdpass import fds_from_child
     from .namespaces import host_mount_ns
 
     host = host_mount_ns()
@@ -305,9 +305,7 @@ def _as_mounter(uid, gid, fn):
     process's capabilities; raise its OSError here (its errno is the child's exit code).
     The user cannot ptrace the child (it has capabilities they lack); they can kill it,
     which fails their own launch."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
+    def child(_w):
         try:
             _sys.prctl(_sys.PR_SET_SECUREBITS,
                        _sys.SECBIT_NO_SETUID_FIXUP | _sys.SECBIT_NO_SETUID_FIXUP_LOCKED)
@@ -315,15 +313,13 @@ def _as_mounter(uid, gid, fn):
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
             fn()
+            return 0
         except OSError as e:
-            code = e.errno or errno.EIO
-        except BaseException:  # noqa: BLE001
-            code = errno.EIO
-        finally:
-            os._exit(code)
-    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            return e.errno or errno.EIO
+
+    code, _ = output_of_child(child, 0)
     if code:
-        code = code if code > 0 else errno.EINTR  # killed
+        code = code if 0 < code < 125 else errno.EIO  # killed, or not an errno
         raise OSError(code, os.strerror(code))
 
 

@@ -15,6 +15,7 @@ import os
 import stat
 
 from ..errors import LaunchError
+from .children import output_of_child
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -138,12 +139,8 @@ def save_in_child(root_fd, dest, *, user=None):
     """Fork; in the child take the user's identity (user = {"uid", "gid", "additionalGids"}
     on the host, for a root caller; None: stay who we are) and write the image to dest =
     (dir_fd, name). Returns None on success or the child's one-line error."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+    def child(w):
         try:
-            os.close(r)
             owner_uid = owner_gid = None
             if user is not None and os.geteuid() == 0 and user["uid"] != 0:
                 os.setgroups(user.get("additionalGids") or [])
@@ -153,24 +150,16 @@ def save_in_child(root_fd, dest, *, user=None):
                 _sys.prctl(4, 1)  # PR_SET_DUMPABLE: /proc/self/fd is ours again
                 owner_uid, owner_gid = user["uid"], user["gid"]
             write_image(root_fd, dest, owner_uid=owner_uid, owner_gid=owner_gid)
-            code = 0
+            return 0
         except LaunchError as e:
             os.write(w, str(e).encode()[:4000])
         except OSError as e:
             os.write(w, f"cannot save the container to {dest[1]}: {e.strerror}".encode())
         except BaseException as e:  # noqa: BLE001 - a line for the user, never a traceback
             os.write(w, f"cannot save the container to {dest[1]}: {e}".encode()[:4000])
-        finally:
-            os._exit(code)
-    os.close(w)
-    msg = b""
-    while True:
-        chunk = os.read(r, 4096)
-        if not chunk:
-            break
-        msg += chunk
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        return 1
+
+    code, msg = output_of_child(child, 4096)
+    if code == 0:
         return None
     return msg.decode(errors="replace") or f"cannot save the container to {dest[1]}"

@@ -27,6 +27,7 @@ namespaces of the helper's child (namespace_fds; joined in task_init_privileged)
 import os
 
 from ..errors import LaunchError, UsageError
+from .children import output_of_child
 
 TASK_SIDE = ("remap_root", "unshare")
 
@@ -165,33 +166,20 @@ def run_entrypoint(spec, meta_config, *, log=False, privileged=True):
     args = entrypoint_args(spec, meta_config)
     if args is None:
         return []
-    r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        code = 125
+    def child(w):
         try:
-            os.close(r)
             os.dup2(w, 1)
             os.dup2(w, 2)
             os.close(w)
             run = dict(spec, process=dict(spec["process"], args=args))
             exec_process(run, privileged=privileged)
         except BaseException as e:  # noqa: BLE001 - its message is the output
-            code = getattr(e, "exit_code", 125)
             os.write(2, f"hpcc: {e}\n".encode())
-        os._exit(code)
-    os.close(w)
-    out = b""
-    while True:
-        chunk = os.read(r, 65536)
-        if not chunk:
-            break
-        if len(out) < 1 << 20:
-            out += chunk
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
+            return getattr(e, "exit_code", 125)
+        return 125
+
+    code, out = output_of_child(child)
     lines = out.decode(errors="replace").splitlines()
-    code = os.waitstatus_to_exitcode(status)
     if code != 0:
         last = lines[-1] if lines else ""
         raise LaunchError(f"the image's entrypoint failed (status {code})"

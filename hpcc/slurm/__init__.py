@@ -1,7 +1,8 @@
 """hpcc under Slurm.
 
 - `stepd`: the per-step container set-up that spank_hpcc.so runs as root in slurmstepd
-  (entry point `python -I -m hpcc.stepd`);
+  (entry point `python -I -m hpcc.stepd`), and `stepimage`: the step's image, found and
+  opened as the job user; `wire`: what the helper and the plugin say to each other;
 - `server`: the per-node helper server that serves steps without Python's start-up cost;
 - `batch`: what a batch script inside a container needs to run srun, sbatch, squeue...;
 - `jobs`: job and node facts from Slurm for hpcc's Python side (`gateway prefetch`);

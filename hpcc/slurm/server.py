@@ -15,7 +15,8 @@ from _socket import SOL_SOCKET
 
 from ..errors import HpccError
 from . import fork_detached
-from .stepd import CACHE_DIR, cache_dir_ok, handle, parse_args, send_error
+from .stepd import CACHE_DIR, cache_dir_ok, handle
+from .wire import parse_args, send_error
 
 SERVER_IDLE = 300
 

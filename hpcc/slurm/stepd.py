@@ -5,13 +5,15 @@
 fd 3 is a socket to slurmstepd. The plugin starts the helper early (init_post_opt), so its
 start-up overlaps Slurm's own step set-up, and sends the job's working directory later
 ("cwd=DIR\\0", from user_init). Replies are NUL-terminated records ("cwd=", "env=NAME=VALUE",
-"unset=NAME", "error=LINE", "end=1"); an error is one line that the plugin prints on the
-user's srun output before failing the step (every task exits 125 without running).
+"unset=NAME", "error=LINE", "end=1"; written and read in hpcc.slurm.wire); an error is one
+line that the plugin prints on the user's srun output before failing the step (every task
+exits 125 without running).
 
 Once per node and step:
-1. resolve the image as the job user (their groups, their effective ids): a user may only
-   run images they can read; the image file is opened with their credentials and the
-   runtime is given that open file (/proc/self/fd/N), never a path they could swap;
+1. resolve the image as the job user (hpcc.slurm.stepimage; their groups, their effective
+   ids): a user may only run images they can read; the image file is opened with their
+   credentials and the runtime is given that open file (/proc/self/fd/N), never a path
+   they could swap;
 2. build the spec with hpcc's runtime (the launcher's code: same root, binds, /etc/passwd
    entries, /tmp, /dev, hooks such as the MPI one);
 3. fork a child that unshares its mount namespace, assembles the root (setup_root,
@@ -26,88 +28,18 @@ Imports stay small: no click, jsonschema, requests (launch cost is paid once per
 import _socket  # the C module: `socket` costs ~5 ms of enum set-up at import
 import os
 import sys
-from _socket import SCM_RIGHTS, SOL_SOCKET
 
 from ..errors import EXIT_LAUNCH, HpccError, ImageNotFound, LaunchError, ReferenceError_, UsageError
 from ..runtime.identity import AsUser
-
-# Variables of Slurm and of the PMI servers always keep the job's values.
-JOB_PREFIXES = ("SLURM_", "SLURMD_", "PMI_", "PMIX_", "PMI2_", "SPANK_", "_SLURM_")
-
-
-def parse_args(argv):
-    out = {}
-    for a in argv:
-        k, eq, v = a.partition("=")
-        if not eq:
-            raise UsageError(f"hpcc.stepd: bad argument '{a}' (expected key=value)")
-        out[k] = v
-    for k in ("image", "uid", "gid", "job", "step"):
-        if k not in out:
-            raise UsageError(f"hpcc.stepd: missing argument {k}=")
-    return out
-
-
-class as_job_user:
-    """The job user's effective ids and groups (AsUser), with HOME and USER theirs and no
-    XDG_DATA_HOME, so that store lookups find the user's own store; all restored on exit.
-    A class, not contextlib: the helper's imports stay small."""
-
-    def __init__(self, user):
-        self.user = user
-
-    def __enter__(self):
-        u = self.user
-        self.saved = {k: os.environ.get(k) for k in ("HOME", "XDG_DATA_HOME", "USER")}
-        os.environ["HOME"] = u.pw_dir
-        os.environ["USER"] = u.pw_name
-        os.environ.pop("XDG_DATA_HOME", None)
-        try:
-            self.ids = AsUser(u.pw_uid, u.pw_gid, os.getgrouplist(u.pw_name, u.pw_gid))
-            self.ids.__enter__()
-        except BaseException:
-            self._restore()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            self.ids.__exit__(*exc)
-        finally:
-            self._restore()
-
-    def _restore(self):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def resolve_as_user(name, user, config):
-    """(ImageRecord, fd of its squashfs opened as the user)."""
-    from ..resolve import resolve_image
-    from ..store import StoreAccessDenied
-
-    with as_job_user(user):
-        try:
-            rec = resolve_image(name, config)
-        except (PermissionError, StoreAccessDenied):
-            raise ImageNotFound(f"image '{name}': you ({user.pw_name}) may not read it",
-                                hint="ask the image's owner or the admins for access") \
-                from None
-        try:
-            fd = os.open(rec.sqfs_path, os.O_RDONLY | os.O_CLOEXEC)
-        except PermissionError:
-            raise ImageNotFound(f"image '{name}' exists but you ({user.pw_name}) may not "
-                                "read it", hint="ask the image's owner or the admins "
-                                "for access") from None
-        except FileNotFoundError:
-            raise ImageNotFound(f"image '{name}' is listed in the store but its file "
-                                f"{rec.sqfs_path} is missing",
-                                hint=f"pull it again with 'gateway pull {name}'") from None
-    return rec, fd
-
+from .stepimage import is_relative_path, resolve_as_user, resolve_in_cwd, wait_for_first_use
+from .wire import (
+    parse_args,
+    recv_cwd,
+    reply_env,
+    reply_unset,
+    send_error,
+    send_namespaces,
+)
 
 CACHE_DIR = "/run/hpcc-stepd"
 
@@ -179,53 +111,12 @@ def prepare(args, note=None):
     except ImageNotFound:
         if image.startswith("/"):
             raise
-        if note is not None and _waited_for_first_use(image, user, config, note):
+        if note is not None and wait_for_first_use(image, user, config, note):
             return prepare(args, None)
         if "/" in image:
             return user, config, None, None  # maybe a file below the working directory
         raise
     return user, config, rec, fd
-
-
-def _waited_for_first_use(image, user, config, note):
-    """A pull of the image started by sbatch (hpcc.slurm.firstuse) is awaited, as the user.
-    True when one was under way and finished; raises with its reason when it failed."""
-    from .firstuse import pending_path, wait_pending
-
-    with as_job_user(user):
-        try:
-            marker = pending_path(config, image)
-        except HpccError:
-            return False
-        if not (os.path.exists(marker) or os.path.exists(marker + ".failed")):
-            return False
-        reason = wait_pending(image, config, note)
-    if reason:
-        raise ImageNotFound(reason, hint="pull it with 'hpcc pull " + image + "' and submit "
-                            "the job again")
-    return True
-
-
-def is_relative_path(image):
-    """Is IMAGE (as typed) a relative path of an image file? Found from the job's working
-    directory, like any relative path the user types."""
-    return not image.startswith("/") and (
-        image.startswith(("./", "../")) or image.endswith((".sqfs", ".sqsh", ".squashfs")))
-
-
-def resolve_in_cwd(args, user, config):
-    """The image given as a path relative to the job's working directory."""
-    image = args["image"]
-    path = os.path.normpath(os.path.join(args["cwd"], image))
-    groups = os.getgrouplist(user.pw_name, user.pw_gid)
-    with AsUser(user.pw_uid, user.pw_gid, groups):
-        exists = os.path.isfile(path)
-    if not exists:
-        if is_relative_path(image):
-            raise ImageNotFound(f"image file {image} does not exist in {args['cwd']} (the "
-                                "job's working directory)")
-        return resolve_as_user(image, user, config)  # the store's own message
-    return resolve_as_user(path, user, config)
 
 
 def build(args, user, config, rec, fd, opts=None, named=None):
@@ -296,78 +187,6 @@ def _runtime_supports(key):
     return True
 
 
-def reply_env(spec, rec, keep, extra):
-    """Variables the plugin sets in each task: the image's, then ours; the job keeps its
-    SLURM_*/PMI_* variables and the names in keep (--container-env)."""
-    out = {}
-    image_env = (rec.meta.get("config") or {}).get("Env") or []
-    spec_env = dict(item.partition("=")[::2] for item in spec["process"]["env"])
-    out["PATH"] = spec_env.get("PATH",
-                               "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    for item in image_env:
-        k, eq, v = item.partition("=")
-        if k and eq:
-            out[k] = v
-    out.update(extra)
-    if extra.get("HPCC_HOST"):
-        from .batch import BIN_DIR
-        out["PATH"] = BIN_DIR + ":" + out["PATH"]
-    out["HPCC_CONTAINER"] = "1"
-    if rec.digest:
-        out["HPCC_IMAGE_DIGEST"] = rec.digest
-    return {k: v for k, v in out.items() if not k.startswith(JOB_PREFIXES) and k not in keep}
-
-
-def reply_unset(env, keep):
-    """Variables of the job that must not reach the tasks: the locale ones (LANG, LANGUAGE,
-    LC_ALL) unless --container-env names them or the image sets them."""
-    from .options import LOCALE_VARS
-    return [k for k in LOCALE_VARS if k not in keep and k not in env]
-
-
-def send_fd(sock, data, fd, more=()):
-    """Send data with fd (the mount namespace) and, after it, the fds in `more`."""
-    fds = b"".join(f.to_bytes(4, sys.byteorder) for f in (fd, *more))
-    sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, fds)])
-
-
-# hpcc's runtime and hooks name `hpcc run`'s options in their messages; under srun the user
-# typed the --container-* ones (Slurm's own --mpi=TYPE is left alone).
-_SRUN_OPTIONS = {"mpi": "--container-mpi", "mount": "--container-mounts",
-                 "workdir": "--container-workdir", "gpus": "--container-gpus",
-                 "writable": "--container-writable", "readonly": "--container-readonly",
-                 "root": "--container-remap-root", "unshare": "--container-unshare",
-                 "name": "--container-name", "save": "--container-save"}
-
-
-def srun_words(message):
-    """A message with hpcc run's option names replaced by srun's."""
-    if "--" not in message:
-        return message
-    import re
-    return re.sub(r"(?<![\w-])--(mpi|mount|workdir|gpus|writable|readonly|root|unshare|name|"
-                  r"save)(?![\w=-])", lambda m: _SRUN_OPTIONS[m.group(1)], message)
-
-
-def send_error(sock, message):
-    try:
-        sock.sendall(f"error={srun_words(message)}\0end=1\0".encode(errors="replace"))
-    except OSError:
-        pass
-
-
-def recv_cwd(sock, data=b""):
-    """The job's working directory, sent by the plugin from user_init ("cwd=DIR\\0").
-    `data`: bytes already received after the request (a server reads both at once)."""
-    while b"\0" not in data:
-        chunk = sock.recv(8192)
-        if not chunk:
-            return None  # the step ended before its tasks were started
-        data += chunk
-    text = data[:data.index(b"\0")].decode(errors="surrogateescape")
-    return text[4:] if text.startswith("cwd=") else None
-
-
 def container_child(spec, sock, payload, entrypoint=None, keep_userns=False):
     """In the forked child: new mount namespace, root assembly, send the namespace fd.
     Returns (the RootHandle: its FUSE daemon must outlive the message when there is one,
@@ -435,22 +254,6 @@ def join_existing(spec, sock, payload, named, reuse, userns=None):
         raise
     send_namespaces(sock, payload, nsfd, extra)
     return True
-
-
-def send_namespaces(sock, payload, nsfd, extra):
-    """Send the reply: the mount namespace's fd with its first byte, then the fds of
-    `extra` ({kind: fd}, the namespaces each task joins besides the mount namespace, named
-    by an "nsfds=KIND,..." record); every fd is closed."""
-    try:
-        if extra:
-            rec = f"nsfds={','.join(extra)}\0".encode()
-            payload = payload[:-len(b"end=1\0")] + rec + b"end=1\0"
-        send_fd(sock, payload[:1], nsfd, list(extra.values()))
-        sock.sendall(payload[1:])
-    finally:
-        os.close(nsfd)
-        for fd in extra.values():
-            os.close(fd)
 
 
 def _named_reuse(opts, named, spec, save_to):

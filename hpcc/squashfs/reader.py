@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 from hpcc.errors import SquashfsError
 from hpcc.squashfs._sqfs import ffi, lib
 from hpcc.squashfs.errors import describe
+from hpcc.squashfs.handle import NativeHandle
 
 __all__ = ["SquashfsReader", "Entry"]
 
@@ -35,7 +36,7 @@ class Entry(NamedTuple):
     rdev: int = 0          # devices only
 
 
-class SquashfsReader:
+class SquashfsReader(NativeHandle):
     def __init__(self, path):
         self._r = None
         self._fd = -1
@@ -54,19 +55,6 @@ class SquashfsReader:
             raise SquashfsError(f"{self._path}: cannot read squashfs image: {describe(rc, err)}")
         self._r = out[0]
         self._st = ffi.new("hpcc_stat_t *")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def close(self):
         r, self._r = self._r, None

@@ -16,6 +16,7 @@ import os
 from hpcc.errors import SquashfsError
 from hpcc.squashfs._sqfs import ffi, lib
 from hpcc.squashfs.errors import describe
+from hpcc.squashfs.handle import NativeHandle
 from hpcc.squashfs.tree import Dir, FileData
 
 __all__ = ["SquashfsWriter", "COMPRESSORS", "DEFAULT_LEVELS"]
@@ -42,7 +43,7 @@ def _cpu_count():
         return os.cpu_count() or 1
 
 
-class SquashfsWriter:
+class SquashfsWriter(NativeHandle):
     """Write one squashfs image to ``path`` (which must not exist).
 
     compressor: "zstd" or "gzip"; level: 0 for the default (DEFAULT_LEVELS); block_size: a
@@ -98,19 +99,6 @@ class SquashfsWriter:
         self._ptr = ffi.from_buffer(self._buf)
 
     # ----------------------------------------------------------------- plumbing
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def fileno(self):
         if self._fd < 0:

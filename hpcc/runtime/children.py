@@ -1,9 +1,11 @@
-"""File descriptors made by a child process and handed to its parent.
+"""Work done in a forked child, and what it hands back to its parent: fds, or output and
+an exit status.
 
-Some fds can only be made by a process that joined another namespace or took other ids for
-good (a FUSE connection in a user namespace, a clone of a mount as the host's mount
-namespace has it); a forked child makes them and passes them back over a socket pair
-(SCM_RIGHTS). `_socket`, not `socket`: the latter imports enum (~3 ms of every launch).
+Some work needs a process that joins another namespace or takes other ids for good (a FUSE
+connection in a user namespace, a clone of a mount as the host's mount namespace has it,
+the overlay mounted with the user's ids, a save written as the user, the image's entrypoint
+run in the container). fds come back over a socket pair (SCM_RIGHTS); `_socket`, not
+`socket`: the latter imports enum (~3 ms of every launch).
 """
 import errno
 import os
@@ -54,3 +56,30 @@ def fds_from_child(make, count):
         code = int(msg) if msg.isdigit() else errno.EIO
         raise OSError(code, os.strerror(code))
     return fds
+
+
+def output_of_child(child, limit=1 << 20):
+    """Fork; the child runs child(w), w being the write end of a pipe, and exits with the
+    int it returns (125 if it raises). Returns (the child's exit code as
+    os.waitstatus_to_exitcode gives it, the first `limit` bytes it wrote to w)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        code = 125
+        try:
+            os.close(r)
+            code = child(w)
+        finally:
+            os._exit(code)
+    os.close(w)
+    out = b""
+    try:
+        while True:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            if len(out) < limit:
+                out += chunk
+    finally:
+        os.close(r)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), out[:limit]
