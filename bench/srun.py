@@ -73,7 +73,7 @@ def timed(cluster, argv):
     return dt, p.stdout
 
 
-def named_figures(cluster, image, reps):
+def named_figures(cluster, image, reps, config):
     """3. In one allocation: srun -N2 -n8 true plain, in an existing named container (made
     by a first step: its layer is reused, its root assembled again), in a fresh unnamed
     container, alternating; then, while a step keeps the named container running, plain vs
@@ -102,7 +102,8 @@ def named_figures(cluster, image, reps):
             rows[ln[0]].append([int(x) / 1e9 for x in ln.split()[1:]])
         elif ln.startswith("job="):
             subprocess.run([sys.executable, "-I", "-m", "hpcc.runtime.named", "remove-job",
-                            ln[4:]], capture_output=True)
+                            ln[4:]], capture_output=True,
+                           env=dict(os.environ, HPCC_CONFIG=str(config)))
     t, a = rows["T"], rows["A"]
     return ([r[0] for r in t], [r[1] for r in t], [r[2] for r in t],
             [r[0] for r in a], [r[1] for r in a])
@@ -198,7 +199,11 @@ def main():
             "when": {"annotations": {"^org\\.hpcc\\.mpi$": "^1$"}},
             "stages": ["createRuntime"]}))
         cfg = work / "hpcc.toml"
-        cfg.write_text(f'[store]\npath = "{store.root}"\n[launcher]\nhooks_dir = "{hooks}"\n')
+        # named containers in a directory of the bench's own: another Slurm cluster on this
+        # machine (a test run) numbers its jobs from 1 too, and its job prolog and epilog
+        # would remove this cluster's job 1 containers from the shared default directory
+        cfg.write_text(f'[store]\npath = "{store.root}"\n[launcher]\nhooks_dir = "{hooks}"\n'
+                       f'containers_dir = "{work}/containers"\n')
         shutil.copy(plugin, work / "spank_hpcc.so")
         line = f"required {work}/spank_hpcc.so python={sys.executable} config={cfg}"
         cluster = SlurmCluster(work / "cluster", nodes=2, separate_hosts=True,
@@ -207,7 +212,7 @@ def main():
         try:
             if args.named_reps > 0:  # --named-reps 0 skips part 3
                 tp, tn, tu, ap, at = named_figures(cluster, "bench/busybox:1",
-                                                   args.named_reps)
+                                                   args.named_reps, cfg)
                 mp, mn, mu, map_, mat = (statistics.median(x) for x in (tp, tn, tu, ap, at))
                 print(f"in one allocation, {len(tp)} rounds: srun -N2 -n8 true median "
                       f"{mp * 1000:.1f} ms; in the existing named container "
