@@ -289,6 +289,23 @@ def _name_image_variable(args, e):
         e.message = f"{origin}={args['image']}: {e.message}"
 
 
+def _open_container(args, config, user, rec, img_fd):
+    """(options, named container or None, image record, its fd): the step's settings and
+    its named container, opened (locked unless it runs); an existing one keeps the image
+    it was made from (as pyxis), which replaces rec and img_fd."""
+    from ..runtime.stepcontainer import StepOptions
+
+    opts = StepOptions.from_args(args, config)
+    named = opts.open_named(image=rec, image_name=args["image"], uid=user.pw_uid,
+                            job=int(args["job"]),
+                            node=int(args["node"]) if args.get("node", "").isdigit() else None)
+    recorded = (named.image or {}).get("sqfs") if named is not None else None
+    if recorded and recorded != str(rec.sqfs_path) and not recorded.startswith("/proc/"):
+        os.close(img_fd)
+        rec, img_fd = resolve_as_user(recorded, user, config)
+    return opts, named, rec, img_fd
+
+
 def run(args, sock, pending=b"", served=False):
     def note(message):
         sock.sendall(f"note={message}\0".encode(errors="replace"))
@@ -298,6 +315,10 @@ def run(args, sock, pending=b"", served=False):
     except (ImageNotFound, ReferenceError_) as e:
         _name_image_variable(args, e)
         raise
+    early = rec is not None and not args.get("save")
+    if early:
+        # what needs no working directory is done while slurmstepd sets the step up
+        opts, named, rec, img_fd = _open_container(args, config, user, rec, img_fd)
     cwd = recv_cwd(sock, pending)
     if cwd is None:
         return 0
@@ -308,19 +329,11 @@ def run(args, sock, pending=b"", served=False):
         except (ImageNotFound, ReferenceError_) as e:
             _name_image_variable(args, e)
             raise
-    from ..runtime.stepcontainer import StepOptions
-    from .options import save_path
-    if args.get("save"):
-        args["save"] = save_path(args, cwd)  # relative: the job's working directory's
-    opts = StepOptions.from_args(args, config)
-    named = opts.open_named(image=rec, image_name=args["image"], uid=user.pw_uid,
-                            job=int(args["job"]),
-                            node=int(args["node"]) if args.get("node", "").isdigit() else None)
-    recorded = (named.image or {}).get("sqfs") if named is not None else None
-    if recorded and recorded != str(rec.sqfs_path) and not recorded.startswith("/proc/"):
-        # an existing named container runs on the image it was made from (as pyxis)
-        os.close(img_fd)
-        rec, img_fd = resolve_as_user(recorded, user, config)
+    if not early:
+        from .options import save_path
+        if args.get("save"):
+            args["save"] = save_path(args, cwd)  # relative: the job's working directory's
+        opts, named, rec, img_fd = _open_container(args, config, user, rec, img_fd)
     if named is not None and named.running_pid and opts.save:
         raise UsageError("--container-save: not with a step that attaches to the running "
                          f"container '{named.name}' (save it from the step that runs it)")
