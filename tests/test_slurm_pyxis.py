@@ -93,6 +93,26 @@ def test_relative_image_path_is_the_jobs_working_directorys(slurm_cluster, slurm
         shutil.rmtree(work, ignore_errors=True)
 
 
+def test_relative_mounts_are_the_steps_directorys_whatever_pwd_says(slurm_cluster,
+                                                                    slurm_users):
+    # The helper builds the spec early for the job's PWD; a step run elsewhere (--chdir)
+    # must still get its own directory's files, and where PWD is right, the same ones.
+    u = slurm_users[U1]
+    work = os.path.join(u.pw_dir, f"pwd-{os.getpid()}")
+    for d, text in (("a", "from a\n"), ("b", "from b\n")):
+        os.makedirs(os.path.join(work, d, "sub"), exist_ok=True)
+        with open(os.path.join(work, d, "sub", "f"), "w") as f:
+            f.write(text)
+    subprocess.run(["chown", "-R", f"{u.pw_uid}:{u.pw_gid}", work], check=True)
+    try:
+        run = "--container-image=hpcctest/busybox:1 --container-mounts=./sub:/m cat /m/f"
+        p = slurm_cluster.run("sh", "-c", f"cd {work}/a && srun -n1 {run} && "
+                              f"srun -n1 --chdir={work}/b {run}", user=U1)
+        assert (p.returncode, p.stdout) == (0, "from a\nfrom b\n"), p.stderr
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 @pytest.mark.parametrize("args,opt", [
     (["--container-workdir="], "--container-workdir"),
     (["--container-env="], "--container-env"),
