@@ -14,6 +14,7 @@ Two layouts:
 Root is required (slurmd runs tasks as other users).
 """
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -67,6 +68,10 @@ class SlurmCluster:
         ctld_port = _free_port()
         lines = [
             "ClusterName=hpcctest",
+            # Job ids of their own: every cluster on the machine (tests, benches, another
+            # session's) numbering from 1 would let one's job epilog remove another's
+            # job-scoped named containers (/run/hpcc-containers/job-N-...)
+            f"FirstJobId={random.randrange(1, 6000) * 10000}",
             f"SlurmctldHost={self.hostname}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
             "SlurmUser=root",
