@@ -272,7 +272,7 @@ def _user_uid(user):
 def _containers(argv):
     """hpcc containers [--json] | hpcc containers rm NAME..."""
     from .config import load_config
-    from .runtime.named import list_named, remove_named
+    from .runtime.named_admin import list_named, remove_named
     privileged = os.geteuid() == 0
     config = load_config(validate_schema=False)
     if argv[:1] == ["rm"]:

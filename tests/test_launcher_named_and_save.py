@@ -160,7 +160,8 @@ def test_root_refuses_a_containers_dir_the_user_controls(images, cfg, test_user,
 def test_remove_job_removes_only_that_jobs_containers(images, cfg, test_user):
     """What the Slurm side calls at the end of a job (scope "job")."""
     import json as _json
-    code = ("import json, sys; from hpcc.runtime.named import open_named, remove_job; "
+    code = ("import json, sys; from hpcc.runtime.named import open_named; "
+            "from hpcc.runtime.named_admin import remove_job; "
             "from hpcc.image import local_image; "
             f"cfg = {{'launcher': {{'containers_dir': {cfg['containers']!r}}}}}; "
             "img = local_image(sys.argv[1]); "

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from hpcc.runtime import named
+from hpcc.runtime import named, named_admin
 
 pytestmark = [pytest.mark.root]
 
@@ -74,7 +74,7 @@ def test_remove_job_ends_the_keeper_before_removing_the_layer(tmp_path):
             _record(dfd, keeper.pid, named._start_time(keeper.pid))
         finally:
             os.close(dfd)
-        assert named.remove_job(77, config) == 1
+        assert named_admin.remove_job(77, config) == 1
         assert keeper.poll() == -signal.SIGTERM
         assert not os.path.exists(f"{base}/job-77-u1000-n0")
     finally:
