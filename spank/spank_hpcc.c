@@ -222,15 +222,6 @@ HPCC_EXPORT int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 		argv_add(&a, "remap_root", arg_remap_root ? "1" : "0");
 	if (arg_scope)
 		argv_add(&a, "scope", arg_scope);
-	{
-		/* The job's PWD, usually the step's working directory (user_init sends the real
-		 * one): the helper builds the container's spec for it before that arrives. */
-		int toolong;
-		char *pwd = job_getenv(sp, "PWD", &toolong);
-		if (pwd && pwd[0] == '/')
-			argv_add(&a, "cwd_hint", pwd);
-		free(pwd);
-	}
 	if (!has_key(&a, "gpus")) {
 		int toolong;
 		char *g = job_getenv(sp, "SLURM_STEP_GPUS", &toolong);

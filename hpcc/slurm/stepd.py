@@ -306,20 +306,6 @@ def _open_container(args, config, user, rec, img_fd):
     return opts, named, rec, img_fd
 
 
-def _guess_spec(args, user, config, rec, img_fd, opts, named, pending):
-    """(working directory, build()'s result) for the directory the job's environment names
-    (cwd_hint: its PWD, usually the step's), built before the real one arrives; None when
-    there is no hint, the real one is here already, or the build fails (an error counts only
-    with the real directory). Used only when the real directory is the same."""
-    hint = args.get("cwd_hint", "")
-    if not hint.startswith("/") or b"\0" in pending:
-        return None
-    try:
-        return hint, build(dict(args, cwd=hint), user, config, rec, img_fd, opts, named)
-    except Exception:  # noqa: BLE001 - built again with the real directory, which reports
-        return None
-
-
 def run(args, sock, pending=b"", served=False):
     def note(message):
         sock.sendall(f"note={message}\0".encode(errors="replace"))
@@ -330,11 +316,9 @@ def run(args, sock, pending=b"", served=False):
         _name_image_variable(args, e)
         raise
     early = rec is not None and not args.get("save")
-    guess = None
     if early:
         # what needs no working directory is done while slurmstepd sets the step up
         opts, named, rec, img_fd = _open_container(args, config, user, rec, img_fd)
-        guess = _guess_spec(args, user, config, rec, img_fd, opts, named, pending)
     cwd = recv_cwd(sock, pending)
     if cwd is None:
         return 0
@@ -353,10 +337,7 @@ def run(args, sock, pending=b"", served=False):
     if named is not None and named.running_pid and opts.save:
         raise UsageError("--container-save: not with a step that attaches to the running "
                          f"container '{named.name}' (save it from the step that runs it)")
-    if guess is not None and guess[0] == cwd:
-        spec, extra = guess[1]
-    else:
-        spec, extra = build(args, user, config, rec, img_fd, opts, named)
+    spec, extra = build(args, user, config, rec, img_fd, opts, named)
     save_to = opts.open_save(spec["hpcc"]["host_user"])
     idle_key, reuse, reuse_userns = _named_reuse(opts, named, spec, save_to)
     if idle_key is not None:
