@@ -118,16 +118,22 @@ def test_misconfigured_helper_path_is_one_clear_line(slurm_site):
         c.stop()
 
 
+def _one_served_step(cluster):
+    """Run a container step and wait for the node's helper server; its pids."""
+    p = cluster.run("srun", "-n1", "--container=hpcctest/busybox:1", "true", user=U1)
+    assert p.returncode == 0, p.stderr
+    deadline = time.monotonic() + 20
+    while not cluster.helper_server_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    servers = cluster.helper_server_pids()
+    assert len(servers) == 1
+    return servers
+
+
 def test_per_node_helper_server_is_reused_and_replaced_when_gone(slurm_cluster):
     import signal
 
-    p = slurm_cluster.run("srun", "-n1", "--container=hpcctest/busybox:1", "true", user=U1)
-    assert p.returncode == 0, p.stderr
-    deadline = time.monotonic() + 20
-    while not slurm_cluster.helper_server_pids() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    servers = slurm_cluster.helper_server_pids()
-    assert len(servers) == 1
+    servers = _one_served_step(slurm_cluster)
     # served steps work, and do not start more servers
     for _ in range(3):
         p = slurm_cluster.run("srun", "-n2", "--container=hpcctest/other:1", "grep", "-c",
@@ -175,13 +181,7 @@ def test_helper_server_ends_when_any_installed_hpcc_file_changes(slurm_cluster):
 def test_helper_server_serves_a_changed_site_config_at_once(slurm_cluster, slurm_site):
     # The server loads the config once and its steps check the file by stat: an admin's
     # edit (here a site bind) counts from the next step, with the server still running.
-    p = slurm_cluster.run("srun", "-n1", "--container=hpcctest/busybox:1", "true", user=U1)
-    assert p.returncode == 0, p.stderr
-    deadline = time.monotonic() + 20
-    while not slurm_cluster.helper_server_pids() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    servers = slurm_cluster.helper_server_pids()
-    assert len(servers) == 1
+    servers = _one_served_step(slurm_cluster)
     src = slurm_site.root / "site-bind"
     src.mkdir(exist_ok=True)
     (src / "marker").write_text("from the site config\n")
