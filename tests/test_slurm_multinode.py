@@ -67,10 +67,18 @@ def helper_processes():
     return out
 
 
-def wait_clean(site, uid, baseline_ns, timeout=15):
+def snapshot(uid):
+    """What is there before a step: mount namespaces and the user's processes (a process
+    of the shared test user that another session left running is not this test's leak)."""
+    return mount_namespaces(), set(user_processes(uid))
+
+
+def wait_clean(site, uid, baseline, timeout=15):
+    baseline_ns, baseline_pids = baseline
     deadline = time.monotonic() + timeout
     while True:
-        state = (loop_backing(site.store), user_processes(uid), helper_processes(),
+        state = (loop_backing(site.store),
+                 sorted(set(user_processes(uid)) - baseline_pids), helper_processes(),
                  sorted(mount_namespaces() - baseline_ns))
         if state == ([], [], [], []):
             return
@@ -115,7 +123,7 @@ def test_missing_image_on_two_nodes_fails_before_tasks_run(slurm_cluster2):
 
 def test_cancelled_step_leaves_nothing_behind(slurm_cluster2, slurm_site, slurm_users):
     uid = slurm_users[U1].pw_uid
-    baseline = mount_namespaces()
+    baseline = snapshot(uid)
     proc = subprocess.Popen(["srun", "-N2", "-n4", f"--container={IMG}", "sleep", "300"],
                             env=slurm_cluster2.env, user=U1, cwd="/tmp",
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -140,7 +148,7 @@ def test_cancelled_step_leaves_nothing_behind(slurm_cluster2, slurm_site, slurm_
 
 def test_killed_task_ends_the_step_cleanly(slurm_cluster2, slurm_site, slurm_users):
     uid = slurm_users[U1].pw_uid
-    baseline = mount_namespaces()
+    baseline = snapshot(uid)
     p = slurm_cluster2.run("srun", "-N2", "-n4", "--kill-on-bad-exit=1", f"--container={IMG}",
                            "sh", "-c", 'if [ "$SLURM_PROCID" = 3 ]; then kill -9 $$; fi; '
                            "sleep 300", user=U1, timeout=60)
@@ -151,7 +159,7 @@ def test_killed_task_ends_the_step_cleanly(slurm_cluster2, slurm_site, slurm_use
 @pytest.mark.slow
 def test_100_consecutive_steps_leak_nothing(slurm_cluster2, slurm_site, slurm_users):
     uid = slurm_users[U1].pw_uid
-    baseline = mount_namespaces()
+    baseline = snapshot(uid)
     slurmd_fds = {n: len(os.listdir(f"/proc/{slurm_cluster2.slurmd_pid(n)}/fd"))
                   for n in slurm_cluster2.nodes}
     # One allocation, 100 steps in it (as a user does in a batch script).
