@@ -29,6 +29,13 @@ def site_image(slurm_site):
     shutil.rmtree(d, ignore_errors=True)
 
 
+def _salloc(cluster, script, timeout=120):
+    """Run `script` (which ends with `echo job=$SLURM_JOB_ID`) in an allocation as U1:
+    (the result, [the job id] or [] when the script did not get that far)."""
+    p = cluster.run("salloc", "-n1", "sh", "-c", script, user=U1, timeout=timeout)
+    return p, [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("job=")]
+
+
 def _remove_jobs_containers(job_ids):
     for job in job_ids:
         subprocess.run([sys.executable, "-I", "-m", "hpcc.runtime.named", "remove-job",
@@ -98,8 +105,7 @@ def test_named_container_keeps_its_layer_across_the_steps_of_a_job(slurm_cluster
               "|| echo create-refused; "
               f"srun -n1 --container-image={site_image} sh -c "
               "'test -e /opt-tool || echo unnamed-clean'; echo job=$SLURM_JOB_ID")
-    p = slurm_cluster.run("salloc", "-n1", "sh", "-c", script, user=U1)
-    job = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("job=")]
+    p, job = _salloc(slurm_cluster, script)
     try:
         assert "installed\n" in p.stdout, p.stdout + p.stderr
         assert "create-refused" in p.stdout and "unnamed-clean" in p.stdout
@@ -144,8 +150,7 @@ def test_later_steps_run_in_the_named_containers_kept_namespace(slurm_cluster, s
               "test -e /tmp/mark || echo fresh-tmp; echo three > /tmp/mark' && "
               f"{c} --container-workdir=/tmp sh -c 'cat /tmp/mark; {ns}'; "
               "echo job=$SLURM_JOB_ID")
-    p = slurm_cluster.run("salloc", "-n1", "sh", "-c", script, user=U1, timeout=180)
-    job = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("job=")]
+    p, job = _salloc(slurm_cluster, script, timeout=180)
     try:
         spaces = [ln[3:] for ln in p.stdout.splitlines() if ln.startswith("NS=")]
         assert len(spaces) == 2, p.stdout + p.stderr
@@ -199,8 +204,7 @@ def test_a_step_attaches_to_the_running_named_container(slurm_cluster, site_imag
               "cat /tmp/only-here; "
               f"srun -n1 --overlap --container-image={site_image} --container-name=svc:no_exec "
               "true || echo no-exec-refused; wait; echo job=$SLURM_JOB_ID")
-    p = slurm_cluster.run("salloc", "-n1", "sh", "-c", script, user=U1, timeout=120)
-    job = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("job=")]
+    p, job = _salloc(slurm_cluster, script, timeout=120)
     try:
         assert "live\n" in p.stdout, p.stdout + p.stderr
         assert "no-exec-refused" in p.stdout and "in use" in p.stderr
